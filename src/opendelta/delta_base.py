@@ -1,0 +1,429 @@
+"""The delta lifecycle shared by every method: place, build, attach, freeze, detach, save, load.
+
+A method subclasses :class:`DeltaBase`, names its config class and default positions, and
+implements :meth:`DeltaBase.new_layer`; everything else lives here and knows no method.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from opendelta import __version__
+from opendelta.addressing import backbone_modules, find_modules, is_delta_module, match_names, remove_excluded
+from opendelta.checkpoint import backbone_fingerprint, read_checkpoint, read_meta, write_checkpoint
+from opendelta.config import DeltaConfig
+from opendelta.errors import (
+    IncompatibleCheckpointError,
+    LifecycleError,
+    PatternError,
+    UnsupportedModuleError,
+)
+from opendelta.registry import lookup, register
+from opendelta.routing import DeltaLayer, add_delta, remove_delta
+from opendelta.runtime_init import Observation, model_device, observe
+from opendelta.structure import model_type, resolve_roles
+
+D = TypeVar("D", bound="DeltaBase")
+
+
+class DeltaBase:
+    """A set of delta layers placed on a backbone, attachable and detachable as one.
+
+    Constructing attaches. ``detach()`` restores the backbone bit for bit (forwards, hooks,
+    children, state-dict keys, and the values of backbone tensors this delta trained);
+    ``attach()`` re-applies the same layers, so the tuned outputs come back exactly.
+    """
+
+    delta_type: ClassVar[str] = ""
+    config_class: ClassVar[type[DeltaConfig]] = DeltaConfig
+    #: where the method goes when the user names no modules: common-structure roles
+    default_modified_modules: ClassVar[tuple[str, ...]] = ()
+    #: whether new_layer needs the observed hidden-state shapes (a dummy forward pass)
+    needs_runtime_init: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("delta_type"):
+            register(cls.delta_type, cls.config_class, cls)
+
+    def __init__(
+        self,
+        backbone_model: nn.Module,
+        modified_modules: Sequence[str] | None = None,
+        exclude_modules: Sequence[str] | None = None,
+        unfrozen_modules: Sequence[str] | None = None,
+        common_structure: bool | None = None,
+        interactive_modify: bool | int = False,
+        *,
+        name: str | None = None,
+        dummy_inputs: Any = None,
+        **method_args: Any,
+    ):
+        if interactive_modify:
+            modified_modules = _select_interactively(backbone_model, interactive_modify)
+        config = self.config_class.from_dict(
+            {
+                "modified_modules": modified_modules,
+                "exclude_modules": exclude_modules,
+                "unfrozen_modules": unfrozen_modules,
+                "common_structure": common_structure,
+                **method_args,
+            }
+        )
+        self._setup(backbone_model, config, self.plan(backbone_model, config), name, dummy_inputs)
+        self.attach()
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def from_config(
+        cls: type[D], config: DeltaConfig | dict, backbone_model: nn.Module, *, name: str | None = None,
+        dummy_inputs: Any = None,
+    ) -> D:
+        """Build and attach a delta of this class from a config object or dict."""
+        if isinstance(config, dict):
+            config = cls.config_class.from_dict(config)
+        obj = cls.__new__(cls)
+        obj._setup(backbone_model, config, cls.plan(backbone_model, config), name, dummy_inputs)
+        obj.attach()
+        return obj
+
+    @classmethod
+    def plan(cls, backbone_model: nn.Module, config: DeltaConfig | None = None, **config_values: Any) -> list[str]:
+        """The module paths this method would modify, without touching the model (a dry run)."""
+        if config is None:
+            config = cls.config_class.from_dict(config_values)
+        if config.modified_modules is None:
+            paths = resolve_roles(backbone_model, cls.default_modified_modules)
+        elif config.common_structure:
+            paths = resolve_roles(backbone_model, config.modified_modules)
+        else:
+            paths = find_modules(backbone_model, config.modified_modules, what="modified_modules")
+        paths = remove_excluded(backbone_model, paths, config.exclude_modules)
+        if not paths:
+            raise PatternError(f"exclude_modules {config.exclude_modules} removed every module {cls.__name__} would modify.")
+        return paths
+
+    def _setup(
+        self, backbone: nn.Module, config: DeltaConfig, paths: Sequence[str], name: str | None, dummy_inputs: Any
+    ) -> None:
+        """Build every delta layer without touching the backbone."""
+        modules = dict(backbone.named_modules())
+        observations: dict[str, Observation] = (
+            observe(backbone, paths, dummy_inputs) if self.needs_runtime_init else {}
+        )
+        self.backbone_model = backbone
+        self.config = config
+        self._targets: dict[str, nn.Module] = {p: modules[p] for p in paths}
+        self.layers: dict[str, DeltaLayer] = {
+            p: self.new_layer(p, modules[p], observations.get(p)) for p in paths
+        }
+        self.name = self._free_name(name)
+        self._attached = False
+        self._set_state_dict = False
+        self._state_dict_handle: Any = None
+        self._originals: dict[str, torch.Tensor] = {}  # backbone tensors this delta trains: values before
+        self._tuned: dict[str, torch.Tensor] = {}  # ... and their tuned values while detached
+
+    def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> DeltaLayer:
+        """The delta layer for the module at `path`; raise UnsupportedModuleError if it cannot act there."""
+        raise NotImplementedError(f"{type(self).__name__} must implement new_layer()")
+
+    def _free_name(self, requested: str | None) -> str:
+        def taken(candidate: str) -> bool:
+            return any(candidate in m._modules or hasattr(m, candidate) for m in self._targets.values())
+
+        if requested is not None:
+            if not requested.isidentifier():
+                raise PatternError(f"delta name {requested!r} must be a valid Python identifier")
+            if taken(requested):
+                raise LifecycleError(f"a delta or attribute named {requested!r} already exists on a target module; pick another name")
+            return requested
+        candidate, n = self.delta_type or "delta", 0
+        while taken(candidate):
+            n += 1
+            candidate = f"{self.delta_type or 'delta'}_{n}"
+        return candidate
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def is_attached(self) -> bool:
+        return self._attached
+
+    def attach(self) -> DeltaBase:
+        """Put the delta layers (and the tuned backbone tensors) into the backbone's data flow."""
+        if self._attached:
+            raise LifecycleError(f"delta {self.name!r} is already attached; detach() it first")
+        done: list[str] = []
+        try:
+            for path, layer in self.layers.items():
+                add_delta(self._targets[path], self.name, layer)
+                done.append(path)
+        except Exception:
+            for path in reversed(done):
+                remove_delta(self._targets[path], self.name)
+            raise
+        if self._tuned:
+            self._swap_backbone_tensors(self._tuned)
+            self._tuned = {}
+        self._attached = True
+        if self._set_state_dict:
+            self._install_state_dict_filter()
+        return self
+
+    def detach(self) -> DeltaBase:
+        """Take the delta out; the backbone computes exactly what it computed before the delta came."""
+        if not self._attached:
+            raise LifecycleError(f"delta {self.name!r} is not attached")
+        for path in reversed(list(self.layers)):
+            remove_delta(self._targets[path], self.name)
+        if self._originals:
+            self._tuned = self._swap_backbone_tensors(self._originals)
+        if self._state_dict_handle is not None:
+            self._state_dict_handle.remove()
+            self._state_dict_handle = None
+        self._attached = False
+        return self
+
+    def _swap_backbone_tensors(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copy `values` into the backbone's tensors of those names; return what they held."""
+        params = dict(self.backbone_model.named_parameters())
+        previous: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for key, value in values.items():
+                previous[key] = params[key].detach().clone()
+                params[key].copy_(value)
+        return previous
+
+    # ----------------------------------------------------------------- freezing
+
+    def delta_parameters(self) -> list[nn.Parameter]:
+        """This delta's own parameters."""
+        return [p for layer in self.layers.values() for p in layer.parameters()]
+
+    def freeze_module(
+        self, module: nn.Module | None = None, exclude: Sequence[str] | None = None, set_state_dict: bool = True
+    ) -> None:
+        """Freeze every parameter except those `exclude` names (``"deltas"`` = all delta parameters).
+
+        Names follow the addressing syntax and match module or parameter paths. With
+        `set_state_dict`, ``backbone.state_dict()`` holds only trainable tensors from now on.
+        """
+        if exclude is None:
+            exclude = self.config.unfrozen_modules or ["deltas"]
+        if isinstance(exclude, str):
+            raise PatternError(f"exclude must be a list of names, got the string {exclude!r}; write [{exclude!r}].")
+        root = self.backbone_model if module is None else module
+        delta_ids = {id(p) for m in root.modules() if is_delta_module(m) for p in m.parameters()}
+        params = dict(root.named_parameters())
+        trainable: set[int] = set(delta_ids) if "deltas" in exclude else set()
+        names = [e for e in exclude if e != "deltas"]
+        if names:
+            module_paths = [p for p, _ in backbone_modules(root)]
+            param_paths = [n for n, p in params.items() if id(p) not in delta_ids]
+            for path in match_names(module_paths + param_paths, names, "freeze_module exclude"):
+                if path in params:
+                    trainable.add(id(params[path]))
+                else:
+                    trainable.update(id(p) for p in root.get_submodule(path).parameters() if id(p) not in delta_ids)
+        prefix = _path_of(self.backbone_model, root)
+        owned: dict[str, torch.Tensor] = {}
+        for pname, param in params.items():
+            param.requires_grad_(id(param) in trainable)
+            full = prefix + pname
+            if id(param) in trainable and id(param) not in delta_ids:
+                owned[full] = self._originals[full] if full in self._originals else param.detach().clone()
+        self._originals = owned
+        if set_state_dict:
+            self._set_state_dict = True
+            if self._attached and self._state_dict_handle is None:
+                self._install_state_dict_filter()
+
+    def _install_state_dict_filter(self) -> None:
+        def trainable_only(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+            keep = {prefix + n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+            for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:
+                del state_dict[key]
+
+        self._state_dict_handle = self.backbone_model.register_state_dict_post_hook(trainable_only)
+
+    # ----------------------------------------------------------------- reporting
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Numbers of parameters: ``total`` (backbone + deltas), ``trainable``, ``delta`` (this delta's)."""
+        seen: set[int] = set()
+        total = trainable = 0
+        for p in self.backbone_model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return {"total": total, "trainable": trainable, "delta": sum(p.numel() for p in self.delta_parameters())}
+
+    def log(self, console: Console | None = None) -> None:
+        """Print where this delta sits and the trainable / delta parameter counts and ratios."""
+        console = console or Console()
+        counts = self.parameter_counts()
+        table = Table(title=f"{type(self).__name__} {self.name!r} ({'attached' if self._attached else 'detached'})")
+        table.add_column("parameters")
+        table.add_column("count", justify="right")
+        table.add_column("of total", justify="right")
+        for key in ("total", "trainable", "delta"):
+            table.add_row(key, f"{counts[key]:,}", f"{100 * counts[key] / max(counts['total'], 1):.3f}%")
+        console.print(table)
+        console.print(f"{len(self.layers)} modified modules: {', '.join(_compress(list(self.layers)))}")
+
+    def __repr__(self) -> str:
+        state = "attached" if self._attached else "detached"
+        return f"{type(self).__name__}(name={self.name!r}, modules={len(self.layers)}, {state})"
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def _checkpoint_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, list[int]]]:
+        tensors: dict[str, torch.Tensor] = {}
+        modules: dict[str, Any] = {}
+        for path, layer in self.layers.items():
+            entry = {}
+            for key, tensor in layer.state_dict().items():
+                tensors[f"delta.{path}.{key}"] = tensor
+                entry[key] = list(tensor.shape)
+            modules[path] = {"class": type(self._targets[path]).__name__, "tensors": entry}
+        backbone_tensors: dict[str, list[int]] = {}
+        params = dict(self.backbone_model.named_parameters())
+        for n in self._originals:  # the backbone tensors this delta trains (unfrozen head, ...)
+            value = params[n] if self._attached else self._tuned[n]
+            tensors[f"backbone.{n}"] = value
+            backbone_tensors[n] = list(value.shape)
+        return tensors, modules, backbone_tensors
+
+    def save_finetuned(self, finetuned_delta_path: str | os.PathLike = "./delta_checkpoint") -> str:
+        """Save this delta (and the backbone tensors it trains, e.g. an unfrozen head) as safetensors + JSON."""
+        tensors, modules, backbone_tensors = self._checkpoint_tensors()
+        meta = {
+            "delta_type": self.delta_type,
+            "name": self.name,
+            "library_version": __version__,
+            "config": self.config.to_dict(),
+            "modules": modules,
+            "backbone_tensors": backbone_tensors,
+            "backbone": {
+                "class": type(self.backbone_model).__name__,
+                "model_type": model_type(self.backbone_model),
+                "fingerprint": backbone_fingerprint(self.backbone_model),
+            },
+        }
+        write_checkpoint(finetuned_delta_path, meta, tensors)
+        return str(finetuned_delta_path)
+
+    @classmethod
+    def from_finetuned(
+        cls: type[D],
+        finetuned_delta_path: str | os.PathLike,
+        backbone_model: nn.Module,
+        *,
+        name: str | None = None,
+        dummy_inputs: Any = None,
+    ) -> D:
+        """Load a checkpoint written by save_finetuned() onto `backbone_model` and attach it.
+
+        Everything is checked before the backbone is touched: a checkpoint that does not fit
+        raises IncompatibleCheckpointError naming the modules and shapes that differ.
+        """
+        meta = read_meta(finetuned_delta_path)
+        _, delta_cls = lookup(meta["delta_type"])
+        if cls is not DeltaBase and not issubclass(delta_cls, cls):
+            raise IncompatibleCheckpointError(
+                f"{finetuned_delta_path} holds a {meta['delta_type']!r} delta; load it with "
+                f"{delta_cls.__name__}.from_finetuned or AutoDeltaModel.from_finetuned"
+            )
+        device = model_device(backbone_model)
+        ckpt = read_checkpoint(finetuned_delta_path, device="cpu" if device.type == "meta" else device)
+        config = delta_cls.config_class.from_dict(ckpt.meta["config"])
+        paths = list(ckpt.meta.get("modules", {}))
+        present = {p for p, _ in backbone_modules(backbone_model)}
+        trained_on = ckpt.meta.get("backbone", {}).get("class", "?")
+        missing = [p for p in paths if p not in present]
+        if missing:
+            raise IncompatibleCheckpointError(
+                f"the checkpoint was trained on a {trained_on}; this {type(backbone_model).__name__} has no "
+                f"module(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+            )
+        obj = delta_cls.__new__(delta_cls)
+        try:
+            obj._setup(backbone_model, config, paths, name, dummy_inputs)
+        except UnsupportedModuleError as exc:
+            raise IncompatibleCheckpointError(f"the checkpoint does not fit this backbone: {exc}") from exc
+        obj._load_tensors(ckpt.tensors, ckpt.meta.get("backbone_tensors", {}), trained_on)
+        return obj
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], backbone_names: dict[str, Any], trained_on: str) -> None:
+        problems: list[str] = []
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        for path, layer in self.layers.items():
+            state = {}
+            for key, own in layer.state_dict().items():
+                saved = tensors.get(f"delta.{path}.{key}")
+                if saved is None:
+                    problems.append(f"{path}.{key}: missing from the checkpoint")
+                elif saved.shape != own.shape:
+                    problems.append(f"{path}.{key}: checkpoint {tuple(saved.shape)} vs backbone {tuple(own.shape)}")
+                else:
+                    state[key] = saved
+            states[path] = state
+        params = dict(self.backbone_model.named_parameters())
+        for n in backbone_names:
+            saved = tensors.get(f"backbone.{n}")
+            if n not in params:
+                problems.append(f"{n}: no such backbone parameter")
+            elif saved is None:
+                problems.append(f"{n}: missing from the checkpoint")
+            elif saved.shape != params[n].shape:
+                problems.append(f"{n}: checkpoint {tuple(saved.shape)} vs backbone {tuple(params[n].shape)}")
+        if problems:
+            raise IncompatibleCheckpointError(
+                f"the checkpoint (trained on a {trained_on}) does not fit this {type(self.backbone_model).__name__}: "
+                + "; ".join(problems[:8])
+                + (" ..." if len(problems) > 8 else "")
+            )
+        for path, layer in self.layers.items():
+            layer.load_state_dict(states[path])
+        self.attach()
+        with torch.no_grad():
+            for n in backbone_names:
+                self._originals.setdefault(n, params[n].detach().clone())
+                params[n].copy_(tensors[f"backbone.{n}"])
+
+
+def _path_of(root: nn.Module, module: nn.Module) -> str:
+    if module is root:
+        return ""
+    for path, candidate in root.named_modules():
+        if candidate is module:
+            return path + "."
+    raise PatternError("freeze_module(module=...) must be a sub-module of the backbone")
+
+
+def _compress(paths: list[str]) -> list[str]:
+    """Short display form of many paths: group by their last two components."""
+    counts: dict[str, int] = {}
+    for path in paths:
+        key = ".".join(path.split(".")[-2:])
+        counts[key] = counts.get(key, 0) + 1
+    return [f"{k} x{n}" if n > 1 else k for k, n in counts.items()]
+
+
+def _select_interactively(backbone: nn.Module, interactive_modify: bool | int) -> list[str]:
+    from opendelta.interactive import select_modules
+
+    port = None if interactive_modify is True else int(interactive_modify)
+    return select_modules(backbone, port=port)
+

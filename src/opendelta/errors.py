@@ -1,0 +1,70 @@
+"""Every error opendelta raises on bad input: one family per failure, each naming the input and a fix."""
+
+from __future__ import annotations
+
+
+class OpenDeltaError(Exception):
+    """Base class of every error raised by opendelta."""
+
+
+class NoMatchError(OpenDeltaError, KeyError):
+    """A module pattern matched no module of the model."""
+
+    def __init__(self, pattern: str, suggestions: list[str], what: str = "modified_modules"):
+        self.pattern = pattern
+        self.suggestions = suggestions
+        hint = f" Did you mean: {', '.join(repr(s) for s in suggestions)}?" if suggestions else ""
+        super().__init__(
+            f"{what} pattern {pattern!r} matches no module of the model.{hint} "
+            "Print the model (or bigmodelvis.Visualization(model).structure_graph()) to see its module names."
+        )
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class PatternError(OpenDeltaError, ValueError):
+    """A module pattern is malformed (empty, not a string, or an invalid regular expression)."""
+
+
+class UnsupportedModuleError(OpenDeltaError, TypeError):
+    """A delta method was addressed to a module it cannot act on."""
+
+
+class StructureError(OpenDeltaError, ValueError):
+    """Common-structure roles could not be resolved on this backbone."""
+
+
+class RuntimeInitError(OpenDeltaError, RuntimeError):
+    """The dummy forward pass that measures hidden-state shapes could not run."""
+
+
+class LifecycleError(OpenDeltaError, RuntimeError):
+    """attach/detach/merge called in a state that does not allow it (e.g. attaching twice)."""
+
+
+class DeltaConfigError(OpenDeltaError, ValueError):
+    """A delta configuration has unknown keys or invalid values."""
+
+
+class UnknownDeltaTypeError(OpenDeltaError, KeyError):
+    """A delta_type that is not registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class CheckpointError(OpenDeltaError):
+    """Base class of checkpoint failures."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint directory or one of its files does not exist."""
+
+
+class CorruptCheckpointError(CheckpointError, ValueError):
+    """A checkpoint file is unreadable, truncated, or does not match its recorded checksum."""
+
+
+class IncompatibleCheckpointError(CheckpointError, ValueError):
+    """The checkpoint's modules or tensor shapes do not fit this backbone."""

@@ -1,0 +1,213 @@
+"""Dynamic tensor re-routing: deltas enter an already-loaded module's data flow through hooks.
+
+Every module that carries deltas gets one :class:`Site`, which installs at most one forward
+pre-hook and one forward hook (or, for the rare *replace* route, an instance-level ``forward``).
+Removing the last delta removes them, so the module is exactly as before. Delta layers are
+children of the module they modify and the hooks find them by name through the ``module``
+argument, so ``copy.deepcopy`` and data-parallel replicas route through their own copies.
+
+Order inside one module: *before* deltas (in attach order) -> the module (or its replacement) ->
+*parallel* deltas (their sum) -> *after* deltas (in attach order).
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from opendelta.errors import LifecycleError, UnsupportedModuleError
+
+ROUTES = ("before", "after", "parallel", "replace")
+_SITE_ATTR = "_opendelta_site"
+
+
+class DeltaLayer(nn.Module):
+    """A delta module `m`. Subclasses implement ``forward(h)`` = m(h) and pick a `route`.
+
+    The default routes add the delta: before ``h_in + m(h_in)``, after ``h_out + m(h_out)``,
+    parallel ``h_out + m(h_in)``. Methods that are not additive (prefixes, prompts) override
+    ``route_input`` / ``route_output`` / ``route_parallel``.
+    """
+
+    is_delta_module: ClassVar[bool] = True
+    route: ClassVar[str] = "after"
+
+    def route_input(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self(h)
+
+    def route_output(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self(h)
+
+    def route_parallel(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+        return h_out + self(h_in)
+
+
+def first_tensor(value: Any) -> torch.Tensor:
+    """The hidden state inside a module's output: the tensor itself, or the first element."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict):  # transformers' ModelOutput is an OrderedDict
+        return next(iter(value.values()))
+    if isinstance(value, (tuple, list)) and value:
+        return value[0]
+    raise TypeError(f"cannot find a hidden-state tensor in a {type(value).__name__}")
+
+
+def with_first_tensor(value: Any, tensor: torch.Tensor) -> Any:
+    """`value` with its hidden state replaced by `tensor`; everything else passes through."""
+    if isinstance(value, torch.Tensor):
+        return tensor
+    if isinstance(value, dict):
+        value[next(iter(value.keys()))] = tensor  # a fresh container made by this forward call
+        return value
+    if isinstance(value, tuple):
+        return (tensor, *value[1:])
+    return [tensor, *value[1:]]
+
+
+def _input_name(module: nn.Module) -> str | None:
+    """Name of the first parameter of the module's forward, for inputs passed by keyword."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for p in params:
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            return p.name
+    return None
+
+
+class Site:
+    """The deltas acting on one module, by route, as names of the module's delta children."""
+
+    def __init__(self, module: nn.Module):
+        self.input_name = _input_name(module)
+        self.before: list[str] = []
+        self.parallel: list[str] = []
+        self.after: list[str] = []
+        self.replace: str | None = None
+        self._pre_handle: Any = None
+        self._post_handle: Any = None
+        self._had_forward = "forward" in module.__dict__
+        self._own_forward: Any = None
+
+    def _input(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        if args:
+            return args[0]
+        if self.input_name is None or self.input_name not in kwargs:
+            raise TypeError("the module was called without its input tensor")
+        return kwargs[self.input_name]
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        mods = module._modules
+        if args:
+            h = args[0]
+            for name in self.before:
+                h = mods[name].route_input(h)
+            return (h, *args[1:]), kwargs
+        h = self._input(args, kwargs)
+        for name in self.before:
+            h = mods[name].route_input(h)
+        return args, {**kwargs, self.input_name: h}
+
+    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        mods = module._modules
+        if self.parallel:
+            h_in = args[0] if args else self._input(args, kwargs)
+            h_out = first_tensor(output)
+            for name in self.parallel:
+                h_out = mods[name].route_parallel(h_in, h_out)
+            output = with_first_tensor(output, h_out)
+        if self.after:
+            h = first_tensor(output)
+            for name in self.after:
+                h = mods[name].route_output(h)
+            output = with_first_tensor(output, h)
+        return output
+
+    def refresh(self, module: nn.Module) -> None:
+        """Install exactly the hooks the current deltas need, and no others."""
+        if self.before and self._pre_handle is None:
+            self._pre_handle = module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
+        elif not self.before and self._pre_handle is not None:
+            self._pre_handle.remove()
+            self._pre_handle = None
+        needs_post = bool(self.parallel or self.after)
+        if needs_post and self._post_handle is None:
+            self._post_handle = module.register_forward_hook(self.post_hook, with_kwargs=True)
+        elif not needs_post and self._post_handle is not None:
+            self._post_handle.remove()
+            self._post_handle = None
+        if self.replace is not None and self._own_forward is None:
+            if self._had_forward:
+                raise UnsupportedModuleError(
+                    f"{type(module).__name__} already has an instance-level forward (another library wrapped it); "
+                    "a replace-route delta cannot be stacked on it."
+                )
+            self._own_forward = types.MethodType(_replaced_forward, module)
+            module.forward = self._own_forward
+        elif self.replace is None and self._own_forward is not None:
+            if module.__dict__.get("forward") is self._own_forward:
+                del module.forward
+            self._own_forward = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.before or self.parallel or self.after or self.replace)
+
+
+def _replaced_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    site: Site = module.__dict__[_SITE_ATTR]
+    return module._modules[site.replace](*args, **kwargs)
+
+
+def site_of(module: nn.Module) -> Site | None:
+    """The site on `module`, if any delta acts on it."""
+    return module.__dict__.get(_SITE_ATTR)
+
+
+def add_delta(module: nn.Module, name: str, layer: DeltaLayer) -> None:
+    """Make `layer` (a delta) act on `module` under child name `name`, by the layer's route."""
+    if layer.route not in ROUTES:
+        raise ValueError(f"unknown route {layer.route!r}; expected one of {ROUTES}")
+    if name in module._modules or hasattr(module, name):
+        raise LifecycleError(f"{type(module).__name__} already has an attribute or child named {name!r}")
+    site = site_of(module)
+    if site is None:
+        site = Site(module)
+    if layer.route == "replace" and site.replace is not None:
+        raise LifecycleError(f"{type(module).__name__} is already replaced by delta {site.replace!r}")
+    module.add_module(name, layer)
+    if layer.route == "replace":
+        site.replace = name
+    else:
+        getattr(site, layer.route).append(name)
+    module.__dict__[_SITE_ATTR] = site
+    try:
+        site.refresh(module)
+    except Exception:
+        remove_delta(module, name)
+        raise
+
+
+def remove_delta(module: nn.Module, name: str) -> DeltaLayer:
+    """Undo :func:`add_delta`; the last removal restores the module's hooks and forward exactly."""
+    site = site_of(module)
+    layer = module._modules.pop(name)
+    if site is not None:
+        for route in ("before", "parallel", "after"):
+            names = getattr(site, route)
+            if name in names:
+                names.remove(name)
+        if site.replace == name:
+            site.replace = None
+        site.refresh(module)
+        if site.empty:
+            del module.__dict__[_SITE_ATTR]
+    return layer  # type: ignore[return-value]
+
+

@@ -1,0 +1,166 @@
+"""Runtime initialisation: learn hidden-state shapes that no config states, from one dummy forward.
+
+The pass can run on the ``meta`` device, so even a huge skeleton costs nothing to measure.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from opendelta.errors import RuntimeInitError
+from opendelta.routing import first_tensor
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What flowed through one module during the dummy pass (its first input and its hidden output)."""
+
+    input_shape: tuple[int, ...] | None
+    output_shape: tuple[int, ...] | None
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def in_features(self) -> int:
+        assert self.input_shape is not None
+        return self.input_shape[-1]
+
+    @property
+    def out_features(self) -> int:
+        assert self.output_shape is not None
+        return self.output_shape[-1]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _forward_params(model: nn.Module) -> Mapping[str, inspect.Parameter]:
+    try:
+        return inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+def synthesize_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A tiny valid input for a transformers-style model, from its forward signature and config."""
+    params = _forward_params(model)
+    config = getattr(model, "config", None)
+    device = model_device(model)
+
+    def get(*names: str, default: int) -> int:
+        for source in (config, getattr(config, "vision_config", None), getattr(config, "audio_config", None)):
+            for name in names:
+                value = getattr(source, name, None) if source is not None else None
+                if isinstance(value, int):
+                    return value
+                if isinstance(value, (tuple, list)) and value and isinstance(value[0], int):
+                    return value[0]
+        return default
+
+    inputs: dict[str, torch.Tensor] = {}
+    if "input_ids" in params:
+        vocab = get("vocab_size", default=8)
+        inputs["input_ids"] = torch.arange(4, device=device).remainder(max(vocab, 1)).unsqueeze(0)
+    elif "pixel_values" in params:
+        size, channels = get("image_size", default=224), get("num_channels", default=3)
+        inputs["pixel_values"] = torch.zeros(1, channels, size, size, device=device)
+    elif "input_features" in params:
+        mels = get("num_mel_bins", default=80)
+        frames = 2 * get("max_source_positions", default=1500)
+        inputs["input_features"] = torch.zeros(1, mels, frames, device=device)
+    elif "input_values" in params:
+        inputs["input_values"] = torch.zeros(1, 4000, device=device)
+    else:
+        raise RuntimeInitError(
+            f"cannot make a dummy input for {type(model).__name__}: its forward takes none of input_ids, "
+            "pixel_values, input_features, input_values. Pass dummy_inputs={...} (a dict of keyword "
+            "arguments, or a tuple of positional ones) to the delta model."
+        )
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params and "input_ids" in inputs:
+        inputs["decoder_input_ids"] = inputs["input_ids"]
+    return inputs
+
+
+def default_dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's own ``dummy_inputs`` when they fit its forward, else synthesised ones."""
+    own = getattr(model, "dummy_inputs", None)
+    params = _forward_params(model)
+    if isinstance(own, Mapping) and own and all(k in params for k in own):
+        device = model_device(model)
+        own = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in own.items()}
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "decoder_input_ids" in params:
+            own.setdefault("decoder_input_ids", own.get("input_ids"))
+        return dict(own)
+    return synthesize_inputs(model)
+
+
+def _call(model: nn.Module, inputs: Any) -> None:
+    if isinstance(inputs, Mapping):
+        model(**inputs)
+    elif isinstance(inputs, (tuple, list)):
+        model(*inputs)
+    else:
+        model(inputs)
+
+
+def observe(model: nn.Module, paths: Sequence[str], dummy_inputs: Any = None) -> dict[str, Observation]:
+    """Run one dummy forward (no grad) and record what flowed through each module in `paths`."""
+    modules = dict(model.named_modules())
+    seen: dict[str, Observation] = {}
+    handles = []
+
+    def recorder(path: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if path in seen:
+                return
+            h_in = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if h_in is None:
+                h_in = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            try:
+                h_out = first_tensor(output)
+            except TypeError:
+                h_out = None
+            ref = h_out if isinstance(h_out, torch.Tensor) else h_in
+            seen[path] = Observation(
+                input_shape=tuple(h_in.shape) if h_in is not None else None,
+                output_shape=tuple(h_out.shape) if isinstance(h_out, torch.Tensor) else None,
+                dtype=ref.dtype if ref is not None else torch.float32,
+                device=ref.device if ref is not None else model_device(model),
+            )
+
+        return hook
+
+    for path in paths:
+        handles.append(modules[path].register_forward_hook(recorder(path), with_kwargs=True))
+    try:
+        inputs = default_dummy_inputs(model) if dummy_inputs is None else dummy_inputs
+        with torch.no_grad():
+            _call(model, inputs)
+    except RuntimeInitError:
+        raise
+    except Exception as exc:
+        raise RuntimeInitError(
+            f"the dummy forward pass through {type(model).__name__} failed ({type(exc).__name__}: {exc}). "
+            "Pass dummy_inputs= with a small valid input for this model."
+        ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [p for p in paths if p not in seen]
+    if missing:
+        raise RuntimeInitError(
+            f"the dummy forward pass never reached {missing[:5]}; pass dummy_inputs= that exercise these modules "
+            "(for encoder-decoders include decoder_input_ids)."
+        )
+    return seen
