@@ -10,26 +10,19 @@ def compress_names(names: Sequence[str]) -> str:
 
     Order is kept: ``["0", "1", "2", "5", "6"]`` gives ``"0-2,5,6"``; other names pass through.
     """
-    parts: list[str] = []
-    run_start: int | None = None
-    run_end: int | None = None
-
-    def close_run() -> None:
-        if run_start is None:
-            return
-        if run_end - run_start >= 2:
-            parts.append(f"{run_start}-{run_end}")
-        else:
-            parts.extend(str(n) for n in range(run_start, run_end + 1))
-
+    runs: list[list[str]] = []  # each run: consecutive integers, or one non-integer name
     for name in names:
-        number = int(name) if name.isdigit() and str(int(name)) == name else None
-        if number is not None and run_end is not None and number == run_end + 1:
-            run_end = number
-            continue
-        close_run()
-        run_start = run_end = number
-        if number is None:
-            parts.append(name)
-    close_run()
+        previous = runs[-1][-1] if runs else ""
+        if _is_int(name) and _is_int(previous) and int(name) == int(previous) + 1:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    parts: list[str] = []
+    for run in runs:
+        parts.extend([f"{run[0]}-{run[-1]}"] if len(run) >= 3 else run)
     return ",".join(parts)
+
+
+def _is_int(name: str) -> bool:
+    """Plain non-negative integers only; ``"01"`` is a name, not a number."""
+    return name.isdigit() and str(int(name)) == name

@@ -17,13 +17,13 @@ MARKERS: dict[ParamStatus, str] = {
 #: Colour of each status, used for parameter shapes and markers.
 STYLES: dict[ParamStatus, str] = {
     ParamStatus.TRAINABLE: "green",
-    ParamStatus.FROZEN: "blue",
+    ParamStatus.FROZEN: "cyan",
     ParamStatus.DELTA: "bold magenta",
 }
 
 
 def format_count(n: int) -> str:
-    """Short parameter count with three significant digits: ``512``, ``148K``, ``22.7M``, ``6.74B``."""
+    """Parameter count to three significant digits: ``512``, ``148K``, ``22.7M``, ``6.74B``."""
     if n < 1000:
         return str(n)
     for unit, scale in (("K", 1e3), ("M", 1e6), ("B", 1e9)):

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.tree import Tree
 from torch import nn
@@ -62,7 +63,7 @@ class Visualization:
         return tree
 
     def to_dict(self) -> dict[str, Any]:
-        """The same collapsed tree as nested dicts; each node lists the module ``paths`` it stands for."""
+        """The collapsed tree as nested dicts; each node lists the module ``paths`` it stands for."""
         return self.collapsed().to_dict()
 
     def export_text(self) -> str:
@@ -112,6 +113,5 @@ def _default_console() -> Console:
 
 
 def _tree_width(tree: Tree, depth: int = 0) -> int:
-    label = tree.label
-    own = depth * _GUIDE_WIDTH + (label.cell_len if hasattr(label, "cell_len") else len(str(label)))
-    return max([own + 1] + [_tree_width(child, depth + 1) for child in tree.children])
+    own = depth * _GUIDE_WIDTH + cell_len(str(tree.label)) + 1
+    return max([own] + [_tree_width(child, depth + 1) for child in tree.children])
