@@ -75,7 +75,8 @@ def _summarize(
     interned: dict[tuple, int],
     seen_params: dict[int, str],
 ) -> ModuleInfo:
-    delta = inside_delta or is_delta_module(module)
+    own_delta = is_delta_module(module)
+    delta = inside_delta or own_delta
     params = []
     for param_name, param in module.named_parameters(recurse=False):
         full_name = f"{path}.{param_name}" if path else param_name
@@ -94,7 +95,7 @@ def _summarize(
         name=name,
         path=path,
         class_name=type(module).__name__,
-        is_delta=is_delta_module(module),
+        is_delta=own_delta,
         is_container=isinstance(module, (nn.ModuleList, nn.ModuleDict)),
         params=params,
     )
