@@ -49,7 +49,8 @@ class LoraLayer(DeltaLayer):
         factory = {"dtype": weight.dtype, "device": weight.device}
         self.lora_A = nn.Parameter(torch.empty(config.lora_r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.lora_r, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if weight.device.type != "meta":  # a skeleton has no values to initialise
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = config.lora_alpha / config.lora_r
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else None
 
