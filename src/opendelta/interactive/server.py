@@ -12,6 +12,7 @@ import json
 import secrets
 import sys
 import threading
+import time
 import webbrowser
 from collections.abc import Callable
 from http import HTTPStatus
@@ -77,7 +78,7 @@ def select_modules(
             on_ready(url)
         if open_browser:
             _open_in_browser(url)
-        finished = session.done.wait(timeout)
+        finished = _wait(session.done, timeout)
     except KeyboardInterrupt:
         raise SelectionCancelled("Module selection interrupted (Ctrl-C); no modules were selected.") from None
     finally:
@@ -92,6 +93,17 @@ def select_modules(
     if session.result is None:
         raise SelectionCancelled("Module selection was cancelled on the page; no modules were selected.")
     return session.result
+
+
+def _wait(event: threading.Event, timeout: float | None) -> bool:
+    """Wait for `event` in short slices, so Ctrl-C is noticed promptly on every platform."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        remaining = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
+        if remaining <= 0:
+            return event.is_set()
+        if event.wait(remaining):
+            return True
 
 
 def _open_in_browser(url: str) -> None:
