@@ -113,28 +113,53 @@ class SelectionCompressor:
 
 def _numbers_regex(numbers: Sequence[str]) -> str:
     """A regex matching exactly these decimal strings: ``0..5`` -> ``[0-5]``, ``0..23`` ->
-    ``(?:[0-9]|1[0-9]|2[0-3])``."""
-    by_stem: dict[str, list[str]] = defaultdict(list)
-    for number in sorted(set(numbers), key=lambda n: (len(n), n)):
-        by_stem[number[:-1]].append(number[-1])
-    alternatives = [stem + _digit_class(digits) for stem, digits in by_stem.items()]
+    ``(?:[0-9]|1[0-9]|2[0-3])``, ``0,2,4`` -> ``[024]``."""
+    unique = sorted(set(numbers), key=lambda n: (len(n), n))
+    if any(n != str(int(n)) for n in unique):  # leading zeros: no arithmetic, list them
+        return "(?:" + "|".join(unique) + ")"
+    digits: dict[tuple[str, int], set[int]] = defaultdict(set)  # (fixed prefix, free digits after) -> digit
+    for lo, hi in _runs(sorted(int(n) for n in unique)):
+        for prefix, first, last, free in _range_pieces(lo, hi):
+            digits[(prefix, free)].update(range(first, last + 1))
+    alternatives = [
+        prefix + _digit_class(sorted(ds)) + ("" if free == 0 else "[0-9]" if free == 1 else f"[0-9]{{{free}}}")
+        for (prefix, free), ds in digits.items()
+    ]
     return alternatives[0] if len(alternatives) == 1 else "(?:" + "|".join(alternatives) + ")"
 
 
-def _digit_class(digits: list[str]) -> str:
-    if len(digits) == 1:
-        return digits[0]
-    values = sorted(int(d) for d in digits)
-    pieces: list[str] = []
-    start = prev = values[0]
-    for value in [*values[1:], None]:
-        if value is not None and value == prev + 1:
-            prev = value
-            continue
-        pieces.append(f"{start}-{prev}" if prev - start >= 2 else "".join(str(v) for v in range(start, prev + 1)))
-        if value is not None:
-            start = prev = value
-    return "[" + "".join(pieces) + "]"
+def _runs(values: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive integers: ``[0, 1, 2, 5]`` -> ``[(0, 2), (5, 5)]``."""
+    runs: list[tuple[int, int]] = []
+    for value in values:
+        if runs and value == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], value)
+        else:
+            runs.append((value, value))
+    return runs
+
+
+def _range_pieces(lo: int, hi: int) -> list[tuple[str, int, int, int]]:
+    """Split ``lo..hi`` into pieces ``prefix + [first-last] + free digits`` (the classic range regex)."""
+    pieces = []
+    while lo <= hi:
+        free = 0
+        while lo > 0 and lo % 10 ** (free + 1) == 0 and lo + 10 ** (free + 1) - 1 <= hi:
+            free += 1
+        step = 10**free
+        first = lo // step % 10
+        last = min(9, first + (hi - lo + 1) // step - 1)
+        prefix = lo // (step * 10)
+        pieces.append((str(prefix) if prefix else "", first, last, free))
+        lo += (last - first + 1) * step
+    return pieces
+
+
+def _digit_class(values: list[int]) -> str:
+    if len(values) == 1:
+        return str(values[0])
+    parts = [f"{a}-{b}" if b - a >= 2 else "".join(map(str, range(a, b + 1))) for a, b in _runs(values)]
+    return "[" + "".join(parts) + "]"
 
 
 def compress_selection(model: nn.Module, selected: Iterable[str]) -> list[str]:
