@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # each module in opendelta.commands exposes register(subparsers) and run(args) -> int
-COMMANDS = ("demo",)
+COMMANDS = ("demo", "inspect", "select")
 
 
 def main(argv: list[str] | None = None) -> int:

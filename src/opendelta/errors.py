@@ -68,3 +68,15 @@ class CorruptCheckpointError(CheckpointError, ValueError):
 
 class IncompatibleCheckpointError(CheckpointError, ValueError):
     """The checkpoint's modules or tensor shapes do not fit this backbone."""
+
+
+class SelectionError(OpenDeltaError, RuntimeError):
+    """The interactive module selection could not give a result (port taken, cancelled, timed out)."""
+
+
+class SelectionCancelled(SelectionError):
+    """The user cancelled the interactive selection (Cancel on the page, or Ctrl-C)."""
+
+
+class SelectionTimeout(SelectionError, TimeoutError):
+    """No selection was submitted before the timeout."""
