@@ -21,7 +21,7 @@ from opendelta.errors import (
     UnknownDeltaTypeError,
     UnsupportedModuleError,
 )
-from opendelta.methods import LoraConfig, LoraModel
+from opendelta.methods import LoraConfig, LoraModel, PrefixConfig, PrefixModel
 from opendelta.routing import DeltaLayer
 
 __all__ = [
@@ -41,6 +41,8 @@ __all__ = [
     "NoMatchError",
     "OpenDeltaError",
     "PatternError",
+    "PrefixConfig",
+    "PrefixModel",
     "RuntimeInitError",
     "StructureError",
     "UnknownDeltaTypeError",

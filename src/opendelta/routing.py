@@ -39,6 +39,18 @@ class DeltaLayer(nn.Module):
     def route_input(self, h: torch.Tensor) -> torch.Tensor:
         return h + self(h)
 
+    def route_call(self, args: tuple, kwargs: dict, input_name: str | None) -> tuple[tuple, dict]:
+        """A *before* delta's view of the whole call: it receives and returns ``(args, kwargs)``.
+
+        By default it routes the first input through :meth:`route_input`. Methods that need more
+        than the hidden state (an attention mask, a KV cache, labels) override this instead.
+        """
+        if args:
+            return (self.route_input(args[0]), *args[1:]), kwargs
+        if input_name is None or input_name not in kwargs:
+            raise TypeError("the module was called without its input tensor")
+        return args, {**kwargs, input_name: self.route_input(kwargs[input_name])}
+
     def route_output(self, h: torch.Tensor) -> torch.Tensor:
         return h + self(h)
 
@@ -104,15 +116,9 @@ class Site:
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         mods = module._modules
-        if args:
-            h = args[0]
-            for name in self.before:
-                h = mods[name].route_input(h)
-            return (h, *args[1:]), kwargs
-        h = self._input(args, kwargs)
         for name in self.before:
-            h = mods[name].route_input(h)
-        return args, {**kwargs, self.input_name: h}
+            args, kwargs = mods[name].route_call(args, kwargs, self.input_name)
+        return args, kwargs
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         mods = module._modules

@@ -1,5 +1,6 @@
 """The delta methods; importing this package registers each one's delta_type."""
 
 from opendelta.methods.lora import LoraConfig, LoraModel
+from opendelta.methods.prefix import PrefixConfig, PrefixModel
 
-__all__ = ["LoraConfig", "LoraModel"]
+__all__ = ["LoraConfig", "LoraModel", "PrefixConfig", "PrefixModel"]
