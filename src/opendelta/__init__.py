@@ -21,7 +21,14 @@ from opendelta.errors import (
     UnknownDeltaTypeError,
     UnsupportedModuleError,
 )
-from opendelta.methods import LoraConfig, LoraModel, PrefixConfig, PrefixModel
+from opendelta.methods import (
+    LoraConfig,
+    LoraModel,
+    PrefixConfig,
+    PrefixModel,
+    SoftPromptConfig,
+    SoftPromptModel,
+)
 from opendelta.routing import DeltaLayer
 
 __all__ = [
@@ -44,6 +51,8 @@ __all__ = [
     "PrefixConfig",
     "PrefixModel",
     "RuntimeInitError",
+    "SoftPromptConfig",
+    "SoftPromptModel",
     "StructureError",
     "UnknownDeltaTypeError",
     "UnsupportedModuleError",

@@ -353,7 +353,7 @@ class DeltaBase:
         ckpt = read_checkpoint(finetuned_delta_path, device="cpu" if device.type == "meta" else device)
         config = delta_cls.config_class.from_dict(ckpt.meta["config"])
         paths = list(ckpt.meta.get("modules", {}))
-        present = {p for p, _ in backbone_modules(backbone_model)}
+        present = {"", *(p for p, _ in backbone_modules(backbone_model))}  # "" is the root
         trained_on = ckpt.meta.get("backbone", {}).get("class", "?")
         missing = [p for p in paths if p not in present]
         if missing:

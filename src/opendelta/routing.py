@@ -93,6 +93,22 @@ def _input_name(module: nn.Module) -> str | None:
     return None
 
 
+def positional_names(module: nn.Module) -> tuple[str, ...]:
+    """Names of the parameters of the module's forward that can be passed positionally, in order."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def as_keywords(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    """Every argument of one call by keyword (`names` from :func:`positional_names`), for route_call."""
+    if len(args) > len(names):
+        raise TypeError(f"the module was called with {len(args)} positional arguments; its forward names {len(names)}")
+    return {**dict(zip(names, args)), **kwargs}
+
+
 class Site:
     """The deltas acting on one module, by route, as names of the module's delta children."""
 

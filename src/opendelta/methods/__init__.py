@@ -2,5 +2,6 @@
 
 from opendelta.methods.lora import LoraConfig, LoraModel
 from opendelta.methods.prefix import PrefixConfig, PrefixModel
+from opendelta.methods.soft_prompt import SoftPromptConfig, SoftPromptModel
 
-__all__ = ["LoraConfig", "LoraModel", "PrefixConfig", "PrefixModel"]
+__all__ = ["LoraConfig", "LoraModel", "PrefixConfig", "PrefixModel", "SoftPromptConfig", "SoftPromptModel"]

@@ -29,7 +29,7 @@ from torch import nn
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import DeltaConfigError, UnsupportedModuleError
-from opendelta.routing import DeltaLayer
+from opendelta.routing import DeltaLayer, as_keywords, positional_names
 from opendelta.runtime_init import Observation, observe
 
 #: how transformers names an attention module's KV cache, its mask, and a cross-attention's source
@@ -183,14 +183,8 @@ class _CallBinding:
 
     def keyword_arguments(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
         """The hidden state, and every other argument by keyword."""
-        kwargs = dict(kwargs)
-        if args:
-            hidden = args[0]
-            for name, value in zip(self.positional[1:], args[1:]):
-                kwargs[name] = value
-        else:
-            hidden = kwargs.pop(self.positional[0])
-        return hidden, kwargs
+        kwargs = as_keywords(self.positional, args, kwargs)
+        return kwargs.pop(self.positional[0]), kwargs
 
 
 def _call_binding(host: nn.Module) -> _CallBinding:
@@ -199,9 +193,7 @@ def _call_binding(host: nn.Module) -> _CallBinding:
         params = inspect.signature(host.forward).parameters
     except (TypeError, ValueError):
         params = {}
-    positional = tuple(
-        p.name for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    )
+    positional = positional_names(host)
     cache_name = next((n for n in CACHE_ARGS if n in params), None)
     mask_name = next((n for n in MASK_ARGS if n in params), None)
     if not positional or cache_name is None or mask_name is None:
