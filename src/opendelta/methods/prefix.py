@@ -100,7 +100,7 @@ class PrefixLayer(DeltaLayer):
 
     route = "before"
 
-    def __init__(self, config: PrefixConfig, host: nn.Module, observation: KeyValueObservation):
+    def __init__(self, config: PrefixConfig, binding: _CallBinding, observation: KeyValueObservation):
         super().__init__()
         factory = {"dtype": observation.dtype, "device": observation.device}
         self.prefix_token_num = config.prefix_token_num
@@ -115,7 +115,7 @@ class PrefixLayer(DeltaLayer):
             )
         else:
             self.prefix = nn.Parameter(torch.randn(config.prefix_token_num, width, **factory))
-        self._binding = _call_binding(host)
+        self._binding = binding
 
     def forward(self) -> torch.Tensor:
         """The prefix as (prefix_token_num, 2 x kv_heads x head_dim): keys then values."""
@@ -135,7 +135,7 @@ class PrefixLayer(DeltaLayer):
         hidden, kwargs = binding.keyword_arguments(args, kwargs)
         if any(kwargs.get(name) is not None for name in CROSS_ARGS):
             raise UnsupportedModuleError(
-                f"PrefixModel acts on self-attention, but this {binding.host} was called as cross-attention; "
+                f"PrefixModel acts on self-attention, but {binding.host} was called as cross-attention; "
                 "address the self-attention modules (the default role 'attn')."
             )
         cache = next((kwargs.pop(name) for name in CACHE_ARGS if kwargs.get(name) is not None), None)
@@ -187,8 +187,8 @@ class _CallBinding:
         return kwargs.pop(self.positional[0]), kwargs
 
 
-def _call_binding(host: nn.Module) -> _CallBinding:
-    name = type(host).__name__
+def _call_binding(path: str, host: nn.Module) -> _CallBinding:
+    name = f"{path!r} ({type(host).__name__})"
     try:
         params = inspect.signature(host.forward).parameters
     except (TypeError, ValueError):
@@ -208,17 +208,26 @@ def _call_binding(host: nn.Module) -> _CallBinding:
 
 
 class _KeyShapeProbe:
-    """A cache stand-in for the dummy pass: records the key shape the attention module hands over."""
+    """A cache view for the dummy pass: records the key shape the attention module hands over.
+
+    It passes everything on to the cache it wraps (another delta's view, or the real cache), so
+    measuring does not disturb deltas already attached.
+    """
 
     def __init__(self) -> None:
+        self.inner: Any = None
         self.shape: tuple[int, ...] | None = None
+        self.cross = False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         self.shape = tuple(key_states.shape)
-        return key_states, value_states
+        if self.inner is None or self.cross:
+            return key_states, value_states
+        target = getattr(self.inner, "self_attention_cache", self.inner)
+        return target.update(key_states, value_states, *args, **kwargs)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
+        return self.inner.get_seq_length(layer_idx) if self.inner is not None else 0
 
 
 class PrefixModel(DeltaBase):
@@ -235,23 +244,33 @@ class PrefixModel(DeltaBase):
 
     def runtime_observe(self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any) -> dict[str, Observation]:
         modules = dict(backbone.named_modules())
-        bindings = {p: _call_binding(modules[p]) for p in paths}  # raises for a module that is no attention
+        self._bindings = {p: _call_binding(p, modules[p]) for p in paths}  # raises for a module that is no attention
+        bindings = self._bindings
         probes = {p: _KeyShapeProbe() for p in paths}
 
         def hand_probe(path: str):
             def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+                hidden, kwargs = bindings[path].keyword_arguments(args, kwargs)
+                probe = probes[path]
+                probe.cross = probe.cross or any(kwargs.get(name) is not None for name in CROSS_ARGS)
+                probe.inner = next((kwargs[name] for name in CACHE_ARGS if kwargs.get(name) is not None), None)
                 kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_ARGS}
-                return args, {**kwargs, bindings[path].cache_name: probes[path]}
+                return (hidden,), {**kwargs, bindings[path].cache_name: probe}
 
             return pre_hook
 
         seen = observe(backbone, paths, dummy_inputs, pre_hooks={p: hand_probe(p) for p in paths})
         found: dict[str, Observation] = {}
         for path in paths:
+            if probes[path].cross:
+                raise UnsupportedModuleError(
+                    f"PrefixModel acts on self-attention, but {bindings[path].host} is cross-attention; "
+                    "address the self-attention modules (the default role 'attn')."
+                )
             shape = probes[path].shape
             if shape is None or len(shape) != 4:
                 raise UnsupportedModuleError(
-                    f"PrefixModel needs {path!r} ({bindings[path].host}) to hand its keys and values to its KV cache "
+                    f"PrefixModel needs {bindings[path].host} to hand its keys and values to its KV cache "
                     "(cache.update, as every transformers>=5 attention does), but the dummy pass saw none; "
                     "address the self-attention modules instead."
                 )
@@ -263,4 +282,4 @@ class PrefixModel(DeltaBase):
 
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> PrefixLayer:
         assert isinstance(observation, KeyValueObservation)
-        return PrefixLayer(self.config, module, observation)
+        return PrefixLayer(self.config, self._bindings[path], observation)
