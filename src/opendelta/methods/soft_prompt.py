@@ -219,8 +219,7 @@ def _input_embedding(backbone: nn.Module, config: DeltaConfig) -> nn.Module:
             f"different modules ({', '.join(paths)}); name one."
         )
     embedding = next(iter(embeddings.values()))
-    weight = getattr(embedding, "weight", None)
-    if not isinstance(embedding, nn.Embedding) and not (isinstance(weight, torch.Tensor) and weight.dim() == 2):
+    if not isinstance(embedding, nn.Embedding):
         raise UnsupportedModuleError(
             f"SoftPromptModel needs a token embedding (nn.Embedding), but {paths[0]!r} is a "
             f"{type(embedding).__name__}; name the input embedding, e.g. 'embed_tokens' or 'word_embeddings'."
