@@ -205,3 +205,14 @@ def test_two_prefixes_on_the_same_attention_stack_and_detach_alone():
     second.detach()
     assert torch.equal(run(model, ids), one)
     first.detach()
+
+
+@pytest.mark.real
+def test_real_minilm_prefix_training_lowers_the_loss():
+    from real_minilm import minilm_and_batch, train_steps
+
+    model, batch, labels = minilm_and_batch()
+    delta = PrefixModel(model)
+    delta.freeze_module(exclude=["deltas"])
+    losses = train_steps(model, delta.delta_parameters(), batch, labels, lr=1e-3)
+    assert losses[-1] < 0.8 * losses[0]

@@ -197,3 +197,14 @@ def test_soft_prompt_prefix_and_lora_on_one_backbone_detach_alone():
     prefix.detach()
     lora.detach()
     assert torch.equal(run(model, ids), original)
+
+
+@pytest.mark.real
+def test_real_minilm_soft_prompt_training_lowers_the_loss():
+    from real_minilm import minilm_and_batch, train_steps
+
+    model, batch, labels = minilm_and_batch()
+    delta = SoftPromptModel(model, soft_token_num=20)
+    delta.freeze_module(exclude=["deltas"])
+    losses = train_steps(model, delta.delta_parameters(), batch, labels, lr=3e-2, steps=8)
+    assert losses[-1] < 0.8 * losses[0]
