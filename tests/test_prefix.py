@@ -216,3 +216,18 @@ def test_real_minilm_prefix_training_lowers_the_loss():
     delta.freeze_module(exclude=["deltas"])
     losses = train_steps(model, delta.delta_parameters(), batch, labels, lr=1e-3)
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_works_on_bert_for_sequence_classification_which_peft_refuses():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=99)
+    model = BertForSequenceClassification(config).eval()
+    delta = PrefixModel(model, **SMALL)
+    delta.freeze_module(exclude=["deltas", "classifier"])
+    ids = token_ids()
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1])).loss.backward()
+    assert all(p.grad is not None for p in delta.delta_parameters())
