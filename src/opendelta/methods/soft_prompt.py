@@ -15,7 +15,6 @@ encoder-decoder's decoder gets the extended mask for its cross-attention over th
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
