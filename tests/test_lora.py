@@ -52,8 +52,6 @@ DEFAULT_POSITIONS = {
         "encoder.block.{i}.layer.0.SelfAttention.v",
         "decoder.block.{i}.layer.0.SelfAttention.q",
         "decoder.block.{i}.layer.0.SelfAttention.v",
-        "decoder.block.{i}.layer.1.EncDecAttention.q",
-        "decoder.block.{i}.layer.1.EncDecAttention.v",
     ],
     "llama": ["model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.v_proj"],
 }

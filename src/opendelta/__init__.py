@@ -24,7 +24,14 @@ from opendelta.errors import (
     UnknownDeltaTypeError,
     UnsupportedModuleError,
 )
-from opendelta.methods import LoraConfig, LoraModel
+from opendelta.methods import (
+    LoraConfig,
+    LoraModel,
+    PrefixConfig,
+    PrefixModel,
+    SoftPromptConfig,
+    SoftPromptModel,
+)
 from opendelta.routing import DeltaLayer
 
 __all__ = [
@@ -44,10 +51,14 @@ __all__ = [
     "NoMatchError",
     "OpenDeltaError",
     "PatternError",
+    "PrefixConfig",
+    "PrefixModel",
     "RuntimeInitError",
     "SelectionCancelled",
     "SelectionError",
     "SelectionTimeout",
+    "SoftPromptConfig",
+    "SoftPromptModel",
     "StructureError",
     "UnknownDeltaTypeError",
     "UnsupportedModuleError",

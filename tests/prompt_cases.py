@@ -1,0 +1,60 @@
+"""Tiny models and inputs shared by the prefix and soft-prompt tests (sequence-level deltas)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tiny_families import BY_NAME
+
+#: every family the sequence-level methods support, by tiny_families name
+NAMES = ["BERT", "RoBERTa", "GPT-2", "T5", "BART", "OPT", "LLaMA"]
+DECODERS = {"GPT-2", "OPT", "LLaMA"}
+GENERATORS = ["GPT-2", "OPT", "LLaMA", "T5", "BART"]
+
+
+def build(name: str, attn: str = "sdpa", seed: int = 0) -> nn.Module:
+    family = BY_NAME[name]
+    config = family.config()
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    import transformers
+
+    model = getattr(transformers, family.model_class)(config).eval()
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = 0
+        if config.is_encoder_decoder:
+            model.generation_config.decoder_start_token_id = 0
+    return model
+
+
+def token_ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 99, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def run(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None, **extra) -> torch.Tensor:
+    """The model's main output (logits or last hidden state); encoder-decoders decode the first 4 ids."""
+    kwargs = dict(input_ids=ids, attention_mask=mask, **extra)
+    if model.config.is_encoder_decoder:
+        kwargs["decoder_input_ids"] = ids[:, :4]
+    return model(**kwargs)[0]
+
+
+def padded_pair(name: str, ids: torch.Tensor, pad: int = 2) -> tuple[torch.Tensor, slice, torch.Tensor, slice]:
+    """Row 0 with `pad` padded positions (left for decoders, right otherwise): (mask, real positions in the
+    batch, ids of the row alone, the same positions in the alone output). Encoder-decoders compare the
+    decoder positions, which do not move."""
+    length = ids.shape[1]
+    mask = torch.ones_like(ids)
+    if name in DECODERS:
+        mask[0, :pad] = 0
+        return mask, slice(pad, length), ids[:1, pad:], slice(0, length - pad)
+    mask[0, length - pad:] = 0
+    if BY_NAME[name].model_type in ("t5", "bart"):
+        return mask, slice(0, 4), ids[:1, : length - pad], slice(0, 4)
+    return mask, slice(0, length - pad), ids[:1, : length - pad], slice(0, length - pad)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as generate() makes them."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
