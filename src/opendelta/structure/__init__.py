@@ -20,6 +20,7 @@ from torch import nn
 from opendelta.addressing import backbone_modules, find_modules, is_delta_module
 from opendelta.errors import StructureError
 from opendelta.structure.families import FAMILIES, WHOLE_STACK, RoleTable
+from opendelta.structure.inference import infer_table
 
 #: the stack roles; each may also prefix another role as a qualifier (``encoder.attn.q``)
 STACKS: dict[str, str] = {
@@ -108,8 +109,9 @@ def find_backbones(model: nn.Module) -> list[Backbone]:
     """The sub-models of `model` with a role table, outermost first, in model order.
 
     A sub-module whose ``model_type`` has a family table is one backbone. A configured
-    sub-module with no table and no mapped sub-model inside is an unmapped backbone (raises
-    StructureError naming it), as is a model with no config at all.
+    sub-module with no table and no mapped sub-model inside is one too, as is a model with no
+    config at all: their roles are inferred (:mod:`opendelta.structure.inference`), and inference
+    that finds no layer stack raises StructureError.
     """
     found: list[Backbone] = []
 
@@ -133,12 +135,9 @@ def find_backbones(model: nn.Module) -> list[Backbone]:
 
 
 def unmapped_backbone(path: str, module: nn.Module, kind: str | None) -> Backbone:
-    """A backbone with no family table."""
-    where = f" at {path!r}" if path else ""
-    raise StructureError(
-        f"no common-structure mapping for model type {kind!r} ({type(module).__name__}{where}); "
-        "name the modules instead, e.g. modified_modules=['q_proj', 'v_proj'] (print the model to see its names)."
-    )
+    """A backbone with no family table: its roles are inferred from the module tree."""
+    table, notes = infer_table(module)
+    return Backbone(path, module, kind, table, "inferred", notes)
 
 
 def split_role(role: str) -> tuple[str | None, str]:
@@ -189,6 +188,8 @@ def _resolve(backbones: Sequence[Backbone], role: str) -> tuple[list[str], str |
         elif problem is None:
             where = f"the {stack} of this {backbone.label}" if stack else f"this {backbone.label}"
             problem = f"role {base!r} ({ROLES[base]}) does not exist in {where}"
+            if backbone.source == "inferred":
+                problem += " (no family table covers it, and structural inference found no such module)"
     if stack is not None and not stacked:
         labels = ", ".join(b.label for b in backbones)
         problem = f"{labels} has no {stack} stack ({STACKS[stack]}), so {role!r} addresses nothing; write {base!r}"

@@ -311,8 +311,8 @@ T5: RoleTable = {  # encoder block: layer.0 self-attn, layer.1 FF; decoder: laye
     "xattn.v": ["EncDecAttention.v"],
     "xattn.o": ["EncDecAttention.o"],
     "ffn": ["DenseReluDense"],
-    "ffn.up": ["DenseReluDense.wi", "DenseReluDense.wi_0"],
-    "ffn.gate": ["DenseReluDense.wi_1"],
+    "ffn.up": ["DenseReluDense.wi", "DenseReluDense.wi_1"],  # gated (mT5): act(wi_0 h) * wi_1 h
+    "ffn.gate": ["DenseReluDense.wi_0"],
     "ffn.down": ["DenseReluDense.wo"],
     "norm.attn": [r"[r]block\.\d+\.layer\.0\.layer_norm"],
     "norm.xattn": [r"[r]decoder\.block\.\d+\.layer\.1\.layer_norm"],
