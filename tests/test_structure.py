@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tiny_families import BY_NAME
+from family_zoo import BY_NAME
 
 from opendelta.errors import StructureError
 from opendelta.structure import ROLES, resolve_roles, role_map
