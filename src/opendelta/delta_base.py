@@ -116,6 +116,12 @@ class DeltaBase:
     ) -> None:
         """Build every delta layer without touching the backbone."""
         modules = dict(backbone.named_modules())
+        for path in paths:
+            if isinstance(modules[path], nn.Sequential):  # its forward would run the delta layer as a stage
+                raise UnsupportedModuleError(
+                    f"{path!r} is an nn.Sequential, which runs every child module in turn, so a delta layer cannot "
+                    "live inside it; address the module that contains it, or the modules inside it, instead."
+                )
         observations: dict[str, Observation] = (
             observe(backbone, paths, dummy_inputs) if self.needs_runtime_init else {}
         )

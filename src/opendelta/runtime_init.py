@@ -27,6 +27,7 @@ class Observation:
     output_shape: tuple[int, ...] | None
     dtype: torch.dtype
     device: torch.device
+    input_dtype: torch.dtype | None = None
 
     @property
     def in_features(self) -> int:
@@ -167,6 +168,7 @@ def observe(model: nn.Module, paths: Sequence[str], dummy_inputs: Any = None) ->
                 output_shape=tuple(h_out.shape) if isinstance(h_out, torch.Tensor) else None,
                 dtype=ref.dtype if ref is not None else torch.float32,
                 device=ref.device if ref is not None else model_device(model),
+                input_dtype=h_in.dtype if h_in is not None else None,
             )
 
         return hook
