@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,8 +145,18 @@ def _call(model: nn.Module, inputs: Any) -> None:
         model(inputs)
 
 
-def observe(model: nn.Module, paths: Sequence[str], dummy_inputs: Any = None) -> dict[str, Observation]:
-    """Run one dummy forward (no grad) and record what flowed through each module in `paths`."""
+def observe(
+    model: nn.Module,
+    paths: Sequence[str],
+    dummy_inputs: Any = None,
+    *,
+    pre_hooks: Mapping[str, Callable[[nn.Module, tuple, dict], Any]] | None = None,
+) -> dict[str, Observation]:
+    """Run one dummy forward (no grad) and record what flowed through each module in `paths`.
+
+    `pre_hooks` (path -> forward pre-hook with kwargs) run on their modules during that one pass,
+    for methods that must measure what only appears inside a module's call (e.g. key/value shapes).
+    """
     modules = dict(model.named_modules())
     seen: dict[str, Observation] = {}
     handles = []
@@ -175,6 +185,8 @@ def observe(model: nn.Module, paths: Sequence[str], dummy_inputs: Any = None) ->
 
     for path in paths:
         handles.append(modules[path].register_forward_hook(recorder(path), with_kwargs=True))
+    for path, pre_hook in (pre_hooks or {}).items():
+        handles.append(modules[path].register_forward_pre_hook(pre_hook, with_kwargs=True))
     try:
         inputs = default_dummy_inputs(model) if dummy_inputs is None else dummy_inputs
         on_meta = model_device(model).type == "meta"
