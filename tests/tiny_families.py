@@ -1,70 +1,180 @@
-"""Tiny models of every family opendelta maps, built from configs (no downloads).
+"""Tiny models of every family the delta methods are tested on, built once and copied per test.
 
-One entry per family: the transformers ``model_type``, the model class to build, and the config
-values that make it tiny (hidden 32, 2 layers, 4 heads, vocab 99). Shared by the family sweep,
-the structure tests and ``scripts/coverage_table.py``.
+Each family names, in its own module names, the places a method family acts on: ``out`` (the
+attention output and feed-forward down projections), ``kv`` (key and value projections),
+``down`` (the feed-forward down projection), ``blocks`` (modules that take and return a hidden
+state), and ``norms``.
 """
 
 from __future__ import annotations
 
-import os
+import copy
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-# the usual size knobs, set only where a config has the attribute
-SIZES: dict[str, Any] = dict(
-    vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-    d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
-    n_embd=32, n_layer=2, n_head=4, n_positions=64, ffn_dim=64, word_embed_proj_dim=32,
-    encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-    encoder_ffn_dim=64, decoder_ffn_dim=64,
-    image_size=32, patch_size=8,
-)
+HIDDEN = 32
 
 
 @dataclass(frozen=True)
 class Family:
-    name: str  #: display name in the coverage table
-    model_type: str
-    model_class: str  #: a class of the transformers package
-    overrides: dict[str, Any] = field(default_factory=dict)
-    sizes: bool = True  #: apply SIZES where the config has the attribute
-
-    def config(self):
-        from transformers import AutoConfig
-
-        config = AutoConfig.for_model(self.model_type)
-        if self.sizes:
-            for key, value in SIZES.items():
-                if hasattr(config, key):
-                    setattr(config, key, value)
-        for key, value in self.overrides.items():
-            setattr(config, key, value)
-        return config
-
-    def build(self, seed: int = 0) -> nn.Module:
-        import transformers
-
-        torch.manual_seed(seed)
-        return getattr(transformers, self.model_class)(self.config()).eval()
+    name: str
+    build: Callable[[], nn.Module]
+    positions: dict[str, list[str]]
+    inputs: Callable[[], dict[str, Any]] = field(repr=False)
+    plain: bool = False  # not a transformers model: runtime init needs dummy_inputs
 
 
-FAMILIES: list[Family] = [
-    Family("BERT", "bert", "BertModel"),
-    Family("RoBERTa", "roberta", "RobertaForMaskedLM"),
-    Family("GPT-2", "gpt2", "GPT2LMHeadModel"),
-    Family("T5", "t5", "T5ForConditionalGeneration"),
-    Family("BART", "bart", "BartForConditionalGeneration"),
-    Family("OPT", "opt", "OPTForCausalLM"),
-    Family("LLaMA", "llama", "LlamaForCausalLM"),
-    Family("ViT", "vit", "ViTForImageClassification", {"num_labels": 3}),
-]
+def _ids() -> dict[str, Any]:
+    return {"input_ids": torch.tensor([[5, 17, 42, 8, 63, 2], [9, 3, 77, 1, 30, 4]])}
 
-BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES}
+
+def _seq2seq() -> dict[str, Any]:
+    ids = _ids()["input_ids"]
+    return {"input_ids": ids, "decoder_input_ids": ids[:, :4]}
+
+
+def _pixels() -> dict[str, Any]:
+    return {"pixel_values": torch.linspace(-1, 1, 2 * 3 * 8 * 8).reshape(2, 3, 8, 8)}
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig(vocab_size=99, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=37, add_pooling_layer=False), add_pooling_layer=False)
+
+
+def _roberta():
+    from transformers import RobertaConfig, RobertaModel
+
+    return RobertaModel(RobertaConfig(vocab_size=99, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=37), add_pooling_layer=False)
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2Model
+
+    return GPT2Model(GPT2Config(vocab_size=99, n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=16))
+
+
+def _t5():
+    from transformers import T5Config, T5Model
+
+    return T5Model(T5Config(vocab_size=99, d_model=HIDDEN, d_ff=37, d_kv=16, num_layers=1, num_decoder_layers=1,
+                            num_heads=2))
+
+
+def _bart():
+    from transformers import BartConfig, BartModel
+
+    return BartModel(BartConfig(vocab_size=99, d_model=HIDDEN, encoder_layers=1, decoder_layers=1,
+                                encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=37,
+                                decoder_ffn_dim=37, max_position_embeddings=16))
+
+
+def _opt():
+    from transformers import OPTConfig, OPTModel
+
+    return OPTModel(OPTConfig(vocab_size=99, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                              ffn_dim=37, word_embed_proj_dim=HIDDEN, max_position_embeddings=16))
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaModel
+
+    return LlamaModel(LlamaConfig(vocab_size=99, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, intermediate_size=37, max_position_embeddings=16))
+
+
+def _vit():
+    from transformers import ViTConfig, ViTModel
+
+    return ViTModel(ViTConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                              image_size=8, patch_size=4), add_pooling_layer=False)
+
+
+class PlainBlock(nn.Module):
+    """A pre-norm residual feed-forward block, to stand for any user-written nn.Module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(HIDDEN)
+        self.mlp = nn.Sequential(nn.Linear(HIDDEN, 37), nn.GELU(), nn.Linear(37, HIDDEN))
+        self.proj = nn.Linear(HIDDEN, HIDDEN, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h + self.mlp(self.norm(h)))
+
+
+class PlainModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(PlainBlock(), PlainBlock())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.blocks(h)
+
+
+def _plain_inputs() -> dict[str, Any]:
+    return {"h": torch.linspace(-2, 2, 2 * 5 * HIDDEN).reshape(2, 5, HIDDEN)}
+
+
+_BERT_POSITIONS = {
+    "out": ["attention.output.dense", r"[r]layer\.\d+\.output\.dense"],
+    "kv": ["attention.self.key", "attention.self.value"],
+    "down": [r"[r]layer\.\d+\.output\.dense"],
+    "blocks": ["attention", "intermediate"],
+    "norms": ["LayerNorm"],
+}
+_DECODER_POSITIONS = {
+    "out": ["self_attn.out_proj", "fc2"],
+    "kv": ["self_attn.k_proj", "self_attn.v_proj"],
+    "down": ["fc2"],
+    "blocks": ["self_attn", "fc1"],
+    "norms": ["self_attn_layer_norm", "final_layer_norm"],
+}
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family("bert", _bert, _BERT_POSITIONS, _ids),
+        Family("roberta", _roberta, _BERT_POSITIONS, _ids),
+        Family("gpt2", _gpt2, {"out": ["attn.c_proj", "mlp.c_proj"], "kv": ["attn.c_attn"], "down": ["mlp.c_proj"],
+                               "blocks": ["attn", "mlp"], "norms": ["ln_1", "ln_2"]}, _ids),
+        Family("t5", _t5, {"out": ["SelfAttention.o", "DenseReluDense.wo"], "kv": ["SelfAttention.k", "SelfAttention.v"],
+                           "down": ["DenseReluDense.wo"], "blocks": ["SelfAttention", "DenseReluDense"],
+                           "norms": ["layer_norm"]}, _seq2seq),
+        Family("bart", _bart, _DECODER_POSITIONS, _seq2seq),
+        Family("opt", _opt, _DECODER_POSITIONS, _ids),
+        Family("llama", _llama, {"out": ["o_proj", "down_proj"], "kv": ["k_proj", "v_proj"], "down": ["down_proj"],
+                                 "blocks": ["self_attn", "mlp"], "norms": ["input_layernorm", "post_attention_layernorm"]},
+               _ids),
+        Family("vit", _vit, {"out": ["o_proj", "fc2"], "kv": ["k_proj", "v_proj"], "down": ["fc2"],
+                             "blocks": ["attention", "mlp"], "norms": ["layernorm_before", "layernorm_after"]}, _pixels),
+        Family("plain", PlainModel, {"out": ["proj", "mlp.2"], "kv": ["mlp.0"], "down": ["mlp.2"],
+                                     "blocks": [r"[r]blocks\.\d+"], "norms": ["norm"]}, _plain_inputs, plain=True),
+    ]
+}
+
+
+@functools.cache
+def _pristine(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return FAMILIES[name].build().eval()
+
+
+def fresh(name: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """A new copy of the family's tiny model: same weights every time."""
+    model = copy.deepcopy(_pristine(name))
+    return model if dtype is None else model.to(dtype)
+
+
+def hidden(model: nn.Module, family: Family, **inputs: Any) -> torch.Tensor:
+    """The model's main output tensor on the family's fixed inputs."""
+    out = model(**(family.inputs() | inputs))
+    return out if isinstance(out, torch.Tensor) else out[0]

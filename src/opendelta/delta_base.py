@@ -100,8 +100,8 @@ class DeltaBase:
         """The module paths this method would modify, without touching the model (a dry run)."""
         if config is None:
             config = cls.config_class.from_dict(config_values)
-        if config.modified_modules is None:
-            paths = resolve_roles(backbone_model, cls.default_modified_modules)
+        if config.modified_modules is None:  # defaults are the method's wish list: whichever this family has
+            paths = resolve_roles(backbone_model, cls.default_modified_modules, strict=False)
         elif config.common_structure:
             paths = resolve_roles(backbone_model, config.modified_modules)
         else:
@@ -116,6 +116,12 @@ class DeltaBase:
     ) -> None:
         """Build every delta layer without touching the backbone."""
         modules = dict(backbone.named_modules())
+        for path in paths:
+            if isinstance(modules[path], nn.Sequential):  # its forward would run the delta layer as a stage
+                raise UnsupportedModuleError(
+                    f"{path!r} is an nn.Sequential, which runs every child module in turn, so a delta layer cannot "
+                    "live inside it; address the module that contains it, or the modules inside it, instead."
+                )
         observations: dict[str, Observation] = (
             self.runtime_observe(backbone, paths, dummy_inputs) if self.needs_runtime_init else {}
         )

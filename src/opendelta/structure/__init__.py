@@ -19,12 +19,15 @@ from torch import nn
 
 from opendelta.addressing import backbone_modules, find_modules, is_delta_module
 from opendelta.errors import StructureError
-from opendelta.structure.families import FAMILIES, RoleTable
+from opendelta.structure.families import FAMILIES, WHOLE_STACK, RoleTable
+from opendelta.structure.inference import infer_table
 
 #: the stack roles; each may also prefix another role as a qualifier (``encoder.attn.q``)
 STACKS: dict[str, str] = {
     "encoder": "the encoder stack of an encoder-decoder",
     "decoder": "the decoder stack of an encoder-decoder",
+    "text": "the text tower of a dual encoder (CLIP)",
+    "vision": "the vision tower of a dual encoder (CLIP)",
 }
 
 #: every role, in the order role_map prefers when one module plays several
@@ -73,6 +76,8 @@ class Backbone:
 
     def role_paths(self, role: str) -> list[str]:
         """Paths of the modules that play `role` here (unqualified role); empty if the family lacks it."""
+        if role in STACKS and WHOLE_STACK.get(self.model_type or "") == role:
+            return [self.path]
         return self.paths(self.table.get(role, ()))
 
     @property
@@ -104,8 +109,9 @@ def find_backbones(model: nn.Module) -> list[Backbone]:
     """The sub-models of `model` with a role table, outermost first, in model order.
 
     A sub-module whose ``model_type`` has a family table is one backbone. A configured
-    sub-module with no table and no mapped sub-model inside is an unmapped backbone (raises
-    StructureError naming it), as is a model with no config at all.
+    sub-module with no table and no mapped sub-model inside is one too, as is a model with no
+    config at all: their roles are inferred (:mod:`opendelta.structure.inference`), and inference
+    that finds no layer stack raises StructureError.
     """
     found: list[Backbone] = []
 
@@ -129,12 +135,9 @@ def find_backbones(model: nn.Module) -> list[Backbone]:
 
 
 def unmapped_backbone(path: str, module: nn.Module, kind: str | None) -> Backbone:
-    """A backbone with no family table."""
-    where = f" at {path!r}" if path else ""
-    raise StructureError(
-        f"no common-structure mapping for model type {kind!r} ({type(module).__name__}{where}); "
-        "name the modules instead, e.g. modified_modules=['q_proj', 'v_proj'] (print the model to see its names)."
-    )
+    """A backbone with no family table: its roles are inferred from the module tree."""
+    table, notes = infer_table(module)
+    return Backbone(path, module, kind, table, "inferred", notes)
 
 
 def split_role(role: str) -> tuple[str | None, str]:
@@ -159,23 +162,38 @@ def split_role(role: str) -> tuple[str | None, str]:
 
 
 def _under(path: str, roots: Sequence[str]) -> bool:
-    return any(path == r or path.startswith(r + ".") for r in roots)
+    return any(root == "" or path == root or path.startswith(root + ".") for root in roots)
 
 
-def _resolve_in(backbone: Backbone, role: str) -> list[str] | str:
-    """Paths of `role` in one backbone, or a message saying why there are none."""
+def _resolve(backbones: Sequence[Backbone], role: str) -> tuple[list[str], str | None]:
+    """Paths of `role` across the backbones, and why some backbone that should have it has not.
+
+    An unqualified role must exist in every backbone; a qualified one (``decoder.attn.q``) in
+    every backbone that has that stack, and at least one must have it.
+    """
     stack, base = split_role(role)
-    paths = backbone.role_paths(base)
-    if not paths:
-        return f"role {base!r} ({ROLES[base]}) does not exist in this {backbone.label}"
-    if stack is not None:
-        roots = backbone.role_paths(stack)
-        if not roots:
-            return f"this {backbone.label} has no {stack} stack, so {role!r} means nothing; write {base!r}"
-        paths = [p for p in paths if _under(p, roots)]
-        if not paths:
-            return f"the {stack} of this {backbone.label} has no {base!r} ({ROLES[base]})"
-    return paths
+    found: list[str] = []
+    problem: str | None = None
+    stacked = 0
+    for backbone in backbones:
+        roots = backbone.role_paths(stack) if stack is not None else None
+        if stack is not None and not roots:
+            continue
+        stacked += 1
+        paths = backbone.role_paths(base)
+        if roots is not None:
+            paths = [p for p in paths if _under(p, roots)]
+        if paths:
+            found.extend(paths)
+        elif problem is None:
+            where = f"the {stack} of this {backbone.label}" if stack else f"this {backbone.label}"
+            problem = f"role {base!r} ({ROLES[base]}) does not exist in {where}"
+            if backbone.source == "inferred":
+                problem += " (no family table covers it, and structural inference found no such module)"
+    if stack is not None and not stacked:
+        labels = ", ".join(b.label for b in backbones)
+        problem = f"{labels} has no {stack} stack ({STACKS[stack]}), so {role!r} addresses nothing; write {base!r}"
+    return found, problem
 
 
 def resolve_roles(model: nn.Module, roles: Sequence[str], *, strict: bool = True) -> list[str]:
@@ -189,17 +207,16 @@ def resolve_roles(model: nn.Module, roles: Sequence[str], *, strict: bool = True
         raise StructureError(f"roles must be a list of role names, got the string {roles!r}; write [{roles!r}].")
     for role in roles:
         split_role(role)
+    backbones = find_backbones(model)
     found: set[str] = set()
     problems: list[str] = []
-    for backbone in find_backbones(model):
-        for role in roles:
-            result = _resolve_in(backbone, role)
-            if isinstance(result, str):
-                problems.append(result)
-            else:
-                found.update(result)
+    for role in roles:
+        paths, problem = _resolve(backbones, role)
+        found.update(paths)
+        if problem is not None:
+            problems.append(problem)
     if problems and (strict or not found):
-        available = sorted({r for b in find_backbones(model) for r in b.table if b.role_paths(r)}, key=list(ROLES).index)
+        available = sorted({r for b in backbones for r in ROLES if b.role_paths(r)}, key=list(ROLES).index)
         raise StructureError(
             f"{problems[0]}. Roles available here: {', '.join(available) or 'none'}. "
             "Use one of them, or name the modules instead (modified_modules=[...] with common_structure off)."
