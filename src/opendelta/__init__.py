@@ -36,6 +36,10 @@ from opendelta.methods import (
     LowRankAdapterModel,
     ParallelAdapterConfig,
     ParallelAdapterModel,
+    PrefixConfig,
+    PrefixModel,
+    SoftPromptConfig,
+    SoftPromptModel,
 )
 from opendelta.routing import DeltaLayer
 
@@ -68,7 +72,11 @@ __all__ = [
     "ParallelAdapterConfig",
     "ParallelAdapterModel",
     "PatternError",
+    "PrefixConfig",
+    "PrefixModel",
     "RuntimeInitError",
+    "SoftPromptConfig",
+    "SoftPromptModel",
     "StructureError",
     "UnknownDeltaTypeError",
     "UnsupportedModuleError",

@@ -123,7 +123,7 @@ class DeltaBase:
                     "live inside it; address the module that contains it, or the modules inside it, instead."
                 )
         observations: dict[str, Observation] = (
-            observe(backbone, paths, dummy_inputs) if self.needs_runtime_init else {}
+            self.runtime_observe(backbone, paths, dummy_inputs) if self.needs_runtime_init else {}
         )
         self.backbone_model = backbone
         self.config = config
@@ -137,6 +137,10 @@ class DeltaBase:
         self._state_dict_handle: Any = None
         self._originals: dict[str, torch.Tensor] = {}  # backbone tensors this delta trains: values before
         self._tuned: dict[str, torch.Tensor] = {}  # ... and their tuned values while detached
+
+    def runtime_observe(self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any) -> dict[str, Observation]:
+        """What new_layer learns from the dummy pass; a method that needs more than shapes overrides this."""
+        return observe(backbone, paths, dummy_inputs)
 
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> DeltaLayer:
         """The delta layer for the module at `path`; raise UnsupportedModuleError if it cannot act there."""
@@ -355,7 +359,7 @@ class DeltaBase:
         ckpt = read_checkpoint(finetuned_delta_path, device="cpu" if device.type == "meta" else device)
         config = delta_cls.config_class.from_dict(ckpt.meta["config"])
         paths = list(ckpt.meta.get("modules", {}))
-        present = {p for p, _ in backbone_modules(backbone_model)}
+        present = {"", *(p for p, _ in backbone_modules(backbone_model))}  # "" is the root
         trained_on = ckpt.meta.get("backbone", {}).get("class", "?")
         missing = [p for p in paths if p not in present]
         if missing:

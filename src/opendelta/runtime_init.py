@@ -5,13 +5,15 @@ The pass can run on the ``meta`` device, so even a huge skeleton costs nothing t
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from opendelta.errors import RuntimeInitError
 from opendelta.routing import first_tensor
@@ -53,6 +55,10 @@ def _forward_params(model: nn.Module) -> Mapping[str, inspect.Parameter]:
         return {}
 
 
+#: the inputs that carry a modality; synthesize_inputs makes one of each the forward takes
+MODALITY_INPUTS = ("input_ids", "pixel_values", "input_features", "input_values")
+
+
 def synthesize_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     """A tiny valid input for a transformers-style model, from its forward signature and config."""
     params = _forward_params(model)
@@ -70,40 +76,64 @@ def synthesize_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
         return default
 
     inputs: dict[str, torch.Tensor] = {}
+    # every modality the forward takes: a dual encoder (CLIP) needs text and pixels at once
     if "input_ids" in params:
-        vocab = get("vocab_size", default=8)
-        inputs["input_ids"] = torch.arange(4, device=device).remainder(max(vocab, 1)).unsqueeze(0)
-    elif "pixel_values" in params:
+        inputs["input_ids"] = _token_ids(get("vocab_size", default=8), device)
+    if "pixel_values" in params:
         size, channels = get("image_size", default=224), get("num_channels", default=3)
         inputs["pixel_values"] = torch.zeros(1, channels, size, size, device=device)
-    elif "input_features" in params:
+    if "input_features" in params:
         mels = get("num_mel_bins", default=80)
         frames = 2 * get("max_source_positions", default=1500)
         inputs["input_features"] = torch.zeros(1, mels, frames, device=device)
-    elif "input_values" in params:
+    if "input_values" in params:
         inputs["input_values"] = torch.zeros(1, 4000, device=device)
-    else:
+    if not inputs:
         raise RuntimeInitError(
-            f"cannot make a dummy input for {type(model).__name__}: its forward takes none of input_ids, "
-            "pixel_values, input_features, input_values. Pass dummy_inputs={...} (a dict of keyword "
+            f"cannot make a dummy input for {type(model).__name__}: its forward takes none of "
+            f"{', '.join(MODALITY_INPUTS)}. Pass dummy_inputs={{...}} (a dict of keyword "
             "arguments, or a tuple of positional ones) to the delta model."
         )
-    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params and "input_ids" in inputs:
-        inputs["decoder_input_ids"] = inputs["input_ids"]
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        inputs["decoder_input_ids"] = inputs.get("input_ids", _token_ids(get("vocab_size", default=8), device))
     return inputs
+
+
+def _token_ids(vocab: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(4, device=device).remainder(max(vocab, 1)).unsqueeze(0)
 
 
 def default_dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     """The backbone's own ``dummy_inputs`` when they fit its forward, else synthesised ones."""
     own = getattr(model, "dummy_inputs", None)
     params = _forward_params(model)
-    if isinstance(own, Mapping) and own and all(k in params for k in own):
+    try:
+        made: dict[str, torch.Tensor] | None = synthesize_inputs(model)
+    except RuntimeInitError:
+        made = None
+    fits = isinstance(own, Mapping) and own and all(k in params for k in own)
+    if fits and made is not None and any(k not in own for k in made if k in MODALITY_INPUTS):
+        fits = False  # e.g. CLIP's own dummy holds text only, but its forward needs pixels too
+    if fits:
         device = model_device(model)
         own = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in own.items()}
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "decoder_input_ids" in params:
             own.setdefault("decoder_input_ids", own.get("input_ids"))
         return dict(own)
-    return synthesize_inputs(model)
+    return made if made is not None else synthesize_inputs(model)
+
+
+class _MetaScalars(TorchDispatchMode):
+    """On the meta device, answer data-dependent scalar reads (``.item()``, ``if mask.all()``).
+
+    Models use them only to pick fast paths (e.g. "is the mask all ones?"); for an all-ones dummy
+    input, ``True`` / ``1`` is the honest answer and shapes do not depend on it.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            return True if args[0].dtype == torch.bool else 1
+        return func(*args, **(kwargs or {}))
 
 
 def _call(model: nn.Module, inputs: Any) -> None:
@@ -115,8 +145,18 @@ def _call(model: nn.Module, inputs: Any) -> None:
         model(inputs)
 
 
-def observe(model: nn.Module, paths: Sequence[str], dummy_inputs: Any = None) -> dict[str, Observation]:
-    """Run one dummy forward (no grad) and record what flowed through each module in `paths`."""
+def observe(
+    model: nn.Module,
+    paths: Sequence[str],
+    dummy_inputs: Any = None,
+    *,
+    pre_hooks: Mapping[str, Callable[[nn.Module, tuple, dict], Any]] | None = None,
+) -> dict[str, Observation]:
+    """Run one dummy forward (no grad) and record what flowed through each module in `paths`.
+
+    `pre_hooks` (path -> forward pre-hook with kwargs) run on their modules during that one pass,
+    for methods that must measure what only appears inside a module's call (e.g. key/value shapes).
+    """
     modules = dict(model.named_modules())
     seen: dict[str, Observation] = {}
     handles = []
@@ -145,9 +185,12 @@ def observe(model: nn.Module, paths: Sequence[str], dummy_inputs: Any = None) ->
 
     for path in paths:
         handles.append(modules[path].register_forward_hook(recorder(path), with_kwargs=True))
+    for path, pre_hook in (pre_hooks or {}).items():
+        handles.append(modules[path].register_forward_pre_hook(pre_hook, with_kwargs=True))
     try:
         inputs = default_dummy_inputs(model) if dummy_inputs is None else dummy_inputs
-        with torch.no_grad():
+        on_meta = model_device(model).type == "meta"
+        with torch.no_grad(), (_MetaScalars() if on_meta else contextlib.nullcontext()):
             _call(model, inputs)
     except RuntimeInitError:
         raise

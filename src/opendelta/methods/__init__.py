@@ -7,6 +7,8 @@ from opendelta.methods.ia3 import IA3Config, IA3Model
 from opendelta.methods.lora import LoraConfig, LoraModel
 from opendelta.methods.low_rank_adapter import LowRankAdapterConfig, LowRankAdapterModel
 from opendelta.methods.parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
+from opendelta.methods.prefix import PrefixConfig, PrefixModel
+from opendelta.methods.soft_prompt import SoftPromptConfig, SoftPromptModel
 
 __all__ = [
     "AdapterConfig",
@@ -23,4 +25,8 @@ __all__ = [
     "LowRankAdapterModel",
     "ParallelAdapterConfig",
     "ParallelAdapterModel",
+    "PrefixConfig",
+    "PrefixModel",
+    "SoftPromptConfig",
+    "SoftPromptModel",
 ]
