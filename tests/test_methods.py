@@ -21,6 +21,7 @@ from opendelta import (
     LoraModel,
     LowRankAdapterModel,
     ParallelAdapterModel,
+    PatternError,
     UnsupportedModuleError,
 )
 from opendelta.methods.compacter import CompacterLayer, PHMLinear
@@ -96,6 +97,12 @@ def test_ia3_scales_key_and_value_outputs_and_the_ffn_down_projection_input() ->
 
 
 # ------------------------------------------------------------------ formulas
+
+
+def test_ia3_on_t5_scales_self_and_cross_attention_keys_and_values() -> None:
+    paths = IA3Model.plan(fresh("t5"))
+    assert {p.split(".")[-1] for p in paths} == {"k", "v", "wo"}
+    assert any("EncDecAttention.k" in p for p in paths) and any("SelfAttention.v" in p for p in paths)
 
 
 def test_adapter_adds_its_bottleneck_to_the_module_output() -> None:
@@ -180,6 +187,11 @@ def test_ia3_folded_into_the_weight_reproduces_the_scaled_module(feedforward: bo
     assert torch.allclose(model(x), x @ folded.T, atol=1e-6)
 
 
+def test_ia3_feedforward_modules_outside_the_modified_ones_are_an_error() -> None:
+    with pytest.raises(PatternError, match="feedforward_modules"):
+        IA3Model(fresh("bert"), modified_modules=["key"], feedforward_modules=["value"])
+
+
 def test_bitfit_leaves_an_existing_bias_frozen_and_untouched() -> None:
     model = fresh("bert")
     original = model.encoder.layer[0].attention.self.query.bias.clone()
@@ -214,6 +226,7 @@ def test_bitfit_checkpoint_holds_only_the_bias_deltas(tmp_path) -> None:
         (LowRankAdapterModel, {"low_rank_rank": 0}),
         (LowRankAdapterModel, {"low_rank_w_init": "kaiming"}),
         (ParallelAdapterModel, {"scaled": "big"}),
+        (IA3Model, {"feedforward_modules": "fc2"}),
     ],
 )
 def test_bad_arguments_raise_a_config_error_naming_them(cls, bad: dict) -> None:

@@ -57,16 +57,17 @@ class BitFitConfig(DeltaConfig):
 class BitFitModel(DeltaBase):
     """A trainable bias on the output of every addressed linear layer or norm.
 
-    No arguments of its own; default positions: the attention projections (``attn.q``, ``attn.k``,
-    ``attn.v``, ``attn.o``), the feed-forward projections (``ffn.up``, ``ffn.gate``,
-    ``ffn.down``) and the layer norms (``norm.attn``, ``norm.ffn``, ``norm.final``) — those of
-    them the backbone's family has.
+    No arguments of its own; default positions: the attention projections (``attn.q/k/v/o``, and
+    ``xattn.q/k/v/o`` in encoder-decoders), the feed-forward projections (``ffn.up``,
+    ``ffn.gate``, ``ffn.down``) and the layer norms (``norm.attn``, ``norm.xattn``, ``norm.ffn``,
+    ``norm.final``) — those of them the backbone's family has.
     """
 
     config_class = BitFitConfig
     delta_type = "bitfit"
     default_modified_modules = (
-        "attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down", "norm.attn", "norm.ffn", "norm.final",
+        "attn.q", "attn.k", "attn.v", "attn.o", "xattn.q", "xattn.k", "xattn.v", "xattn.o",
+        "ffn.up", "ffn.gate", "ffn.down", "norm.attn", "norm.xattn", "norm.ffn", "norm.final",
     )
 
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> BiasLayer:

@@ -19,7 +19,7 @@ from torch import nn
 from opendelta.addressing import find_modules
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import PatternError, UnsupportedModuleError
+from opendelta.errors import DeltaConfigError, PatternError, UnsupportedModuleError
 from opendelta.methods.lora import linear_shape
 from opendelta.routing import DeltaLayer
 from opendelta.runtime_init import Observation
@@ -65,8 +65,9 @@ class IA3Config(DeltaConfig):
 
     def validate(self) -> None:
         if isinstance(self.feedforward_modules, str):
-            raise PatternError(
-                f"feedforward_modules must be a list of names, got the string {self.feedforward_modules!r}"
+            raise DeltaConfigError(
+                f"feedforward_modules must be a list of names, got the string {self.feedforward_modules!r}; "
+                f"write [{self.feedforward_modules!r}]."
             )
         if self.feedforward_modules is not None:
             self.feedforward_modules = list(self.feedforward_modules)
@@ -77,13 +78,13 @@ class IA3Model(DeltaBase):
 
     Arguments: ``feedforward_modules`` — which of the addressed modules get their *input* scaled
     (same syntax as ``modified_modules``; roles with ``common_structure=True``); the others get
-    their output scaled. Default positions: ``attn.k``, ``attn.v`` (outputs) and ``ffn.down``
-    (input); with ``modified_modules`` given and no ``feedforward_modules``, every output is scaled.
+    their output scaled. Default positions: ``attn.k``, ``attn.v``, and in encoder-decoders
+    ``xattn.k``, ``xattn.v`` (outputs), and ``ffn.down`` (input); with ``modified_modules`` given and no ``feedforward_modules``, every output is scaled.
     """
 
     config_class = IA3Config
     delta_type = "ia3"
-    default_modified_modules = ("attn.k", "attn.v", "ffn.down")
+    default_modified_modules = ("attn.k", "attn.v", "xattn.k", "xattn.v", "ffn.down")
 
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> IA3Layer:
         shape = linear_shape(module)
