@@ -79,7 +79,8 @@ class IA3Model(DeltaBase):
     Arguments: ``feedforward_modules`` — which of the addressed modules get their *input* scaled
     (same syntax as ``modified_modules``; roles with ``common_structure=True``); the others get
     their output scaled. Default positions: ``attn.k``, ``attn.v``, and in encoder-decoders
-    ``xattn.k``, ``xattn.v`` (outputs), and ``ffn.down`` (input); with ``modified_modules`` given and no ``feedforward_modules``, every output is scaled.
+    ``xattn.k``, ``xattn.v`` (outputs), and ``ffn.down`` (input); with ``modified_modules``
+    given and no ``feedforward_modules``, every output is scaled.
     """
 
     config_class = IA3Config
