@@ -100,8 +100,7 @@ class DeltaBase:
         """The module paths this method would modify, without touching the model (a dry run)."""
         if config is None:
             config = cls.config_class.from_dict(config_values)
-        if config.modified_modules is None:
-            # a default names every place the method may go; a family lacking some of them skips those
+        if config.modified_modules is None:  # defaults are the method's wish list: whichever this family has
             paths = resolve_roles(backbone_model, cls.default_modified_modules, strict=False)
         elif config.common_structure:
             paths = resolve_roles(backbone_model, config.modified_modules)

@@ -151,10 +151,15 @@ def _classify_layer(layer: nn.Module) -> tuple[dict[str, list[str]], list[str]]:
         other = "xattn" if prefix == "attn" else "attn"
         others = [p for r in (".qkv", ".q", ".k", ".v") for p in roles.get(other + r, [])]
         block = _block(members, ffn_paths + others)
-        if block is None:
-            continue
-        roles[prefix] = [block]
-        outs = [p for p in linears if p.startswith(block + ".") and p not in members and p not in ffn_paths]
+        if block is not None:
+            roles[prefix] = [block]
+            outs = [p for p in linears if p.startswith(block + ".") and p not in members and p not in ffn_paths]
+        else:  # the projections sit directly in the layer: look among their siblings
+            parent = members[0].rpartition(".")[0]
+            outs = [
+                p for p in linears
+                if p.rpartition(".")[0] == parent and p not in members + ffn_paths + others and _by_name(p, "attn.o")
+            ]
         named = [p for p in outs if _by_name(p, "attn.o")]
         if len(named) == 1 or len(outs) == 1:
             roles[prefix + ".o"] = named if len(named) == 1 else outs
