@@ -203,6 +203,14 @@ def test_bitfit_leaves_an_existing_bias_frozen_and_untouched() -> None:
     assert not query.bias.requires_grad and torch.equal(query.bias, original)
 
 
+def test_bitfit_adds_a_bias_after_a_parameter_free_layer_norm() -> None:
+    model = nn.Sequential(nn.LayerNorm(6, elementwise_affine=False))
+    x = torch.randn(2, 6)
+    delta = BitFitModel(model, modified_modules=["0"])
+    perturb(delta)
+    assert torch.allclose(model(x), F.layer_norm(x, (6,)) + delta.layers["0"].bias, atol=1e-6)
+
+
 def test_bitfit_checkpoint_holds_only_the_bias_deltas(tmp_path) -> None:
     model = fresh("llama")
     delta = BitFitModel(model)

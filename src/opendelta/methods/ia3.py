@@ -19,7 +19,7 @@ from torch import nn
 from opendelta.addressing import find_modules
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import DeltaConfigError, PatternError, UnsupportedModuleError
+from opendelta.errors import DeltaConfigError, PatternError, StructureError, UnsupportedModuleError
 from opendelta.methods.lora import linear_shape
 from opendelta.routing import DeltaLayer
 from opendelta.runtime_init import Observation
@@ -112,7 +112,12 @@ class IA3Model(DeltaBase):
 
     def _feedforward_paths(self, names: Sequence[str] | None) -> list[str]:
         if names is None:
-            return resolve_roles(self.backbone_model, ["ffn.down"]) if self.config.modified_modules is None else []
+            if self.config.modified_modules is not None:
+                return []
+            try:  # the defaults skip what a family lacks (Mixtral's experts have no down projection module)
+                return resolve_roles(self.backbone_model, ["ffn.down"])
+            except StructureError:
+                return []
         if self.config.common_structure:
             return resolve_roles(self.backbone_model, names)
         return find_modules(self.backbone_model, names, what="feedforward_modules")
