@@ -211,3 +211,36 @@ def remove_delta(module: nn.Module, name: str) -> DeltaLayer:
     return layer  # type: ignore[return-value]
 
 
+
+
+def _embedding_of(model: nn.Module) -> nn.Module | None:
+    """The module whose output is the first hidden state: the input embeddings."""
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            found = get()
+        except (NotImplementedError, AttributeError):
+            found = None
+        if isinstance(found, nn.Module):
+            return found
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
+def _output_requires_grad(module: nn.Module, args: tuple, output: Any) -> Any:
+    h = first_tensor(output) if not isinstance(output, torch.Tensor) else output
+    if torch.is_grad_enabled() and h.is_floating_point() and not h.requires_grad:
+        h.requires_grad_(True)
+    return output
+
+
+def require_input_grads(model: nn.Module) -> Any:
+    """Make the input embeddings' output require grad (while grad is enabled); return the hook handle.
+
+    With a frozen backbone no tensor entering a block requires grad, so re-entrant gradient
+    checkpointing (``torch.utils.checkpoint(..., use_reentrant=True)``) would return outputs that
+    do not require grad, and the deltas inside would get none. Marking the embedding output fixes
+    that for every method at the cost of input gradients through the first block. Returns None
+    when the model has no input embeddings.
+    """
+    embedding = _embedding_of(model)
+    return None if embedding is None else embedding.register_forward_hook(_output_requires_grad)
