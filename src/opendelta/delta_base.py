@@ -365,24 +365,34 @@ class DeltaBase:
         name: str | None = None,
         dummy_inputs: Any = None,
     ) -> D:
-        """Load a checkpoint written by save_finetuned() onto `backbone_model` and attach it.
+        """Load a checkpoint written by save_finetuned() (or a PEFT LoRA adapter folder) onto
+        `backbone_model` and attach it.
 
         Everything is checked before the backbone is touched: a checkpoint that does not fit
         raises IncompatibleCheckpointError naming the modules and shapes that differ.
         """
-        meta = read_meta(finetuned_delta_path)
-        _, delta_cls = lookup(meta["delta_type"])
+        from opendelta.peft_format import is_peft_folder, read_peft_checkpoint
+
+        device = model_device(backbone_model)
+        device = torch.device("cpu") if device.type == "meta" else device
+        if is_peft_folder(finetuned_delta_path):
+            delta_cls, config, paths, tensors, backbone_names, trained_on = read_peft_checkpoint(
+                finetuned_delta_path, device
+            )
+        else:
+            meta = read_meta(finetuned_delta_path)
+            _, delta_cls = lookup(meta["delta_type"])
+            ckpt = read_checkpoint(finetuned_delta_path, device=device)
+            config = delta_cls.config_class.from_dict(ckpt.meta["config"])
+            paths = list(ckpt.meta.get("modules", {}))
+            tensors, backbone_names = ckpt.tensors, ckpt.meta.get("backbone_tensors", {})
+            trained_on = ckpt.meta.get("backbone", {}).get("class", "?")
         if cls is not DeltaBase and not issubclass(delta_cls, cls):
             raise IncompatibleCheckpointError(
-                f"{finetuned_delta_path} holds a {meta['delta_type']!r} delta; load it with "
+                f"{finetuned_delta_path} holds a {delta_cls.delta_type!r} delta; load it with "
                 f"{delta_cls.__name__}.from_finetuned or AutoDeltaModel.from_finetuned"
             )
-        device = model_device(backbone_model)
-        ckpt = read_checkpoint(finetuned_delta_path, device="cpu" if device.type == "meta" else device)
-        config = delta_cls.config_class.from_dict(ckpt.meta["config"])
-        paths = list(ckpt.meta.get("modules", {}))
         present = {p for p, _ in backbone_modules(backbone_model)}
-        trained_on = ckpt.meta.get("backbone", {}).get("class", "?")
         missing = [p for p in paths if p not in present]
         if missing:
             raise IncompatibleCheckpointError(
@@ -394,7 +404,7 @@ class DeltaBase:
             obj._setup(backbone_model, config, paths, name, dummy_inputs)
         except UnsupportedModuleError as exc:
             raise IncompatibleCheckpointError(f"the checkpoint does not fit this backbone: {exc}") from exc
-        obj._load_tensors(ckpt.tensors, ckpt.meta.get("backbone_tensors", {}), trained_on)
+        obj._load_tensors(tensors, backbone_names, trained_on)
         return obj
 
     def _load_tensors(self, tensors: dict[str, torch.Tensor], backbone_names: dict[str, Any], trained_on: str) -> None:
