@@ -150,6 +150,11 @@ def remove_excluded(
     return [p for p in matched if not any(a in gone for a in _ancestors(p))]
 
 
+def find_modules_in(paths: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The `paths` any of `patterns` address; patterns that match nothing are skipped."""
+    return _match(paths, patterns, "patterns")[0]
+
+
 def match_names(names: Sequence[str], patterns: Sequence[str], what: str) -> list[str]:
     """The `names` (module or parameter paths) that `patterns` address; every pattern must match."""
     matched, unused = _match(names, patterns, what)

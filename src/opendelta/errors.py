@@ -76,3 +76,15 @@ class DistributedSaveError(OpenDeltaError, RuntimeError):
 
 class PeftFormatError(CheckpointError, ValueError):
     """A PEFT adapter folder that opendelta cannot read or a delta that the PEFT format cannot express."""
+
+
+class SelectionError(OpenDeltaError, RuntimeError):
+    """The interactive module selection could not give a result (port taken, cancelled, timed out)."""
+
+
+class SelectionCancelled(SelectionError):
+    """The user cancelled the interactive selection (Cancel on the page, or Ctrl-C)."""
+
+
+class SelectionTimeout(SelectionError, TimeoutError):
+    """No selection was submitted before the timeout."""

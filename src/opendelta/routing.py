@@ -70,10 +70,10 @@ def with_first_tensor(value: Any, tensor: torch.Tensor) -> Any:
     return [tensor, *value[1:]]
 
 
-def _input_name(module: nn.Module) -> str | None:
-    """Name of the first parameter of the module's forward, for inputs passed by keyword."""
+def _input_name(forward: Any) -> str | None:
+    """Name of the first parameter of a module's forward, for inputs passed by keyword."""
     try:
-        params = list(inspect.signature(module.forward).parameters.values())
+        params = list(inspect.signature(forward).parameters.values())
     except (TypeError, ValueError):
         return None
     for p in params:
@@ -86,7 +86,8 @@ class Site:
     """The deltas acting on one module, by route, as names of the module's delta children."""
 
     def __init__(self, module: nn.Module):
-        self.input_name = _input_name(module)
+        self.input_name: str | None = None  # looked up on the first call that passes the input by keyword
+        self._forward = module.forward
         self.before: list[str] = []
         self.parallel: list[str] = []
         self.after: list[str] = []
@@ -99,6 +100,8 @@ class Site:
     def _input(self, args: tuple, kwargs: dict) -> torch.Tensor:
         if args:
             return args[0]
+        if self.input_name is None:
+            self.input_name = _input_name(self._forward)
         if self.input_name is None or self.input_name not in kwargs:
             raise TypeError("the module was called without its input tensor")
         return kwargs[self.input_name]
@@ -113,7 +116,7 @@ class Site:
         h = self._input(args, kwargs)
         for name in self.before:
             h = mods[name].route_input(h)
-        return args, {**kwargs, self.input_name: h}
+        return args, {**kwargs, str(self.input_name): h}
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         mods = module._modules
@@ -210,8 +213,6 @@ def remove_delta(module: nn.Module, name: str) -> DeltaLayer:
         if site.empty:
             del module.__dict__[_SITE_ATTR]
     return layer  # type: ignore[return-value]
-
-
 
 
 def _embedding_of(model: nn.Module) -> nn.Module | None:

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from opendelta.addressing import backbone_modules, find_modules
+from opendelta.addressing import backbone_modules, find_modules_in
 from opendelta.errors import StructureError
 
 ROLES: dict[str, str] = {
@@ -93,12 +93,13 @@ def resolve_roles(model: nn.Module, roles: Sequence[str]) -> list[str]:
             f"no common-structure mapping for model type {kind!r} ({type(model).__name__}); "
             "name the modules instead, e.g. modified_modules=['q_proj', 'v_proj']."
         )
+    paths = [path for path, _ in backbone_modules(model)]
     found: set[str] = set()
     for role in roles:
-        paths = find_modules(model, table.get(role, ()), strict=False) if role in table else []
-        if not paths:
+        hits = find_modules_in(paths, table.get(role, ()))
+        if not hits:
             raise StructureError(
                 f"role {role!r} ({ROLES[role]}) is not found in this {kind} model; name the modules instead."
             )
-        found.update(paths)
-    return [path for path, _ in backbone_modules(model) if path in found]
+        found.update(hits)
+    return [path for path in paths if path in found]

@@ -71,7 +71,8 @@ class LoraLayer(DeltaLayer):
         factory = {"dtype": weight.dtype, "device": weight.device}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if weight.device.type != "meta":  # a skeleton has no values to initialise
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""The demos behind ``opendelta demo``: real pretrained models, real data, shipped by pip packages."""

@@ -1,0 +1,280 @@
+"""A local web page to pick the modules a delta goes on by clicking the collapsed model tree.
+
+The server listens on 127.0.0.1 only, and every request must carry the per-session token that is
+in the printed URL (else 403). It serves one static page, the tree (``bigmodelvis`` to_dict), and
+answers selections with the exact patterns they compress to; Submit hands them to the waiting
+``select_modules`` call and stops the server.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import threading
+import time
+import webbrowser
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from torch import nn
+
+from bigmodelvis import Visualization
+from opendelta.addressing import find_modules
+from opendelta.errors import NoMatchError, SelectionCancelled, SelectionError, SelectionTimeout
+from opendelta.interactive.patterns import SelectionCompressor
+
+PAGE = Path(__file__).with_name("page.html")
+MAX_BODY = 16 * 1024 * 1024
+_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+}
+
+
+def select_modules(
+    model: nn.Module,
+    port: int | None = None,
+    timeout: float | None = 600.0,
+    open_browser: bool = True,
+    on_ready: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Let the user pick modules of `model` on a local web page; return the submitted patterns.
+
+    The page is served on 127.0.0.1 at `port` (a free one when None), its URL (with a secret
+    token) is printed, handed to `on_ready`, and opened in a browser when `open_browser` and one
+    is registered. Returns the patterns that address exactly the clicked modules
+    (``find_modules(model, result)`` gives them back). Raises SelectionTimeout after `timeout`
+    seconds (None waits forever), SelectionCancelled on the page's Cancel or Ctrl-C, and
+    SelectionError when the port cannot be used.
+    """
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+        raise SelectionError(f"port must be an integer in 0..65535 or None (a free port), got {port!r}.")
+    if timeout is not None and not timeout > 0:
+        raise SelectionError(f"timeout must be a positive number of seconds or None, got {timeout!r}.")
+    session = _Session(model)
+    try:
+        server = _Server(("127.0.0.1", port or 0), session)
+    except OSError as exc:
+        raise SelectionError(
+            f"Cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}. "
+            "Pass another port, or None to let the system pick a free one."
+        ) from None
+    url = f"http://127.0.0.1:{server.server_address[1]}/?token={session.token}"
+    thread = threading.Thread(target=server.serve_forever, name="opendelta-select", daemon=True)
+    thread.start()
+    try:
+        print(f"Select modules at {url}  (Ctrl-C to cancel)", file=sys.stderr, flush=True)
+        if on_ready is not None:
+            on_ready(url)
+        if open_browser:
+            _open_in_browser(url)
+        finished = _wait(session.done, timeout)
+    except KeyboardInterrupt:
+        raise SelectionCancelled("Module selection interrupted (Ctrl-C); no modules were selected.") from None
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    if not finished:
+        raise SelectionTimeout(
+            f"No modules were submitted within {timeout:g} s, so the selection page was closed. "
+            "Call again with a larger timeout (or timeout=None to wait without limit)."
+        )
+    if session.result is None:
+        raise SelectionCancelled("Module selection was cancelled on the page; no modules were selected.")
+    return session.result
+
+
+def _wait(event: threading.Event, timeout: float | None) -> bool:
+    """Wait for `event` in short slices, so Ctrl-C is noticed promptly on every platform."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        remaining = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
+        if remaining <= 0:
+            return event.is_set()
+        if event.wait(remaining):
+            return True
+
+
+def _open_in_browser(url: str) -> None:
+    """Open `url` in a graphical browser if one is registered; console browsers would take the terminal."""
+    try:
+        browser = webbrowser.get()
+    except webbrowser.Error:
+        return
+    if isinstance(browser, webbrowser.GenericBrowser) and not isinstance(browser, webbrowser.BackgroundBrowser):
+        return
+    try:
+        browser.open(url)
+    except Exception:  # a broken browser setup must not break the selection: the URL is printed
+        pass
+
+
+class _Session:
+    """What one selection needs: the model, its tree and path index, the token, and the outcome."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.token = secrets.token_urlsafe(24)
+        self.compressor = SelectionCompressor.for_model(model)
+        self.page = PAGE.read_bytes()
+        self.tree = json.dumps(_tree(model)).encode()
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.claimed = False
+        self.result: list[str] | None = None
+
+    def answer(self, body: Any) -> dict[str, Any]:
+        """The compressed patterns of a posted selection; raises ValueError with the reason."""
+        if not isinstance(body, dict) or not isinstance(body.get("paths"), list):
+            raise ValueError('Send a JSON object {"paths": [module paths]}.')
+        try:
+            patterns = self.compressor.compress(body["paths"])
+        except NoMatchError as exc:
+            raise ValueError(str(exc)) from None
+        count = len(set(body["paths"]))
+        return {"patterns": patterns, "count": count, "python": f"modified_modules={python_list(patterns)}"}
+
+    def submit(self, body: Any) -> dict[str, Any]:
+        answer = self.answer(body)
+        if not answer["patterns"]:
+            raise ValueError("Select at least one module before submitting.")
+        # re-check through the public matcher the delta will use
+        if set(find_modules(self.model, answer["patterns"])) != set(body["paths"]):
+            raise ValueError(f"The patterns {answer['patterns']} do not address exactly the selection; please report this.")
+        self._claim(answer["patterns"])
+        return answer
+
+    def cancel(self, body: Any) -> dict[str, Any]:
+        self._claim(None)
+        return {}
+
+    def _claim(self, result: list[str] | None) -> None:
+        """Record the outcome once; the handler sets ``done`` after answering, so the page hears back."""
+        with self.lock:
+            if self.claimed:
+                raise RuntimeError("This selection is already finished.")
+            self.claimed = True
+            self.result = result
+
+
+def python_list(patterns: list[str]) -> str:
+    """`patterns` as Python source, with raw strings for regexes so they read as typed."""
+    items = []
+    for p in patterns:
+        raw = "\\" in p and '"' not in p and not p.endswith("\\")
+        items.append(f'r"{p}"' if raw else repr(p))
+    return "[" + ", ".join(items) + "]"
+
+
+def _tree(model: nn.Module) -> dict[str, Any]:
+    """The collapsed tree with every module (delta layers left out), trimmed to what the page shows."""
+
+    def trim(node: dict[str, Any]) -> dict[str, Any]:
+        children = [trim(c) for c in node["children"] if not c["is_delta"]]
+        return {"name": node["name"], "class": node["class"], "paths": node["paths"], "numel": node["numel"],
+                "children": children}
+
+    return trim(Visualization(model, keep_non_params=True).to_dict())
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], session: _Session):
+        self.session = session
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A browser dropping a connection is not worth a traceback on the user's terminal."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "opendelta-select"
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: the terminal shows only the URL and the result."""
+
+    def do_GET(self) -> None:
+        route = self._route()
+        if route == "/":
+            self._send(HTTPStatus.OK, self.server.session.page, "text/html; charset=utf-8")
+        elif route == "/tree":
+            self._send(HTTPStatus.OK, self.server.session.tree, "application/json")
+        elif route is not None:
+            self._error(HTTPStatus.NOT_FOUND, f"No page {route!r} here.")
+
+    def do_POST(self) -> None:
+        route = self._route()
+        if route is None:
+            return
+        session = self.server.session
+        actions = {"/compress": session.answer, "/submit": session.submit, "/cancel": session.cancel}
+        if route not in actions:
+            self._error(HTTPStatus.NOT_FOUND, f"No action {route!r} here.")
+            return
+        body = self._json_body()
+        if body is None:
+            return
+        try:
+            answer = actions[route](body)
+        except ValueError as exc:
+            self._error(HTTPStatus.BAD_REQUEST, str(exc))
+            return
+        except RuntimeError as exc:
+            self._error(HTTPStatus.CONFLICT, str(exc))
+            return
+        try:
+            self._send(HTTPStatus.OK, json.dumps(answer).encode(), "application/json")
+        finally:
+            if route != "/compress":
+                session.done.set()
+
+    def _route(self) -> str | None:
+        """The request path if the token is right; else answer 403 and return None."""
+        url = urlsplit(self.path)
+        given = parse_qs(url.query).get("token", [""])[0]
+        if not secrets.compare_digest(given.encode(), self.server.session.token.encode()):
+            self._error(HTTPStatus.FORBIDDEN, "Missing or wrong token: open the exact URL that was printed.")
+            return None
+        return url.path
+
+    def _json_body(self) -> Any:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._error(HTTPStatus.LENGTH_REQUIRED, "Send a Content-Length header.")
+            return None
+        if not 0 <= length <= MAX_BODY:
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"The body must be at most {MAX_BODY} bytes.")
+            return None
+        try:
+            return json.loads(self.rfile.read(length) or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self._error(HTTPStatus.BAD_REQUEST, f"The body is not valid JSON: {exc}.")
+            return None
+
+    def _error(self, status: HTTPStatus, message: str) -> None:
+        self._send(status, json.dumps({"error": message}).encode(), "application/json")
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in _HEADERS.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)

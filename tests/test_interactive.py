@@ -1,0 +1,295 @@
+"""The interactive selector: a token-guarded local server, and the page driven in real headless Chromium."""
+
+from __future__ import annotations
+
+import _thread
+import json
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from torch import nn
+
+from conftest import tiny_bert
+from opendelta import LoraModel, SelectionCancelled, SelectionError, SelectionTimeout, find_modules
+from opendelta.interactive import select_modules
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:
+    sync_playwright = None
+
+needs_browser = pytest.mark.skipif(
+    sync_playwright is None or not CHROMIUM.exists(),
+    reason="browser tests need the playwright pip package and /usr/bin/chromium (apt-get install chromium)",
+)
+
+
+class Selection:
+    """``select_modules`` blocking in a worker thread, as it blocks a user's script."""
+
+    def __init__(self, model: nn.Module, **kwargs):
+        self.url = ""
+        self.result: list[str] | None = None
+        self.error: BaseException | None = None
+        ready = threading.Event()
+
+        def on_ready(url: str) -> None:
+            self.url = url
+            ready.set()
+
+        def target() -> None:
+            try:
+                self.result = select_modules(model, open_browser=False, on_ready=on_ready, timeout=60, **kwargs)
+            except BaseException as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+        assert ready.wait(30), "the server never became ready"
+
+    def call(self, path: str, body: object | None = None, token: str | None = None) -> tuple[int, dict]:
+        """(status, JSON answer) of a GET (no body) or POST to the server."""
+        return call(self.url, path, body, token)
+
+    def outcome(self) -> list[str]:
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def call(url: str, path: str, body: object | None = None, token: str | None = None) -> tuple[int, dict]:
+    parts = urlsplit(url)
+    given = parse_qs(parts.query)["token"][0] if token is None else token
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(f"http://{parts.netloc}{path}?token={given}", data=data, method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    return status, (json.loads(raw) if raw.startswith(b"{") else {"html": raw.decode()})
+
+
+# ----------------------------------------------------------------------- server
+
+
+def test_the_url_is_on_localhost_and_carries_a_secret_token():
+    selection = Selection(tiny_bert())
+    url = urlsplit(selection.url)
+    assert url.hostname == "127.0.0.1"
+    assert len(parse_qs(url.query)["token"][0]) >= 32
+    selection.call("/cancel", {})
+    with pytest.raises(SelectionCancelled):
+        selection.outcome()
+
+
+def test_requests_without_the_right_token_are_forbidden():
+    selection = Selection(tiny_bert())
+    assert selection.call("/", token="")[0] == 403
+    assert selection.call("/tree", token="wrong")[0] == 403
+    assert selection.call("/submit", {"paths": ["pooler.dense"]}, token="")[0] == 403
+    assert selection.call("/")[0] == 200
+    selection.call("/cancel", {})
+    with pytest.raises(SelectionCancelled):
+        selection.outcome()
+
+
+def test_submitting_an_unknown_module_is_a_bad_request_naming_it():
+    selection = Selection(tiny_bert())
+    status, answer = selection.call("/submit", {"paths": ["pooler.dense", "encoder.nope"]})
+    assert status == 400
+    assert "'encoder.nope'" in answer["error"]
+    assert selection.call("/submit", {"paths": ["pooler.dense"]})[0] == 200
+    assert selection.outcome() == ["pooler.dense"]
+
+
+def test_submitting_nothing_is_a_bad_request():
+    selection = Selection(tiny_bert())
+    status, answer = selection.call("/submit", {"paths": []})
+    assert (status, answer["error"]) == (400, "Select at least one module before submitting.")
+    status, answer = selection.call("/submit", b"not json")
+    assert status == 400 and "not valid JSON" in answer["error"]
+    selection.call("/cancel", {})
+    with pytest.raises(SelectionCancelled):
+        selection.outcome()
+
+
+def test_the_live_answer_is_the_exact_compressed_list():
+    selection = Selection(tiny_bert())
+    paths = ["encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query"]
+    status, answer = selection.call("/compress", {"paths": paths})
+    assert (status, answer) == (200, {"patterns": ["query"], "count": 2, "python": "modified_modules=['query']"})
+    selection.call("/cancel", {})
+    with pytest.raises(SelectionCancelled):
+        selection.outcome()
+
+
+def test_no_submission_before_the_timeout_raises_selection_timeout_and_frees_the_port():
+    ports = []
+    with pytest.raises(SelectionTimeout, match="within 0.3 s"):
+        select_modules(tiny_bert(), timeout=0.3, open_browser=False, on_ready=lambda url: ports.append(urlsplit(url).port))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", ports[0]))
+
+
+def test_ctrl_c_raises_selection_cancelled():
+    def interrupt_soon(url: str) -> None:
+        threading.Timer(0.2, _thread.interrupt_main).start()
+
+    with pytest.raises(SelectionCancelled, match="Ctrl-C"):
+        select_modules(tiny_bert(), timeout=30, open_browser=False, on_ready=interrupt_soon)
+
+
+def test_a_busy_port_raises_selection_error_naming_it():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SelectionError, match=f"127.0.0.1:{port}"):
+            select_modules(tiny_bert(), port=port, open_browser=False)
+
+
+def test_interactive_modify_puts_the_delta_on_the_submitted_modules(capsys):
+    model = tiny_bert()
+    built = {}
+    worker = threading.Thread(target=lambda: built.setdefault("delta", LoraModel(model, interactive_modify=True)))
+    worker.start()
+    url = ""
+    for _ in range(300):  # the URL is printed on stderr
+        match = re.search(r"http://127\.0\.0\.1:\d+/\?token=\S+", capsys.readouterr().err)
+        if match:
+            url = match.group(0)
+            break
+        time.sleep(0.05)
+    paths = ["encoder.layer.0.attention.self.key", "encoder.layer.1.attention.self.key"]
+    assert call(url, "/submit", {"paths": paths})[0] == 200
+    worker.join(30)
+    assert sorted(built["delta"].layers) == paths
+
+
+# ----------------------------------------------------------------------- page in Chromium
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert errors == []
+
+
+def expand(page, *nodes: str) -> None:
+    for node in nodes:
+        page.locator(f'[data-node="{node}"] .twisty').click()
+
+
+@needs_browser
+def test_clicking_modules_and_a_group_returns_exact_patterns(page):
+    model = tiny_bert()
+    selection = Selection(model)
+    page.goto(selection.url)
+    expand(page, "encoder", "encoder.layer.0", "encoder.layer.0.attention", "encoder.layer.0.attention.self",
+           "encoder.layer.0.output")
+    page.locator('[data-node="encoder.layer.0.attention.self.query"] .unfold').click()
+    page.locator('[data-path="encoder.layer.0.attention.self.query"] input').check()
+    page.locator('[data-path="encoder.layer.1.attention.self.value"] input').check()
+    page.locator('[data-node="encoder.layer.0.output.dense"] input').check()  # the group "dense" of both layers
+    expected = [
+        "encoder.layer.0.attention.self.query",
+        r"[r]encoder\.layer\.[01]\.output\.dense",
+        "encoder.layer.1.attention.self.value",
+    ]
+    expect(page.locator("#patterns li")).to_have_text(expected)
+    page.locator("#submit").click()
+    expect(page.locator(".done h2")).to_have_text("Submitted 4 modules")
+    assert selection.outcome() == expected
+    assert find_modules(model, expected) == [
+        "encoder.layer.0.attention.self.query",
+        "encoder.layer.0.output.dense",
+        "encoder.layer.1.attention.self.value",
+        "encoder.layer.1.output.dense",
+    ]
+
+
+@needs_browser
+def test_clicking_a_selected_line_again_unselects_it(page):
+    selection = Selection(tiny_bert())
+    page.goto(selection.url)
+    expand(page, "pooler")
+    box = page.locator('[data-node="pooler.dense"] input')
+    box.check()
+    expect(page.locator("#patterns li")).to_have_text(["pooler.dense"])
+    box.uncheck()
+    expect(page.locator("#patterns li")).to_have_count(0)
+    expect(page.locator("#submit")).to_be_disabled()
+    page.locator("#cancel").click()
+    expect(page.locator(".done h2")).to_have_text("Selection cancelled")
+    with pytest.raises(SelectionCancelled):
+        selection.outcome()
+
+
+class Hostile(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_module('<img src=x onerror="pwned=1">', nn.Linear(2, 2))
+
+
+@needs_browser
+def test_module_names_are_shown_as_text_never_as_markup(page):
+    selection = Selection(Hostile())
+    page.goto(selection.url)
+    name = '<img src=x onerror="pwned=1">'
+    expect(page.locator("#tree .name")).to_have_text([name])
+    assert page.locator("#tree img").count() == 0
+    assert page.evaluate("window.pwned") is None
+    page.locator("#tree input").check()
+    page.locator("#submit").click()
+    expect(page.locator(".done h2")).to_have_text("Submitted 1 module")
+    assert selection.outcome() == [name]
+
+
+class Wide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(1, 1) for _ in range(1000))
+
+
+@needs_browser
+def test_a_thousand_module_group_shows_one_line_and_unfolds_in_pages(page):
+    selection = Selection(Wide())
+    page.goto(selection.url)
+    expect(page.locator("#tree .row")).to_have_count(1)
+    page.locator('[data-node="blocks.0"] .unfold').click()
+    expect(page.locator("#tree .member")).to_have_count(200)
+    page.get_by_text("show 200 more of 800").click()
+    expect(page.locator("#tree .member")).to_have_count(400)
+    page.locator('[data-node="blocks.0"] input').first.check()
+    expect(page.locator("#count")).to_have_text("1000 modules selected, 1 pattern")
+    page.locator("#submit").click()
+    expect(page.locator(".done h2")).to_have_text("Submitted 1000 modules")
+    assert selection.outcome() == [r"[r]blocks\.(?:[0-9]|[1-9][0-9]|[1-9][0-9]{2})"]
