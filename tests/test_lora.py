@@ -52,9 +52,7 @@ DEFAULT_POSITIONS = {
         "encoder.block.{i}.layer.0.SelfAttention.v",
         "decoder.block.{i}.layer.0.SelfAttention.q",
         "decoder.block.{i}.layer.0.SelfAttention.v",
-        "decoder.block.{i}.layer.1.EncDecAttention.q",
-        "decoder.block.{i}.layer.1.EncDecAttention.v",
-    ],
+    ],  # self-attention only: cross-attention is the role xattn.q / xattn.v
     "llama": ["model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.v_proj"],
 }
 

@@ -104,8 +104,8 @@ class DeltaBase:
         """The module paths this method would modify, without touching the model (a dry run)."""
         if config is None:
             config = cls.config_class.from_dict(config_values)
-        if config.modified_modules is None:
-            paths = resolve_roles(backbone_model, cls.default_modified_modules)
+        if config.modified_modules is None:  # defaults are the method's wish list: whichever this family has
+            paths = resolve_roles(backbone_model, cls.default_modified_modules, strict=False)
         elif config.common_structure:
             paths = resolve_roles(backbone_model, config.modified_modules)
         else:
@@ -120,8 +120,14 @@ class DeltaBase:
     ) -> None:
         """Build every delta layer without touching the backbone."""
         modules = dict(backbone.named_modules())
+        for path in paths:
+            if isinstance(modules[path], nn.Sequential):  # its forward would run the delta layer as a stage
+                raise UnsupportedModuleError(
+                    f"{path!r} is an nn.Sequential, which runs every child module in turn, so a delta layer cannot "
+                    "live inside it; address the module that contains it, or the modules inside it, instead."
+                )
         observations: dict[str, Observation] = (
-            observe(backbone, paths, dummy_inputs) if self.needs_runtime_init else {}
+            self.runtime_observe(backbone, paths, dummy_inputs) if self.needs_runtime_init else {}
         )
         self.backbone_model = backbone
         self.config = config
@@ -136,6 +142,10 @@ class DeltaBase:
         self._input_grad_handle: Any = None
         self._originals: dict[str, torch.Tensor] = {}  # backbone tensors this delta trains: values before
         self._tuned: dict[str, torch.Tensor] = {}  # ... and their tuned values while detached
+
+    def runtime_observe(self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any) -> dict[str, Observation]:
+        """What new_layer learns from the dummy pass; a method that needs more than shapes overrides this."""
+        return observe(backbone, paths, dummy_inputs)
 
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> DeltaLayer:
         """The delta layer for the module at `path`; raise UnsupportedModuleError if it cannot act there."""
@@ -392,7 +402,7 @@ class DeltaBase:
                 f"{finetuned_delta_path} holds a {delta_cls.delta_type!r} delta; load it with "
                 f"{delta_cls.__name__}.from_finetuned or AutoDeltaModel.from_finetuned"
             )
-        present = {p for p, _ in backbone_modules(backbone_model)}
+        present = {"", *(p for p, _ in backbone_modules(backbone_model))}  # "" is the root
         missing = [p for p in paths if p not in present]
         if missing:
             raise IncompatibleCheckpointError(

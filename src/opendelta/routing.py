@@ -40,6 +40,18 @@ class DeltaLayer(nn.Module):
     def route_input(self, h: torch.Tensor) -> torch.Tensor:
         return h + self(h)
 
+    def route_call(self, args: tuple, kwargs: dict, input_name: str | None) -> tuple[tuple, dict]:
+        """A *before* delta's view of the whole call: it receives and returns ``(args, kwargs)``.
+
+        By default it routes the first input through :meth:`route_input`. Methods that need more
+        than the hidden state (an attention mask, a KV cache, labels) override this instead.
+        """
+        if args:
+            return (self.route_input(args[0]), *args[1:]), kwargs
+        if input_name is None or input_name not in kwargs:
+            raise TypeError("the module was called without its input tensor")
+        return args, {**kwargs, input_name: self.route_input(kwargs[input_name])}
+
     def route_output(self, h: torch.Tensor) -> torch.Tensor:
         return h + self(h)
 
@@ -82,6 +94,22 @@ def _input_name(forward: Any) -> str | None:
     return None
 
 
+def positional_names(module: nn.Module) -> tuple[str, ...]:
+    """Names of the parameters of the module's forward that can be passed positionally, in order."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def as_keywords(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    """Every argument of one call by keyword (`names` from :func:`positional_names`), for route_call."""
+    if len(args) > len(names):
+        raise TypeError(f"the module was called with {len(args)} positional arguments; its forward names {len(names)}")
+    return {**dict(zip(names, args)), **kwargs}
+
+
 class Site:
     """The deltas acting on one module, by route, as names of the module's delta children."""
 
@@ -108,15 +136,11 @@ class Site:
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         mods = module._modules
-        if args:
-            h = args[0]
-            for name in self.before:
-                h = mods[name].route_input(h)
-            return (h, *args[1:]), kwargs
-        h = self._input(args, kwargs)
+        if not args and self.input_name is None:
+            self.input_name = _input_name(self._forward)
         for name in self.before:
-            h = mods[name].route_input(h)
-        return args, {**kwargs, str(self.input_name): h}
+            args, kwargs = mods[name].route_call(args, kwargs, self.input_name)
+        return args, kwargs
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         mods = module._modules
@@ -229,7 +253,7 @@ def _embedding_of(model: nn.Module) -> nn.Module | None:
 
 
 def _output_requires_grad(flags: list[nn.Module], module: nn.Module, args: tuple, output: Any) -> Any:
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return output
     if flags and not any(m.gradient_checkpointing for m in flags):
         return output

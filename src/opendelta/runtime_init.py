@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ class Observation:
     output_shape: tuple[int, ...] | None
     dtype: torch.dtype
     device: torch.device
+    input_dtype: torch.dtype | None = None
 
     @property
     def in_features(self) -> int:
@@ -54,6 +55,10 @@ def _forward_params(model: nn.Module) -> Mapping[str, inspect.Parameter]:
         return {}
 
 
+#: the inputs that carry a modality; synthesize_inputs makes one of each the forward takes
+MODALITY_INPUTS = ("input_ids", "pixel_values", "input_features", "input_values")
+
+
 def synthesize_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     """A tiny valid input for a transformers-style model, from its forward signature and config."""
     params = _forward_params(model)
@@ -71,40 +76,51 @@ def synthesize_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
         return default
 
     inputs: dict[str, torch.Tensor] = {}
+    # every modality the forward takes: a dual encoder (CLIP) needs text and pixels at once
     if "input_ids" in params:
-        vocab = get("vocab_size", default=8)
-        inputs["input_ids"] = torch.arange(4, device=device).remainder(max(vocab, 1)).unsqueeze(0)
-    elif "pixel_values" in params:
+        inputs["input_ids"] = _token_ids(get("vocab_size", default=8), device)
+    if "pixel_values" in params:
         size, channels = get("image_size", default=224), get("num_channels", default=3)
         inputs["pixel_values"] = torch.zeros(1, channels, size, size, device=device)
-    elif "input_features" in params:
+    if "input_features" in params:
         mels = get("num_mel_bins", default=80)
         frames = 2 * get("max_source_positions", default=1500)
         inputs["input_features"] = torch.zeros(1, mels, frames, device=device)
-    elif "input_values" in params:
+    if "input_values" in params:
         inputs["input_values"] = torch.zeros(1, 4000, device=device)
-    else:
+    if not inputs:
         raise RuntimeInitError(
-            f"cannot make a dummy input for {type(model).__name__}: its forward takes none of input_ids, "
-            "pixel_values, input_features, input_values. Pass dummy_inputs={...} (a dict of keyword "
+            f"cannot make a dummy input for {type(model).__name__}: its forward takes none of "
+            f"{', '.join(MODALITY_INPUTS)}. Pass dummy_inputs={{...}} (a dict of keyword "
             "arguments, or a tuple of positional ones) to the delta model."
         )
-    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params and "input_ids" in inputs:
-        inputs["decoder_input_ids"] = inputs["input_ids"]
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        inputs["decoder_input_ids"] = inputs.get("input_ids", _token_ids(get("vocab_size", default=8), device))
     return inputs
+
+
+def _token_ids(vocab: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(4, device=device).remainder(max(vocab, 1)).unsqueeze(0)
 
 
 def default_dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     """The backbone's own ``dummy_inputs`` when they fit its forward, else synthesised ones."""
     own = getattr(model, "dummy_inputs", None)
     params = _forward_params(model)
-    if isinstance(own, Mapping) and own and all(k in params for k in own):
+    try:
+        made: dict[str, torch.Tensor] | None = synthesize_inputs(model)
+    except RuntimeInitError:
+        made = None
+    fits = isinstance(own, Mapping) and own and all(k in params for k in own)
+    if fits and made is not None and any(k not in own for k in made if k in MODALITY_INPUTS):
+        fits = False  # e.g. CLIP's own dummy holds text only, but its forward needs pixels too
+    if fits:
         device = model_device(model)
         own = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in own.items()}
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "decoder_input_ids" in params:
             own.setdefault("decoder_input_ids", own.get("input_ids"))
         return dict(own)
-    return synthesize_inputs(model)
+    return made if made is not None else synthesize_inputs(model)
 
 
 class _MetaScalars(TorchDispatchMode):
@@ -129,8 +145,18 @@ def _call(model: nn.Module, inputs: Any) -> None:
         model(inputs)
 
 
-def observe(model: nn.Module, paths: Sequence[str], dummy_inputs: Any = None) -> dict[str, Observation]:
-    """Run one dummy forward (no grad) and record what flowed through each module in `paths`."""
+def observe(
+    model: nn.Module,
+    paths: Sequence[str],
+    dummy_inputs: Any = None,
+    *,
+    pre_hooks: Mapping[str, Callable[[nn.Module, tuple, dict], Any]] | None = None,
+) -> dict[str, Observation]:
+    """Run one dummy forward (no grad) and record what flowed through each module in `paths`.
+
+    `pre_hooks` (path -> forward pre-hook with kwargs) run on their modules during that one pass,
+    for methods that must measure what only appears inside a module's call (e.g. key/value shapes).
+    """
     modules = dict(model.named_modules())
     seen: dict[str, Observation] = {}
     handles = []
@@ -152,12 +178,15 @@ def observe(model: nn.Module, paths: Sequence[str], dummy_inputs: Any = None) ->
                 output_shape=tuple(h_out.shape) if isinstance(h_out, torch.Tensor) else None,
                 dtype=ref.dtype if ref is not None else torch.float32,
                 device=ref.device if ref is not None else model_device(model),
+                input_dtype=h_in.dtype if h_in is not None else None,
             )
 
         return hook
 
     for path in paths:
         handles.append(modules[path].register_forward_hook(recorder(path), with_kwargs=True))
+    for path, pre_hook in (pre_hooks or {}).items():
+        handles.append(modules[path].register_forward_pre_hook(pre_hook, with_kwargs=True))
     try:
         inputs = default_dummy_inputs(model) if dummy_inputs is None else dummy_inputs
         on_meta = model_device(model).type == "meta"

@@ -1,5 +1,32 @@
 """The delta methods; importing this package registers each one's delta_type."""
 
+from opendelta.methods.adapter import AdapterConfig, AdapterModel
+from opendelta.methods.bitfit import BitFitConfig, BitFitModel
+from opendelta.methods.compacter import CompacterConfig, CompacterModel
+from opendelta.methods.ia3 import IA3Config, IA3Model
 from opendelta.methods.lora import LoraConfig, LoraModel
+from opendelta.methods.low_rank_adapter import LowRankAdapterConfig, LowRankAdapterModel
+from opendelta.methods.parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
+from opendelta.methods.prefix import PrefixConfig, PrefixModel
+from opendelta.methods.soft_prompt import SoftPromptConfig, SoftPromptModel
 
-__all__ = ["LoraConfig", "LoraModel"]
+__all__ = [
+    "AdapterConfig",
+    "AdapterModel",
+    "BitFitConfig",
+    "BitFitModel",
+    "CompacterConfig",
+    "CompacterModel",
+    "IA3Config",
+    "IA3Model",
+    "LoraConfig",
+    "LoraModel",
+    "LowRankAdapterConfig",
+    "LowRankAdapterModel",
+    "ParallelAdapterConfig",
+    "ParallelAdapterModel",
+    "PrefixConfig",
+    "PrefixModel",
+    "SoftPromptConfig",
+    "SoftPromptModel",
+]

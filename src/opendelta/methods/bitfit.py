@@ -1,0 +1,80 @@
+"""BitFit (Ben Zaken et al., 2022): train only bias terms, ``h_out += b``.
+
+Every addressed module gets its own zero-initialised bias delta, whether or not it has a bias
+of its own (T5 and LLaMA projections and norms have none); an existing bias stays frozen and
+untouched, so detaching is exact and a checkpoint holds only the bias deltas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from opendelta.config import DeltaConfig
+from opendelta.delta_base import DeltaBase
+from opendelta.errors import UnsupportedModuleError
+from opendelta.methods.lora import linear_shape
+from opendelta.routing import DeltaLayer
+from opendelta.runtime_init import Observation
+
+
+# torch's channel-first norms scale dim 1, not the last dim a broadcast bias would shift
+_CHANNEL_FIRST = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+
+
+def output_features(module: nn.Module) -> tuple[int, torch.Tensor] | None:
+    """(output size, a tensor whose dtype and device the delta takes) of a linear map or of a norm
+    over the last dimension (a module with a 1-D weight), else None."""
+    shape = linear_shape(module)
+    if shape is not None:
+        return shape[1], module.weight
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1 and not isinstance(module, _CHANNEL_FIRST):
+        return weight.shape[0], weight
+    return None
+
+
+class BiasLayer(DeltaLayer):
+    """m(h) = b, broadcast over the last dimension; b starts at zero."""
+
+    route = "after"
+
+    def __init__(self, features: int, like: torch.Tensor):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(features, dtype=like.dtype, device=like.device))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.bias
+
+
+@dataclass
+class BitFitConfig(DeltaConfig):
+    """BitFit takes only the arguments every method takes."""
+
+
+class BitFitModel(DeltaBase):
+    """A trainable bias on the output of every addressed linear layer or norm.
+
+    No arguments of its own; default positions: the attention projections (``attn.q/k/v/o``, and
+    ``xattn.q/k/v/o`` in encoder-decoders), the feed-forward projections (``ffn.up``,
+    ``ffn.gate``, ``ffn.down``) and the layer norms (``norm.attn``, ``norm.xattn``, ``norm.ffn``,
+    ``norm.final``) — those of them the backbone's family has.
+    """
+
+    config_class = BitFitConfig
+    delta_type = "bitfit"
+    default_modified_modules = (
+        "attn.q", "attn.k", "attn.v", "attn.o", "xattn.q", "xattn.k", "xattn.v", "xattn.o",
+        "ffn.up", "ffn.gate", "ffn.down", "norm.attn", "norm.xattn", "norm.ffn", "norm.final",
+    )
+
+    def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> BiasLayer:
+        found = output_features(module)
+        if found is None:
+            raise UnsupportedModuleError(
+                f"BitFit needs a linear layer (nn.Linear or Conv1D) or a norm with a 1-D weight, but {path!r} is a "
+                f"{type(module).__name__}; address the projections and norms inside it instead."
+            )
+        return BiasLayer(*found)

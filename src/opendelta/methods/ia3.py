@@ -1,0 +1,118 @@
+"""(IA)^3 (Liu et al., 2022): learned vectors that rescale activations elementwise, ``h <- l * h``.
+
+As in the paper, the vectors rescale the attention keys and values (the outputs of the key and
+value projections) and the feed-forward intermediate activation, which is the *input* of the
+feed-forward down projection (after the non-linearity, and after the gate in gated FFNs). Each
+vector starts at one, so a fresh (IA)^3 changes nothing. Because ``l * (h W^T) = h (diag(l) W)^T``
+and ``(l * h) W^T = h (W diag(l))^T``, a trained vector can be folded into the projection's
+weight: :meth:`IA3Layer.scaled_weight` gives that weight for a later merge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from opendelta.addressing import find_modules
+from opendelta.config import DeltaConfig
+from opendelta.delta_base import DeltaBase
+from opendelta.errors import DeltaConfigError, PatternError, UnsupportedModuleError
+from opendelta.methods.lora import linear_shape
+from opendelta.routing import DeltaLayer
+from opendelta.runtime_init import Observation
+from opendelta.structure import resolve_roles
+
+
+class IA3Layer(DeltaLayer):
+    """Rescales a module's output: ``h_out * l``; the additive delta is ``m(h) = (l - 1) * h``."""
+
+    route = "after"
+
+    def __init__(self, features: int, weight: torch.Tensor):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(features, dtype=weight.dtype, device=weight.device))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return (self.scale - 1) * h
+
+    def route_output(self, h: torch.Tensor) -> torch.Tensor:
+        # multiplying is exact where h + (l - 1) * h is not, and a vector of ones gives h back bit for bit
+        return h * self.scale
+
+    def scaled_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight (out, in) of a linear map that computes what this delta and the map compute together."""
+        return weight * self.scale.unsqueeze(1)
+
+
+class IA3InputLayer(IA3Layer):
+    """Rescales a module's input: ``h_in * l``."""
+
+    route = "before"
+
+    def route_input(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.scale
+
+    def scaled_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.scale
+
+
+@dataclass
+class IA3Config(DeltaConfig):
+    feedforward_modules: list[str] | None = None
+
+    def validate(self) -> None:
+        if isinstance(self.feedforward_modules, str):
+            raise DeltaConfigError(
+                f"feedforward_modules must be a list of names, got the string {self.feedforward_modules!r}; "
+                f"write [{self.feedforward_modules!r}]."
+            )
+        if self.feedforward_modules is not None:
+            self.feedforward_modules = list(self.feedforward_modules)
+
+
+class IA3Model(DeltaBase):
+    """(IA)^3 scaling vectors on the addressed linear layers.
+
+    Arguments: ``feedforward_modules`` — which of the addressed modules get their *input* scaled
+    (same syntax as ``modified_modules``; roles with ``common_structure=True``); the others get
+    their output scaled. Default positions: ``attn.k``, ``attn.v``, and in encoder-decoders
+    ``xattn.k``, ``xattn.v`` (outputs), and ``ffn.down`` (input); with ``modified_modules``
+    given and no ``feedforward_modules``, every output is scaled.
+    """
+
+    config_class = IA3Config
+    delta_type = "ia3"
+    default_modified_modules = ("attn.k", "attn.v", "xattn.k", "xattn.v", "ffn.down")
+
+    def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> IA3Layer:
+        shape = linear_shape(module)
+        if shape is None:
+            raise UnsupportedModuleError(
+                f"(IA)^3 needs a linear layer (nn.Linear or Conv1D), but {path!r} is a {type(module).__name__}; "
+                "address the key, value and feed-forward projections inside it instead."
+            )
+        if path in self._input_scaled():
+            return IA3InputLayer(shape[0], module.weight)
+        return IA3Layer(shape[1], module.weight)
+
+    def _input_scaled(self) -> set[str]:
+        if "_input_scaled_paths" not in self.__dict__:
+            paths = set(self._feedforward_paths(self.config.feedforward_modules))
+            stray = sorted(paths - set(self._targets))
+            if stray:
+                raise PatternError(
+                    f"feedforward_modules names {stray[:3]}, which (IA)^3 does not modify; add them to "
+                    "modified_modules or drop them from feedforward_modules."
+                )
+            self._input_scaled_paths = paths
+        return self._input_scaled_paths
+
+    def _feedforward_paths(self, names: Sequence[str] | None) -> list[str]:
+        if names is None:
+            return resolve_roles(self.backbone_model, ["ffn.down"]) if self.config.modified_modules is None else []
+        if self.config.common_structure:
+            return resolve_roles(self.backbone_model, names)
+        return find_modules(self.backbone_model, names, what="feedforward_modules")

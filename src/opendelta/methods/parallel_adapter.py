@@ -1,0 +1,68 @@
+"""Parallel adapter (He et al., 2022): a bottleneck beside a block, ``h_out += s * act(h_in W_down) W_up``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from opendelta.config import DeltaConfig
+from opendelta.delta_base import DeltaBase
+from opendelta.errors import DeltaConfigError
+from opendelta.methods.adapter import (
+    ACTIVATIONS,
+    BottleneckLayer,
+    bottleneck_linears,
+    check_activation,
+    check_positive_int,
+    hidden_size,
+)
+from opendelta.runtime_init import Observation
+
+
+class ParallelAdapterLayer(BottleneckLayer):
+    """m(h_in) = s * up(act(down(h_in))), added to the block's output."""
+
+    route = "parallel"
+
+    def __init__(self, down: nn.Module, up: nn.Module, non_linearity: str, scaled: float):
+        super().__init__(down, up, non_linearity)
+        self.scaled = scaled
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.scaled * self.up(ACTIVATIONS[self.non_linearity](self.down(h)))
+
+
+@dataclass
+class ParallelAdapterConfig(DeltaConfig):
+    bottleneck_dim: int = 24
+    non_linearity: str = "gelu_new"
+    scaled: float = 1.0
+
+    def validate(self) -> None:
+        check_positive_int("bottleneck_dim", self.bottleneck_dim)
+        check_activation(self.non_linearity)
+        if not isinstance(self.scaled, (int, float)) or isinstance(self.scaled, bool):
+            raise DeltaConfigError(f"scaled must be a number, got {self.scaled!r}")
+
+
+class ParallelAdapterModel(DeltaBase):
+    """A bottleneck adapter fed with each addressed block's input and added to its output.
+
+    Arguments: ``bottleneck_dim=24, non_linearity="gelu_new", scaled=1.0`` (s); default
+    positions: the attention block and the feed-forward block (``attn``, ``ffn``).
+    """
+
+    config_class = ParallelAdapterConfig
+    delta_type = "parallel_adapter"
+    default_modified_modules = ("attn", "ffn")
+    needs_runtime_init = True
+
+    def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> ParallelAdapterLayer:
+        d_in = hidden_size(path, observation, "A parallel adapter", side="input")
+        d_out = hidden_size(path, observation, "A parallel adapter")
+        assert observation is not None
+        down, _ = bottleneck_linears(d_in, self.config.bottleneck_dim, observation)
+        _, up = bottleneck_linears(d_out, self.config.bottleneck_dim, observation)
+        return ParallelAdapterLayer(down, up, self.config.non_linearity, float(self.config.scaled))

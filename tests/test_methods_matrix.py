@@ -1,0 +1,124 @@
+"""Every module-level delta method on every family: the lifecycle properties all of them promise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from tiny_families import FAMILIES, Family, fresh, hidden
+
+from opendelta import (
+    AdapterModel,
+    BitFitModel,
+    CompacterModel,
+    DeltaBase,
+    IA3Model,
+    LowRankAdapterModel,
+    ParallelAdapterModel,
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    cls: type[DeltaBase]
+    position: str  # which of the family's positions it is tested at
+    args: tuple[tuple[str, Any], ...] = ()
+
+
+METHODS = {
+    "adapter": Method(AdapterModel, "out", (("bottleneck_dim", 6),)),
+    "bitfit": Method(BitFitModel, "out"),
+    "bitfit_norms": Method(BitFitModel, "norms"),
+    "compacter": Method(CompacterModel, "out", (("reduction_factor", 4),)),
+    "low_rank_adapter": Method(LowRankAdapterModel, "out", (("reduction_factor", 8), ("low_rank_rank", 2))),
+    "parallel_adapter": Method(ParallelAdapterModel, "blocks", (("bottleneck_dim", 6), ("scaled", 2.0))),
+    "ia3": Method(IA3Model, "kv"),
+    "ia3_input": Method(IA3Model, "down"),
+}
+CASES = [pytest.param(m, f, id=f"{m}-{f}") for m in METHODS for f in FAMILIES]
+
+
+def attach(method: str, family: Family, model: torch.nn.Module) -> DeltaBase:
+    spec = METHODS[method]
+    args = dict(spec.args)
+    if method == "ia3_input":
+        args["feedforward_modules"] = family.positions["down"]
+    if family.plain and spec.cls.needs_runtime_init:
+        args["dummy_inputs"] = family.inputs()
+    return spec.cls(model, modified_modules=family.positions[spec.position], **args)
+
+
+def perturb(delta: DeltaBase, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in delta.delta_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator).to(p.dtype))
+
+
+def tuned(method: str, name: str) -> tuple[torch.nn.Module, DeltaBase, torch.Tensor]:
+    model = fresh(name)
+    delta = attach(method, FAMILIES[name], model)
+    perturb(delta)
+    return model, delta, hidden(model, FAMILIES[name])
+
+
+@pytest.mark.parametrize("method,name", CASES)
+def test_fresh_delta_changes_nothing(method: str, name: str) -> None:
+    family = FAMILIES[name]
+    model = fresh(name)
+    original = hidden(model, family)
+    attach(method, family, model)
+    assert torch.equal(hidden(model, family), original)
+
+
+@pytest.mark.parametrize("method,name", CASES)
+def test_perturbed_delta_changes_the_output(method: str, name: str) -> None:
+    _, _, out = tuned(method, name)
+    assert not torch.allclose(out, hidden(fresh(name), FAMILIES[name]), atol=1e-4)
+
+
+@pytest.mark.parametrize("method,name", CASES)
+def test_after_freezing_gradients_reach_every_delta_parameter_and_nothing_else(method: str, name: str) -> None:
+    model = fresh(name).train()
+    delta = attach(method, FAMILIES[name], model)
+    perturb(delta)
+    delta.freeze_module()
+    hidden(model, FAMILIES[name]).pow(2).sum().backward()
+    delta_ids = {id(p) for p in delta.delta_parameters()}
+    for pname, p in model.named_parameters():
+        if id(p) in delta_ids:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, pname
+        else:
+            assert not p.requires_grad and p.grad is None, pname
+
+
+@pytest.mark.parametrize("method,name", CASES)
+def test_detach_restores_the_original_bit_for_bit(method: str, name: str) -> None:
+    model, delta, _ = tuned(method, name)
+    delta.detach()
+    assert torch.equal(hidden(model, FAMILIES[name]), hidden(fresh(name), FAMILIES[name]))
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in fresh(name).named_parameters()]
+
+
+@pytest.mark.parametrize("method,name", CASES)
+def test_detach_and_reattach_repeatedly_alternate_the_original_and_the_tuned_output(method: str, name: str) -> None:
+    model, delta, out = tuned(method, name)
+    original = hidden(fresh(name), FAMILIES[name])
+    for _ in range(2):
+        delta.detach()
+        assert torch.equal(hidden(model, FAMILIES[name]), original)
+        delta.attach()
+        assert torch.equal(hidden(model, FAMILIES[name]), out)
+
+
+@pytest.mark.parametrize("method,name", CASES)
+def test_save_then_load_into_a_fresh_backbone_reproduces_the_tuned_output(method: str, name: str, tmp_path) -> None:
+    _, delta, out = tuned(method, name)
+    delta.save_finetuned(tmp_path)
+    other = fresh(name)
+    kwargs = {"dummy_inputs": FAMILIES[name].inputs()} if FAMILIES[name].plain else {}
+    loaded = type(delta).from_finetuned(tmp_path, other, **kwargs)
+    assert loaded.layers.keys() == delta.layers.keys()
+    assert torch.equal(hidden(other, FAMILIES[name]), out)
