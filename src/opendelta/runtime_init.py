@@ -5,6 +5,7 @@ The pass can run on the ``meta`` device, so even a huge skeleton costs nothing t
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from opendelta.errors import RuntimeInitError
 from opendelta.routing import first_tensor
@@ -105,6 +107,19 @@ def default_dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
     return synthesize_inputs(model)
 
 
+class _MetaScalars(TorchDispatchMode):
+    """On the meta device, answer data-dependent scalar reads (``.item()``, ``if mask.all()``).
+
+    Models use them only to pick fast paths (e.g. "is the mask all ones?"); for an all-ones dummy
+    input, ``True`` / ``1`` is the honest answer and shapes do not depend on it.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            return True if args[0].dtype == torch.bool else 1
+        return func(*args, **(kwargs or {}))
+
+
 def _call(model: nn.Module, inputs: Any) -> None:
     if isinstance(inputs, Mapping):
         model(**inputs)
@@ -145,7 +160,8 @@ def observe(model: nn.Module, paths: Sequence[str], dummy_inputs: Any = None) ->
         handles.append(modules[path].register_forward_hook(recorder(path), with_kwargs=True))
     try:
         inputs = default_dummy_inputs(model) if dummy_inputs is None else dummy_inputs
-        with torch.no_grad():
+        on_meta = model_device(model).type == "meta"
+        with torch.no_grad(), (_MetaScalars() if on_meta else contextlib.nullcontext()):
             _call(model, inputs)
     except RuntimeInitError:
         raise

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``opendelta`` CLI, one module each (register + run)."""

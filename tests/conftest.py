@@ -1,0 +1,94 @@
+"""Tiny models built from configs (no downloads), shared by the test suite."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(1)
+
+TINY = dict(vocab_size=99)
+
+
+def tiny_bert(**overrides):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, **TINY)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    return BertModel(config).eval()
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, **TINY)).eval()
+
+
+def tiny_t5():
+    from transformers import T5Config, T5Model
+
+    torch.manual_seed(0)
+    config = T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4, **TINY)
+    return T5Model(config).eval()
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **TINY
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+class PlainNet(nn.Module):
+    """A user's own module: no config, no transformers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.encoder(x)))
+
+
+FACTORIES = {"bert": tiny_bert, "gpt2": tiny_gpt2, "t5": tiny_t5, "llama": tiny_llama}
+
+
+def inputs_for(kind: str, batch: int = 2, length: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 99, (batch, length), generator=g)
+    if kind == "t5":
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :4]}
+    return {"input_ids": ids}
+
+
+def hidden(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's main output tensor (logits or last hidden state)."""
+    out = model(**inputs)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def perturb(delta) -> None:
+    """Give every delta parameter non-zero values, so the delta changes outputs."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in delta.delta_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+def family(request):
+    return request.param
