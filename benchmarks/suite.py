@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from benchmarks.memory import probe_all
-from benchmarks.timing import Spread, interleaved, ratio
+from benchmarks.timing import Samples, Spread, interleaved, ratio
 from benchmarks.variants import (
     METHODS,
     build,
@@ -47,10 +47,14 @@ class Settings:
             torch.cuda.synchronize()
 
 
-def _timed(samples: dict[str, list[float]], pairs: list[tuple[str, str]]) -> dict[str, Any]:
+def _timed(samples: Samples, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Seconds and round-by-round ratios on the wall clock; the same ratios on the CPU clock."""
+    wall, cpu = samples["wall"], samples["cpu"]
+    present = [(a, b) for a, b in pairs if a in wall and b in wall]
     return {
-        "seconds": {name: Spread.of(values).to_dict() for name, values in samples.items()},
-        "ratios": {f"{a} / {b}": ratio(samples, a, b).to_dict() for a, b in pairs if a in samples and b in samples},
+        "seconds": {name: Spread.of(values).to_dict() for name, values in wall.items()},
+        "ratios": {f"{a} / {b}": ratio(wall, a, b).to_dict() for a, b in present},
+        "cpu_ratios": {f"{a} / {b}": ratio(cpu, a, b).to_dict() for a, b in present},
     }
 
 

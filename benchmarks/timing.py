@@ -1,5 +1,9 @@
 """Interleaved timing: every configuration runs once per round, so slow phases of a shared machine
-hit all of them alike; ratios are taken round by round and summarised by their median and quartiles."""
+hit all of them alike; ratios are taken round by round and summarised by their median and quartiles.
+
+Each sample is read on two clocks: wall time (what a user waits) and this process's CPU time
+(which time slices lost to other processes do not inflate; on a GPU it misses the device's work).
+"""
 
 from __future__ import annotations
 
@@ -32,6 +36,10 @@ class Spread:
         return asdict(self)
 
 
+Samples = dict[str, dict[str, list[float]]]  # clock ("wall", "cpu") -> configuration -> seconds per call
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def interleaved(
     fns: Mapping[str, Callable[..., object]],
     rounds: int,
@@ -39,7 +47,7 @@ def interleaved(
     sync: Callable[[], None] = lambda: None,
     min_seconds: float = 0.0,
     setup: Mapping[str, Callable[[], object]] | None = None,
-) -> dict[str, list[float]]:
+) -> Samples:
     """Seconds per call of each function, one sample per round, rotating the order every round.
 
     Each function is first called `warmup` times. With `min_seconds`, fast functions are repeated
@@ -63,17 +71,18 @@ def interleaved(
             if time.perf_counter() - start >= min_seconds or inner >= 1 << 16:
                 break
             inner *= 2
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: Samples = {clock: {name: [] for name in names} for clock in CLOCKS}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             fn = fns[name]
             sync()
-            start = time.perf_counter()
+            starts = {clock: read() for clock, read in CLOCKS.items()}
             for _ in range(inner):
                 fn()
             sync()
-            samples[name].append((time.perf_counter() - start) / inner)
+            for clock, read in CLOCKS.items():
+                samples[clock][name].append((read() - starts[clock]) / inner)
     return samples
 
 
@@ -83,19 +92,20 @@ def _interleaved_with_setup(
     rounds: int,
     warmup: int,
     sync: Callable[[], None],
-) -> dict[str, list[float]]:
+) -> Samples:
     names = list(fns)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: Samples = {clock: {name: [] for name in names} for clock in CLOCKS}
     for r in range(-warmup, rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             arg = setup[name]()
             sync()
-            start = time.perf_counter()
+            starts = {clock: read() for clock, read in CLOCKS.items()}
             fns[name](arg)
             sync()
             if r >= 0:
-                samples[name].append(time.perf_counter() - start)
+                for clock, read in CLOCKS.items():
+                    samples[clock][name].append(read() - starts[clock])
             del arg
     return samples
 
