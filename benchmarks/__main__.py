@@ -26,8 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny models, few rounds: a fast check that everything runs")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds per figure (default 9, smoke 3)")
-    parser.add_argument("--warmup", type=int, help="untimed calls before the rounds (default 2, smoke 1)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per figure (default 7, smoke 3)")
+    parser.add_argument("--warmup", type=int, help="untimed calls before the rounds (default 1)")
     parser.add_argument("--only", help="comma-separated workload names (e.g. minilm,llama-7b-meta)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default 2, smoke 1: tiny ops only lose from threading)")
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads or (1 if args.smoke else 2))
     settings = Settings(
         device=torch.device(args.device),
-        rounds=args.rounds or (3 if args.smoke else 9),
-        warmup=args.warmup if args.warmup is not None else (1 if args.smoke else 2),
+        rounds=args.rounds or (3 if args.smoke else 7),
+        warmup=args.warmup if args.warmup is not None else 1,
         memory=not args.no_memory,
         threads=torch.get_num_threads(),
     )
@@ -59,21 +59,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "workloads": {},
         "skeletons": {},
     }
-    for workload in loads:
-        if chosen is None or workload.name in chosen:
-            print(f"[benchmarks] {workload.name} ...", file=sys.stderr, flush=True)
-            results["workloads"][workload.name] = run_workload(workload, methods, settings)
+
+    def save() -> None:  # after every workload, so a long run that is stopped keeps what it measured
+        if args.json:
+            results["targets"] = targets(results)
+            results["seconds"] = time.perf_counter() - started
+            with open(args.json, "w", encoding="utf-8") as handle:
+                json.dump(results, handle, indent=2)
+                handle.write("\n")
+
     for name, sizes in skeletons.items():
         if chosen is None or name in chosen:
             print(f"[benchmarks] {name} ...", file=sys.stderr, flush=True)
             results["skeletons"][name] = run_skeleton(name, sizes, settings)
+            save()
+    for workload in loads:
+        if chosen is None or workload.name in chosen:
+            print(f"[benchmarks] {workload.name} ...", file=sys.stderr, flush=True)
+            results["workloads"][workload.name] = run_workload(workload, methods, settings)
+            save()
     results["targets"] = targets(results)
     results["seconds"] = time.perf_counter() - started
     print_report(results)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
-            handle.write("\n")
+    save()
     return results
 
 
