@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 KIB = 1024
@@ -86,13 +87,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 def _ms(spread: dict[str, float] | None) -> str:
     if spread is None:
         return "-"
-    return f"{1e3 * spread['median']:.2f} ms [{1e3 * spread['q1']:.2f}-{1e3 * spread['q3']:.2f}]"
+    return escape(f"{1e3 * spread['median']:.2f} ms [{1e3 * spread['q1']:.2f}-{1e3 * spread['q3']:.2f}]")
 
 
 def _ratio(spread: dict[str, float] | None) -> str:
     if spread is None:
         return "-"
-    return f"{spread['median']:.3f}x [{spread['q1']:.3f}-{spread['q3']:.3f}]"
+    return escape(f"{spread['median']:.3f}x [{spread['q1']:.3f}-{spread['q3']:.3f}]")
 
 
 def _timed_rows(table: Table, figure: str, block: dict[str, Any] | None) -> None:
@@ -116,8 +117,8 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
     console.print(f"[bold]machine[/]: {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads), "
                   f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, opendelta {m['opendelta']} "
                   f"@ {m['commit']}; device {results['settings']['device']}, {results['settings']['rounds']} rounds")
-    console.print("times: median [interquartile range] over interleaved rounds; ratios: median [IQR] of per-round "
-                  "ratios, on the wall clock and on this process's CPU clock")
+    console.print(escape("times: median [interquartile range] over interleaved rounds; ratios: median [IQR] of "
+                         "per-round ratios, on the wall clock and on this process's CPU clock"))
     for wname, w in {**results["workloads"], **results.get("skeletons", {})}.items():
         batch = f", batch {w['batch'][0]}x{w['batch'][1]}" if "batch" in w else ""
         table = Table(title=f"{wname}: {w['description']}{batch}, {w['parameters']:,} parameters", title_justify="left")
