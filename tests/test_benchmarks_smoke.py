@@ -51,7 +51,7 @@ def test_every_workload_has_every_timed_figure_with_positive_times_and_ratios(re
 def test_memory_is_measured_for_every_configuration(report):
     for workload in report["workloads"].values():
         memory = workload["memory"]
-        assert set(memory) == {"full", "frozen", "opendelta:lora", "peft:lora"}
+        assert {"full", "frozen", "opendelta:lora", "peft:lora"} <= set(memory)  # more as methods land
         for figures in memory.values():
             assert figures["peak_bytes"] > 0 and figures["step_bytes"] >= 0 and figures["saved_bytes"] > 0
         assert "opendelta:lora / peft:lora" in workload["memory_ratios"]
