@@ -1,4 +1,4 @@
-"""torch.compile: LoRA models compile into one graph (no graph breaks) and match eager mode."""
+"""torch.compile: LoRA and adapter models compile into one graph (no graph breaks) and match eager mode."""
 
 from __future__ import annotations
 
@@ -76,3 +76,19 @@ def test_compiled_model_follows_detach_and_attach_when_hooks_are_guarded():
     assert torch.allclose(detached, original, atol=1e-6)
     assert torch.allclose(reattached, tuned, atol=1e-6)
     assert not torch.allclose(tuned, original, atol=1e-4)
+
+
+def test_adapter_model_compiles_and_matches_eager():
+    from opendelta import AdapterModel
+
+    torch._dynamo.reset()
+    model = tiny_bert()
+    delta = AdapterModel(model, modified_modules=["attention.output.dense", "layer.0.output.dense"])
+    delta.freeze_module(exclude=["deltas"])
+    randomize_deltas(delta)
+    batch = tiny_batch()
+    backend = CountingBackend()
+    out = torch.compile(model, backend=backend)(**batch)
+    assert len(backend.graphs) == 1
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+    assert torch.allclose(out.logits, model(**batch).logits, atol=1e-6)
