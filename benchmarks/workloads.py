@@ -101,9 +101,9 @@ LLAMA_7B = dict(
     hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
     num_key_value_heads=32, vocab_size=32000,
 )
-_TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+_TINY_BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=99)
 _TINY_LLAMA = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
     vocab_size=99,
 )
 
@@ -113,8 +113,8 @@ FULL: tuple[Workload, ...] = (
     Workload("bert-base", "bert-base-sized BERT built from BertConfig(), sequence classification", _bert(), 8, 128, "seq_cls"),
 )
 SMOKE: tuple[Workload, ...] = (
-    Workload("tiny-bert", "BERT, hidden 32, 2 layers (smoke)", _bert(**_TINY_BERT), 4, 16, "seq_cls"),
-    Workload("tiny-llama", "LLaMA, hidden 32, 2 layers (smoke)", _llama(**_TINY_LLAMA), 4, 16, "causal_lm"),
+    Workload("tiny-bert", "BERT, hidden 64, 2 layers (smoke)", _bert(**_TINY_BERT), 4, 16, "seq_cls"),
+    Workload("tiny-llama", "LLaMA, hidden 64, 2 layers (smoke)", _llama(**_TINY_LLAMA), 4, 16, "causal_lm"),
 )
 #: skeletons for construction time only, created on the meta device
 SKELETONS: dict[str, dict[str, int]] = {"llama-7b-meta": LLAMA_7B}

@@ -15,8 +15,8 @@ def test_deltas_on_a_half_precision_backbone_are_created_and_run_in_its_dtype(dt
     delta = LoraModel(model, modified_modules=["query", "value"])
     randomize_deltas(delta)
     seen = []
-    for layer in delta.layers.values():
-        layer.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    for path in delta.layers:  # what flows into and out of each LoRA-modified linear layer
+        model.get_submodule(path).register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
 
     logits = model(**{k: v for k, v in tiny_batch().items() if k != "labels"}).logits
 

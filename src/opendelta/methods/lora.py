@@ -102,6 +102,8 @@ def _accumulator(h_out: torch.Tensor) -> torch.Tensor | None:
     backward, so adding in place is safe. Adding into the product itself, not into the view, spares
     autograd the view bookkeeping (CopySlices), which would copy the gradient twice in backward.
     """
+    if torch.compiler.is_compiling():  # the compiler fuses the out-of-place form itself; data_ptr checks break graphs
+        return None
     base = h_out._base if h_out._base is not None else h_out
     if (
         base.dim() == 2
