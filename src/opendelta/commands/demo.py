@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     multitask = modes.add_parser(
         "multitask", help="one SmolLM2 backbone, one delta per task: attach -> generate -> detach"
     )
-    multitask.add_argument("--steps", type=int, default=16, help="training steps per task (default 16)")
+    multitask.add_argument("--steps", type=int, default=12, help="training steps per task (default 12)")
     multitask.add_argument("--batch-size", type=int, default=8)
     multitask.add_argument("--examples", type=int, default=3, help="held-out inputs answered per task (default 3)")
     multitask.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens per answer")
@@ -49,9 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _check_writable(out: Path) -> str | None:
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if out.exists() and not out.is_dir():
-        return f"--out {str(out)!r} exists and is not a directory"
+        return f"--out {str(out)!r} exists and is not a directory; name a directory"
+    if not probe.is_dir():
+        return f"--out {str(out)!r} is inside {str(probe)!r}, which is a file; name a directory"
     if not os.access(probe, os.W_OK):
-        return f"--out {str(out)!r} is not writable"
+        return f"--out {str(out)!r} is not writable; name a directory you can write to"
     return None
 
 

@@ -75,7 +75,7 @@ TASKS = (
         "spelling",
         "Fix the spelling",
         {"delta_type": "lora", "modified_modules": [rf"[r]{UPPER}\.self_attn\.(q_proj|v_proj)"], "lora_r": 8},
-        lr=3e-3,
+        lr=1e-2,
         max_new_tokens=32,
         make=spelling_pairs,
     ),
@@ -266,7 +266,7 @@ def probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
 
 
 def run(
-    steps: int = 16,
+    steps: int = 12,
     batch_size: int = 8,
     examples: int = 3,
     max_new_tokens: int | None = None,
