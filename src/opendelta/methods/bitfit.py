@@ -15,7 +15,7 @@ from torch import nn
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import UnsupportedModuleError
-from opendelta.methods.lora import linear_shape
+from opendelta.linear_layers import linear_shape
 from opendelta.routing import DeltaLayer
 from opendelta.runtime_init import Observation
 

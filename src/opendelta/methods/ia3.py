@@ -20,7 +20,7 @@ from opendelta.addressing import find_modules
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import DeltaConfigError, PatternError, StructureError, UnsupportedModuleError
-from opendelta.methods.lora import linear_shape
+from opendelta.linear_layers import linear_shape
 from opendelta.routing import DeltaLayer
 from opendelta.runtime_init import Observation
 from opendelta.structure import resolve_roles

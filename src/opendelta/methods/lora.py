@@ -15,6 +15,7 @@ from opendelta.delta_base import DeltaBase
 from opendelta.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta.routing import DeltaLayer
 from opendelta.runtime_init import Observation
+from opendelta.linear_layers import linear_shape
 
 
 @dataclass
@@ -45,16 +46,6 @@ class LoraConfig(DeltaConfig):
         """The rank r and the scaling s of the LoRA at module `path`."""
         r, alpha = self.rank_and_alpha(path)
         return r, alpha / (math.sqrt(r) if self.use_rslora else r)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    """(in_features, out_features) of an ``nn.Linear`` or a transformers ``Conv1D`` (transposed weight)."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    weight = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        return weight.shape[0], weight.shape[1]
-    return None
 
 
 class LoraLayer(DeltaLayer):

@@ -17,11 +17,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from opendelta.addressing import is_delta_module
 from opendelta.errors import StructureError
+from opendelta.linear_layers import linear_shape
 
 #: last name components that identify a projection; data, extend freely
 PROJECTION_NAMES: dict[str, frozenset[str]] = {
@@ -35,16 +35,6 @@ PROJECTION_NAMES: dict[str, frozenset[str]] = {
     "ffn.down": frozenset({"down_proj", "fc2", "c_proj", "wo", "fc_out", "dense_4h_to_h", "output_dense", "lin2", "w_out"}),
 }
 _CROSS = re.compile(r"cross|encdec|enc_dec|encoder_attn", re.IGNORECASE)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    """(in, out) features of a linear map: nn.Linear or transformers' transposed Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    weight = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        return weight.shape[0], weight.shape[1]
-    return None
 
 
 def _linears(module: nn.Module) -> dict[str, tuple[int, int]]:
