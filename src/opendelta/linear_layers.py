@@ -1,0 +1,17 @@
+"""Recognising linear maps, whichever class implements them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an ``nn.Linear`` or a transformers ``Conv1D`` (transposed
+    weight), else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight.shape[0], weight.shape[1]
+    return None
