@@ -103,11 +103,14 @@ def test_detach_restores_the_original_bit_for_bit(method: str, name: str) -> Non
 
 
 @pytest.mark.parametrize("method,name", CASES)
-def test_reattach_reproduces_the_tuned_output(method: str, name: str) -> None:
+def test_detach_and_reattach_repeatedly_alternate_the_original_and_the_tuned_output(method: str, name: str) -> None:
     model, delta, out = tuned(method, name)
-    delta.detach()
-    delta.attach()
-    assert torch.equal(hidden(model, FAMILIES[name]), out)
+    original = hidden(fresh(name), FAMILIES[name])
+    for _ in range(2):
+        delta.detach()
+        assert torch.equal(hidden(model, FAMILIES[name]), original)
+        delta.attach()
+        assert torch.equal(hidden(model, FAMILIES[name]), out)
 
 
 @pytest.mark.parametrize("method,name", CASES)

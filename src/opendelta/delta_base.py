@@ -135,6 +135,7 @@ class DeltaBase:
         self._attached = False
         self._set_state_dict = False
         self._state_dict_handle: Any = None
+        self._input_grad_handle: Any = None
         self._originals: dict[str, torch.Tensor] = {}  # backbone tensors this delta trains: values before
         self._tuned: dict[str, torch.Tensor] = {}  # ... and their tuned values while detached
 
@@ -187,6 +188,7 @@ class DeltaBase:
         self._attached = True
         if self._set_state_dict:
             self._install_state_dict_filter()
+        self._input_grad_handle = _make_embeddings_require_grad(self.backbone_model)
         return self
 
     def detach(self) -> DeltaBase:
@@ -200,6 +202,9 @@ class DeltaBase:
         if self._state_dict_handle is not None:
             self._state_dict_handle.remove()
             self._state_dict_handle = None
+        if self._input_grad_handle is not None:
+            self._input_grad_handle.remove()
+            self._input_grad_handle = None
         self._attached = False
         return self
 
@@ -411,6 +416,35 @@ class DeltaBase:
             for n in backbone_names:
                 self._originals.setdefault(n, params[n].detach().clone())
                 params[n].copy_(tensors[f"backbone.{n}"])
+
+
+def _make_embeddings_require_grad(backbone: nn.Module) -> Any:
+    """While a delta is attached, make the input embeddings' output require grad in training.
+
+    Re-entrant gradient checkpointing only back-propagates into a checkpointed layer whose inputs
+    require grad; with a frozen backbone nothing does, and the deltas inside would get no
+    gradient ("does not require grad"). transformers arranges this itself for token-input models
+    only, so do it for every model that names its input embeddings. Returns the hook handle.
+    """
+    get = getattr(backbone, "get_input_embeddings", None)
+    try:
+        embeddings = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    if not isinstance(embeddings, nn.Module):
+        return None
+
+    def require_grad(module: nn.Module, args: tuple, output: Any) -> None:
+        if (
+            module.training
+            and torch.is_grad_enabled()
+            and isinstance(output, torch.Tensor)
+            and output.is_floating_point()
+            and not output.requires_grad
+        ):
+            output.requires_grad_(True)
+
+    return embeddings.register_forward_hook(require_grad)
 
 
 def _path_of(root: nn.Module, module: nn.Module) -> str:

@@ -110,7 +110,8 @@ class AdapterModel(DeltaBase):
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> BottleneckLayer:
         dim = hidden_size(path, observation, "An adapter")
         assert observation is not None
-        return BottleneckLayer(*bottleneck_linears(dim, self.config.bottleneck_dim, observation), self.config.non_linearity)
+        down, up = bottleneck_linears(dim, self.config.bottleneck_dim, observation)
+        return BottleneckLayer(down, up, self.config.non_linearity)
 
 
 WEIGHT_INITS = ("glorot-uniform", "glorot-normal", "normal")

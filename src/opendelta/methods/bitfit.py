@@ -24,15 +24,23 @@ from opendelta.runtime_init import Observation
 _CHANNEL_FIRST = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
 
-def output_features(module: nn.Module) -> tuple[int, torch.Tensor] | None:
-    """(output size, a tensor whose dtype and device the delta takes) of a linear map or of a norm
-    over the last dimension (a module with a 1-D weight), else None."""
+def output_features(module: nn.Module) -> tuple[int, torch.Tensor | None] | None:
+    """(output size, a tensor whose dtype and device the delta takes, if the module has one) of a
+    linear map or of a norm over the last dimension (a 1-D weight, or a parameter-free norm's
+    one-dimensional ``normalized_shape``), else None."""
     shape = linear_shape(module)
     if shape is not None:
         return shape[1], module.weight
+    if isinstance(module, _CHANNEL_FIRST):
+        return None
     weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 1 and not isinstance(module, _CHANNEL_FIRST):
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
         return weight.shape[0], weight
+    normalized = getattr(module, "normalized_shape", None)
+    if isinstance(normalized, int):
+        normalized = (normalized,)
+    if isinstance(normalized, (tuple, list, torch.Size)) and len(normalized) == 1 and isinstance(normalized[0], int):
+        return normalized[0], None
     return None
 
 
@@ -41,9 +49,9 @@ class BiasLayer(DeltaLayer):
 
     route = "after"
 
-    def __init__(self, features: int, like: torch.Tensor):
+    def __init__(self, features: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(features, dtype=like.dtype, device=like.device))
+        self.bias = nn.Parameter(torch.zeros(features, dtype=dtype, device=device))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.bias
@@ -57,23 +65,27 @@ class BitFitConfig(DeltaConfig):
 class BitFitModel(DeltaBase):
     """A trainable bias on the output of every addressed linear layer or norm.
 
-    No arguments of its own; default positions: the attention projections (``attn.q``, ``attn.k``,
-    ``attn.v``, ``attn.o``), the feed-forward projections (``ffn.up``, ``ffn.gate``,
-    ``ffn.down``) and the layer norms (``norm.attn``, ``norm.ffn``, ``norm.final``) — those of
-    them the backbone's family has.
+    No arguments of its own; default positions: the attention projections (``attn.q/k/v/o``, and
+    ``xattn.q/k/v/o`` in encoder-decoders), the feed-forward projections (``ffn.up``,
+    ``ffn.gate``, ``ffn.down``) and the layer norms (``norm.attn``, ``norm.xattn``, ``norm.ffn``,
+    ``norm.final``) — those of them the backbone's family has.
     """
 
     config_class = BitFitConfig
     delta_type = "bitfit"
     default_modified_modules = (
-        "attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down", "norm.attn", "norm.ffn", "norm.final",
+        "attn.q", "attn.k", "attn.v", "attn.o", "xattn.q", "xattn.k", "xattn.v", "xattn.o",
+        "ffn.up", "ffn.gate", "ffn.down", "norm.attn", "norm.xattn", "norm.ffn", "norm.final",
     )
 
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> BiasLayer:
         found = output_features(module)
         if found is None:
             raise UnsupportedModuleError(
-                f"BitFit needs a linear layer (nn.Linear or Conv1D) or a norm with a 1-D weight, but {path!r} is a "
+                f"BitFit needs a linear layer (nn.Linear or Conv1D) or a norm over the last dimension, but {path!r} is a "
                 f"{type(module).__name__}; address the projections and norms inside it instead."
             )
-        return BiasLayer(*found)
+        features, like = found
+        if like is None:  # a parameter-free norm outputs the hidden state's dtype: take the backbone's
+            like = next(iter(self.backbone_model.parameters()), torch.empty(0))
+        return BiasLayer(features, like.dtype, like.device)

@@ -19,7 +19,7 @@ from torch import nn
 from opendelta.addressing import find_modules
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import PatternError, UnsupportedModuleError
+from opendelta.errors import DeltaConfigError, PatternError, StructureError, UnsupportedModuleError
 from opendelta.methods.lora import linear_shape
 from opendelta.routing import DeltaLayer
 from opendelta.runtime_init import Observation
@@ -65,8 +65,9 @@ class IA3Config(DeltaConfig):
 
     def validate(self) -> None:
         if isinstance(self.feedforward_modules, str):
-            raise PatternError(
-                f"feedforward_modules must be a list of names, got the string {self.feedforward_modules!r}"
+            raise DeltaConfigError(
+                f"feedforward_modules must be a list of names, got the string {self.feedforward_modules!r}; "
+                f"write [{self.feedforward_modules!r}]."
             )
         if self.feedforward_modules is not None:
             self.feedforward_modules = list(self.feedforward_modules)
@@ -77,13 +78,14 @@ class IA3Model(DeltaBase):
 
     Arguments: ``feedforward_modules`` — which of the addressed modules get their *input* scaled
     (same syntax as ``modified_modules``; roles with ``common_structure=True``); the others get
-    their output scaled. Default positions: ``attn.k``, ``attn.v`` (outputs) and ``ffn.down``
-    (input); with ``modified_modules`` given and no ``feedforward_modules``, every output is scaled.
+    their output scaled. Default positions: ``attn.k``, ``attn.v``, and in encoder-decoders
+    ``xattn.k``, ``xattn.v`` (outputs), and ``ffn.down`` (input); with ``modified_modules``
+    given and no ``feedforward_modules``, every output is scaled.
     """
 
     config_class = IA3Config
     delta_type = "ia3"
-    default_modified_modules = ("attn.k", "attn.v", "ffn.down")
+    default_modified_modules = ("attn.k", "attn.v", "xattn.k", "xattn.v", "ffn.down")
 
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> IA3Layer:
         shape = linear_shape(module)
@@ -110,7 +112,12 @@ class IA3Model(DeltaBase):
 
     def _feedforward_paths(self, names: Sequence[str] | None) -> list[str]:
         if names is None:
-            return resolve_roles(self.backbone_model, ["ffn.down"]) if self.config.modified_modules is None else []
+            if self.config.modified_modules is not None:
+                return []
+            try:  # the defaults skip what a family lacks (Mixtral's experts have no down projection module)
+                return resolve_roles(self.backbone_model, ["ffn.down"])
+            except StructureError:
+                return []
         if self.config.common_structure:
             return resolve_roles(self.backbone_model, names)
         return find_modules(self.backbone_model, names, what="feedforward_modules")
