@@ -13,6 +13,8 @@ from opendelta.errors import (
     DeltaConfigError,
     IncompatibleCheckpointError,
     LifecycleError,
+    MergeError,
+    MixedBatchError,
     NoMatchError,
     OpenDeltaError,
     PatternError,
@@ -44,6 +46,7 @@ from opendelta.methods import (
     SoftPromptConfig,
     SoftPromptModel,
 )
+from opendelta.multitask import MultiTask, mixed_batch
 from opendelta.routing import DeltaLayer
 
 __all__ = [
@@ -70,6 +73,9 @@ __all__ = [
     "LoraModel",
     "LowRankAdapterConfig",
     "LowRankAdapterModel",
+    "MergeError",
+    "MixedBatchError",
+    "MultiTask",
     "NoMatchError",
     "OpenDeltaError",
     "ParallelAdapterConfig",
@@ -87,4 +93,5 @@ __all__ = [
     "UnknownDeltaTypeError",
     "UnsupportedModuleError",
     "find_modules",
+    "mixed_batch",
 ]

@@ -26,11 +26,13 @@ from opendelta.errors import (
     UnsupportedModuleError,
 )
 from opendelta.registry import lookup, register
-from opendelta.routing import DeltaLayer, add_delta, remove_delta
+from opendelta.routing import MIXING_ATTR, DeltaLayer, add_delta, remove_delta, swap_delta
 from opendelta.runtime_init import Observation, model_device, observe
 from opendelta.structure import model_type, resolve_roles
 
 D = TypeVar("D", bound="DeltaBase")
+#: in a module's __dict__: names of the deltas merged into its weights, in merge order
+_MERGED_ATTR = "_opendelta_merged"
 
 
 class DeltaBase:
@@ -138,6 +140,7 @@ class DeltaBase:
         self._input_grad_handle: Any = None
         self._originals: dict[str, torch.Tensor] = {}  # backbone tensors this delta trains: values before
         self._tuned: dict[str, torch.Tensor] = {}  # ... and their tuned values while detached
+        self._merged: dict[str, dict[str, torch.Tensor]] = {}  # path -> parameter values before merge()
 
     def runtime_observe(self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any) -> dict[str, Observation]:
         """What new_layer learns from the dummy pass; a method that needs more than shapes overrides this."""
@@ -169,10 +172,22 @@ class DeltaBase:
     def is_attached(self) -> bool:
         return self._attached
 
+    @property
+    def is_merged(self) -> bool:
+        return bool(self._merged)
+
+    def _check_free(self, action: str) -> None:
+        """Refuse to change the data flow while a mixed batch has planned it."""
+        if self.backbone_model.__dict__.get(MIXING_ATTR):
+            raise LifecycleError(
+                f"cannot {action} delta {self.name!r} inside a mixed_batch() on its backbone; leave the block first"
+            )
+
     def attach(self) -> DeltaBase:
         """Put the delta layers (and the tuned backbone tensors) into the backbone's data flow."""
         if self._attached:
             raise LifecycleError(f"delta {self.name!r} is already attached; detach() it first")
+        self._check_free("attach")
         done: list[str] = []
         try:
             for path, layer in self.layers.items():
@@ -182,41 +197,136 @@ class DeltaBase:
             for path in reversed(done):
                 remove_delta(self._targets[path], self.name)
             raise
+        self._after_attach()
+        return self
+
+    def _after_attach(self) -> None:
         if self._tuned:
             self._swap_backbone_tensors(self._tuned)
             self._tuned = {}
         self._attached = True
         if self._set_state_dict:
             self._install_state_dict_filter()
-        self._input_grad_handle = _make_embeddings_require_grad(self.backbone_model)
-        return self
 
     def detach(self) -> DeltaBase:
-        """Take the delta out; the backbone computes exactly what it computed before the delta came."""
+        """Take the delta out; the backbone computes exactly what it computed before the delta came.
+
+        A merged delta is unmerged first, so its modules get their original weights back bit for bit.
+        """
         if not self._attached:
             raise LifecycleError(f"delta {self.name!r} is not attached")
+        self._check_free("detach")
+        if self._merged:
+            self.unmerge()
         for path in reversed(list(self.layers)):
             remove_delta(self._targets[path], self.name)
+        self._after_detach()
+        return self
+
+    def _after_detach(self) -> None:
         if self._originals:
             self._tuned = self._swap_backbone_tensors(self._originals)
         if self._state_dict_handle is not None:
             self._state_dict_handle.remove()
             self._state_dict_handle = None
-        if self._input_grad_handle is not None:
-            self._input_grad_handle.remove()
-            self._input_grad_handle = None
         self._attached = False
+
+    def switch(self, to: DeltaBase) -> DeltaBase:
+        """Detach this delta and attach `to` in one step; returns `to`.
+
+        Equivalent to ``self.detach(); to.attach()``, but on the modules both deltas modify the
+        hooks stay installed and only the delta children change, so serving many tasks on one
+        backbone switches in well under a millisecond.
+        """
+        if not isinstance(to, DeltaBase) or to.backbone_model is not self.backbone_model:
+            raise LifecycleError(f"switch(to=...) needs another delta on the same backbone as {self.name!r}, got {to!r}")
+        if not self._attached or self._merged:
+            raise LifecycleError(f"switch() starts from an attached, unmerged delta; {self.name!r} is not")
+        if to._attached:
+            raise LifecycleError(f"delta {to.name!r} is already attached; switch to a detached delta")
+        self._check_free("switch")
+        old_by_module = {id(self._targets[p]): p for p in self.layers}
+        new_paths = {id(to._targets[p]) for p in to.layers}
+        done: list[tuple[str, str | None]] = []  # (new path, old path swapped out there)
+        try:
+            for path, layer in to.layers.items():
+                module = to._targets[path]
+                old = old_by_module.get(id(module))
+                if old is None:
+                    add_delta(module, to.name, layer)
+                else:
+                    swap_delta(module, self.name, to.name, layer)
+                done.append((path, old))
+        except Exception:
+            for path, old in reversed(done):
+                module = to._targets[path]
+                if old is None:
+                    remove_delta(module, to.name)
+                else:
+                    swap_delta(module, to.name, self.name, self.layers[old])
+            raise
+        for path in reversed(list(self.layers)):
+            if id(self._targets[path]) not in new_paths:
+                remove_delta(self._targets[path], self.name)
+        self._after_detach()
+        to._after_attach()
+        return to
+
+    # ----------------------------------------------------------------- merging
+
+    def merge(self) -> DeltaBase:
+        """Fold this delta into the weights of the modules it modifies, for zero-overhead inference.
+
+        Only methods linear in a module's weights can merge (LoRA, IA3, BitFit on modules with a
+        bias); others raise MergeError and nothing changes. The weights before the merge are kept
+        (one copy of each merged tensor), so unmerge() and detach() restore them bit for bit.
+        """
+        if not self._attached:
+            raise LifecycleError(f"delta {self.name!r} is detached; attach() it before merging")
+        if self._merged:
+            raise LifecycleError(f"delta {self.name!r} is already merged")
+        self._check_free("merge")
+        folded: dict[str, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for path, layer in self.layers.items():
+                folded[path] = layer.merged_parameters(self._targets[path])
+        saved: dict[str, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for path, values in folded.items():
+                module = self._targets[path]
+                remove_delta(module, self.name)
+                saved[path] = {}
+                for key, value in values.items():
+                    param = getattr(module, key)
+                    saved[path][key] = param.detach().clone()
+                    param.copy_(value)
+                module.__dict__.setdefault(_MERGED_ATTR, []).append(self.name)
+        self._merged = saved
         return self
 
-    def _swap_backbone_tensors(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Copy `values` into the backbone's tensors of those names; return what they held."""
-        params = dict(self.backbone_model.named_parameters())
-        previous: dict[str, torch.Tensor] = {}
+    def unmerge(self) -> DeltaBase:
+        """Undo merge(): the original weights come back bit for bit and the delta runs as layers again."""
+        if not self._merged:
+            raise LifecycleError(f"delta {self.name!r} is not merged")
+        self._check_free("unmerge")
+        for path in self._merged:
+            stack = self._targets[path].__dict__[_MERGED_ATTR]
+            if stack[-1] != self.name:
+                raise LifecycleError(
+                    f"delta {stack[-1]!r} merged into {path} after {self.name!r}; unmerge {stack[-1]!r} first"
+                )
         with torch.no_grad():
-            for key, value in values.items():
-                previous[key] = params[key].detach().clone()
-                params[key].copy_(value)
-        return previous
+            for path, entry in self._merged.items():
+                module = self._targets[path]
+                for key, original in entry.items():
+                    getattr(module, key).copy_(original)
+                stack = module.__dict__[_MERGED_ATTR]
+                stack.pop()
+                if not stack:
+                    del module.__dict__[_MERGED_ATTR]
+                add_delta(module, self.name, self.layers[path])
+        self._merged = {}
+        return self
 
     # ----------------------------------------------------------------- freezing
 
@@ -298,7 +408,7 @@ class DeltaBase:
         console.print(f"{len(self.layers)} modified modules: {', '.join(_compress(list(self.layers)))}")
 
     def __repr__(self) -> str:
-        state = "attached" if self._attached else "detached"
+        state = ("merged" if self._merged else "attached") if self._attached else "detached"
         return f"{type(self).__name__}(name={self.name!r}, modules={len(self.layers)}, {state})"
 
     # ----------------------------------------------------------------- checkpoints

@@ -56,6 +56,13 @@ class BiasLayer(DeltaLayer):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.bias
 
+    def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The module's own bias plus this one (a module without a bias cannot take it)."""
+        own = getattr(module, "bias", None)
+        if not isinstance(own, nn.Parameter) or own.shape != self.bias.shape:
+            return super().merged_parameters(module)
+        return {"bias": own + self.bias}
+
 
 @dataclass
 class BitFitConfig(DeltaConfig):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,14 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def fold_into_weight(module: nn.Module, change: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`change` applied to a linear map's weight seen as (out, in), returned in the module's own layout."""
+    weight = module.weight
+    if isinstance(module, nn.Linear):
+        return change(weight)
+    return change(weight.t()).t()  # Conv1D stores (in, out)
+
+
 class LoraLayer(DeltaLayer):
     """m(h) = s * h A^T B^T with A: (r, in), B: (out, r) zero-initialised, s = alpha / r."""
 
@@ -63,6 +72,15 @@ class LoraLayer(DeltaLayer):
     def route_parallel(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
         # a linear map does not keep its output for backward, so accumulating in place is safe and saves a copy
         return h_out.add_(self(h_in))
+
+    def route_parallel_rows(self, h_in: torch.Tensor, h_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # in place for the reason route_parallel gives; one gather of the rows' inputs, one scatter-add
+        return h_out.index_add_(0, rows, self(h_in.index_select(0, rows)))
+
+    def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """W + s B A (transposed for Conv1D)."""
+        update = (self.lora_B @ self.lora_A) * self.scaling
+        return {"weight": fold_into_weight(module, lambda w: w + update.to(w.dtype))}
 
 
 class LoraModel(DeltaBase):
