@@ -238,13 +238,13 @@ class DeltaBase:
         hooks stay installed and only the delta children change, so serving many tasks on one
         backbone switches in well under a millisecond.
         """
+        self._check_free("switch")
         if not isinstance(to, DeltaBase) or to.backbone_model is not self.backbone_model:
             raise LifecycleError(f"switch(to=...) needs another delta on the same backbone as {self.name!r}, got {to!r}")
         if not self._attached or self._merged:
             raise LifecycleError(f"switch() starts from an attached, unmerged delta; {self.name!r} is not")
         if to._attached:
             raise LifecycleError(f"delta {to.name!r} is already attached; switch to a detached delta")
-        self._check_free("switch")
         old_by_module = {id(self._targets[p]): p for p in self.layers}
         new_paths = {id(to._targets[p]) for p in to.layers}
         done: list[tuple[str, str | None]] = []  # (new path, old path swapped out there)

@@ -147,6 +147,19 @@ def as_keywords(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
     return {**dict(zip(names, args)), **kwargs}
 
 
+def combined_order(parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int, what: str) -> torch.Tensor:
+    """For combine_rows: the permutation that puts the parts' rows, concatenated in order, back in
+    batch order. Raises MixedBatchError unless every row of the batch belongs to one part."""
+    covered = sum(int(rows.numel()) for _, rows in parts)
+    if covered != batch_size:
+        raise MixedBatchError(
+            f"{what} changes the length of the sequence, so every row of a mixed batch must get one of the same "
+            f"length on this module, but {batch_size - covered} of {batch_size} rows get none; give those rows "
+            "such a delta too, or run them in a separate batch."
+        )
+    return torch.argsort(torch.cat([rows for _, rows in parts]))
+
+
 @dataclass(frozen=True)
 class RowRouting:
     """Which rows of every forward's batch the named deltas act on, in a mixed batch.
