@@ -207,6 +207,7 @@ class DeltaBase:
         self._attached = True
         if self._set_state_dict:
             self._install_state_dict_filter()
+        self._input_grad_handle = _make_embeddings_require_grad(self.backbone_model)
 
     def detach(self) -> DeltaBase:
         """Take the delta out; the backbone computes exactly what it computed before the delta came.
@@ -229,6 +230,9 @@ class DeltaBase:
         if self._state_dict_handle is not None:
             self._state_dict_handle.remove()
             self._state_dict_handle = None
+        if self._input_grad_handle is not None:
+            self._input_grad_handle.remove()
+            self._input_grad_handle = None
         self._attached = False
 
     def switch(self, to: DeltaBase) -> DeltaBase:
@@ -327,6 +331,16 @@ class DeltaBase:
                 add_delta(module, self.name, self.layers[path])
         self._merged = {}
         return self
+
+    def _swap_backbone_tensors(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copy `values` into the backbone's tensors of those names; return what they held."""
+        params = dict(self.backbone_model.named_parameters())
+        previous: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for key, value in values.items():
+                previous[key] = params[key].detach().clone()
+                params[key].copy_(value)
+        return previous
 
     # ----------------------------------------------------------------- freezing
 
