@@ -361,6 +361,15 @@ def test_bitfit_cannot_merge_into_a_module_without_a_bias() -> None:
     assert not delta.is_merged
 
 
+def test_merging_into_a_tied_weight_is_refused() -> None:
+    model = tiny_gpt2()  # lm_head shares the token embedding's weight
+    delta = perturb(LoraModel(model, modified_modules=["lm_head"]), 1)
+    embedding = model.transformer.wte.weight.clone()
+    with pytest.raises(MergeError, match="tied"):
+        delta.merge()
+    assert not delta.is_merged and torch.equal(model.transformer.wte.weight, embedding)
+
+
 def test_merges_undo_in_reverse_order() -> None:
     model = tiny_llama()
     original = {k: v.clone() for k, v in model.state_dict().items()}

@@ -22,6 +22,7 @@ from opendelta.config import DeltaConfig
 from opendelta.errors import (
     IncompatibleCheckpointError,
     LifecycleError,
+    MergeError,
     PatternError,
     UnsupportedModuleError,
 )
@@ -294,6 +295,16 @@ class DeltaBase:
         with torch.no_grad():
             for path, layer in self.layers.items():
                 folded[path] = layer.merged_parameters(self._targets[path])
+        seen: dict[int, int] = {}
+        for _, p in self.backbone_model.named_parameters(remove_duplicate=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+        for path, values in folded.items():
+            shared = [key for key in values if seen.get(id(getattr(self._targets[path], key)), 0) > 1]
+            if shared:
+                raise MergeError(
+                    f"{path}.{shared[0]} is tied to another module's parameter (e.g. an LM head tied to the input "
+                    "embeddings), so merging would change that module too; keep this delta unmerged there."
+                )
         saved: dict[str, dict[str, torch.Tensor]] = {}
         with torch.no_grad():
             for path, values in folded.items():

@@ -14,7 +14,7 @@ from torch import nn
 
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import UnsupportedModuleError
+from opendelta.errors import MergeError, UnsupportedModuleError
 from opendelta.methods.lora import linear_shape
 from opendelta.routing import DeltaLayer
 from opendelta.runtime_init import Observation
@@ -60,7 +60,10 @@ class BiasLayer(DeltaLayer):
         """The module's own bias plus this one (a module without a bias cannot take it)."""
         own = getattr(module, "bias", None)
         if not isinstance(own, nn.Parameter) or own.shape != self.bias.shape:
-            return super().merged_parameters(module)
+            raise MergeError(
+                f"BitFit merges into a module's own bias, but this {type(module).__name__} has none; "
+                "keep the delta attached as a layer there."
+            )
         return {"bias": own + self.bias}
 
 
