@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tiny_families import BY_NAME
+from family_zoo import BY_NAME
 
 #: every family the sequence-level methods support, by tiny_families name
 NAMES = ["BERT", "RoBERTa", "GPT-2", "T5", "BART", "OPT", "LLaMA"]

@@ -101,6 +101,11 @@ def _match(paths: Sequence[str], patterns: Sequence[str], what: str) -> tuple[li
     return matched, unused
 
 
+def matches(path: str, pattern: str) -> bool:
+    """Whether `pattern` (a path, a tail name or an ``[r]`` regex) addresses the module at `path`."""
+    return bool(_match([path], [pattern], "pattern")[0])
+
+
 def suggest(pattern: str, paths: Sequence[str], limit: int = 5) -> list[str]:
     """Up to `limit` module names (tails or full paths) that look like `pattern`."""
     needle = pattern[len(REGEX_PREFIX) :].replace("\\", "") if pattern.startswith(REGEX_PREFIX) else pattern

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from opendelta.addressing import is_delta_module
+from opendelta.distributed import tensor_shape, unsharded_class
 from opendelta.errors import CheckpointNotFoundError, CorruptCheckpointError
 
 CONFIG_NAME = "delta_config.json"
@@ -39,14 +40,14 @@ class DeltaCheckpoint:
 def backbone_fingerprint(model: nn.Module) -> str:
     """A cheap structural fingerprint: hash of the backbone's tensor names, shapes and dtypes.
 
-    Reads no tensor data, so it is instant on huge, bf16 or meta-device models; delta tensors and
-    state-dict hooks do not change it.
+    Reads no tensor data, so it is instant on huge, bf16 or meta-device models; delta tensors,
+    state-dict hooks and sharding (FSDP2, ZeRO-3) do not change it.
     """
     delta_prefixes = tuple(path + "." for path, m in model.named_modules() if path and is_delta_module(m))
-    digest = hashlib.sha256(type(model).__name__.encode())
+    digest = hashlib.sha256(unsharded_class(model).__name__.encode())
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
         if not name.startswith(delta_prefixes):
-            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+            digest.update(f"{name}:{tensor_shape(tensor)}:{tensor.dtype};".encode())
     return digest.hexdigest()[:16]
 
 

@@ -19,7 +19,9 @@ from opendelta import __version__
 from opendelta.addressing import backbone_modules, find_modules, is_delta_module, match_names, remove_excluded
 from opendelta.checkpoint import backbone_fingerprint, read_checkpoint, read_meta, write_checkpoint
 from opendelta.config import DeltaConfig
+from opendelta.distributed import ARRIVAL_TIMEOUT_S, all_ranks_arrive, full_tensors, on_rank_zero, unsharded_class
 from opendelta.errors import (
+    CheckpointError,
     IncompatibleCheckpointError,
     LifecycleError,
     MergeError,
@@ -27,13 +29,15 @@ from opendelta.errors import (
     UnsupportedModuleError,
 )
 from opendelta.registry import lookup, register
-from opendelta.routing import MIXING_ATTR, DeltaLayer, add_delta, remove_delta, swap_delta
+from opendelta.routing import MIXING_ATTR, DeltaLayer, add_delta, remove_delta, require_input_grads, swap_delta
 from opendelta.runtime_init import Observation, model_device, observe
 from opendelta.structure import model_type, resolve_roles
 
 D = TypeVar("D", bound="DeltaBase")
 #: in a module's __dict__: names of the deltas merged into its weights, in merge order
 _MERGED_ATTR = "_opendelta_merged"
+
+SAVE_FORMATS = ("opendelta", "peft")
 
 
 class DeltaBase:
@@ -205,10 +209,10 @@ class DeltaBase:
         if self._tuned:
             self._swap_backbone_tensors(self._tuned)
             self._tuned = {}
+        self._input_grad_handle = require_input_grads(self.backbone_model)
         self._attached = True
         if self._set_state_dict:
             self._install_state_dict_filter()
-        self._input_grad_handle = _make_embeddings_require_grad(self.backbone_model)
 
     def detach(self) -> DeltaBase:
         """Take the delta out; the backbone computes exactly what it computed before the delta came.
@@ -438,40 +442,63 @@ class DeltaBase:
 
     # ----------------------------------------------------------------- checkpoints
 
-    def _checkpoint_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, list[int]]]:
+    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint holds, as they live in the model (possibly sharded)."""
         tensors: dict[str, torch.Tensor] = {}
-        modules: dict[str, Any] = {}
         for path, layer in self.layers.items():
-            entry = {}
-            for key, tensor in layer.state_dict().items():
+            for key, tensor in layer.state_dict(keep_vars=True).items():
                 tensors[f"delta.{path}.{key}"] = tensor
-                entry[key] = list(tensor.shape)
-            modules[path] = {"class": type(self._targets[path]).__name__, "tensors": entry}
-        backbone_tensors: dict[str, list[int]] = {}
         params = dict(self.backbone_model.named_parameters())
         for n in self._originals:  # the backbone tensors this delta trains (unfrozen head, ...)
-            value = params[n] if self._attached else self._tuned[n]
-            tensors[f"backbone.{n}"] = value
-            backbone_tensors[n] = list(value.shape)
-        return tensors, modules, backbone_tensors
+            tensors[f"backbone.{n}"] = params[n] if self._attached else self._tuned[n]
+        return tensors
 
-    def save_finetuned(self, finetuned_delta_path: str | os.PathLike = "./delta_checkpoint") -> str:
-        """Save this delta (and the backbone tensors it trains, e.g. an unfrozen head) as safetensors + JSON."""
-        tensors, modules, backbone_tensors = self._checkpoint_tensors()
-        meta = {
+    def _checkpoint_meta(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        modules: dict[str, Any] = {}
+        for path, layer in self.layers.items():
+            entry = {key: list(tensors[f"delta.{path}.{key}"].shape) for key in layer.state_dict()}
+            modules[path] = {"class": type(self._targets[path]).__name__, "tensors": entry}
+        return {
             "delta_type": self.delta_type,
             "name": self.name,
             "library_version": __version__,
             "config": self.config.to_dict(),
             "modules": modules,
-            "backbone_tensors": backbone_tensors,
+            "backbone_tensors": {n: list(tensors[f"backbone.{n}"].shape) for n in self._originals},
             "backbone": {
-                "class": type(self.backbone_model).__name__,
+                "class": unsharded_class(self.backbone_model).__name__,
                 "model_type": model_type(self.backbone_model),
                 "fingerprint": backbone_fingerprint(self.backbone_model),
             },
         }
-        write_checkpoint(finetuned_delta_path, meta, tensors)
+
+    def save_finetuned(
+        self,
+        finetuned_delta_path: str | os.PathLike = "./delta_checkpoint",
+        *,
+        format: str = "opendelta",
+        arrival_timeout_s: float = ARRIVAL_TIMEOUT_S,
+    ) -> str:
+        """Save this delta (and the backbone tensors it trains, e.g. an unfrozen head).
+
+        ``format="opendelta"`` writes safetensors + JSON; ``format="peft"`` writes a PEFT adapter
+        folder (LoRA only). In a distributed run (DDP, FSDP2, DeepSpeed ZeRO-3) call it on every
+        rank: the ranks gather the (possibly sharded) delta tensors and rank 0 writes. A rank that
+        does not arrive within `arrival_timeout_s` makes it raise DistributedSaveError (gloo).
+        """
+        if format not in SAVE_FORMATS:
+            raise CheckpointError(f"unknown checkpoint format {format!r}; expected one of {SAVE_FORMATS}")
+        if format == "peft":
+            from opendelta.peft_format import check_peft_expressible, write_peft_checkpoint
+
+            check_peft_expressible(self)
+        all_ranks_arrive(f"save_finetuned({str(finetuned_delta_path)!r})", arrival_timeout_s)
+        tensors = full_tensors(self._checkpoint_tensors())
+        if format == "peft":
+            on_rank_zero(str(finetuned_delta_path), lambda: write_peft_checkpoint(self, finetuned_delta_path, tensors))
+        else:
+            meta = self._checkpoint_meta(tensors)
+            on_rank_zero(str(finetuned_delta_path), lambda: write_checkpoint(finetuned_delta_path, meta, tensors))
         return str(finetuned_delta_path)
 
     @classmethod
@@ -483,24 +510,34 @@ class DeltaBase:
         name: str | None = None,
         dummy_inputs: Any = None,
     ) -> D:
-        """Load a checkpoint written by save_finetuned() onto `backbone_model` and attach it.
+        """Load a checkpoint written by save_finetuned() (or a PEFT LoRA adapter folder) onto
+        `backbone_model` and attach it.
 
         Everything is checked before the backbone is touched: a checkpoint that does not fit
         raises IncompatibleCheckpointError naming the modules and shapes that differ.
         """
-        meta = read_meta(finetuned_delta_path)
-        _, delta_cls = lookup(meta["delta_type"])
+        from opendelta.peft_format import is_peft_folder, read_peft_checkpoint
+
+        device = model_device(backbone_model)
+        device = torch.device("cpu") if device.type == "meta" else device
+        if is_peft_folder(finetuned_delta_path):
+            delta_cls, config, paths, tensors, backbone_names, trained_on = read_peft_checkpoint(
+                finetuned_delta_path, device
+            )
+        else:
+            meta = read_meta(finetuned_delta_path)
+            _, delta_cls = lookup(meta["delta_type"])
+            ckpt = read_checkpoint(finetuned_delta_path, device=device)
+            config = delta_cls.config_class.from_dict(ckpt.meta["config"])
+            paths = list(ckpt.meta.get("modules", {}))
+            tensors, backbone_names = ckpt.tensors, ckpt.meta.get("backbone_tensors", {})
+            trained_on = ckpt.meta.get("backbone", {}).get("class", "?")
         if cls is not DeltaBase and not issubclass(delta_cls, cls):
             raise IncompatibleCheckpointError(
-                f"{finetuned_delta_path} holds a {meta['delta_type']!r} delta; load it with "
+                f"{finetuned_delta_path} holds a {delta_cls.delta_type!r} delta; load it with "
                 f"{delta_cls.__name__}.from_finetuned or AutoDeltaModel.from_finetuned"
             )
-        device = model_device(backbone_model)
-        ckpt = read_checkpoint(finetuned_delta_path, device="cpu" if device.type == "meta" else device)
-        config = delta_cls.config_class.from_dict(ckpt.meta["config"])
-        paths = list(ckpt.meta.get("modules", {}))
         present = {"", *(p for p, _ in backbone_modules(backbone_model))}  # "" is the root
-        trained_on = ckpt.meta.get("backbone", {}).get("class", "?")
         missing = [p for p in paths if p not in present]
         if missing:
             raise IncompatibleCheckpointError(
@@ -512,7 +549,7 @@ class DeltaBase:
             obj._setup(backbone_model, config, paths, name, dummy_inputs)
         except UnsupportedModuleError as exc:
             raise IncompatibleCheckpointError(f"the checkpoint does not fit this backbone: {exc}") from exc
-        obj._load_tensors(ckpt.tensors, ckpt.meta.get("backbone_tensors", {}), trained_on)
+        obj._load_tensors(tensors, backbone_names, trained_on)
         return obj
 
     def _load_tensors(self, tensors: dict[str, torch.Tensor], backbone_names: dict[str, Any], trained_on: str) -> None:
@@ -551,35 +588,6 @@ class DeltaBase:
             for n in backbone_names:
                 self._originals.setdefault(n, params[n].detach().clone())
                 params[n].copy_(tensors[f"backbone.{n}"])
-
-
-def _make_embeddings_require_grad(backbone: nn.Module) -> Any:
-    """While a delta is attached, make the input embeddings' output require grad in training.
-
-    Re-entrant gradient checkpointing only back-propagates into a checkpointed layer whose inputs
-    require grad; with a frozen backbone nothing does, and the deltas inside would get no
-    gradient ("does not require grad"). transformers arranges this itself for token-input models
-    only, so do it for every model that names its input embeddings. Returns the hook handle.
-    """
-    get = getattr(backbone, "get_input_embeddings", None)
-    try:
-        embeddings = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        return None
-    if not isinstance(embeddings, nn.Module):
-        return None
-
-    def require_grad(module: nn.Module, args: tuple, output: Any) -> None:
-        if (
-            module.training
-            and torch.is_grad_enabled()
-            and isinstance(output, torch.Tensor)
-            and output.is_floating_point()
-            and not output.requires_grad
-        ):
-            output.requires_grad_(True)
-
-    return embeddings.register_forward_hook(require_grad)
 
 
 def _path_of(root: nn.Module, module: nn.Module) -> str:

@@ -79,6 +79,14 @@ class IncompatibleCheckpointError(CheckpointError, ValueError):
     """The checkpoint's modules or tensor shapes do not fit this backbone."""
 
 
+class DistributedSaveError(OpenDeltaError, RuntimeError):
+    """A distributed save was not reached by every rank, or rank 0 failed to write it."""
+
+
+class PeftFormatError(CheckpointError, ValueError):
+    """A PEFT adapter folder that opendelta cannot read or a delta that the PEFT format cannot express."""
+
+
 class SelectionError(OpenDeltaError, RuntimeError):
     """The interactive module selection could not give a result (port taken, cancelled, timed out)."""
 

@@ -12,6 +12,7 @@ Order inside one module: *before* deltas (in attach order) -> the module (or its
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from dataclasses import dataclass
@@ -421,3 +422,44 @@ def remove_delta(module: nn.Module, name: str) -> DeltaLayer:
     return layer  # type: ignore[return-value]
 
 
+def _embedding_of(model: nn.Module) -> nn.Module | None:
+    """The module whose output is the first hidden state: the input embeddings."""
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            found = get()
+        except (NotImplementedError, AttributeError):
+            found = None
+        if isinstance(found, nn.Module):
+            return found
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
+def _output_requires_grad(flags: list[nn.Module], module: nn.Module, args: tuple, output: Any) -> Any:
+    if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return output
+    if flags and not any(m.gradient_checkpointing for m in flags):
+        return output
+    h = output if isinstance(output, torch.Tensor) else first_tensor(output)
+    if h.is_floating_point() and not h.requires_grad:
+        h.requires_grad_(True)
+    return output
+
+
+def require_input_grads(model: nn.Module) -> Any:
+    """Make the input embeddings' output require grad under gradient checkpointing; return the hook handle.
+
+    With a frozen backbone no tensor entering a block requires grad, so re-entrant gradient
+    checkpointing (``torch.utils.checkpoint(..., use_reentrant=True)``) would return outputs that
+    do not require grad, and the deltas inside would get none. Marking the embedding output fixes
+    that for every method, at the cost of input gradients through the first block. Models that
+    flag checkpointing (transformers' ``gradient_checkpointing`` attributes) pay it only while it
+    is on; other models always (their checkpointing cannot be seen). Under ``torch.compile`` the
+    hook stands aside (it would break the graph): compile with ``use_reentrant=False``.
+    Returns None when the model has no input embeddings.
+    """
+    embedding = _embedding_of(model)
+    if embedding is None:
+        return None
+    flags = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+    return embedding.register_forward_hook(functools.partial(_output_requires_grad, flags))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opendelta.addressing import matches
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import DeltaConfigError, UnsupportedModuleError
@@ -22,12 +23,29 @@ class LoraConfig(DeltaConfig):
     lora_r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.0
+    #: rank-stabilised LoRA (Kalajdzievski, 2023): s = alpha / sqrt(r) instead of alpha / r
+    use_rslora: bool = False
+    #: per-module r and alpha, ``{module pattern: value}`` in the addressing syntax; first match wins
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
 
     def validate(self) -> None:
-        if not isinstance(self.lora_r, int) or self.lora_r < 1:
-            raise DeltaConfigError(f"lora_r must be a positive integer, got {self.lora_r!r}")
+        for name, r in [("lora_r", self.lora_r), *((f"rank_pattern[{k!r}]", v) for k, v in (self.rank_pattern or {}).items())]:
+            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+                raise DeltaConfigError(f"{name} must be a positive integer, got {r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise DeltaConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        """The rank r and alpha of the LoRA at module `path` (the first matching pattern, else the defaults)."""
+        r = next((v for k, v in (self.rank_pattern or {}).items() if matches(path, k)), self.lora_r)
+        alpha = next((v for k, v in (self.alpha_pattern or {}).items() if matches(path, k)), self.lora_alpha)
+        return r, alpha
+
+    def rank_and_scaling(self, path: str) -> tuple[int, float]:
+        """The rank r and the scaling s of the LoRA at module `path`."""
+        r, alpha = self.rank_and_alpha(path)
+        return r, alpha / (math.sqrt(r) if self.use_rslora else r)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -49,18 +67,21 @@ def fold_into_weight(module: nn.Module, change: Callable[[torch.Tensor], torch.T
 
 
 class LoraLayer(DeltaLayer):
-    """m(h) = s * h A^T B^T with A: (r, in), B: (out, r) zero-initialised, s = alpha / r."""
+    """m(h) = s * h A^T B^T with A: (r, in), B: (out, r) zero-initialised, s = alpha / r.
+
+    The factors take the dtype and device of the weight they sit beside.
+    """
 
     route = "parallel"
 
-    def __init__(self, in_features: int, out_features: int, config: LoraConfig, weight: torch.Tensor):
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig, weight: torch.Tensor, path: str = ""):
         super().__init__()
+        r, self.scaling = config.rank_and_scaling(path)
         factory = {"dtype": weight.dtype, "device": weight.device}
-        self.lora_A = nn.Parameter(torch.empty(config.lora_r, in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, config.lora_r, **factory))
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
         if weight.device.type != "meta":  # a skeleton has no values to initialise
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scaling = config.lora_alpha / config.lora_r
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -70,11 +91,20 @@ class LoraLayer(DeltaLayer):
         return F.linear(F.linear(h, self.lora_A) * self.scaling, self.lora_B)
 
     def route_parallel(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
-        # a linear map does not keep its output for backward, so accumulating in place is safe and saves a copy
-        return h_out.add_(self(h_in))
+        h = self.dropout(h_in) if self.dropout is not None else h_in
+        low = F.linear(h, self.lora_A).reshape(-1, self.lora_A.shape[0]).to(h_out.dtype)
+        lora_B = self.lora_B.to(h_out.dtype)  # a no-op unless autocast made the output lower precision
+        # one GEMM adds s * low B^T onto the output (scaling and sum fused, no output-sized temporary),
+        # and taking B^T as the second factor makes autograd compute B's gradient as (low^T g)^T,
+        # several times faster on CPU than the g^T low of a linear layer's weight gradient
+        flat = _accumulator(h_out)
+        if flat is None:
+            return torch.addmm(h_out.reshape(-1, h_out.shape[-1]), low, lora_B.t(), alpha=self.scaling).view(h_out.shape)
+        flat.addmm_(low, lora_B.t(), alpha=self.scaling)
+        return flat if flat.shape == h_out.shape else flat.view(h_out.shape)
 
     def route_parallel_rows(self, h_in: torch.Tensor, h_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        # in place for the reason route_parallel gives; one gather of the rows' inputs, one scatter-add
+        # a linear map keeps no output for backward, so adding in place is safe: one gather, one scatter-add
         return h_out.index_add_(0, rows, self(h_in.index_select(0, rows)))
 
     def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -83,10 +113,32 @@ class LoraLayer(DeltaLayer):
         return {"weight": fold_into_weight(module, lambda w: w + update.to(w.dtype))}
 
 
+def _accumulator(h_out: torch.Tensor) -> torch.Tensor | None:
+    """A 2-D tensor that is `h_out`'s memory and may be updated in place, or None.
+
+    A linear map keeps neither its output nor (on 3-D inputs) the 2-D matrix product it views for
+    backward, so adding in place is safe. Adding into the product itself, not into the view, spares
+    autograd the view bookkeeping (CopySlices), which would copy the gradient twice in backward.
+    """
+    base = h_out._base if h_out._base is not None else h_out
+    if (
+        base.dim() == 2
+        and not (base.is_leaf and base.requires_grad)
+        and base.is_contiguous()
+        and h_out.is_contiguous()
+        and base.numel() == h_out.numel()
+        and base.data_ptr() == h_out.data_ptr()
+        and base.shape[-1] == h_out.shape[-1]
+    ):
+        return base
+    return None
+
+
 class LoraModel(DeltaBase):
     """LoRA on every addressed linear layer (``nn.Linear`` or GPT-2's ``Conv1D``).
 
-    Arguments: ``lora_r=8, lora_alpha=16, lora_dropout=0.0``; default positions: attention
+    Arguments: ``lora_r=8, lora_alpha=16, lora_dropout=0.0``, ``use_rslora=False``,
+    ``rank_pattern`` / ``alpha_pattern`` (per-module overrides); default positions: attention
     query and value.
     """
 
@@ -101,4 +153,4 @@ class LoraModel(DeltaBase):
                 f"LoRA needs a linear layer (nn.Linear or Conv1D), but {path!r} is a {type(module).__name__}; "
                 "address the linear projections inside it instead."
             )
-        return LoraLayer(*shape, self.config, module.weight)
+        return LoraLayer(*shape, self.config, module.weight, path)

@@ -1,0 +1,159 @@
+"""The configurations compared: full fine-tuning, the frozen/bare backbone, and each delta method
+built by opendelta and (where PEFT has it) by PEFT at the same positions with the same arguments.
+
+A method joins the suite with one :func:`register_method` line; it is measured as soon as its
+``delta_type`` is registered in opendelta.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from opendelta.registry import known_delta_types, lookup
+from opendelta.structure import resolve_roles
+
+BASELINES = ("full", "frozen")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How the suite builds one delta method: its opendelta type and arguments, its positions as
+    common-structure roles (None: the method's own defaults), and its PEFT twin, if any."""
+
+    delta_type: str
+    roles: tuple[str, ...] | None
+    args: dict[str, Any] = field(default_factory=dict)
+    peft_config: Callable[[list[str]], Any] | None = None
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, spec: MethodSpec) -> None:
+    """Add a method to the suite (it is skipped until opendelta registers `spec.delta_type`)."""
+    METHODS[name] = spec
+
+
+def _peft_lora(targets: list[str]) -> Any:
+    import peft
+
+    return peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
+
+
+register_method("lora", MethodSpec("lora", ("attn.q", "attn.v"), {"lora_r": 8, "lora_alpha": 16}, _peft_lora))
+for _name in ("adapter", "bitfit", "parallel_adapter", "low_rank_adapter", "compacter", "prefix", "soft_prompt", "ia3"):
+    register_method(_name, MethodSpec(_name, None))
+
+
+def available_methods() -> list[str]:
+    """Registered suite methods whose delta type opendelta knows, LoRA first."""
+    known = set(known_delta_types())
+    return [name for name, spec in METHODS.items() if spec.delta_type in known]
+
+
+def variants(methods: list[str], with_peft: bool = True) -> list[str]:
+    """Names of the training configurations: baselines, then ``opendelta:<m>`` and ``peft:<m>``."""
+    names = list(BASELINES)
+    for method in methods:
+        names.append(f"opendelta:{method}")
+        if with_peft and METHODS[method].peft_config is not None:
+            names.append(f"peft:{method}")
+    return names
+
+
+@dataclass
+class Built:
+    """A configuration ready to run: the module to call and the parameters to train."""
+
+    model: nn.Module
+    trainable: list[nn.Parameter]
+    delta: Any = None  # the DeltaBase or PeftModel, when there is one
+
+
+def positions(model: nn.Module, method: str) -> list[str] | None:
+    """Module paths where `method` goes on `model` (None: the method's own defaults)."""
+    roles = METHODS[method].roles
+    return None if roles is None else resolve_roles(model, roles)
+
+
+def build_opendelta(model: nn.Module, method: str, name: str | None = None) -> Any:
+    """Attach `method` with opendelta and freeze everything but the deltas."""
+    spec = METHODS[method]
+    _, cls = lookup(spec.delta_type)
+    delta = cls(model, modified_modules=positions(model, method), name=name, **spec.args)
+    delta.freeze_module(exclude=["deltas"])
+    return delta
+
+
+def build_peft(model: nn.Module, method: str, adapter_name: str = "default") -> Any:
+    """Wrap `model` with PEFT's twin of `method` (get_peft_model freezes the base itself)."""
+    import peft
+
+    spec = METHODS[method]
+    assert spec.peft_config is not None
+    targets = positions(model, method) or []
+    return peft.get_peft_model(model, spec.peft_config(targets), adapter_name=adapter_name)
+
+
+def build(variant: str, model: nn.Module) -> Built:
+    """Turn a fresh `model` into the configuration `variant` (it is modified in place)."""
+    if variant == "full":
+        return Built(model, [p for p in model.parameters() if p.requires_grad])
+    if variant in ("frozen", "bare"):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if variant == "frozen":
+            # backward still runs through every layer, as for a delta at the first layer: the floor
+            model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_())
+        return Built(model, [])
+    tool, method = variant.split(":", 1)
+    if tool == "opendelta":
+        delta = build_opendelta(model, method)
+        return Built(model, [p for p in model.parameters() if p.requires_grad], delta)
+    if tool == "peft":
+        wrapped = build_peft(model, method)
+        return Built(wrapped, [p for p in wrapped.parameters() if p.requires_grad], wrapped)
+    raise KeyError(f"unknown configuration {variant!r}")
+
+
+def train_step(built: Built, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One training step: forward, backward, AdamW update (nothing to update for the frozen floor)."""
+    optimizer = torch.optim.AdamW(built.trainable, lr=1e-4) if built.trainable else None
+    model = built.model
+    model.train()
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def inference(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One forward pass in inference mode, without labels."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.eval()
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(**inputs)
+
+    return forward
+
+
+def merge(delta: Any) -> bool:
+    """Merge the delta into the backbone weights if its tool can; False when it cannot (yet)."""
+    if hasattr(delta, "merge_adapter"):  # PEFT
+        delta.merge_adapter()
+        return True
+    if callable(getattr(delta, "merge", None)):
+        delta.merge()
+        return True
+    return False
