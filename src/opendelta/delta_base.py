@@ -205,11 +205,13 @@ class DeltaBase:
         self._after_attach()
         return self
 
-    def _after_attach(self) -> None:
+    def _after_attach(self, input_grad_handle: Any = None) -> None:
         if self._tuned:
             self._swap_backbone_tensors(self._tuned)
             self._tuned = {}
-        self._input_grad_handle = require_input_grads(self.backbone_model)
+        if input_grad_handle is None:
+            input_grad_handle = require_input_grads(self.backbone_model)
+        self._input_grad_handle = input_grad_handle
         self._attached = True
         if self._set_state_dict:
             self._install_state_dict_filter()
@@ -277,8 +279,10 @@ class DeltaBase:
         for path in reversed(list(self.layers)):
             if id(self._targets[path]) not in new_paths:
                 remove_delta(self._targets[path], self.name)
+        # the input-grad hook acts on the backbone, not on one delta: hand it over instead of re-registering
+        handle, self._input_grad_handle = self._input_grad_handle, None
         self._after_detach()
-        to._after_attach()
+        to._after_attach(input_grad_handle=handle)
         return to
 
     # ----------------------------------------------------------------- merging

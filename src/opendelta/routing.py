@@ -363,7 +363,7 @@ def add_delta(module: nn.Module, name: str, layer: DeltaLayer) -> None:
     """Make `layer` (a delta) act on `module` under child name `name`, by the layer's route."""
     if layer.route not in ROUTES:
         raise ValueError(f"unknown route {layer.route!r}; expected one of {ROUTES}")
-    if name in module._modules or hasattr(module, name):
+    if _name_taken(module, name):
         raise LifecycleError(f"{type(module).__name__} already has an attribute or child named {name!r}")
     site = site_of(module)
     if site is None:
@@ -383,6 +383,17 @@ def add_delta(module: nn.Module, name: str, layer: DeltaLayer) -> None:
         raise
 
 
+def _name_taken(module: nn.Module, name: str) -> bool:
+    """``hasattr(module, name)`` without the cost of nn.Module.__getattr__ raising for a free name."""
+    return (
+        name in module._modules
+        or name in module._parameters
+        or name in module._buffers
+        or name in module.__dict__
+        or hasattr(type(module), name)
+    )
+
+
 def swap_delta(module: nn.Module, old: str, new: str, layer: DeltaLayer) -> None:
     """:func:`remove_delta` of `old` then :func:`add_delta` of `layer` as `new`, keeping the hooks
     installed in between (a task switch on the same modules re-registers nothing)."""
@@ -393,7 +404,7 @@ def swap_delta(module: nn.Module, old: str, new: str, layer: DeltaLayer) -> None
         remove_delta(module, old)
         add_delta(module, new, layer)
         return
-    if new != old and (new in module._modules or hasattr(module, new)):
+    if new != old and _name_taken(module, new):
         raise LifecycleError(f"{type(module).__name__} already has an attribute or child named {new!r}")
     for route in ("before", "parallel", "after"):
         names = getattr(site, route)
