@@ -14,6 +14,8 @@ from opendelta.errors import (
     DistributedSaveError,
     IncompatibleCheckpointError,
     LifecycleError,
+    MergeError,
+    MixedBatchError,
     NoMatchError,
     OpenDeltaError,
     PatternError,
@@ -46,6 +48,7 @@ from opendelta.methods import (
     SoftPromptConfig,
     SoftPromptModel,
 )
+from opendelta.multitask import MultiTask, mixed_batch
 from opendelta.routing import DeltaLayer
 
 __all__ = [
@@ -73,6 +76,9 @@ __all__ = [
     "LoraModel",
     "LowRankAdapterConfig",
     "LowRankAdapterModel",
+    "MergeError",
+    "MixedBatchError",
+    "MultiTask",
     "NoMatchError",
     "OpenDeltaError",
     "ParallelAdapterConfig",
@@ -91,4 +97,5 @@ __all__ = [
     "UnknownDeltaTypeError",
     "UnsupportedModuleError",
     "find_modules",
+    "mixed_batch",
 ]

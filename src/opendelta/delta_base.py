@@ -24,15 +24,18 @@ from opendelta.errors import (
     CheckpointError,
     IncompatibleCheckpointError,
     LifecycleError,
+    MergeError,
     PatternError,
     UnsupportedModuleError,
 )
 from opendelta.registry import lookup, register
-from opendelta.routing import DeltaLayer, add_delta, remove_delta, require_input_grads
+from opendelta.routing import MIXING_ATTR, DeltaLayer, add_delta, remove_delta, require_input_grads, swap_delta
 from opendelta.runtime_init import Observation, model_device, observe
 from opendelta.structure import model_type, resolve_roles
 
 D = TypeVar("D", bound="DeltaBase")
+#: in a module's __dict__: names of the deltas merged into its weights, in merge order
+_MERGED_ATTR = "_opendelta_merged"
 
 SAVE_FORMATS = ("opendelta", "peft")
 
@@ -142,6 +145,7 @@ class DeltaBase:
         self._input_grad_handle: Any = None
         self._originals: dict[str, torch.Tensor] = {}  # backbone tensors this delta trains: values before
         self._tuned: dict[str, torch.Tensor] = {}  # ... and their tuned values while detached
+        self._merged: dict[str, dict[str, torch.Tensor]] = {}  # path -> parameter values before merge()
 
     def runtime_observe(self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any) -> dict[str, Observation]:
         """What new_layer learns from the dummy pass; a method that needs more than shapes overrides this."""
@@ -173,10 +177,22 @@ class DeltaBase:
     def is_attached(self) -> bool:
         return self._attached
 
+    @property
+    def is_merged(self) -> bool:
+        return bool(self._merged)
+
+    def _check_free(self, action: str) -> None:
+        """Refuse to change the data flow while a mixed batch has planned it."""
+        if self.backbone_model.__dict__.get(MIXING_ATTR):
+            raise LifecycleError(
+                f"cannot {action} delta {self.name!r} inside a mixed_batch() on its backbone; leave the block first"
+            )
+
     def attach(self) -> DeltaBase:
         """Put the delta layers (and the tuned backbone tensors) into the backbone's data flow."""
         if self._attached:
             raise LifecycleError(f"delta {self.name!r} is already attached; detach() it first")
+        self._check_free("attach")
         done: list[str] = []
         try:
             for path, layer in self.layers.items():
@@ -186,21 +202,36 @@ class DeltaBase:
             for path in reversed(done):
                 remove_delta(self._targets[path], self.name)
             raise
+        self._after_attach()
+        return self
+
+    def _after_attach(self, input_grad_handle: Any = None) -> None:
         if self._tuned:
             self._swap_backbone_tensors(self._tuned)
             self._tuned = {}
-        self._input_grad_handle = require_input_grads(self.backbone_model)
+        if input_grad_handle is None:
+            input_grad_handle = require_input_grads(self.backbone_model)
+        self._input_grad_handle = input_grad_handle
         self._attached = True
         if self._set_state_dict:
             self._install_state_dict_filter()
-        return self
 
     def detach(self) -> DeltaBase:
-        """Take the delta out; the backbone computes exactly what it computed before the delta came."""
+        """Take the delta out; the backbone computes exactly what it computed before the delta came.
+
+        A merged delta is unmerged first, so its modules get their original weights back bit for bit.
+        """
         if not self._attached:
             raise LifecycleError(f"delta {self.name!r} is not attached")
+        self._check_free("detach")
+        if self._merged:
+            self.unmerge()
         for path in reversed(list(self.layers)):
             remove_delta(self._targets[path], self.name)
+        self._after_detach()
+        return self
+
+    def _after_detach(self) -> None:
         if self._originals:
             self._tuned = self._swap_backbone_tensors(self._originals)
         if self._state_dict_handle is not None:
@@ -210,6 +241,114 @@ class DeltaBase:
             self._input_grad_handle.remove()
             self._input_grad_handle = None
         self._attached = False
+
+    def switch(self, to: DeltaBase) -> DeltaBase:
+        """Detach this delta and attach `to` in one step; returns `to`.
+
+        Equivalent to ``self.detach(); to.attach()``, but on the modules both deltas modify the
+        hooks stay installed and only the delta children change, so serving many tasks on one
+        backbone switches in well under a millisecond.
+        """
+        self._check_free("switch")
+        if not isinstance(to, DeltaBase) or to.backbone_model is not self.backbone_model:
+            raise LifecycleError(f"switch(to=...) needs another delta on the same backbone as {self.name!r}, got {to!r}")
+        if not self._attached or self._merged:
+            raise LifecycleError(f"switch() starts from an attached, unmerged delta; {self.name!r} is not")
+        if to._attached:
+            raise LifecycleError(f"delta {to.name!r} is already attached; switch to a detached delta")
+        old_by_module = {id(self._targets[p]): p for p in self.layers}
+        new_paths = {id(to._targets[p]) for p in to.layers}
+        done: list[tuple[str, str | None]] = []  # (new path, old path swapped out there)
+        try:
+            for path, layer in to.layers.items():
+                module = to._targets[path]
+                old = old_by_module.get(id(module))
+                if old is None:
+                    add_delta(module, to.name, layer)
+                else:
+                    swap_delta(module, self.name, to.name, layer)
+                done.append((path, old))
+        except Exception:
+            for path, old in reversed(done):
+                module = to._targets[path]
+                if old is None:
+                    remove_delta(module, to.name)
+                else:
+                    swap_delta(module, to.name, self.name, self.layers[old])
+            raise
+        for path in reversed(list(self.layers)):
+            if id(self._targets[path]) not in new_paths:
+                remove_delta(self._targets[path], self.name)
+        # the input-grad hook acts on the backbone, not on one delta: hand it over instead of re-registering
+        handle, self._input_grad_handle = self._input_grad_handle, None
+        self._after_detach()
+        to._after_attach(input_grad_handle=handle)
+        return to
+
+    # ----------------------------------------------------------------- merging
+
+    def merge(self) -> DeltaBase:
+        """Fold this delta into the weights of the modules it modifies, for zero-overhead inference.
+
+        Only methods linear in a module's weights can merge (LoRA, IA3, BitFit on modules with a
+        bias); others raise MergeError and nothing changes. The weights before the merge are kept
+        (one copy of each merged tensor), so unmerge() and detach() restore them bit for bit.
+        """
+        if not self._attached:
+            raise LifecycleError(f"delta {self.name!r} is detached; attach() it before merging")
+        if self._merged:
+            raise LifecycleError(f"delta {self.name!r} is already merged")
+        self._check_free("merge")
+        folded: dict[str, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for path, layer in self.layers.items():
+                folded[path] = layer.merged_parameters(self._targets[path])
+        seen: dict[int, int] = {}
+        for _, p in self.backbone_model.named_parameters(remove_duplicate=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+        for path, values in folded.items():
+            shared = [key for key in values if seen.get(id(getattr(self._targets[path], key)), 0) > 1]
+            if shared:
+                raise MergeError(
+                    f"{path}.{shared[0]} is tied to another module's parameter (e.g. an LM head tied to the input "
+                    "embeddings), so merging would change that module too; keep this delta unmerged there."
+                )
+        saved: dict[str, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for path, values in folded.items():
+                module = self._targets[path]
+                remove_delta(module, self.name)
+                saved[path] = {}
+                for key, value in values.items():
+                    param = getattr(module, key)
+                    saved[path][key] = param.detach().clone()
+                    param.copy_(value)
+                module.__dict__.setdefault(_MERGED_ATTR, []).append(self.name)
+        self._merged = saved
+        return self
+
+    def unmerge(self) -> DeltaBase:
+        """Undo merge(): the original weights come back bit for bit and the delta runs as layers again."""
+        if not self._merged:
+            raise LifecycleError(f"delta {self.name!r} is not merged")
+        self._check_free("unmerge")
+        for path in self._merged:
+            stack = self._targets[path].__dict__[_MERGED_ATTR]
+            if stack[-1] != self.name:
+                raise LifecycleError(
+                    f"delta {stack[-1]!r} merged into {path} after {self.name!r}; unmerge {stack[-1]!r} first"
+                )
+        with torch.no_grad():
+            for path, entry in self._merged.items():
+                module = self._targets[path]
+                for key, original in entry.items():
+                    getattr(module, key).copy_(original)
+                stack = module.__dict__[_MERGED_ATTR]
+                stack.pop()
+                if not stack:
+                    del module.__dict__[_MERGED_ATTR]
+                add_delta(module, self.name, self.layers[path])
+        self._merged = {}
         return self
 
     def _swap_backbone_tensors(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -302,7 +441,7 @@ class DeltaBase:
         console.print(f"{len(self.layers)} modified modules: {', '.join(_compress(list(self.layers)))}")
 
     def __repr__(self) -> str:
-        state = "attached" if self._attached else "detached"
+        state = ("merged" if self._merged else "attached") if self._attached else "detached"
         return f"{type(self).__name__}(name={self.name!r}, modules={len(self.layers)}, {state})"
 
     # ----------------------------------------------------------------- checkpoints

@@ -43,6 +43,15 @@ class LifecycleError(OpenDeltaError, RuntimeError):
     """attach/detach/merge called in a state that does not allow it (e.g. attaching twice)."""
 
 
+class MixedBatchError(OpenDeltaError, ValueError):
+    """A mixed-task batch was asked for what it cannot do (bad row indices, a foreign delta,
+    deltas that cannot share a batch, a forward whose batch size differs from the rows)."""
+
+
+class MergeError(OpenDeltaError, TypeError):
+    """merge() was called on a delta whose method is not linear in the module's weight."""
+
+
 class DeltaConfigError(OpenDeltaError, ValueError):
     """A delta configuration has unknown keys or invalid values."""
 

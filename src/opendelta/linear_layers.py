@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -15,3 +17,11 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
         return weight.shape[0], weight.shape[1]
     return None
+
+
+def fold_into_weight(module: nn.Module, change: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`change` applied to a linear map's weight seen as (out, in), returned in the module's own layout."""
+    weight = module.weight
+    if isinstance(module, nn.Linear):
+        return change(weight)
+    return change(weight.t()).t()  # Conv1D stores (in, out)

@@ -15,15 +15,18 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from opendelta.errors import LifecycleError, UnsupportedModuleError
+from opendelta.errors import LifecycleError, MergeError, MixedBatchError, UnsupportedModuleError
 
 ROUTES = ("before", "after", "parallel", "replace")
 _SITE_ATTR = "_opendelta_site"
+#: set in a backbone's __dict__ while a mixed batch is planned on it
+MIXING_ATTR = "_opendelta_mixing"
 
 
 class DeltaLayer(nn.Module):
@@ -57,6 +60,41 @@ class DeltaLayer(nn.Module):
 
     def route_parallel(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
         return h_out + self(h_in)
+
+    # A mixed batch (opendelta.mixed_batch) runs a delta on some rows of the batch only. Row-wise
+    # deltas get that for free from the methods below: each computes on its rows and leaves the
+    # others as they were. Deltas that change a call's shape (prefixes, prompts) cannot act on
+    # part of a batch; their class combines all of them on one module through combine_rows.
+
+    def route_input_rows(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`route_input` on the batch rows `rows` (sorted indices) only."""
+        return h.index_copy(0, rows, self.route_input(h.index_select(0, rows)))
+
+    def route_output_rows(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`route_output` on the batch rows `rows` only."""
+        return h.index_copy(0, rows, self.route_output(h.index_select(0, rows)))
+
+    def route_parallel_rows(self, h_in: torch.Tensor, h_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`route_parallel` on the batch rows `rows` only."""
+        part = self.route_parallel(h_in.index_select(0, rows), h_out.index_select(0, rows))
+        return h_out.index_copy(0, rows, part)
+
+    def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """New values of `module`'s parameters (by name) that compute what module and delta compute
+        together, for deltas linear in them; others raise MergeError."""
+        raise MergeError(
+            f"{type(self).__name__} is not linear in the weights of the {type(module).__name__} it modifies, so it "
+            "cannot be merged into them; keep it attached as a layer (or use LoRA / IA3 for merged inference)."
+        )
+
+    @classmethod
+    def combine_rows(cls, parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int) -> Any:
+        """One object whose ``route_call`` runs each layer of `parts` on its rows, for layers that
+        override :meth:`route_call`; raise MixedBatchError where they cannot share a batch."""
+        raise MixedBatchError(
+            f"{cls.__name__} changes the whole call of its module, so it cannot act on part of a batch; "
+            "give every row of a mixed batch this delta, or run it alone."
+        )
 
 
 def first_tensor(value: Any) -> torch.Tensor:
@@ -110,6 +148,53 @@ def as_keywords(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
     return {**dict(zip(names, args)), **kwargs}
 
 
+def combined_order(parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int, what: str) -> torch.Tensor:
+    """For combine_rows: the permutation that puts the parts' rows, concatenated in order, back in
+    batch order. Raises MixedBatchError unless every row of the batch belongs to one part."""
+    covered = sum(int(rows.numel()) for _, rows in parts)
+    if covered != batch_size:
+        raise MixedBatchError(
+            f"{what} changes the length of the sequence, so every row of a mixed batch must get one of the same "
+            f"length on this module, but {batch_size - covered} of {batch_size} rows get none; give those rows "
+            "such a delta too, or run them in a separate batch."
+        )
+    return torch.argsort(torch.cat([rows for _, rows in parts]))
+
+
+@dataclass(frozen=True)
+class RowRouting:
+    """Which rows of every forward's batch the named deltas act on, in a mixed batch.
+
+    `names` are the deltas of the mix; `rows` maps those that act on some rows only to the
+    sorted indices of their rows (on the device they index); `idle` names those with no row.
+    Any other delta acts on every row.
+    """
+
+    batch_size: int
+    names: frozenset[str]
+    rows: dict[str, torch.Tensor]
+    idle: frozenset[str] = frozenset()
+
+
+class _Mix:
+    """A site's plan for one mixed batch: per route, (delta name or combined object, rows or None)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.before: list[tuple[Any, torch.Tensor | None]] = []
+        self.parallel: list[tuple[str, torch.Tensor | None]] = []
+        self.after: list[tuple[str, torch.Tensor | None]] = []
+        self.checks_output = False
+
+    def check(self, h: torch.Tensor) -> None:
+        if h.shape[0] != self.batch_size:
+            raise MixedBatchError(
+                f"this mixed batch routes {self.batch_size} rows, but a forward ran on a batch of {h.shape[0]}; "
+                "pass exactly one row index per batch row (generate() with num_beams or num_return_sequences "
+                "> 1 expands the batch: use greedy or sampled decoding with one sequence per row)."
+            )
+
+
 class Site:
     """The deltas acting on one module, by route, as names of the module's delta children."""
 
@@ -124,6 +209,7 @@ class Site:
         self._post_handle: Any = None
         self._had_forward = "forward" in module.__dict__
         self._own_forward: Any = None
+        self.mix: _Mix | None = None
 
     def _keyword_input_name(self) -> str | None:
         if self.input_name is None:
@@ -141,12 +227,84 @@ class Site:
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         mods = module._modules
         input_name = None if args else self._keyword_input_name()
+        if self.mix is not None:
+            return self._mixed_pre(mods, args, kwargs, input_name)
         for name in self.before:
             args, kwargs = mods[name].route_call(args, kwargs, input_name)
         return args, kwargs
 
+    def _mixed_pre(self, mods: dict, args: tuple, kwargs: dict, input_name: str | None) -> tuple[tuple, dict]:
+        mix = self.mix
+        assert mix is not None
+        for step, rows in mix.before:
+            if not isinstance(step, str):  # layers combined for this batch
+                args, kwargs = step.route_call(args, kwargs, input_name)
+            elif rows is None:
+                args, kwargs = mods[step].route_call(args, kwargs, input_name)
+            else:
+                h = self._input(args, kwargs)
+                mix.check(h)  # a row-wise delta of the mix; a combined one checks for itself
+                h = mods[step].route_input_rows(h, rows)
+                if args:
+                    args = (h, *args[1:])
+                else:
+                    kwargs = {**kwargs, self._keyword_input_name(): h}
+        return args, kwargs
+
+    def _mixed_post(self, mods: dict, args: tuple, kwargs: dict, output: Any) -> Any:
+        mix = self.mix
+        assert mix is not None
+        h = first_tensor(output)
+        if mix.checks_output:
+            mix.check(h)
+        if mix.parallel:
+            h_in = args[0] if args else self._input(args, kwargs)
+            for name, rows in mix.parallel:
+                layer = mods[name]
+                h = layer.route_parallel(h_in, h) if rows is None else layer.route_parallel_rows(h_in, h, rows)
+        for name, rows in mix.after:
+            layer = mods[name]
+            h = layer.route_output(h) if rows is None else layer.route_output_rows(h, rows)
+        return with_first_tensor(output, h)
+
+    def start_mix(self, module: nn.Module, routing: RowRouting) -> None:
+        """Plan this module's deltas for a mixed batch (see :class:`RowRouting`); undo with end_mix."""
+        mix = _Mix(routing.batch_size)
+        mods = module._modules
+        if self.replace is not None and routing.rows.get(self.replace) is not None:
+            raise MixedBatchError(f"delta {self.replace!r} replaces {type(module).__name__}, so it cannot act on part of a batch")
+        groups: dict[Any, list[tuple[DeltaLayer, torch.Tensor]]] = {}
+        for name in self.before:
+            if name in routing.idle:
+                continue
+            rows = routing.rows.get(name)
+            layer = mods[name]
+            if rows is not None and type(layer).route_call is not DeltaLayer.route_call:
+                key = type(layer).combine_rows.__func__  # type: ignore[attr-defined]
+                if key not in groups:
+                    groups[key] = []
+                    mix.before.append((groups[key], None))
+                groups[key].append((layer, rows))
+            else:
+                mix.before.append((name, rows))
+        for i, (step, rows) in enumerate(mix.before):
+            if isinstance(step, list):
+                mix.before[i] = (type(step[0][0]).combine_rows(step, routing.batch_size), None)
+        for route in ("parallel", "after"):
+            planned = getattr(mix, route)
+            for name in getattr(self, route):
+                if name not in routing.idle:
+                    planned.append((name, routing.rows.get(name)))
+        mix.checks_output = any(name in routing.names for name in (*self.parallel, *self.after))
+        self.mix = mix
+
+    def end_mix(self) -> None:
+        self.mix = None
+
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         mods = module._modules
+        if self.mix is not None:
+            return self._mixed_post(mods, args, kwargs, output)
         if self.parallel:
             h_in = args[0] if args else self._input(args, kwargs)
             h_out = first_tensor(output)
@@ -205,7 +363,7 @@ def add_delta(module: nn.Module, name: str, layer: DeltaLayer) -> None:
     """Make `layer` (a delta) act on `module` under child name `name`, by the layer's route."""
     if layer.route not in ROUTES:
         raise ValueError(f"unknown route {layer.route!r}; expected one of {ROUTES}")
-    if name in module._modules or hasattr(module, name):
+    if _name_taken(module, name):
         raise LifecycleError(f"{type(module).__name__} already has an attribute or child named {name!r}")
     site = site_of(module)
     if site is None:
@@ -223,6 +381,39 @@ def add_delta(module: nn.Module, name: str, layer: DeltaLayer) -> None:
     except Exception:
         remove_delta(module, name)
         raise
+
+
+def _name_taken(module: nn.Module, name: str) -> bool:
+    """``hasattr(module, name)`` without the cost of nn.Module.__getattr__ raising for a free name."""
+    return (
+        name in module._modules
+        or name in module._parameters
+        or name in module._buffers
+        or name in module.__dict__
+        or hasattr(type(module), name)
+    )
+
+
+def swap_delta(module: nn.Module, old: str, new: str, layer: DeltaLayer) -> None:
+    """:func:`remove_delta` of `old` then :func:`add_delta` of `layer` as `new`, keeping the hooks
+    installed in between (a task switch on the same modules re-registers nothing)."""
+    site = site_of(module)
+    if site is None or old not in module._modules:
+        raise LifecycleError(f"{type(module).__name__} has no delta named {old!r}")
+    if layer.route == "replace" or site.replace == old:
+        remove_delta(module, old)
+        add_delta(module, new, layer)
+        return
+    if new != old and _name_taken(module, new):
+        raise LifecycleError(f"{type(module).__name__} already has an attribute or child named {new!r}")
+    for route in ("before", "parallel", "after"):
+        names = getattr(site, route)
+        if old in names:
+            names.remove(old)
+    del module._modules[old]
+    module._modules[new] = layer
+    getattr(site, layer.route).append(new)
+    site.refresh(module)
 
 
 def remove_delta(module: nn.Module, name: str) -> DeltaLayer:

@@ -14,7 +14,7 @@ from torch import nn
 
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import UnsupportedModuleError
+from opendelta.errors import MergeError, UnsupportedModuleError
 from opendelta.linear_layers import linear_shape
 from opendelta.routing import DeltaLayer
 from opendelta.runtime_init import Observation
@@ -55,6 +55,16 @@ class BiasLayer(DeltaLayer):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.bias
+
+    def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The module's own bias plus this one (a module without a bias cannot take it)."""
+        own = getattr(module, "bias", None)
+        if not isinstance(own, nn.Parameter) or own.shape != self.bias.shape:
+            raise MergeError(
+                f"BitFit merges into a module's own bias, but this {type(module).__name__} has none; "
+                "keep the delta attached as a layer there."
+            )
+        return {"bias": own + self.bias}
 
 
 @dataclass

@@ -20,7 +20,7 @@ from opendelta.addressing import find_modules
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import DeltaConfigError, PatternError, StructureError, UnsupportedModuleError
-from opendelta.linear_layers import linear_shape
+from opendelta.linear_layers import fold_into_weight, linear_shape
 from opendelta.routing import DeltaLayer
 from opendelta.runtime_init import Observation
 from opendelta.structure import resolve_roles
@@ -45,6 +45,13 @@ class IA3Layer(DeltaLayer):
     def scaled_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight (out, in) of a linear map that computes what this delta and the map compute together."""
         return weight * self.scale.unsqueeze(1)
+
+    def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The scaled weight; an output scale also scales the module's bias."""
+        merged = {"weight": fold_into_weight(module, self.scaled_weight)}
+        if self.route == "after" and isinstance(getattr(module, "bias", None), torch.Tensor):
+            merged["bias"] = module.bias * self.scale
+        return merged
 
 
 class IA3InputLayer(IA3Layer):

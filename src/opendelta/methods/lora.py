@@ -15,7 +15,7 @@ from opendelta.delta_base import DeltaBase
 from opendelta.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta.routing import DeltaLayer
 from opendelta.runtime_init import Observation
-from opendelta.linear_layers import linear_shape
+from opendelta.linear_layers import fold_into_weight, linear_shape
 
 
 @dataclass
@@ -84,6 +84,15 @@ class LoraLayer(DeltaLayer):
             return torch.addmm(h_out.reshape(-1, h_out.shape[-1]), low, lora_B.t(), alpha=self.scaling).view(h_out.shape)
         flat.addmm_(low, lora_B.t(), alpha=self.scaling)
         return flat if flat.shape == h_out.shape else flat.view(h_out.shape)
+
+    def route_parallel_rows(self, h_in: torch.Tensor, h_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # a linear map keeps no output for backward, so adding in place is safe: one gather, one scatter-add
+        return h_out.index_add_(0, rows, self(h_in.index_select(0, rows)))
+
+    def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """W + s B A (transposed for Conv1D)."""
+        update = (self.lora_B @ self.lora_A) * self.scaling
+        return {"weight": fold_into_weight(module, lambda w: w + update.to(w.dtype))}
 
 
 def _accumulator(h_out: torch.Tensor) -> torch.Tensor | None:

@@ -28,8 +28,8 @@ from torch import nn
 
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import DeltaConfigError, UnsupportedModuleError
-from opendelta.routing import DeltaLayer, as_keywords, positional_names
+from opendelta.errors import DeltaConfigError, MixedBatchError, UnsupportedModuleError
+from opendelta.routing import DeltaLayer, as_keywords, combined_order, positional_names
 from opendelta.runtime_init import Observation, observe
 
 #: how transformers names an attention module's KV cache, its mask, and a cross-attention's source
@@ -168,6 +168,44 @@ class PrefixLayer(DeltaLayer):
         real = torch.where(keys[None, :] <= queries_at[:, None], 0.0, blocked).to(hidden.dtype)
         full = torch.cat([real.new_zeros(queries, n), real], dim=-1)
         return full[None, None]
+
+
+    @classmethod
+    def combine_rows(cls, parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int) -> _RowPrefixes:
+        lengths = {(layer.prefix_token_num, layer.kv_heads, layer.head_dim) for layer, _ in parts}  # type: ignore[attr-defined]
+        if len(lengths) != 1 or not all(isinstance(layer, PrefixLayer) for layer, _ in parts):
+            raise MixedBatchError(
+                f"prefix deltas of one mixed batch must have the same prefix_token_num on {parts[0][0]._binding.host}, "  # type: ignore[attr-defined]
+                f"got {sorted(n for n, _, _ in lengths)}; mix prefixes of one length, or run them in separate batches."
+            )
+        return _RowPrefixes(parts, batch_size)
+
+
+class _RowPrefixes:
+    """Several prefix deltas on one attention module in a mixed batch: each row gets its delta's prefix."""
+
+    route_call = PrefixLayer.route_call
+    _extend_mask = PrefixLayer._extend_mask
+
+    def __init__(self, parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int):
+        first = parts[0][0]
+        assert isinstance(first, PrefixLayer)
+        self.parts = parts
+        self.batch_size = batch_size
+        self.prefix_token_num = first.prefix_token_num
+        self._binding = first._binding
+        self.order = combined_order(parts, batch_size, "a prefix")
+
+    def key_values(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if like.shape[0] != self.batch_size:
+            raise MixedBatchError(
+                f"this mixed batch routes {self.batch_size} rows, but {self._binding.host} got a batch of "
+                f"{like.shape[0]}; pass one row index per batch row (no beam search or num_return_sequences > 1)"
+            )
+        pairs = [layer.key_values(like[: rows.numel()]) for layer, rows in self.parts]  # type: ignore[attr-defined]
+        keys = torch.cat([k for k, _ in pairs]).index_select(0, self.order)
+        values = torch.cat([v for _, v in pairs]).index_select(0, self.order)
+        return keys, values
 
 
 @dataclass

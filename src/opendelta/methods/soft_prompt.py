@@ -24,8 +24,8 @@ from torch import nn
 from opendelta.addressing import find_modules
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import DeltaConfigError, OpenDeltaError, UnsupportedModuleError
-from opendelta.routing import DeltaLayer, as_keywords, positional_names
+from opendelta.errors import DeltaConfigError, MixedBatchError, OpenDeltaError, UnsupportedModuleError
+from opendelta.routing import DeltaLayer, as_keywords, combined_order, positional_names
 from opendelta.runtime_init import Observation
 from opendelta.structure import resolve_roles
 
@@ -103,7 +103,7 @@ class SoftPromptLayer(DeltaLayer):
             if embeds is None:
                 embeds = self.embedding[0](ids)
             length = embeds.shape[1]
-            prompt = self.soft_embeds.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+            prompt = self.prompt_like(embeds)
             kwargs["input_ids"], kwargs["inputs_embeds"] = None, torch.cat([prompt, embeds], dim=1)
             if isinstance(kwargs.get("token_type_ids"), torch.Tensor):
                 kwargs["token_type_ids"] = _prepend(kwargs["token_type_ids"], n, 0)
@@ -124,6 +124,49 @@ class SoftPromptLayer(DeltaLayer):
     def soft_token_num(self) -> int:
         return self.soft_embeds.shape[0]
 
+    def prompt_like(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The prompt for every row of `embeds` (batch, length, hidden): (batch, soft_token_num, hidden)."""
+        return self.soft_embeds.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+
+    @classmethod
+    def combine_rows(cls, parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int) -> _RowPrompts:
+        _same_length(parts)
+        return _RowPrompts(parts, batch_size)
+
+
+def _same_length(parts: list[tuple[DeltaLayer, torch.Tensor]]) -> None:
+    lengths = sorted({layer.soft_token_num for layer, _ in parts})  # type: ignore[attr-defined]
+    if len(lengths) != 1:
+        raise MixedBatchError(
+            f"soft prompts of one mixed batch must have the same soft_token_num, got {lengths}; "
+            "mix prompts of one length, or run them in separate batches."
+        )
+
+
+class _RowPrompts:
+    """Several soft prompts in a mixed batch: each row gets its delta's prompt."""
+
+    route_call = SoftPromptLayer.route_call
+
+    def __init__(self, parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int):
+        first = parts[0][0]
+        assert isinstance(first, SoftPromptLayer)
+        self.parts = parts
+        self.batch_size = batch_size
+        self.soft_token_num = first.soft_token_num
+        self.embedding = first.embedding
+        self._positional = first._positional
+        self.order = combined_order(parts, batch_size, "a soft prompt")
+
+    def prompt_like(self, embeds: torch.Tensor) -> torch.Tensor:
+        if embeds.shape[0] != self.batch_size:
+            raise MixedBatchError(
+                f"this mixed batch routes {self.batch_size} rows, but the model got a batch of {embeds.shape[0]}; "
+                "pass one row index per batch row (no beam search or num_return_sequences > 1)"
+            )
+        prompts = [layer.prompt_like(embeds[: rows.numel()]) for layer, rows in self.parts]  # type: ignore[attr-defined]
+        return torch.cat(prompts).index_select(0, self.order)
+
 
 class CrossPromptMaskLayer(DeltaLayer):
     """On an encoder-decoder's decoder: the cross-attention mask gets ones for the encoder's prompt."""
@@ -142,6 +185,12 @@ class CrossPromptMaskLayer(DeltaLayer):
             if mask.shape[-1] == states.shape[1] - self.soft_token_num:
                 kwargs["encoder_attention_mask"] = _extended_mask(mask, self.soft_token_num, "the decoder")
         return (), kwargs
+
+    @classmethod
+    def combine_rows(cls, parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int) -> DeltaLayer:
+        _same_length(parts)
+        combined_order(parts, batch_size, "a soft prompt")
+        return parts[0][0]  # the mask needs only the (common) prompt length
 
 
 class SoftPromptModel(DeltaBase):

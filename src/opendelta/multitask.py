@@ -1,0 +1,204 @@
+"""Many tasks on one backbone: mixed-task batches, and a small registry of named task deltas.
+
+``mixed_batch(deltas, rows)`` makes every forward in its block route batch row ``i`` through
+``deltas[rows[i]]`` (``-1``: none of them). Each delta computes on its own rows only, gathered
+and scattered on the batch dimension once per module; row indices are computed once, on entry.
+Deltas outside the mix keep acting on every row.
+
+``MultiTask`` names deltas by task and makes switching, merging and mixing read as one object;
+the functional pieces (``mixed_batch``, ``DeltaBase.switch``, ``merge``/``unmerge``) work alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from opendelta.delta_base import DeltaBase
+from opendelta.errors import LifecycleError, MixedBatchError
+from opendelta.routing import MIXING_ATTR, RowRouting, Site, site_of
+
+
+def _row_tensor(rows: Sequence[int] | torch.Tensor, n_deltas: int) -> torch.Tensor:
+    try:
+        table = torch.as_tensor(rows)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise MixedBatchError(f"rows must be a sequence of integers (one delta index per batch row), got {rows!r}") from exc
+    if table.dim() != 1 or table.numel() == 0 or table.dtype.is_floating_point or table.dtype == torch.bool:
+        raise MixedBatchError(
+            f"rows must be a non-empty 1-D sequence of integers (one delta index per batch row), got {rows!r}"
+        )
+    bad = table[(table < -1) | (table >= n_deltas)]
+    if bad.numel():
+        raise MixedBatchError(
+            f"rows holds index {int(bad[0])}, but there are {n_deltas} deltas; use 0..{n_deltas - 1}, "
+            "or -1 for a row that runs on the bare backbone"
+        )
+    return table.to("cpu", torch.long)
+
+
+def _check_deltas(deltas: Sequence[DeltaBase]) -> nn.Module:
+    if isinstance(deltas, DeltaBase) or not deltas:
+        raise MixedBatchError("deltas must be a non-empty list of delta models, e.g. mixed_batch([lora_a, lora_b], rows)")
+    backbone = None
+    for i, delta in enumerate(deltas):
+        if not isinstance(delta, DeltaBase):
+            raise MixedBatchError(f"deltas[{i}] is a {type(delta).__name__}, not a delta model")
+        if backbone is None:
+            backbone = delta.backbone_model
+        elif delta.backbone_model is not backbone:
+            raise MixedBatchError(
+                f"deltas[{i}] ({delta.name!r}) lives on another backbone than deltas[0]; "
+                "a mixed batch runs on one backbone: load that delta onto this model (from_finetuned)"
+            )
+        if any(other is delta for other in deltas[:i]):
+            raise MixedBatchError(f"deltas[{i}] ({delta.name!r}) appears twice; list each delta once and repeat its index in rows")
+        if not delta.is_attached:
+            raise LifecycleError(f"delta {delta.name!r} is detached; attach() it before mixing (MultiTask.mixed does)")
+        if delta.is_merged:
+            raise LifecycleError(f"delta {delta.name!r} is merged into the weights; unmerge() it before mixing")
+    assert backbone is not None
+    if backbone.__dict__.get(MIXING_ATTR):
+        raise LifecycleError("this backbone is already inside a mixed_batch(); mixed batches do not nest")
+    return backbone
+
+
+def _site_device(module: nn.Module, delta: DeltaBase, path: str) -> torch.device:
+    tensor = next(delta.layers[path].parameters(), None)
+    if tensor is None:
+        tensor = next(module.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@contextmanager
+def mixed_batch(deltas: Sequence[DeltaBase], rows: Sequence[int] | torch.Tensor) -> Iterator[None]:
+    """Inside the block, row i of every forward (and of generate()) goes through ``deltas[rows[i]]``.
+
+    ``-1`` is the bare backbone (with whatever deltas outside the mix are attached). The deltas
+    must be attached and unmerged, on one backbone; each computes on its own rows only. A forward
+    whose batch size differs from ``len(rows)`` raises MixedBatchError (beam search and
+    num_return_sequences > 1 expand the batch). Prefix and soft-prompt deltas mix when every row
+    gets a prefix (prompt) of the same length on the same modules; otherwise entering raises.
+    The model is unchanged after the block, and after any error on entry.
+    """
+    backbone = _check_deltas(deltas)
+    table = _row_tensor(rows, len(deltas))
+    batch = table.numel()
+    names = frozenset(d.name for d in deltas)
+    if len(names) != len(deltas):
+        raise MixedBatchError("two deltas of the mix share a name; give each delta its own name=")
+    selected: dict[str, torch.Tensor] = {}
+    idle: set[str] = set()
+    for i, delta in enumerate(deltas):
+        index = (table == i).nonzero().flatten()
+        if index.numel() == 0:
+            idle.add(delta.name)
+        elif index.numel() < batch:
+            selected[delta.name] = index
+    on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+    sites: dict[int, tuple[nn.Module, Site, torch.device]] = {}
+    for delta in deltas:
+        for path, module in delta._targets.items():
+            site = site_of(module)
+            if site is not None and id(module) not in sites:
+                sites[id(module)] = (module, site, _site_device(module, delta, path))
+    started: list[Site] = []
+    try:
+        for module, site, device in sites.values():
+            rows_here = {}
+            for name, index in selected.items():
+                if (name, device) not in on_device:
+                    on_device[(name, device)] = index.to(device)
+                rows_here[name] = on_device[(name, device)]
+            site.start_mix(module, RowRouting(batch, names, rows_here, frozenset(idle)))
+            started.append(site)
+    except Exception:
+        for site in started:
+            site.end_mix()
+        raise
+    backbone.__dict__[MIXING_ATTR] = True
+    try:
+        yield
+    finally:
+        for site in started:
+            site.end_mix()
+        del backbone.__dict__[MIXING_ATTR]
+
+
+class MultiTask:
+    """Named task deltas on one backbone: switch the active task, merge it, or mix tasks per row.
+
+    ``tasks = MultiTask(backbone, {"sst2": lora_a, "mnli": lora_b})``; ``tasks.activate("mnli")``
+    leaves exactly that task attached (``None``: none); ``with tasks.mixed(["sst2", None, "mnli"]):``
+    runs one batch with a task per row (attaching what the mix needs and restoring afterwards).
+    """
+
+    def __init__(self, backbone_model: nn.Module, deltas: dict[str, DeltaBase] | None = None):
+        self.backbone_model = backbone_model
+        self.deltas: dict[str, DeltaBase] = {}
+        for task, delta in (deltas or {}).items():
+            self.add(task, delta)
+
+    def add(self, task: str, delta: DeltaBase) -> DeltaBase:
+        """Register `delta` under the name `task`."""
+        if task in self.deltas:
+            raise LifecycleError(f"task {task!r} is already registered; pick another name or remove() it first")
+        if not isinstance(delta, DeltaBase) or delta.backbone_model is not self.backbone_model:
+            raise MixedBatchError(f"task {task!r}: {delta!r} is not a delta on this MultiTask's backbone")
+        self.deltas[task] = delta
+        return delta
+
+    def remove(self, task: str) -> DeltaBase:
+        """Unregister `task` (detaching its delta if attached) and return its delta."""
+        delta = self._get(task)
+        if delta.is_attached:
+            delta.detach()
+        return self.deltas.pop(task)
+
+    def _get(self, task: str) -> DeltaBase:
+        if task not in self.deltas:
+            raise MixedBatchError(f"unknown task {task!r}; registered: {', '.join(self.deltas) or 'none'}")
+        return self.deltas[task]
+
+    @property
+    def active(self) -> list[str]:
+        """The tasks whose deltas are attached."""
+        return [task for task, delta in self.deltas.items() if delta.is_attached]
+
+    def activate(self, task: str | None) -> None:
+        """Leave exactly `task` attached (``None``: no task), switching in place where possible."""
+        target = None if task is None else self._get(task)
+        attached = [d for d in self.deltas.values() if d.is_attached and d is not target]
+        if target is not None and not target.is_attached and attached and not attached[-1].is_merged:
+            attached.pop().switch(to=target)
+        for delta in attached:
+            delta.detach()
+        if target is not None and not target.is_attached:
+            target.attach()
+
+    @contextmanager
+    def mixed(self, tasks: Sequence[str | None]) -> Iterator[None]:
+        """A mixed batch with one task (or ``None``) per row; deltas it attaches are detached after."""
+        order: list[str] = []
+        for task in tasks:
+            if task is not None and task not in order:
+                self._get(task)
+                order.append(task)
+        rows = [-1 if t is None else order.index(t) for t in tasks]
+        if not order:
+            raise MixedBatchError("a mixed batch needs at least one task; for the bare backbone use activate(None)")
+        # other attached tasks join the mix with no rows, so they stay out of every row
+        order += [t for t, d in self.deltas.items() if d.is_attached and t not in order]
+        deltas = [self.deltas[t] for t in order]
+        attached_here = [d for d in deltas if not d.is_attached]
+        for delta in attached_here:
+            delta.attach()
+        try:
+            with mixed_batch(deltas, rows):
+                yield
+        finally:
+            for delta in reversed(attached_here):
+                delta.detach()

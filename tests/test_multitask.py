@@ -1,0 +1,493 @@
+"""Multi-task serving: mixed-task batches, switching, merging, joint training, and their errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_bert, tiny_gpt2, tiny_llama
+
+from opendelta import (
+    AdapterModel,
+    BitFitModel,
+    CompacterModel,
+    DeltaBase,
+    IA3Model,
+    LifecycleError,
+    LoraModel,
+    LowRankAdapterModel,
+    MergeError,
+    MixedBatchError,
+    MultiTask,
+    ParallelAdapterModel,
+    PrefixModel,
+    SoftPromptModel,
+    mixed_batch,
+)
+from opendelta.routing import site_of
+
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+#: method -> (class, arguments); positions are each method's defaults
+METHODS: dict[str, tuple[type[DeltaBase], dict[str, Any]]] = {
+    "lora": (LoraModel, {}),
+    "ia3": (IA3Model, {}),
+    "adapter": (AdapterModel, {"bottleneck_dim": 6}),
+    "parallel_adapter": (ParallelAdapterModel, {"bottleneck_dim": 6}),
+    "bitfit": (BitFitModel, {}),
+    "low_rank_adapter": (LowRankAdapterModel, {"reduction_factor": 8}),
+    "compacter": (CompacterModel, {"reduction_factor": 4}),
+    "prefix": (PrefixModel, {"prefix_token_num": 3, "embed_dim": 8, "mid_dim": 8}),
+    "soft_prompt": (SoftPromptModel, {"soft_token_num": 4}),
+}
+#: methods that change the sequence length: every row of a mixed batch needs one of them
+WHOLE_BATCH = {"prefix", "soft_prompt"}
+
+IDS = torch.randint(1, 99, (5, 7), generator=torch.Generator().manual_seed(3))
+MASK = torch.ones(5, 7, dtype=torch.long)
+MASK[1, 5:] = 0  # right padding
+MASK[3, :2] = 0  # left padding
+
+
+def perturb(delta: DeltaBase, seed: int) -> DeltaBase:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in delta.delta_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=generator).to(p.dtype))
+    return delta
+
+
+def tasks(model: torch.nn.Module, method: str, n: int = 3) -> list[DeltaBase]:
+    cls, args = METHODS[method]
+    return [perturb(cls(model, name=f"task{i}", **args), seed=i + 1) for i in range(n)]
+
+
+def out(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    result = model(input_ids=ids, attention_mask=mask)
+    return result.logits if hasattr(result, "logits") else result.last_hidden_state
+
+
+def one_at_a_time(model: torch.nn.Module, deltas: list[DeltaBase], rows: list[int]) -> torch.Tensor:
+    """Each row alone (a batch of one), with only its own delta attached."""
+    for d in deltas:
+        if d.is_attached:
+            d.detach()
+    results = []
+    for i, r in enumerate(rows):
+        if r >= 0:
+            deltas[r].attach()
+        results.append(out(model, IDS[i : i + 1], MASK[i : i + 1]))
+        if r >= 0:
+            deltas[r].detach()
+    return torch.cat(results)
+
+
+@pytest.mark.parametrize("family", BUILDERS)
+@pytest.mark.parametrize("method", METHODS)
+def test_mixed_batch_equals_each_row_alone(method: str, family: str) -> None:
+    model = BUILDERS[family]()
+    deltas = tasks(model, method)
+    rows = [0, 2, 1, 1, 0] if method in WHOLE_BATCH else [0, 2, -1, 1, 0]
+    with torch.no_grad():
+        with mixed_batch(deltas, rows):
+            mixed = out(model, IDS, MASK)
+        expected = one_at_a_time(model, deltas, rows)
+    assert mixed.shape == expected.shape
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
+
+
+def test_rows_without_a_delta_run_on_the_bare_backbone() -> None:
+    model = tiny_llama()
+    with torch.no_grad():
+        bare = out(model, IDS, MASK)
+        deltas = tasks(model, "lora")
+        with mixed_batch(deltas, [-1] * 5):
+            mixed = out(model, IDS, MASK)
+    torch.testing.assert_close(mixed, bare, atol=1e-6, rtol=0)
+
+
+def test_deltas_outside_the_mix_act_on_every_row() -> None:
+    model = tiny_llama()
+    shared = perturb(BitFitModel(model, name="shared"), seed=9)
+    deltas = tasks(model, "lora", 2)
+    rows = [1, 0, -1, 0, 1]
+    with torch.no_grad():
+        with mixed_batch(deltas, rows):
+            mixed = out(model, IDS, MASK)
+        expected = one_at_a_time(model, deltas, rows)  # `shared` stays attached throughout
+    assert shared.is_attached
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
+
+
+def test_a_mixed_batch_leaves_the_model_as_it_was() -> None:
+    model = tiny_llama()
+    deltas = tasks(model, "lora", 2)
+    with torch.no_grad():
+        before = out(model, IDS, MASK)
+        with mixed_batch(deltas, [0, 1, 0, 1, -1]):
+            out(model, IDS, MASK)
+        assert torch.equal(out(model, IDS, MASK), before)
+    assert all(site_of(m).mix is None for d in deltas for m in d._targets.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["lora", "adapter", "prefix"])
+def test_generate_in_a_mixed_batch_equals_generate_per_row(method: str, family: str) -> None:
+    model = BUILDERS[family]()
+    deltas = tasks(model, method, 2)
+    rows = [0, 1, 1] if method in WHOLE_BATCH else [0, -1, 1]
+    ids = IDS[:3]
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with mixed_batch(deltas, rows):
+            mixed = model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
+        for d in deltas:
+            d.detach()
+        for i, r in enumerate(rows):
+            if r >= 0:
+                deltas[r].attach()
+            alone = model.generate(ids[i : i + 1], attention_mask=torch.ones_like(ids[i : i + 1]), **settings)
+            if r >= 0:
+                deltas[r].detach()
+            assert torch.equal(mixed[i : i + 1], alone)
+
+
+def test_beam_search_in_a_mixed_batch_is_refused() -> None:
+    model = tiny_llama()
+    deltas = tasks(model, "lora", 2)
+    with mixed_batch(deltas, [0, 1]), pytest.raises(MixedBatchError, match="expands the batch"):
+        model.generate(IDS[:2], max_new_tokens=2, num_beams=2, do_sample=False, pad_token_id=0)
+
+
+# ----------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 0, 1], [0, 1, 0, 1, 0, 1]])
+def test_rows_of_another_length_than_the_batch_raise(rows: list[int]) -> None:
+    model = tiny_llama()
+    deltas = tasks(model, "lora", 2)
+    with mixed_batch(deltas, rows), pytest.raises(MixedBatchError, match="one row index per batch row"):
+        out(model, IDS, MASK)
+
+
+@pytest.mark.parametrize("rows", [[0, 2, 0], [0, -2, 0], [[0, 1]], [], [0.5, 1.0], "01"])
+def test_bad_rows_raise_and_change_nothing(rows: Any) -> None:
+    model = tiny_llama()
+    deltas = tasks(model, "lora", 2)
+    with pytest.raises(MixedBatchError):
+        with mixed_batch(deltas, rows):
+            pass
+    assert model.__dict__.get("_opendelta_mixing") is None
+    assert all(site_of(m).mix is None for d in deltas for m in d._targets.values())
+
+
+def test_a_detached_delta_cannot_join_a_mix() -> None:
+    model = tiny_llama()
+    deltas = tasks(model, "lora", 2)
+    deltas[1].detach()
+    with pytest.raises(LifecycleError, match="attach"):
+        with mixed_batch(deltas, [0, 1]):
+            pass
+    assert not deltas[1].is_attached
+
+
+def test_a_delta_of_another_backbone_cannot_join_a_mix() -> None:
+    model, other = tiny_llama(), tiny_llama()
+    mine, foreign = LoraModel(model), LoraModel(other)
+    with pytest.raises(MixedBatchError, match="another backbone"):
+        with mixed_batch([mine, foreign], [0, 1]):
+            pass
+
+
+def test_a_merged_delta_cannot_join_a_mix() -> None:
+    model = tiny_llama()
+    deltas = tasks(model, "lora", 2)
+    deltas[0].merge()
+    with pytest.raises(LifecycleError, match="unmerge"):
+        with mixed_batch(deltas, [0, 1]):
+            pass
+
+
+def test_mixed_batches_do_not_nest_and_lock_the_lifecycle() -> None:
+    model = tiny_llama()
+    deltas = tasks(model, "lora", 2)
+    with mixed_batch(deltas, [0, 1]):
+        with pytest.raises(LifecycleError, match="nest"):
+            with mixed_batch(deltas, [1, 0]):
+                pass
+        for action in (deltas[0].detach, deltas[0].merge, lambda: deltas[0].switch(to=deltas[1])):
+            with pytest.raises(LifecycleError, match="inside a mixed_batch"):
+                action()
+    assert all(d.is_attached for d in deltas)
+
+
+def test_prefixes_need_a_prefix_on_every_row() -> None:
+    model = tiny_llama()
+    deltas = tasks(model, "prefix", 2)
+    with pytest.raises(MixedBatchError, match="every row"):
+        with mixed_batch(deltas, [0, -1, 1]):
+            pass
+    assert all(site_of(m).mix is None for d in deltas for m in d._targets.values())
+
+
+def test_prefixes_of_different_lengths_cannot_mix() -> None:
+    model = tiny_llama()
+    short = PrefixModel(model, name="short", prefix_token_num=2, embed_dim=8, mid_dim=8)
+    long = PrefixModel(model, name="long", prefix_token_num=3, embed_dim=8, mid_dim=8)
+    with pytest.raises(MixedBatchError, match="same prefix_token_num"):
+        with mixed_batch([short, long], [0, 1]):
+            pass
+
+
+def test_a_soft_prompt_cannot_share_a_batch_with_rows_without_one() -> None:
+    model = tiny_llama()
+    prompt = SoftPromptModel(model, soft_token_num=4)
+    lora = LoraModel(model)
+    with pytest.raises(MixedBatchError, match="every row"):
+        with mixed_batch([prompt, lora], [0, 1]):
+            pass
+
+
+# ----------------------------------------------------------------- switching
+
+
+def test_switch_computes_what_detach_then_attach_computes() -> None:
+    model = tiny_gpt2()
+    a, b = tasks(model, "lora", 2)
+    b.detach()
+    with torch.no_grad():
+        a.detach()
+        b.attach()
+        expected = out(model, IDS, MASK)
+        b.detach()
+        a.attach()
+        assert a.switch(to=b) is b
+        assert (a.is_attached, b.is_attached) == (False, True)
+        assert torch.equal(out(model, IDS, MASK), expected)
+
+
+def test_switch_between_deltas_on_different_modules() -> None:
+    model = tiny_llama()
+    a = perturb(LoraModel(model, modified_modules=["q_proj"], name="a"), 1)
+    b = perturb(LoraModel(model, modified_modules=["v_proj", "q_proj"], name="b"), 2)
+    b.detach()
+    with torch.no_grad():
+        a.switch(to=b)
+        switched = out(model, IDS, MASK)
+        b.detach()
+        bare_then = out(model, IDS, MASK)
+        b.attach()
+        assert torch.equal(out(model, IDS, MASK), switched)
+    b.detach()
+    fresh = tiny_llama()
+    with torch.no_grad():
+        assert torch.equal(bare_then, out(fresh, IDS, MASK))
+    assert all(site_of(m) is None and not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_switch_refuses_a_delta_already_attached() -> None:
+    model = tiny_llama()
+    a, b = tasks(model, "lora", 2)
+    with pytest.raises(LifecycleError, match="already attached"):
+        a.switch(to=b)
+    assert a.is_attached and b.is_attached
+
+
+# ----------------------------------------------------------------- merging
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "ia3_input"])
+def test_merged_delta_computes_what_the_attached_delta_computes(method: str, family: str) -> None:
+    model = BUILDERS[family]()
+    down = {"llama": "down_proj", "gpt2": "mlp.c_proj", "bert": "output.dense"}[family]
+    if method == "ia3_input":
+        delta = perturb(IA3Model(model, modified_modules=[down], feedforward_modules=[down]), 1)
+    else:
+        delta = perturb(METHODS[method][0](model), 1)
+    with torch.no_grad():
+        attached = out(model, IDS, MASK)
+        delta.merge()
+        assert delta.is_merged
+        assert all(site_of(m) is None for m in delta._targets.values())  # no hooks: the bare backbone's cost
+        torch.testing.assert_close(out(model, IDS, MASK), attached, atol=1e-5, rtol=0)
+
+
+def test_unmerge_and_detach_restore_the_weights_bit_for_bit() -> None:
+    model = tiny_gpt2()  # Conv1D: the transposed layout
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    delta = perturb(LoraModel(model, modified_modules=["c_attn", "c_proj"]), 1)
+    with torch.no_grad():
+        attached = out(model, IDS, MASK)
+        delta.merge().unmerge()
+        assert torch.equal(out(model, IDS, MASK), attached)
+        delta.merge()
+        delta.detach()
+    assert not delta.is_merged
+    state = model.state_dict()
+    assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in original)
+    delta.attach()
+    with torch.no_grad():
+        assert torch.equal(out(model, IDS, MASK), attached)
+
+
+def test_bitfit_merges_into_an_existing_bias() -> None:
+    model = tiny_bert()
+    delta = perturb(BitFitModel(model, modified_modules=["query", "LayerNorm"]), 1)
+    with torch.no_grad():
+        attached = out(model, IDS, MASK)
+        delta.merge()
+        torch.testing.assert_close(out(model, IDS, MASK), attached, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["adapter", "parallel_adapter", "prefix"])
+def test_merging_a_method_that_cannot_merge_raises_and_changes_nothing(method: str) -> None:
+    model = tiny_llama()
+    (delta,) = tasks(model, method, 1)
+    with torch.no_grad():
+        before = out(model, IDS, MASK)
+        with pytest.raises(MergeError, match="cannot be merged"):
+            delta.merge()
+        assert not delta.is_merged
+        assert torch.equal(out(model, IDS, MASK), before)
+
+
+def test_bitfit_cannot_merge_into_a_module_without_a_bias() -> None:
+    model = tiny_llama()  # LLaMA projections have no bias
+    delta = BitFitModel(model, modified_modules=["q_proj"])
+    with pytest.raises(MergeError):
+        delta.merge()
+    assert not delta.is_merged
+
+
+def test_merging_into_a_tied_weight_is_refused() -> None:
+    model = tiny_gpt2()  # lm_head shares the token embedding's weight
+    delta = perturb(LoraModel(model, modified_modules=["lm_head"]), 1)
+    embedding = model.transformer.wte.weight.clone()
+    with pytest.raises(MergeError, match="tied"):
+        delta.merge()
+    assert not delta.is_merged and torch.equal(model.transformer.wte.weight, embedding)
+
+
+def test_merges_undo_in_reverse_order() -> None:
+    model = tiny_llama()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    a, b = tasks(model, "lora", 2)
+    a.merge()
+    b.merge()
+    with pytest.raises(LifecycleError, match="unmerge 'task1' first"):
+        a.unmerge()
+    b.unmerge()
+    a.unmerge()
+    a.detach()
+    b.detach()
+    assert all(torch.equal(model.state_dict()[k], original[k]) for k in original)
+
+
+def test_merge_needs_an_attached_unmerged_delta() -> None:
+    model = tiny_llama()
+    (delta,) = tasks(model, "lora", 1)
+    delta.merge()
+    with pytest.raises(LifecycleError, match="already merged"):
+        delta.merge()
+    delta.detach()
+    with pytest.raises(LifecycleError, match="attach"):
+        delta.merge()
+    with pytest.raises(LifecycleError, match="not merged"):
+        delta.unmerge()
+
+
+# ----------------------------------------------------------------- joint training
+
+
+def test_joint_training_sends_each_rows_gradient_to_its_own_delta_only() -> None:
+    model = tiny_llama()
+    deltas = tasks(model, "lora", 3)
+    deltas[0].freeze_module(exclude=["deltas"])
+    rows = [0, 0, 1, -1, 0]  # task2 has no row in this batch
+    with mixed_batch(deltas, rows):
+        logits = out(model, IDS, MASK)
+    logits[2].sum().backward()  # only the loss of row 2 (task1)
+    grads = [[p.grad for p in d.delta_parameters()] for d in deltas]
+    assert all(g is None or not g.any() for g in grads[0] + grads[2])
+    assert all(g is not None for g in grads[1]) and any(g.any() for g in grads[1])
+    assert all(p.grad is None for n, p in model.named_parameters() if "task" not in n)
+
+
+def test_joint_training_gradients_equal_training_each_task_alone() -> None:
+    model = tiny_llama()
+    deltas = tasks(model, "lora", 2)
+    deltas[0].freeze_module(exclude=["deltas"])
+    rows = [0, 1, 1, 0, 1]
+    with mixed_batch(deltas, rows):
+        out(model, IDS, MASK).pow(2).mean(dim=(1, 2)).sum().backward()
+    joint = [[p.grad.clone() for p in d.delta_parameters()] for d in deltas]
+    for d in deltas:
+        d.detach()
+    for i, d in enumerate(deltas):
+        for p in d.delta_parameters():
+            p.grad = None
+        d.attach()
+        picked = [j for j, r in enumerate(rows) if r == i]
+        out(model, IDS[picked], MASK[picked]).pow(2).mean(dim=(1, 2)).sum().backward()
+        d.detach()
+        for g, p in zip(joint[i], d.delta_parameters()):
+            torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+
+
+def test_jointly_trained_deltas_save_and_reload_separately(tmp_path) -> None:
+    model = tiny_llama()
+    deltas = tasks(model, "lora", 2)
+    rows = [0, 1, 1, 0, -1]
+    with torch.no_grad(), mixed_batch(deltas, rows):
+        mixed = out(model, IDS, MASK)
+    for d in deltas:
+        d.save_finetuned(tmp_path / d.name)
+    fresh = tiny_llama()
+    loaded = [LoraModel.from_finetuned(tmp_path / d.name, fresh) for d in deltas]
+    with torch.no_grad(), mixed_batch(loaded, rows):
+        assert torch.equal(out(fresh, IDS, MASK), mixed)
+
+
+# ----------------------------------------------------------------- MultiTask
+
+
+def test_multitask_activate_leaves_exactly_one_task_attached() -> None:
+    model = tiny_llama()
+    a, b, c = tasks(model, "lora", 3)
+    serving = MultiTask(model, {"a": a, "b": b, "c": c})
+    serving.activate("b")
+    assert serving.active == ["b"]
+    with torch.no_grad():
+        only_b = out(model, IDS, MASK)
+        serving.activate("a")
+        serving.activate("b")
+        assert torch.equal(out(model, IDS, MASK), only_b)
+    serving.activate(None)
+    assert serving.active == []
+
+
+def test_multitask_mixed_attaches_what_it_needs_and_restores() -> None:
+    model = tiny_llama()
+    a, b, c = tasks(model, "lora", 3)
+    serving = MultiTask(model, {"a": a, "b": b, "c": c})
+    serving.activate("c")
+    names = ["b", None, "a", "b", "a"]
+    with torch.no_grad():
+        with serving.mixed(names):
+            mixed = out(model, IDS, MASK)
+        assert serving.active == ["c"]
+        serving.activate(None)
+        expected = one_at_a_time(model, [a, b], [{"a": 0, "b": 1, None: -1}[t] for t in names])
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
+
+
+def test_multitask_unknown_task_raises() -> None:
+    model = tiny_llama()
+    serving = MultiTask(model, {"a": LoraModel(model)})
+    with pytest.raises(MixedBatchError, match="unknown task 'z'"):
+        serving.activate("z")
+    with pytest.raises(MixedBatchError, match="unknown task 'z'"):
+        with serving.mixed(["a", "z"]):
+            pass
