@@ -29,7 +29,15 @@ from opendelta.errors import (
     UnsupportedModuleError,
 )
 from opendelta.registry import lookup, register
-from opendelta.routing import MIXING_ATTR, DeltaLayer, add_delta, remove_delta, require_input_grads, swap_delta
+from opendelta.routing import (
+    MIXING_ATTR,
+    DeltaLayer,
+    add_delta,
+    input_grad_site,
+    remove_delta,
+    require_input_grads,
+    swap_delta,
+)
 from opendelta.runtime_init import Observation, model_device, observe
 from opendelta.structure import model_type, resolve_roles
 
@@ -133,6 +141,7 @@ class DeltaBase:
             self.runtime_observe(backbone, paths, dummy_inputs) if self.needs_runtime_init else {}
         )
         self.backbone_model = backbone
+        self._input_grad_site = input_grad_site(backbone)
         self.config = config
         self._targets: dict[str, nn.Module] = {p: modules[p] for p in paths}
         self.layers: dict[str, DeltaLayer] = {
@@ -210,7 +219,7 @@ class DeltaBase:
             self._swap_backbone_tensors(self._tuned)
             self._tuned = {}
         if input_grad_handle is None:
-            input_grad_handle = require_input_grads(self.backbone_model)
+            input_grad_handle = require_input_grads(self._input_grad_site)
         self._input_grad_handle = input_grad_handle
         self._attached = True
         if self._set_state_dict:

@@ -457,7 +457,16 @@ def _output_requires_grad(flags: list[nn.Module], module: nn.Module, args: tuple
     return output
 
 
-def require_input_grads(model: nn.Module) -> Any:
+def input_grad_site(model: nn.Module) -> tuple[nn.Module, list[nn.Module]] | None:
+    """Where :func:`require_input_grads` hooks (the input embeddings) and the modules whose
+    ``gradient_checkpointing`` flags it reads; found once per delta, so attaching stays cheap."""
+    embedding = _embedding_of(model)
+    if embedding is None:
+        return None
+    return embedding, [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+
+
+def require_input_grads(site: tuple[nn.Module, list[nn.Module]] | None) -> Any:
     """Make the input embeddings' output require grad under gradient checkpointing; return the hook handle.
 
     With a frozen backbone no tensor entering a block requires grad, so re-entrant gradient
@@ -467,10 +476,9 @@ def require_input_grads(model: nn.Module) -> Any:
     flag checkpointing (transformers' ``gradient_checkpointing`` attributes) pay it only while it
     is on; other models always (their checkpointing cannot be seen). Under ``torch.compile`` the
     hook stands aside (it would break the graph): compile with ``use_reentrant=False``.
-    Returns None when the model has no input embeddings.
+    Returns None when the model has no input embeddings (`site` from :func:`input_grad_site`).
     """
-    embedding = _embedding_of(model)
-    if embedding is None:
+    if site is None:
         return None
-    flags = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+    embedding, flags = site
     return embedding.register_forward_hook(functools.partial(_output_requires_grad, flags))
