@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import _thread
 import json
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -146,12 +148,33 @@ def test_no_submission_before_the_timeout_raises_selection_timeout_and_frees_the
         probe.bind(("127.0.0.1", ports[0]))
 
 
-def test_ctrl_c_raises_selection_cancelled():
-    def interrupt_soon(url: str) -> None:
-        threading.Timer(0.2, _thread.interrupt_main).start()
+CTRL_C_CHILD = """
+import sys
+from torch import nn
+from opendelta import SelectionCancelled
+from opendelta.interactive import select_modules
 
-    with pytest.raises(SelectionCancelled, match="Ctrl-C"):
-        select_modules(tiny_bert(), timeout=30, open_browser=False, on_ready=interrupt_soon)
+try:
+    select_modules(nn.Sequential(nn.Linear(2, 2)), timeout=60, open_browser=False,
+                   on_ready=lambda url: print("ready", flush=True))
+except SelectionCancelled as exc:
+    print("cancelled:", exc, flush=True)
+    sys.exit(3)
+"""
+
+
+def test_ctrl_c_raises_selection_cancelled():
+    # a real SIGINT to a real process, as a terminal's Ctrl-C sends it
+    child = subprocess.Popen([sys.executable, "-c", CTRL_C_CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 3, err
+    assert "cancelled: Module selection interrupted (Ctrl-C)" in out
+    assert "Traceback" not in err
 
 
 def test_a_busy_port_raises_selection_error_naming_it():
