@@ -57,8 +57,14 @@ def load_backbone():
 def batches(tokenizer, split: Split, batch_size: int, shuffle_seed: int | None = None):
     order = list(range(len(split.texts)))
     if shuffle_seed is not None:
+        # shuffle, then sort within windows of 8 batches by length and shuffle the batches: rows
+        # of similar length share a batch, so far less padding is computed, and order stays random
         g = torch.Generator().manual_seed(shuffle_seed)
         order = torch.randperm(len(order), generator=g).tolist()
+        window = 8 * batch_size
+        order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lambda i: len(split.texts[i]))]
+        chunks = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+        order = [i for c in torch.randperm(len(chunks), generator=g).tolist() for i in chunks[c]]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         enc = tokenizer(
@@ -67,11 +73,14 @@ def batches(tokenizer, split: Split, batch_size: int, shuffle_seed: int | None =
         yield dict(enc), torch.tensor([split.labels[i] for i in idx])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(model, tokenizer, split: Split, batch_size: int = 64) -> torch.Tensor:
+    """Logits for every text of `split`, in its order; texts of similar length share a batch (less padding)."""
     model.eval()
-    logits = [model(**inputs).logits for inputs, _ in batches(tokenizer, split, batch_size)]
-    return torch.cat(logits)
+    order = sorted(range(len(split.texts)), key=lambda i: len(split.texts[i]))
+    by_length = Split([split.texts[i] for i in order], [split.labels[i] for i in order])
+    logits = torch.cat([model(**inputs).logits for inputs, _ in batches(tokenizer, by_length, batch_size)])
+    return logits[torch.argsort(torch.tensor(order))]
 
 
 def accuracy(logits: torch.Tensor, labels: list[int]) -> float:
