@@ -149,11 +149,14 @@ def test_no_submission_before_the_timeout_raises_selection_timeout_and_frees_the
 
 
 CTRL_C_CHILD = """
+import signal
 import sys
 from torch import nn
 from opendelta import SelectionCancelled
 from opendelta.interactive import select_modules
 
+# as in a terminal: a launcher running us in the background (CI) may have set SIGINT to be ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 try:
     select_modules(nn.Sequential(nn.Linear(2, 2)), timeout=60, open_browser=False,
                    on_ready=lambda url: print("ready", flush=True))
