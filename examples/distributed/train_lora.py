@@ -14,6 +14,7 @@ process can check that the checkpoint reproduces them.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def batch(seed: int, n: int = 4, length: int = 6, vocab: int = 99) -> dict[str, 
 def wrap(engine: str, model: torch.nn.Module, lr: float):
     """The model as the engine runs it, and an optimizer over the trainable (delta + head) parameters."""
     if engine == "ddp":
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        # the backbone's buffers are constants: broadcasting them every forward is wasted work
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
         return wrapped, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     if engine == "fsdp2":
         from torch.distributed.fsdp import fully_shard
@@ -116,6 +118,11 @@ def main() -> None:
         save_file({"logits": logits.detach().contiguous(), **probe}, args.out / "expected.safetensors")
         size = (args.out / "delta" / "delta_model.safetensors").stat().st_size
         print(f"saved {args.out / 'delta'} ({size} bytes of delta tensors)", flush=True)
+    # free the engine's wrapper (DDP's reducer) while the process group is alive and idle: freeing it
+    # at interpreter exit can deadlock gloo's teardown against a worker thread that needs the GIL
+    del wrapped
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
