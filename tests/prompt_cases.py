@@ -9,18 +9,24 @@ from family_zoo import BY_NAME
 
 #: every family the sequence-level methods support, by tiny_families name
 NAMES = ["BERT", "RoBERTa", "GPT-2", "T5", "BART", "OPT", "LLaMA"]
-DECODERS = {"GPT-2", "OPT", "LLaMA"}
+DECODERS = {"GPT-2", "OPT", "LLaMA", "GPT-Neo", "GPT-NeoX", "BLOOM", "Falcon"}
 GENERATORS = ["GPT-2", "OPT", "LLaMA", "T5", "BART"]
+#: families only prefix tuning is tested on here: attentions with no cache, and caches named layer_past
+PREFIX_NAMES = [*NAMES, "DistilBERT", "ALBERT", "ModernBERT", "GPT-Neo", "GPT-NeoX", "BLOOM", "Falcon"]
+PREFIX_GENERATORS = [*GENERATORS, "GPT-Neo", "GPT-NeoX", "BLOOM", "Falcon"]
 
 
-def build(name: str, attn: str = "sdpa", seed: int = 0) -> nn.Module:
-    family = BY_NAME[name]
-    config = family.config()
-    config._attn_implementation = attn
-    torch.manual_seed(seed)
+def build(name: str, attn: str = "sdpa", seed: int = 0, **overrides) -> nn.Module:
     import transformers
 
-    model = getattr(transformers, family.model_class)(config).eval()
+    family = BY_NAME[name]
+    cls = getattr(transformers, family.model_class)
+    config = family.config()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config._attn_implementation = attn if attn == "eager" or cls._supports_sdpa else "eager"  # GPT-Neo, BLOOM: eager only
+    torch.manual_seed(seed)
+    model = cls(config).eval()
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = 0
         if config.is_encoder_decoder:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from prompt_cases import GENERATORS, NAMES, build, padded_pair, position_ids, run, token_ids
+from prompt_cases import PREFIX_GENERATORS, PREFIX_NAMES, build, padded_pair, position_ids, run, token_ids
 
 from opendelta import LoraModel, PrefixModel
 from opendelta.errors import DeltaConfigError, UnsupportedModuleError
@@ -18,13 +18,13 @@ def prefixed(name: str, attn: str = "sdpa", **args) -> tuple[torch.nn.Module, Pr
     return model, PrefixModel(model, **{**SMALL, **args})
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PREFIX_NAMES)
 def test_default_positions_are_the_self_attention_blocks(name):
     model, delta = prefixed(name)
     assert list(delta.layers) == resolve_roles(model, ["attn"])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PREFIX_NAMES)
 def test_perturbing_the_prefix_changes_the_output(name):
     model, delta = prefixed(name)
     ids = token_ids()
@@ -34,7 +34,7 @@ def test_perturbing_the_prefix_changes_the_output(name):
     assert not torch.allclose(run(model, ids), before)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PREFIX_NAMES)
 def test_gradients_reach_every_prefix_parameter_and_nothing_else(name):
     model, delta = prefixed(name)
     delta.freeze_module(exclude=["deltas"])
@@ -47,7 +47,7 @@ def test_gradients_reach_every_prefix_parameter_and_nothing_else(name):
             assert not param.requires_grad and param.grad is None, pname
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PREFIX_NAMES)
 def test_detach_restores_the_backbone_exactly(name):
     model = build(name)
     ids = token_ids()
@@ -58,7 +58,7 @@ def test_detach_restores_the_backbone_exactly(name):
     assert {p: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for p, m in model.named_modules()} == hooks
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PREFIX_NAMES)
 def test_reattach_reproduces_the_tuned_output(name):
     model, delta = prefixed(name)
     ids = token_ids()
@@ -68,7 +68,7 @@ def test_reattach_reproduces_the_tuned_output(name):
     assert torch.equal(run(model, ids), tuned)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PREFIX_NAMES)
 def test_save_then_load_on_a_fresh_backbone_reproduces(name, tmp_path):
     model, delta = prefixed(name)
     ids = token_ids()
@@ -81,7 +81,7 @@ def test_save_then_load_on_a_fresh_backbone_reproduces(name, tmp_path):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PREFIX_NAMES)
 def test_a_row_does_not_depend_on_how_the_batch_is_padded(name, attn):
     model, _ = prefixed(name, attn)
     ids = token_ids()
@@ -92,7 +92,7 @@ def test_a_row_does_not_depend_on_how_the_batch_is_padded(name, attn):
     torch.testing.assert_close(batch[0, real], alone[0, alone_real], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PREFIX_NAMES)
 def test_padded_positions_stay_masked(name):
     model, _ = prefixed(name)
     ids = token_ids()
@@ -103,7 +103,7 @@ def test_padded_positions_stay_masked(name):
     torch.testing.assert_close(run(model, ids, mask, **extra)[0, real], run(model, other, mask, **extra)[0, real])
 
 
-@pytest.mark.parametrize("name", GENERATORS)
+@pytest.mark.parametrize("name", PREFIX_GENERATORS)
 def test_generate_gives_the_same_tokens_with_and_without_the_kv_cache(name):
     model, _ = prefixed(name)
     ids = token_ids()

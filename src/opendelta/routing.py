@@ -58,6 +58,13 @@ class DeltaLayer(nn.Module):
     def route_output(self, h: torch.Tensor) -> torch.Tensor:
         return h + self(h)
 
+    def on_add(self, module: nn.Module) -> None:
+        """Called when this layer joins `module`'s data flow, for a layer that must set state on the
+        module beyond the hooks (undone exactly by :meth:`on_remove`); by default nothing."""
+
+    def on_remove(self, module: nn.Module) -> None:
+        """Called when this layer has left `module` (it is no longer among its children)."""
+
     def route_parallel(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
         return h_out + self(h_in)
 
@@ -371,6 +378,12 @@ def add_delta(module: nn.Module, name: str, layer: DeltaLayer) -> None:
     if layer.route == "replace" and site.replace is not None:
         raise LifecycleError(f"{type(module).__name__} is already replaced by delta {site.replace!r}")
     module.add_module(name, layer)
+    try:
+        layer.on_add(module)
+    except Exception:
+        del module._modules[name]
+        layer.on_remove(module)
+        raise
     if layer.route == "replace":
         site.replace = name
     else:
@@ -410,8 +423,10 @@ def swap_delta(module: nn.Module, old: str, new: str, layer: DeltaLayer) -> None
         names = getattr(site, route)
         if old in names:
             names.remove(old)
-    del module._modules[old]
+    leaving = module._modules.pop(old)
     module._modules[new] = layer
+    leaving.on_remove(module)
+    layer.on_add(module)
     getattr(site, layer.route).append(new)
     site.refresh(module)
 
@@ -420,6 +435,7 @@ def remove_delta(module: nn.Module, name: str) -> DeltaLayer:
     """Undo :func:`add_delta`; the last removal restores the module's hooks and forward exactly."""
     site = site_of(module)
     layer = module._modules.pop(name)
+    layer.on_remove(module)
     if site is not None:
         for route in ("before", "parallel", "after"):
             names = getattr(site, route)
