@@ -97,6 +97,20 @@ def test_mixed_batch_equals_each_row_alone(method: str, family: str) -> None:
     torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["DistilBERT", "ModernBERT", "BLOOM"])
+def test_prefix_mixed_batch_equals_each_row_alone_without_a_cache_or_with_layer_past(name: str) -> None:
+    from prompt_cases import build
+
+    model = build(name)
+    deltas = tasks(model, "prefix")
+    rows = [0, 2, 1, 1, 0]
+    with torch.no_grad():
+        with mixed_batch(deltas, rows):
+            mixed = out(model, IDS, MASK)
+        expected = one_at_a_time(model, deltas, rows)
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
+
+
 def test_rows_without_a_delta_run_on_the_bare_backbone() -> None:
     model = tiny_llama()
     with torch.no_grad():

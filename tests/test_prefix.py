@@ -7,7 +7,7 @@ import torch
 from prompt_cases import PREFIX_GENERATORS, PREFIX_NAMES, build, padded_pair, position_ids, run, token_ids
 
 from opendelta import LoraModel, PrefixModel
-from opendelta.errors import DeltaConfigError, UnsupportedModuleError
+from opendelta.errors import DeltaConfigError, RuntimeInitError, UnsupportedModuleError
 from opendelta.structure import resolve_roles
 
 SMALL = dict(prefix_token_num=3, embed_dim=16, mid_dim=16)
@@ -47,15 +47,23 @@ def test_gradients_reach_every_prefix_parameter_and_nothing_else(name):
             assert not param.requires_grad and param.grad is None, pname
 
 
+def module_state(model: torch.nn.Module) -> dict:
+    """Every module's hooks and the identity of every object in its __dict__ (its config included)."""
+    return {
+        p: (dict(m._forward_pre_hooks), dict(m._forward_hooks), {k: id(v) for k, v in vars(m).items()})
+        for p, m in model.named_modules()
+    }
+
+
 @pytest.mark.parametrize("name", PREFIX_NAMES)
 def test_detach_restores_the_backbone_exactly(name):
     model = build(name)
     ids = token_ids()
     original = run(model, ids)
-    hooks = {p: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for p, m in model.named_modules()}
+    state = module_state(model)
     PrefixModel(model, **SMALL).detach()
     assert torch.equal(run(model, ids), original)
-    assert {p: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for p, m in model.named_modules()} == hooks
+    assert module_state(model) == state
 
 
 @pytest.mark.parametrize("name", PREFIX_NAMES)
@@ -80,10 +88,17 @@ def test_save_then_load_on_a_fresh_backbone_reproduces(name, tmp_path):
     assert torch.equal(run(fresh, ids), tuned)
 
 
+#: GPT-Neo's local layers window the prefix with the keys (see test_gpt_neo_local_layers_...): its global layers only
+PADDING_CASES = [pytest.param(n, {}, id=n) for n in PREFIX_NAMES if n != "GPT-Neo"] + [
+    pytest.param("GPT-Neo", {"attention_layers": ["global", "global"]}, id="GPT-Neo-global")
+]
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", PREFIX_NAMES)
-def test_a_row_does_not_depend_on_how_the_batch_is_padded(name, attn):
-    model, _ = prefixed(name, attn)
+@pytest.mark.parametrize("name,overrides", PADDING_CASES)
+def test_a_row_does_not_depend_on_how_the_batch_is_padded(name, overrides, attn):
+    model = build(name, attn, **overrides)
+    PrefixModel(model, **SMALL)
     ids = token_ids()
     mask, real, alone_ids, alone_real = padded_pair(name, ids)
     extra = {"position_ids": position_ids(mask)} if real.start else {}
@@ -111,6 +126,93 @@ def test_generate_gives_the_same_tokens_with_and_without_the_kv_cache(name):
     cached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=True)
     recomputed = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, recomputed)
+
+
+@pytest.mark.parametrize("name", [n for n in PREFIX_NAMES if n not in ("GPT-Neo", "BLOOM")])  # those two: eager only
+def test_sdpa_and_eager_give_the_same_prefixed_output(name):
+    ids = token_ids()
+    mask, _, _, _ = padded_pair(name, ids)
+    sdpa, _ = prefixed(name, "sdpa")
+    eager, _ = prefixed(name, "eager")
+    torch.testing.assert_close(run(sdpa, ids, mask), run(eager, ids, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["DistilBERT", "ALBERT", "ModernBERT"])
+def test_attentions_without_a_cache_use_the_prefix_attention_function_only_while_attached(name):
+    model = build(name)
+    configs = {p: m.config for p, m in model.named_modules() if "config" in vars(m)}
+    delta = PrefixModel(model, **SMALL)
+    for path in delta.layers:
+        assert model.get_submodule(path).config._attn_implementation == "opendelta_prefix"
+    assert model.config._attn_implementation == "sdpa"  # the model's own config is never touched
+    delta.detach()
+    assert all(model.get_submodule(p).config is c for p, c in configs.items())
+
+
+def test_two_prefixes_on_an_attention_without_a_cache_stack_switch_and_detach_alone():
+    model = build("DistilBERT")
+    ids = token_ids()
+    original, state = run(model, ids), module_state(model)
+    first = PrefixModel(model, **SMALL)
+    one = run(model, ids)
+    second = PrefixModel(model, **SMALL)
+    both = run(model, ids)
+    assert not torch.allclose(both, one)
+    first.detach()
+    alone = run(model, ids)
+    second.switch(first)  # the same modules: the prefix attention stays in place between the two
+    assert torch.equal(run(model, ids), one)
+    first.switch(second)
+    assert torch.equal(run(model, ids), alone)
+    second.detach()
+    assert torch.equal(run(model, ids), original)
+    assert module_state(model) == state
+
+
+def test_gpt_neo_local_layers_window_the_prefix_as_the_nearest_past_keys():
+    # a local layer masks keys further back than window_size with its own buffer, which counts the prefix
+    # among the keys: so, as with a prefix in past_key_values, only the first window_size - 1 positions see it
+    model = build("GPT-Neo", attention_layers=["local"], num_layers=1, window_size=4)
+    delta = PrefixModel(model, **SMALL)
+    ids = token_ids()
+    before = run(model, ids)
+    with torch.no_grad():
+        next(iter(delta.layers.values())).prefix_embedding.add_(1.0)
+    after = run(model, ids)
+    assert [torch.equal(before[:, t], after[:, t]) for t in range(7)] == [False] * 3 + [True] * 4
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"alibi": True}, {"new_decoder_architecture": True, "num_kv_heads": 2}, {"multi_query": True}],
+    ids=["alibi", "new-decoder-architecture", "multi-query"],
+)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_falcon_variants_keep_padding_invariance_and_cached_generation(overrides, attn):
+    model = build("Falcon", attn, **overrides)
+    PrefixModel(model, **SMALL)
+    ids = token_ids()
+    mask, real, alone_ids, alone_real = padded_pair("Falcon", ids)
+    batch = run(model, ids, mask, position_ids=position_ids(mask))
+    torch.testing.assert_close(batch[0, real], run(model, alone_ids)[0, alone_real], atol=1e-5, rtol=1e-5)
+    settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(**settings, use_cache=True), model.generate(**settings, use_cache=False))
+
+
+def test_a_failed_attach_leaves_the_attention_configs_as_they_were():
+    model = build("DistilBERT")
+    configs = {p: m.config for p, m in model.named_modules() if "config" in vars(m)}
+    with pytest.raises(RuntimeInitError):
+        PrefixModel(model, dummy_inputs={"input_ids": torch.full((1, 99), 5)}, **SMALL)  # longer than the positions
+    assert all(model.get_submodule(p).config is c for p, c in configs.items())
+
+
+@pytest.mark.parametrize("name", ["DeBERTa", "DeBERTa-v2", "MPNet"])
+def test_relative_position_attentions_are_refused_with_why(name):
+    model = build(name)
+    with pytest.raises(UnsupportedModuleError, match="relative-position attention"):
+        PrefixModel(model, **SMALL)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
 def test_the_cache_never_holds_the_prefix():
