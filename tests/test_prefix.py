@@ -169,6 +169,17 @@ def test_two_prefixes_on_an_attention_without_a_cache_stack_switch_and_detach_al
     assert module_state(model) == state
 
 
+def test_a_deep_copy_of_a_prefixed_encoder_without_a_cache_computes_the_same_on_its_own_config():
+    import copy
+
+    model = build("DistilBERT")
+    PrefixModel(model, **SMALL)
+    ids = token_ids()
+    twin = copy.deepcopy(model)
+    assert torch.equal(run(twin, ids), run(model, ids))
+    assert twin.transformer.layer[0].attention.config.real_config is twin.config
+
+
 def test_gpt_neo_local_layers_window_the_prefix_as_the_nearest_past_keys():
     # a local layer masks keys further back than window_size with its own buffer, which counts the prefix
     # among the keys: so, as with a prefix in past_key_values, only the first window_size - 1 positions see it

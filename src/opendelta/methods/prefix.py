@@ -41,10 +41,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from opendelta.addressing import is_delta_module
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import DeltaConfigError, MixedBatchError, UnsupportedModuleError
-from opendelta.addressing import is_delta_module
 from opendelta.routing import DeltaLayer, as_keywords, combined_order, positional_names
 from opendelta.runtime_init import Observation, observe
 
@@ -355,7 +355,7 @@ class AttentionConfigView:
 
     def __getattr__(self, name: str) -> Any:
         real = self.__dict__.get("real_config")
-        if real is None:  # copy / pickle probe a fresh instance before __init__
+        if real is None or name.startswith("__"):  # copy / pickle protocols are the view's own
             raise AttributeError(name)
         return getattr(real, name)
 
