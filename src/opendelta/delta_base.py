@@ -467,16 +467,13 @@ class DeltaBase:
         return tensors
 
     def _checkpoint_meta(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        modules: dict[str, Any] = {}
-        for path, layer in self.layers.items():
-            entry = {key: list(tensors[f"delta.{path}.{key}"].shape) for key in layer.state_dict()}
-            modules[path] = {"class": type(self._targets[path]).__name__, "tensors": entry}
         return {
             "delta_type": self.delta_type,
             "name": self.name,
             "library_version": __version__,
             "config": self.config.to_dict(),
-            "modules": modules,
+            # paths only: the tensors' shapes are already in the safetensors header
+            "modules": list(self.layers),
             "backbone_tensors": {n: list(tensors[f"backbone.{n}"].shape) for n in self._originals},
             "backbone": {
                 "class": unsharded_class(self.backbone_model).__name__,
