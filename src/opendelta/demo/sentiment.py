@@ -52,6 +52,7 @@ def load_backbone():
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # the fresh head's "newly initialized" notice is expected here
+    logging.disable_progress_bar()  # a bar for loading 100 tensors is noise beside the demo's own
     path = minilm_dir()
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
