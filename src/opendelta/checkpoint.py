@@ -29,6 +29,11 @@ FORMAT = "opendelta"
 FORMAT_VERSION = 1
 
 
+def delta_key(path: str, key: str) -> str:
+    """The checkpoint key of tensor `key` of the delta layer at module `path` ("" is the root module)."""
+    return f"delta.{path}.{key}" if path else f"delta.{key}"
+
+
 @dataclass
 class DeltaCheckpoint:
     """A checkpoint in memory: its JSON description and its tensors by key."""

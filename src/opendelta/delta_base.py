@@ -17,7 +17,7 @@ from torch import nn
 
 from opendelta import __version__
 from opendelta.addressing import backbone_modules, find_modules, is_delta_module, match_names, remove_excluded
-from opendelta.checkpoint import backbone_fingerprint, read_checkpoint, read_meta, write_checkpoint
+from opendelta.checkpoint import backbone_fingerprint, delta_key, read_checkpoint, read_meta, write_checkpoint
 from opendelta.config import DeltaConfig
 from opendelta.distributed import ARRIVAL_TIMEOUT_S, all_ranks_arrive, full_tensors, on_rank_zero, unsharded_class
 from opendelta.errors import (
@@ -460,7 +460,7 @@ class DeltaBase:
         tensors: dict[str, torch.Tensor] = {}
         for path, layer in self.layers.items():
             for key, tensor in layer.state_dict(keep_vars=True).items():
-                tensors[f"delta.{path}.{key}"] = tensor
+                tensors[delta_key(path, key)] = tensor
         params = dict(self.backbone_model.named_parameters())
         for n in self._originals:  # the backbone tensors this delta trains (unfrozen head, ...)
             tensors[f"backbone.{n}"] = params[n] if self._attached else self._tuned[n]
@@ -568,7 +568,8 @@ class DeltaBase:
         for path, layer in self.layers.items():
             state = {}
             for key, own in layer.state_dict().items():
-                saved = tensors.get(f"delta.{path}.{key}")
+                # checkpoints from before 0.1.0's release spelled a root delta's keys "delta..<key>"
+                saved = tensors.get(delta_key(path, key), tensors.get(f"delta..{key}") if not path else None)
                 if saved is None:
                     problems.append(f"{path}.{key}: missing from the checkpoint")
                 elif saved.shape != own.shape:
