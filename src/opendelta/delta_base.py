@@ -373,8 +373,9 @@ class DeltaBase:
     # ----------------------------------------------------------------- freezing
 
     def delta_parameters(self) -> list[nn.Parameter]:
-        """This delta's own parameters."""
-        return [p for layer in self.layers.values() for p in layer.parameters()]
+        """This delta's own parameters, each once (layers may share one, e.g. Compacter's shared rules)."""
+        unique = {id(p): p for layer in self.layers.values() for p in layer.parameters()}
+        return list(unique.values())
 
     def freeze_module(
         self, module: nn.Module | None = None, exclude: Sequence[str] | None = None, set_state_dict: bool = True
@@ -455,12 +456,26 @@ class DeltaBase:
 
     # ----------------------------------------------------------------- checkpoints
 
+    def _shared_keys(self) -> dict[str, str]:
+        """Checkpoint keys of tensors that several layers share -> the key the tensor is saved under
+        (its first), so a shared tensor is saved once and loaded into the one object again."""
+        first: dict[int, str] = {}
+        aliases: dict[str, str] = {}
+        for path, layer in self.layers.items():
+            for key, tensor in layer.state_dict(keep_vars=True).items():
+                full = f"delta.{path}.{key}"
+                if first.setdefault(id(tensor), full) != full:
+                    aliases[full] = first[id(tensor)]
+        return aliases
+
     def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint holds, as they live in the model (possibly sharded)."""
         tensors: dict[str, torch.Tensor] = {}
+        aliases = self._shared_keys()
         for path, layer in self.layers.items():
             for key, tensor in layer.state_dict(keep_vars=True).items():
-                tensors[f"delta.{path}.{key}"] = tensor
+                if f"delta.{path}.{key}" not in aliases:
+                    tensors[f"delta.{path}.{key}"] = tensor
         params = dict(self.backbone_model.named_parameters())
         for n in self._originals:  # the backbone tensors this delta trains (unfrozen head, ...)
             tensors[f"backbone.{n}"] = params[n] if self._attached else self._tuned[n]
@@ -468,10 +483,14 @@ class DeltaBase:
 
     def _checkpoint_meta(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         modules: dict[str, Any] = {}
+        aliases = self._shared_keys()
         for path, layer in self.layers.items():
-            entry = {key: list(tensors[f"delta.{path}.{key}"].shape) for key in layer.state_dict()}
+            entry = {}
+            for key in layer.state_dict():
+                full = f"delta.{path}.{key}"
+                entry[key] = list(tensors[aliases.get(full, full)].shape)
             modules[path] = {"class": type(self._targets[path]).__name__, "tensors": entry}
-        return {
+        meta: dict[str, Any] = {
             "delta_type": self.delta_type,
             "name": self.name,
             "library_version": __version__,
@@ -484,6 +503,9 @@ class DeltaBase:
                 "fingerprint": backbone_fingerprint(self.backbone_model),
             },
         }
+        if aliases:
+            meta["shared_tensors"] = aliases
+        return meta
 
     def save_finetuned(
         self,
@@ -544,6 +566,9 @@ class DeltaBase:
             config = delta_cls.config_class.from_dict(ckpt.meta["config"])
             paths = list(ckpt.meta.get("modules", {}))
             tensors, backbone_names = ckpt.tensors, ckpt.meta.get("backbone_tensors", {})
+            for key, saved_as in ckpt.meta.get("shared_tensors", {}).items():
+                if saved_as in tensors:
+                    tensors[key] = tensors[saved_as]
             trained_on = ckpt.meta.get("backbone", {}).get("class", "?")
         if cls is not DeltaBase and not issubclass(delta_cls, cls):
             raise IncompatibleCheckpointError(
