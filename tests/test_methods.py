@@ -85,8 +85,11 @@ def test_parallel_adapter_defaults_to_the_attention_and_ffn_blocks() -> None:
     assert tails(ParallelAdapterModel.plan(fresh("llama"))) == {"0.self_attn", "0.mlp", "1.self_attn", "1.mlp"}
 
 
-def test_parallel_adapter_on_bert_sits_beside_attention_only_as_bert_has_no_single_ffn_module() -> None:
-    assert tails(ParallelAdapterModel.plan(fresh("bert"))) == {"0.attention", "1.attention"}
+def test_parallel_adapter_on_bert_spans_the_ffn_from_its_up_to_its_down_projection() -> None:
+    assert ParallelAdapterModel.plan(fresh("bert")) == [
+        "encoder.layer.0.attention", "encoder.layer.0.intermediate.dense->encoder.layer.0.output.dense",
+        "encoder.layer.1.attention", "encoder.layer.1.intermediate.dense->encoder.layer.1.output.dense",
+    ]
 
 
 def test_ia3_scales_key_and_value_outputs_and_the_ffn_down_projection_input() -> None:
