@@ -184,21 +184,6 @@ def test_the_ffn_output_changes_by_exactly_s_times_the_adapter_of_the_ffn_input(
 
 
 @pytest.mark.parametrize("name", FFN_POSITIONS)
-def test_gradients_reach_every_adapter_parameter_and_nothing_else(name: str) -> None:
-    model = fresh(name).train()
-    delta = ParallelAdapterModel(model, bottleneck_dim=6)
-    perturb(delta)
-    delta.freeze_module()
-    hidden(model, FAMILIES[name]).pow(2).sum().backward()
-    delta_ids = {id(p) for p in delta.delta_parameters()}
-    for pname, p in model.named_parameters():
-        if id(p) in delta_ids:
-            assert p.grad is not None and p.grad.abs().sum() > 0, pname
-        else:
-            assert p.grad is None, pname
-
-
-@pytest.mark.parametrize("name", FFN_POSITIONS)
 def test_detach_restores_the_backbone_bit_for_bit_and_attach_brings_the_tuned_output_back(name: str) -> None:
     model = fresh(name)
     family = FAMILIES[name]
