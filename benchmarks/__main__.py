@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="interleaved rounds per figure (default 7, smoke 3)")
     parser.add_argument("--warmup", type=int, help="untimed calls before the rounds (default 1)")
     parser.add_argument("--only", help="comma-separated workload names (e.g. minilm,llama-7b-meta)")
+    parser.add_argument("--methods", help="comma-separated delta methods to train (default all; LoRA is always included)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default 2, smoke 1: tiny ops only lose from threading)")
     return parser.parse_args(argv)
@@ -50,6 +51,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     loads = workloads.SMOKE if args.smoke else workloads.FULL
     skeletons = workloads.SMOKE_SKELETONS if args.smoke else workloads.SKELETONS
     methods = available_methods()
+    if args.methods:
+        wanted = {"lora", *args.methods.split(",")}
+        unknown = wanted - set(methods)
+        if unknown:
+            sys.exit(f"--methods: unknown {sorted(unknown)}; choose from {methods}")
+        methods = [m for m in methods if m in wanted]
     started = time.perf_counter()
     results: dict[str, Any] = {
         "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),

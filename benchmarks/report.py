@@ -77,10 +77,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         check(f"{wname}: LoRA train step / PEFT", limit=0.95, **timed(w, "train_step", "opendelta:lora / peft:lora"))
         check(f"{wname}: LoRA peak memory / PEFT", _get(w, "memory_ratios", "opendelta:lora / peft:lora", "peak_bytes"), 1.0)
         check(f"{wname}: LoRA unmerged inference / bare", limit=1.03, **timed(w, "inference", "opendelta:lora / bare"))
+        check(f"{wname}: LoRA merged inference / bare", limit=1.01, **timed(w, "inference", "opendelta:lora merged / bare"))
         overhead = _get(w, "params_checkpoint", "opendelta:lora", "overhead_bytes")
         check(f"{wname}: LoRA checkpoint bytes - tensor bytes", overhead / KIB if overhead is not None else None, 16, "KiB")
     for sname, sk in results.get("skeletons", {}).items():
         check(f"{sname}: LoRA construction / PEFT", limit=1.0, **timed(sk, "construction", "opendelta:lora / peft:lora"))
+        seconds = _get(sk, "visualisation", "seconds", "opendelta:lora", "median")
+        check(f"{sname}: visualisation with LoRA", seconds, 1.0, "s")
     return checks
 
 
@@ -101,7 +104,7 @@ def _timed_rows(table: Table, figure: str, block: dict[str, Any] | None) -> None
         return
     for name, spread in block["seconds"].items():
         table.add_row(figure, name, _ms(spread), "", "")
-    for name, spread in block["ratios"].items():
+    for name, spread in block.get("ratios", {}).items():
         table.add_row(figure, name, "", _ratio(spread), _ratio(block.get("cpu_ratios", {}).get(name)))
     for name, note in block.get("notes", {}).items():
         table.add_row(figure, name, note, "", "")
@@ -133,6 +136,7 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
             table.add_row("memory", name, "", ", ".join(f"{k.split('_')[0]} {v:.3f}x" for k, v in r.items()), "")
         _timed_rows(table, "inference", w.get("inference"))
         _timed_rows(table, "construction", w.get("construction"))
+        _timed_rows(table, "visualisation", w.get("visualisation"))
         _timed_rows(table, "switch", w.get("switch"))
         if "mixed_batch" in w:
             table.add_row("mixed batch", "-", w["mixed_batch"], "", "")

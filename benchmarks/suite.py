@@ -31,7 +31,7 @@ from benchmarks.variants import (
 from benchmarks.workloads import Workload, meta_skeleton
 
 MIXED_BATCH = "n/a: mixed-batch routing (one adapter per example) lands in a later issue"
-MERGE_NA = "n/a: opendelta has no merge() yet (a later issue)"
+MERGE_NA = "n/a: this tool cannot merge the delta"
 
 
 @dataclass(frozen=True)
@@ -203,4 +203,23 @@ def run_skeleton(name: str, sizes: dict[str, int], s: Settings) -> dict[str, Any
               f"hidden {sizes['hidden_size']})", "parameters": sum(p.numel() for p in template.parameters())}
     meta = Settings(torch.device("meta"), s.rounds, s.warmup, memory=False, threads=s.threads)
     result["construction"] = construction(lambda: copy.deepcopy(template), meta, rounds=max(s.rounds, 5))
+    result["visualisation"] = visualisation(template, rounds=max(s.rounds, 5))
     return result
+
+
+def visualisation(model: nn.Module, rounds: int) -> dict[str, Any]:
+    """Seconds to build and print the collapsed tree of `model` with LoRA attached (to a string)."""
+    import io
+
+    from rich.console import Console
+
+    from bigmodelvis import Visualization
+
+    with_lora = copy.deepcopy(model)
+    build_opendelta(with_lora, "lora")
+
+    def render() -> None:
+        Visualization(with_lora, console=Console(file=io.StringIO(), width=120)).structure_graph()
+
+    samples = interleaved({"opendelta:lora": render}, rounds, warmup=1)
+    return {"seconds": {name: Spread.of(values).to_dict() for name, values in samples["wall"].items()}}

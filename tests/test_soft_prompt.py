@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from prompt_cases import DECODERS, GENERATORS, NAMES, build, padded_pair, position_ids, run, token_ids
@@ -92,6 +94,29 @@ def test_save_then_load_on_a_fresh_backbone_reproduces(name, tmp_path):
     fresh = build(name)
     SoftPromptModel.from_finetuned(tmp_path / "ckpt", fresh)
     assert torch.equal(run(fresh, ids), tuned)
+
+
+def test_checkpoint_keys_of_a_prompt_on_the_root_module_have_no_empty_path(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, delta = prompted(NAMES[0])
+    assert "" in delta.layers  # the prompt acts on the whole model
+    delta.save_finetuned(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "delta_model.safetensors"
+    keys = sorted(load_file(weights))
+    assert keys and all(k.startswith("delta.") and ".." not in k for k in keys)
+    # a checkpoint written before the keys were fixed ("delta..<key>") still loads
+    old = {k.replace("delta.", "delta..", 1): v for k, v in load_file(weights).items()}
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    save_file(old, legacy / "delta_model.safetensors")
+    meta = json.loads((tmp_path / "ckpt" / "delta_config.json").read_text())
+    meta["weights"].pop("sha256")
+    (legacy / "delta_config.json").write_text(json.dumps(meta))
+    fresh = build(NAMES[0])
+    SoftPromptModel.from_finetuned(legacy, fresh)
+    ids = token_ids()
+    assert torch.equal(run(fresh, ids), run(model, ids))
 
 
 @pytest.mark.parametrize("name", NAMES)

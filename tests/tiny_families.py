@@ -130,14 +130,14 @@ _BERT_POSITIONS = {
     "out": ["attention.output.dense", r"[r]layer\.\d+\.output\.dense"],
     "kv": ["attention.self.key", "attention.self.value"],
     "down": [r"[r]layer\.\d+\.output\.dense"],
-    "blocks": ["attention", "intermediate"],
+    "blocks": ["attention", "intermediate.dense->output.dense"],  # a span: BERT keeps its FFN as two modules
     "norms": ["LayerNorm"],
 }
 _DECODER_POSITIONS = {
     "out": ["self_attn.out_proj", "fc2"],
     "kv": ["self_attn.k_proj", "self_attn.v_proj"],
     "down": ["fc2"],
-    "blocks": ["self_attn", "fc1"],
+    "blocks": ["self_attn", "fc1->fc2"],  # a span: the FFN is fc1, activation, fc2 in the layer
     "norms": ["self_attn_layer_norm", "final_layer_norm"],
 }
 

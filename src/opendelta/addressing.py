@@ -7,6 +7,12 @@ A pattern is one of
 - ``"[r]<regex>"``: the regular expression must match the full path, or a dot-boundary tail of it,
   entirely (``"[r]layer\\.[0-5]\\.attention"``).
 
+A *span* ``"<start>-><end>"`` (each side a pattern as above) addresses a pair of modules, for
+methods that take their input at one module and add their result at a later one (a parallel
+adapter across BERT's ``intermediate.dense->output.dense``). Each start is paired with the end
+that shares its deepest ancestor (the same layer) and comes after it; its resolved path is
+``"<start path>-><end path>"``.
+
 Delta modules that opendelta added to the model are never addressable.
 """
 
@@ -14,14 +20,15 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from opendelta.errors import NoMatchError, PatternError
+from opendelta.errors import NoMatchError, OpenDeltaError, PatternError
 
 REGEX_PREFIX = "[r]"
+SPAN_SEP = "->"
 
 
 def is_delta_module(module: nn.Module) -> bool:
@@ -147,7 +154,87 @@ def remove_excluded(
     if unused:
         raise NoMatchError(unused[0], suggest(unused[0], paths), "exclude_modules")
     gone = set(excluded)
-    return [p for p in matched if not any(a in gone for a in _ancestors(p))]
+    return [p for p in matched if not any(a in gone for end in split_span(p) or (p,) for a in ancestors(end))]
+
+
+def split_span(text: str) -> tuple[str, str] | None:
+    """``"a->b"`` -> ``("a", "b")`` (each side stripped); None for a name that is not a span."""
+    if not isinstance(text, str) or SPAN_SEP not in text:
+        return None
+    start, _, end = (part.strip() for part in text.partition(SPAN_SEP))
+    if not start or not end or SPAN_SEP in end:
+        raise PatternError(f"span {text!r} must be '<start module>{SPAN_SEP}<end module>', one of each")
+    return start, end
+
+
+def span_path(start: str, end: str) -> str:
+    """The path of the span from `start` to `end` (the module itself when they are the same)."""
+    return start if start == end else f"{start}{SPAN_SEP}{end}"
+
+
+def _shared_depth(a: str, b: str) -> int:
+    depth = 0
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        depth += 1
+    return depth
+
+
+def pair_spans(
+    text: str, starts: Sequence[str], ends: Sequence[str], position: dict[str, int], *, strict: bool = True
+) -> list[str]:
+    """Span paths pairing each of `starts` with an end of `ends`: among those sharing its deepest
+    ancestor (its block), the first at or after it in model order (`position`: path -> index).
+
+    Ends no start claims are left alone. With `strict`, a start without such an end, or an end
+    claimed by two starts, is a PatternError naming it; without, those starts are skipped.
+    """
+    pairs: dict[str, str] = {}
+    problem = None
+    for start in starts:
+        depths = {end: _shared_depth(start, end) for end in ends}
+        closest = [end for end in ends if depths[end] == max(depths.values())]
+        later = sorted((e for e in closest if position.get(e, -1) >= position.get(start, -1)), key=position.get)
+        if not later:
+            problem = problem or f"start {start!r} has no end after it in its block"
+        elif later[0] in pairs.values():
+            problem = problem or f"end {later[0]!r} is the closest end of two starts"
+        else:
+            pairs[start] = later[0]
+    if strict and problem:
+        raise PatternError(
+            f"span {text!r} must pair each start module with one end module in the same block, but {problem}; "
+            "make each side name exactly the modules to pair (e.g. full paths, or a [r]regex per side)."
+        )
+    return [span_path(start, end) for start, end in pairs.items()]
+
+
+def find_targets(
+    patterns: Sequence[str], find: Callable[[list[str], bool], list[str]], order: Sequence[str], *, strict: bool = True
+) -> list[str]:
+    """Module and span paths `patterns` address, in `order` (model order of modules; a span by its start).
+
+    `find(patterns, strict)` resolves plain patterns to module paths (names or roles); a span's
+    two sides are resolved with it and paired by :func:`pair_spans`.
+    """
+    if isinstance(patterns, str):
+        raise PatternError(f"modified_modules must be a list of names, got the single string {patterns!r}; write [{patterns!r}].")
+    plain = [p for p in patterns if split_span(p) is None]
+    found = list(find(plain, strict)) if plain else []
+    index = {path: i for i, path in enumerate(order)}
+    for text in patterns:
+        sides = split_span(text)
+        if sides is not None:
+            try:
+                ends = [find([side], strict) for side in sides]
+            except OpenDeltaError:
+                if strict:
+                    raise
+                continue  # without strict, a span whose sides do not resolve is skipped
+            found.extend(pair_spans(text, ends[0], ends[1], index, strict=strict))
+    unique = dict.fromkeys(found)
+    return sorted(unique, key=lambda p: index.get((split_span(p) or (p,))[0], -1))
 
 
 def find_modules_in(paths: Sequence[str], patterns: Sequence[str]) -> list[str]:
@@ -163,7 +250,7 @@ def match_names(names: Sequence[str], patterns: Sequence[str], what: str) -> lis
     return matched
 
 
-def _ancestors(path: str) -> Iterator[str]:
+def ancestors(path: str) -> Iterator[str]:
     """The path and every ancestor path: ``a.b.c`` -> ``a.b.c``, ``a.b``, ``a``."""
     yield path
     end = path.rfind(".")

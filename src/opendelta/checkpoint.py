@@ -29,6 +29,11 @@ FORMAT = "opendelta"
 FORMAT_VERSION = 1
 
 
+def delta_key(path: str, key: str) -> str:
+    """The checkpoint key of tensor `key` of the delta layer at module `path` ("" is the root module)."""
+    return f"delta.{path}.{key}" if path else f"delta.{key}"
+
+
 @dataclass
 class DeltaCheckpoint:
     """A checkpoint in memory: its JSON description and its tensors by key."""
@@ -84,7 +89,8 @@ def write_checkpoint(directory: str | os.PathLike, meta: dict[str, Any], tensors
         full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
         full_meta["weights"] = {"file": WEIGHTS_NAME, "sha256": _sha256(Path(tmp_weights))}
         with open(tmp_config, "w", encoding="utf-8") as handle:
-            json.dump(full_meta, handle, indent=2, sort_keys=False)
+            # compact: on a deep model the module list dominates the file (`python -m json.tool` shows it)
+            json.dump(full_meta, handle, separators=(",", ":"))
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())

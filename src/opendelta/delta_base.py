@@ -6,6 +6,7 @@ implements :meth:`DeltaBase.new_layer`; everything else lives here and knows no 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
@@ -16,8 +17,18 @@ from rich.table import Table
 from torch import nn
 
 from opendelta import __version__
-from opendelta.addressing import backbone_modules, find_modules, is_delta_module, match_names, remove_excluded
-from opendelta.checkpoint import backbone_fingerprint, read_checkpoint, read_meta, write_checkpoint
+from opendelta.addressing import (
+    SPAN_SEP,
+    ancestors,
+    backbone_modules,
+    find_modules,
+    find_targets,
+    is_delta_module,
+    match_names,
+    remove_excluded,
+    split_span,
+)
+from opendelta.checkpoint import backbone_fingerprint, delta_key, read_checkpoint, read_meta, write_checkpoint
 from opendelta.config import DeltaConfig
 from opendelta.distributed import ARRIVAL_TIMEOUT_S, all_ranks_arrive, full_tensors, on_rank_zero, unsharded_class
 from opendelta.errors import (
@@ -32,11 +43,14 @@ from opendelta.registry import lookup, register
 from opendelta.routing import (
     MIXING_ATTR,
     DeltaLayer,
+    Span,
     add_delta,
     input_grad_site,
     remove_delta,
     require_input_grads,
+    site_of,
     swap_delta,
+    target_module,
 )
 from opendelta.runtime_init import Observation, model_device, observe
 from opendelta.structure import model_type, resolve_roles
@@ -62,6 +76,8 @@ class DeltaBase:
     default_modified_modules: ClassVar[tuple[str, ...]] = ()
     #: whether new_layer needs the observed hidden-state shapes (a dummy forward pass)
     needs_runtime_init: ClassVar[bool] = False
+    #: whether new_layer can build a (parallel) layer for a span ``"start->end"`` of two modules
+    accepts_spans: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -115,12 +131,27 @@ class DeltaBase:
         """The module paths this method would modify, without touching the model (a dry run)."""
         if config is None:
             config = cls.config_class.from_dict(config_values)
+        order = [p for p, _ in backbone_modules(backbone_model)]
+
+        def roles(names: list[str], strict: bool) -> list[str]:
+            return resolve_roles(backbone_model, names, strict=strict)
+
         if config.modified_modules is None:  # defaults are the method's wish list: whichever this family has
-            paths = resolve_roles(backbone_model, cls.default_modified_modules, strict=False)
+            paths = _without_covered_spans(find_targets(cls.default_modified_modules, roles, order, strict=False))
         elif config.common_structure:
-            paths = resolve_roles(backbone_model, config.modified_modules)
+            paths = find_targets(config.modified_modules, roles, order)
         else:
-            paths = find_modules(backbone_model, config.modified_modules, what="modified_modules")
+            paths = find_targets(
+                config.modified_modules,
+                lambda names, strict: find_modules(backbone_model, names, what="modified_modules", strict=strict), order,
+            )
+        if any(split_span(p) for p in paths) and not cls.accepts_spans:
+            span = next(p for p in paths if split_span(p))
+            raise UnsupportedModuleError(
+                f"{cls.__name__} acts on one module at a time, but modified_modules addresses the span {span!r}; "
+                f"spans ('start{SPAN_SEP}end') are for methods that feed one module's input to another's output "
+                "(ParallelAdapterModel). Address single modules instead."
+            )
         paths = remove_excluded(backbone_model, paths, config.exclude_modules)
         if not paths:
             raise PatternError(f"exclude_modules {config.exclude_modules} removed every module {cls.__name__} would modify.")
@@ -131,10 +162,14 @@ class DeltaBase:
     ) -> None:
         """Build every delta layer without touching the backbone."""
         modules = dict(backbone.named_modules())
+        targets: dict[str, nn.Module | Span] = {}
         for path in paths:
-            if isinstance(modules[path], nn.Sequential):  # its forward would run the delta layer as a stage
+            sides = split_span(path)
+            targets[path] = Span(modules[sides[0]], modules[sides[1]]) if sides else modules[path]
+            home = sides[1] if sides else path  # where the delta layer lives: the module, or a span's end
+            if isinstance(modules[home], nn.Sequential):  # its forward would run the delta layer as a stage
                 raise UnsupportedModuleError(
-                    f"{path!r} is an nn.Sequential, which runs every child module in turn, so a delta layer cannot "
+                    f"{home!r} is an nn.Sequential, which runs every child module in turn, so a delta layer cannot "
                     "live inside it; address the module that contains it, or the modules inside it, instead."
                 )
         observations: dict[str, Observation] = (
@@ -143,10 +178,8 @@ class DeltaBase:
         self.backbone_model = backbone
         self._input_grad_site = input_grad_site(backbone)
         self.config = config
-        self._targets: dict[str, nn.Module] = {p: modules[p] for p in paths}
-        self.layers: dict[str, DeltaLayer] = {
-            p: self.new_layer(p, modules[p], observations.get(p)) for p in paths
-        }
+        self._targets = targets
+        self.layers: dict[str, DeltaLayer] = {p: self.new_layer(p, targets[p], observations.get(p)) for p in paths}
         self.name = self._free_name(name)
         self._attached = False
         self._set_state_dict = False
@@ -157,16 +190,33 @@ class DeltaBase:
         self._merged: dict[str, dict[str, torch.Tensor]] = {}  # path -> parameter values before merge()
 
     def runtime_observe(self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any) -> dict[str, Observation]:
-        """What new_layer learns from the dummy pass; a method that needs more than shapes overrides this."""
-        return observe(backbone, paths, dummy_inputs)
+        """What new_layer learns from the dummy pass; a method that needs more than shapes overrides this.
 
-    def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> DeltaLayer:
-        """The delta layer for the module at `path`; raise UnsupportedModuleError if it cannot act there."""
+        A span's observation is its start's input and its end's output.
+        """
+        spans = {p: sides for p in paths if (sides := split_span(p))}
+        modules = dict.fromkeys(side for p in paths for side in spans.get(p, (p,)))
+        seen = observe(backbone, list(modules), dummy_inputs)
+        for path, (start, end) in spans.items():
+            seen[path] = dataclasses.replace(
+                seen[end], input_shape=seen[start].input_shape, input_dtype=seen[start].input_dtype
+            )
+        return seen
+
+    def new_layer(self, path: str, module: nn.Module | Span, observation: Observation | None) -> DeltaLayer:
+        """The delta layer for the module (or span, see `accepts_spans`) at `path`; raise
+        UnsupportedModuleError if it cannot act there."""
         raise NotImplementedError(f"{type(self).__name__} must implement new_layer()")
 
     def _free_name(self, requested: str | None) -> str:
         def taken(candidate: str) -> bool:
-            return any(candidate in m._modules or hasattr(m, candidate) for m in self._targets.values())
+            for target in self._targets.values():
+                module = target_module(target)
+                if candidate in module._modules or hasattr(module, candidate):
+                    return True
+                if isinstance(target, Span) and candidate in getattr(site_of(target.start), "taps", {}):
+                    return True
+            return False
 
         if requested is not None:
             if not requested.isidentifier():
@@ -373,8 +423,9 @@ class DeltaBase:
     # ----------------------------------------------------------------- freezing
 
     def delta_parameters(self) -> list[nn.Parameter]:
-        """This delta's own parameters."""
-        return [p for layer in self.layers.values() for p in layer.parameters()]
+        """This delta's own parameters, each once (layers may share one, e.g. Compacter's shared rules)."""
+        unique = {id(p): p for layer in self.layers.values() for p in layer.parameters()}
+        return list(unique.values())
 
     def freeze_module(
         self, module: nn.Module | None = None, exclude: Sequence[str] | None = None, set_state_dict: bool = True
@@ -455,28 +506,40 @@ class DeltaBase:
 
     # ----------------------------------------------------------------- checkpoints
 
+    def _shared_keys(self) -> dict[str, str]:
+        """Checkpoint keys of tensors that several layers share -> the key the tensor is saved under
+        (its first), so a shared tensor is saved once and loaded into the one object again."""
+        first: dict[int, str] = {}
+        aliases: dict[str, str] = {}
+        for path, layer in self.layers.items():
+            for key, tensor in layer.state_dict(keep_vars=True).items():
+                full = delta_key(path, key)
+                if first.setdefault(id(tensor), full) != full:
+                    aliases[full] = first[id(tensor)]
+        return aliases
+
     def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint holds, as they live in the model (possibly sharded)."""
         tensors: dict[str, torch.Tensor] = {}
+        aliases = self._shared_keys()
         for path, layer in self.layers.items():
             for key, tensor in layer.state_dict(keep_vars=True).items():
-                tensors[f"delta.{path}.{key}"] = tensor
+                if delta_key(path, key) not in aliases:
+                    tensors[delta_key(path, key)] = tensor
         params = dict(self.backbone_model.named_parameters())
         for n in self._originals:  # the backbone tensors this delta trains (unfrozen head, ...)
             tensors[f"backbone.{n}"] = params[n] if self._attached else self._tuned[n]
         return tensors
 
     def _checkpoint_meta(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        modules: dict[str, Any] = {}
-        for path, layer in self.layers.items():
-            entry = {key: list(tensors[f"delta.{path}.{key}"].shape) for key in layer.state_dict()}
-            modules[path] = {"class": type(self._targets[path]).__name__, "tensors": entry}
-        return {
+        aliases = self._shared_keys()
+        meta: dict[str, Any] = {
             "delta_type": self.delta_type,
             "name": self.name,
             "library_version": __version__,
             "config": self.config.to_dict(),
-            "modules": modules,
+            # paths only: the tensors' shapes are already in the safetensors header
+            "modules": list(self.layers),
             "backbone_tensors": {n: list(tensors[f"backbone.{n}"].shape) for n in self._originals},
             "backbone": {
                 "class": unsharded_class(self.backbone_model).__name__,
@@ -484,6 +547,9 @@ class DeltaBase:
                 "fingerprint": backbone_fingerprint(self.backbone_model),
             },
         }
+        if aliases:
+            meta["shared_tensors"] = aliases
+        return meta
 
     def save_finetuned(
         self,
@@ -544,6 +610,9 @@ class DeltaBase:
             config = delta_cls.config_class.from_dict(ckpt.meta["config"])
             paths = list(ckpt.meta.get("modules", {}))
             tensors, backbone_names = ckpt.tensors, ckpt.meta.get("backbone_tensors", {})
+            for key, saved_as in ckpt.meta.get("shared_tensors", {}).items():
+                if saved_as in tensors:
+                    tensors[key] = tensors[saved_as]
             trained_on = ckpt.meta.get("backbone", {}).get("class", "?")
         if cls is not DeltaBase and not issubclass(delta_cls, cls):
             raise IncompatibleCheckpointError(
@@ -551,7 +620,7 @@ class DeltaBase:
                 f"{delta_cls.__name__}.from_finetuned or AutoDeltaModel.from_finetuned"
             )
         present = {"", *(p for p, _ in backbone_modules(backbone_model))}  # "" is the root
-        missing = [p for p in paths if p not in present]
+        missing = [p for p in paths if any(side not in present for side in split_span(p) or (p,))]
         if missing:
             raise IncompatibleCheckpointError(
                 f"the checkpoint was trained on a {trained_on}; this {type(backbone_model).__name__} has no "
@@ -571,7 +640,8 @@ class DeltaBase:
         for path, layer in self.layers.items():
             state = {}
             for key, own in layer.state_dict().items():
-                saved = tensors.get(f"delta.{path}.{key}")
+                # checkpoints from before 0.1.0's release spelled a root delta's keys "delta..<key>"
+                saved = tensors.get(delta_key(path, key), tensors.get(f"delta..{key}") if not path else None)
                 if saved is None:
                     problems.append(f"{path}.{key}: missing from the checkpoint")
                 elif saved.shape != own.shape:
@@ -601,6 +671,17 @@ class DeltaBase:
             for n in backbone_names:
                 self._originals.setdefault(n, params[n].detach().clone())
                 params[n].copy_(tensors[f"backbone.{n}"])
+
+
+def _without_covered_spans(paths: list[str]) -> list[str]:
+    """Default positions without the spans that lie inside another default module (LLaMA's
+    up_proj->down_proj inside its mlp): a span stands in where no single module holds the block."""
+    modules = {p for p in paths if not split_span(p)}
+
+    def covered(path: str) -> bool:
+        return all(any(a in modules for a in ancestors(side)) for side in split_span(path) or ())
+
+    return [p for p in paths if not (split_span(p) and covered(p))]
 
 
 def _path_of(root: nn.Module, module: nn.Module) -> str:

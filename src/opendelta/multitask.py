@@ -19,7 +19,7 @@ from torch import nn
 
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import LifecycleError, MixedBatchError
-from opendelta.routing import MIXING_ATTR, RowRouting, Site, site_of
+from opendelta.routing import MIXING_ATTR, RowRouting, Site, site_of, target_module
 
 
 def _row_tensor(rows: Sequence[int] | torch.Tensor, n_deltas: int) -> torch.Tensor:
@@ -101,7 +101,8 @@ def mixed_batch(deltas: Sequence[DeltaBase], rows: Sequence[int] | torch.Tensor)
     on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
     sites: dict[int, tuple[nn.Module, Site, torch.device]] = {}
     for delta in deltas:
-        for path, module in delta._targets.items():
+        for path, target in delta._targets.items():
+            module = target_module(target)
             site = site_of(module)
             if site is not None and id(module) not in sites:
                 sites[id(module)] = (module, site, _site_device(module, delta, path))

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from opendelta.checkpoint import CONFIG_NAME
+from opendelta.checkpoint import CONFIG_NAME, delta_key
 from opendelta.errors import CorruptCheckpointError, PeftFormatError
 
 if TYPE_CHECKING:
@@ -87,8 +87,8 @@ def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensor
     alpha_pattern: dict[str, float] = {}
     conv1d = False
     for path in delta.layers:
-        tensors_out[f"{PREFIX}{path}.lora_A.weight"] = tensors[f"delta.{path}.lora_A"]
-        tensors_out[f"{PREFIX}{path}.lora_B.weight"] = tensors[f"delta.{path}.lora_B"]
+        tensors_out[f"{PREFIX}{path}.lora_A.weight"] = tensors[delta_key(path, "lora_A")]
+        tensors_out[f"{PREFIX}{path}.lora_B.weight"] = tensors[delta_key(path, "lora_B")]
         r, alpha = config.rank_and_alpha(path)
         if r != config.lora_r:
             rank_pattern[re.escape(path)] = r
@@ -178,7 +178,7 @@ def read_peft_checkpoint(
             path = factor["path"]
             if path not in paths:
                 paths.append(path)
-            tensors[f"delta.{path}.lora_{factor['factor']}"] = value
+            tensors[delta_key(path, f"lora_{factor['factor']}")] = value
         elif "lora_" in name:
             raise PeftFormatError(
                 f"{weights} holds {key!r}, a LoRA tensor opendelta does not implement (LoRA on embeddings or "

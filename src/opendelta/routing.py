@@ -8,12 +8,19 @@ argument, so ``copy.deepcopy`` and data-parallel replicas route through their ow
 
 Order inside one module: *before* deltas (in attach order) -> the module (or its replacement) ->
 *parallel* deltas (their sum) -> *after* deltas (in attach order).
+
+A parallel delta may also *span* two modules (:class:`Span`): it reads the input of a start
+module and adds its result to the output of an end module that runs later (a feed-forward block
+kept as two projections in the layer, BERT's ``intermediate.dense`` -> ``output.dense``). The
+start module's site records its input (after its own *before* deltas) in a :class:`SpanInput`
+that the end module's site takes; the layer is a child of the end module only.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import threading
 import types
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -202,8 +209,46 @@ class _Mix:
             )
 
 
+@dataclass(frozen=True, eq=False)
+class Span:
+    """Where a spanning delta acts: its input is `start`'s input, its result is added to `end`'s output."""
+
+    start: nn.Module
+    end: nn.Module
+
+
+class SpanInput:
+    """A span's start input, put by the start module's pre-hook and taken by the end module's hook.
+
+    Kept per thread: data-parallel replicas share their sites and run in threads of their own.
+    Gradient checkpointing replays the start before the end, so recomputation refills it.
+    """
+
+    def __init__(self) -> None:
+        self._by_thread: dict[int, torch.Tensor] = {}
+
+    def put(self, h: torch.Tensor) -> None:
+        self._by_thread[threading.get_ident()] = h
+
+    def take(self, name: str) -> torch.Tensor:
+        h = self._by_thread.pop(threading.get_ident(), None)
+        if h is None:
+            raise UnsupportedModuleError(
+                f"delta {name!r} spans two modules, but its end module ran without its start module running first "
+                "(in this forward); a span needs a start that runs before its end, once per end call."
+            )
+        return h
+
+    def discard(self) -> None:
+        self._by_thread.pop(threading.get_ident(), None)
+
+
 class Site:
-    """The deltas acting on one module, by route, as names of the module's delta children."""
+    """The deltas acting on one module, by route, as names of the module's delta children.
+
+    `taps` are spans starting here (their input is recorded); `span_inputs` are the parallel
+    deltas here whose input comes from a span's start instead of this module's input.
+    """
 
     def __init__(self, module: nn.Module):
         self.input_name: str | None = None  # looked up on the first call that passes the input by keyword
@@ -212,6 +257,8 @@ class Site:
         self.parallel: list[str] = []
         self.after: list[str] = []
         self.replace: str | None = None
+        self.taps: dict[str, SpanInput] = {}
+        self.span_inputs: dict[str, SpanInput] = {}
         self._pre_handle: Any = None
         self._post_handle: Any = None
         self._had_forward = "forward" in module.__dict__
@@ -231,13 +278,25 @@ class Site:
             raise TypeError("the module was called without its input tensor")
         return kwargs[name]
 
+    def _parallel_input(self, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The input of parallel delta `name`: this module's, or its span start's."""
+        span = self.span_inputs.get(name)
+        if span is not None:
+            return span.take(name)
+        return args[0] if args else self._input(args, kwargs)
+
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         mods = module._modules
         input_name = None if args else self._keyword_input_name()
         if self.mix is not None:
-            return self._mixed_pre(mods, args, kwargs, input_name)
-        for name in self.before:
-            args, kwargs = mods[name].route_call(args, kwargs, input_name)
+            args, kwargs = self._mixed_pre(mods, args, kwargs, input_name)
+        else:
+            for name in self.before:
+                args, kwargs = mods[name].route_call(args, kwargs, input_name)
+        if self.taps:
+            h = self._input(args, kwargs)
+            for span in self.taps.values():
+                span.put(h)
         return args, kwargs
 
     def _mixed_pre(self, mods: dict, args: tuple, kwargs: dict, input_name: str | None) -> tuple[tuple, dict]:
@@ -264,11 +323,11 @@ class Site:
         h = first_tensor(output)
         if mix.checks_output:
             mix.check(h)
-        if mix.parallel:
-            h_in = args[0] if args else self._input(args, kwargs)
-            for name, rows in mix.parallel:
-                layer = mods[name]
-                h = layer.route_parallel(h_in, h) if rows is None else layer.route_parallel_rows(h_in, h, rows)
+        for name, rows in mix.parallel:
+            layer, h_in = mods[name], self._parallel_input(name, args, kwargs)
+            h = layer.route_parallel(h_in, h) if rows is None else layer.route_parallel_rows(h_in, h, rows)
+        for name in self.span_inputs.keys() - {name for name, _ in mix.parallel}:
+            self.span_inputs[name].discard()  # an idle span: drop its start's input
         for name, rows in mix.after:
             layer = mods[name]
             h = layer.route_output(h) if rows is None else layer.route_output_rows(h, rows)
@@ -313,10 +372,9 @@ class Site:
         if self.mix is not None:
             return self._mixed_post(mods, args, kwargs, output)
         if self.parallel:
-            h_in = args[0] if args else self._input(args, kwargs)
             h_out = first_tensor(output)
             for name in self.parallel:
-                h_out = mods[name].route_parallel(h_in, h_out)
+                h_out = mods[name].route_parallel(self._parallel_input(name, args, kwargs), h_out)
             output = with_first_tensor(output, h_out)
         if self.after:
             h = first_tensor(output)
@@ -327,9 +385,10 @@ class Site:
 
     def refresh(self, module: nn.Module) -> None:
         """Install exactly the hooks the current deltas need, and no others."""
-        if self.before and self._pre_handle is None:
+        needs_pre = bool(self.before or self.taps)
+        if needs_pre and self._pre_handle is None:
             self._pre_handle = module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
-        elif not self.before and self._pre_handle is not None:
+        elif not needs_pre and self._pre_handle is not None:
             self._pre_handle.remove()
             self._pre_handle = None
         needs_post = bool(self.parallel or self.after)
@@ -353,7 +412,7 @@ class Site:
 
     @property
     def empty(self) -> bool:
-        return not (self.before or self.parallel or self.after or self.replace)
+        return not (self.before or self.parallel or self.after or self.replace or self.taps)
 
 
 def _replaced_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -366,8 +425,20 @@ def site_of(module: nn.Module) -> Site | None:
     return module.__dict__.get(_SITE_ATTR)
 
 
-def add_delta(module: nn.Module, name: str, layer: DeltaLayer) -> None:
-    """Make `layer` (a delta) act on `module` under child name `name`, by the layer's route."""
+def target_module(target: nn.Module | Span) -> nn.Module:
+    """The module whose site runs a delta placed on `target`: the module, or a span's end."""
+    return target.end if isinstance(target, Span) else target
+
+
+def add_delta(module: nn.Module | Span, name: str, layer: DeltaLayer) -> None:
+    """Make `layer` (a delta) act on `module` under child name `name`, by the layer's route.
+
+    On a :class:`Span` the layer (route parallel) becomes a child of the span's end, fed with the
+    span's start input.
+    """
+    if isinstance(module, Span):
+        _add_span(module, name, layer)
+        return
     if layer.route not in ROUTES:
         raise ValueError(f"unknown route {layer.route!r}; expected one of {ROUTES}")
     if _name_taken(module, name):
@@ -396,6 +467,32 @@ def add_delta(module: nn.Module, name: str, layer: DeltaLayer) -> None:
         raise
 
 
+def _add_span(span: Span, name: str, layer: DeltaLayer) -> None:
+    if span.start is span.end:
+        add_delta(span.end, name, layer)
+        return
+    if layer.route != "parallel":
+        raise UnsupportedModuleError(
+            f"{type(layer).__name__} has route {layer.route!r}; only parallel deltas (a function of one module's "
+            "input added to another's output) can span two modules"
+        )
+    start_site = site_of(span.start) or Site(span.start)
+    if name in start_site.taps:
+        raise LifecycleError(f"{type(span.start).__name__} already starts a span of a delta named {name!r}")
+    add_delta(span.end, name, layer)
+    stash = SpanInput()
+    end_site = site_of(span.end)
+    assert end_site is not None
+    end_site.span_inputs[name] = stash
+    start_site.taps[name] = stash
+    span.start.__dict__[_SITE_ATTR] = start_site
+    try:
+        start_site.refresh(span.start)
+    except Exception:
+        remove_delta(span, name)
+        raise
+
+
 def _name_taken(module: nn.Module, name: str) -> bool:
     """``hasattr(module, name)`` without the cost of nn.Module.__getattr__ raising for a free name."""
     return (
@@ -407,9 +504,13 @@ def _name_taken(module: nn.Module, name: str) -> bool:
     )
 
 
-def swap_delta(module: nn.Module, old: str, new: str, layer: DeltaLayer) -> None:
+def swap_delta(module: nn.Module | Span, old: str, new: str, layer: DeltaLayer) -> None:
     """:func:`remove_delta` of `old` then :func:`add_delta` of `layer` as `new`, keeping the hooks
     installed in between (a task switch on the same modules re-registers nothing)."""
+    if isinstance(module, Span):
+        remove_delta(module, old)
+        add_delta(module, new, layer)
+        return
     site = site_of(module)
     if site is None or old not in module._modules:
         raise LifecycleError(f"{type(module).__name__} has no delta named {old!r}")
@@ -431,12 +532,21 @@ def swap_delta(module: nn.Module, old: str, new: str, layer: DeltaLayer) -> None
     site.refresh(module)
 
 
-def remove_delta(module: nn.Module, name: str) -> DeltaLayer:
+def remove_delta(module: nn.Module | Span, name: str) -> DeltaLayer:
     """Undo :func:`add_delta`; the last removal restores the module's hooks and forward exactly."""
+    if isinstance(module, Span):
+        start_site = site_of(module.start)
+        if module.start is not module.end and start_site is not None and name in start_site.taps:
+            del start_site.taps[name]
+            start_site.refresh(module.start)
+            if start_site.empty:
+                del module.start.__dict__[_SITE_ATTR]
+        return remove_delta(module.end, name)
     site = site_of(module)
     layer = module._modules.pop(name)
     layer.on_remove(module)
     if site is not None:
+        site.span_inputs.pop(name, None)
         for route in ("before", "parallel", "after"):
             names = getattr(site, route)
             if name in names:

@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: tuned per method)")
     parser.add_argument("--out", default="runs/demo", help="where the delta checkpoint is written")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     parser.add_argument("--no-tree", action="store_true", help="do not print the model tree")
@@ -70,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         problem = _positive(args, ("steps", "batch_size", "examples", "max_new_tokens", "threads"))
     if problem is None and args.mode is None:
         problem = _positive(args, ("epochs", "train_size", "test_size"))
+        if problem is None and args.lr is not None and not args.lr > 0:
+            problem = f"--lr must be a positive number, got {args.lr}"
     if problem:
         print(f"opendelta demo: {problem}", file=sys.stderr)
         return 2
@@ -122,6 +125,7 @@ def _run_single(args: argparse.Namespace) -> int:
             out=args.out,
             console=console,
             show_tree=not args.no_tree,
+            lr=args.lr,
         )
     except (OpenDeltaError, OSError, ValueError) as exc:
         print(f"opendelta demo: {exc}", file=sys.stderr)

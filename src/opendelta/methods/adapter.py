@@ -43,6 +43,11 @@ def check_positive_int(name: str, value: object) -> None:
         raise DeltaConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
+def check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise DeltaConfigError(f"{name} must be True or False, got {value!r}")
+
+
 def hidden_size(path: str, observation: Observation | None, method: str, *, side: str = "output") -> int:
     """The observed last-dimension size of the module's output (or input) at `path`."""
     shape, dtype = None, None
@@ -55,6 +60,22 @@ def hidden_size(path: str, observation: Observation | None, method: str, *, side
             f"forward saw no floating-point tensor {side} at {path!r}; address a linear layer or a block instead."
         )
     return shape[-1]
+
+
+def reduced_sizes(
+    path: str, observation: Observation | None, method: str, reduction_factor: int, *, multiple_of: int = 1
+) -> tuple[int, int]:
+    """``(hidden, hidden // reduction_factor)`` at `path`; both must be positive multiples of `multiple_of`."""
+    dim = hidden_size(path, observation, method)
+    bottleneck = dim // reduction_factor
+    if bottleneck < 1 or dim % multiple_of or bottleneck % multiple_of:
+        need = "positive" if multiple_of == 1 else f"positive multiples of hypercomplex_division={multiple_of}"
+        raise UnsupportedModuleError(
+            f"{method} needs the hidden size and the bottleneck (hidden // reduction_factor={reduction_factor}) to be "
+            f"{need}, but at {path!r} they are {dim} and {bottleneck}; choose a smaller reduction_factor"
+            + (" or hypercomplex_division." if multiple_of > 1 else f" (at most {dim}).")
+        )
+    return dim, bottleneck
 
 
 class BottleneckLayer(DeltaLayer):

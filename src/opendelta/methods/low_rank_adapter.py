@@ -9,14 +9,13 @@ from torch import nn
 
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import UnsupportedModuleError
 from opendelta.methods.adapter import (
     BottleneckLayer,
     check_activation,
     check_init,
     check_positive_int,
     glorot_,
-    hidden_size,
+    reduced_sizes,
 )
 from opendelta.runtime_init import Observation
 
@@ -67,15 +66,9 @@ class LowRankAdapterModel(DeltaBase):
     needs_runtime_init = True
 
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> BottleneckLayer:
-        dim = hidden_size(path, observation, "A low-rank adapter")
-        assert observation is not None
         c = self.config
-        bottleneck = dim // c.reduction_factor
-        if bottleneck < 1:
-            raise UnsupportedModuleError(
-                f"the low-rank adapter at {path!r} would have no bottleneck: hidden size {dim} // reduction_factor "
-                f"{c.reduction_factor} is 0; use a reduction_factor of at most {dim}."
-            )
+        dim, bottleneck = reduced_sizes(path, observation, "A low-rank adapter", c.reduction_factor)
+        assert observation is not None
         down = LowRankLinear(dim, bottleneck, c.low_rank_rank, c.low_rank_w_init, observation, zero=False)
         up = LowRankLinear(bottleneck, dim, c.low_rank_rank, c.low_rank_w_init, observation, zero=True)
         return BottleneckLayer(down, up, c.non_linearity)

@@ -18,6 +18,7 @@ from opendelta.methods.adapter import (
     check_positive_int,
     hidden_size,
 )
+from opendelta.routing import Span
 from opendelta.runtime_init import Observation
 
 
@@ -51,15 +52,19 @@ class ParallelAdapterModel(DeltaBase):
     """A bottleneck adapter fed with each addressed block's input and added to its output.
 
     Arguments: ``bottleneck_dim=24, non_linearity="gelu_new", scaled=1.0`` (s); default
-    positions: the attention block and the feed-forward block (``attn``, ``ffn``).
+    positions: the attention block and the feed-forward block (``attn``, ``ffn``); where no single
+    module holds the feed-forward block (BERT, BART, OPT), the span from its first projection's
+    input to its last projection's output (``ffn.up->ffn.down``). Any span ``"start->end"`` of
+    two modules can be addressed in `modified_modules`.
     """
 
     config_class = ParallelAdapterConfig
     delta_type = "parallel_adapter"
-    default_modified_modules = ("attn", "ffn")
+    default_modified_modules = ("attn", "ffn", "ffn.up->ffn.down")
     needs_runtime_init = True
+    accepts_spans = True
 
-    def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> ParallelAdapterLayer:
+    def new_layer(self, path: str, module: nn.Module | Span, observation: Observation | None) -> ParallelAdapterLayer:
         d_in = hidden_size(path, observation, "A parallel adapter", side="input")
         d_out = hidden_size(path, observation, "A parallel adapter")
         assert observation is not None
