@@ -138,8 +138,8 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
         _timed_rows(table, "construction", w.get("construction"))
         _timed_rows(table, "visualisation", w.get("visualisation"))
         _timed_rows(table, "switch", w.get("switch"))
-        if "mixed_batch" in w:
-            table.add_row("mixed batch", "-", w["mixed_batch"], "", "")
+        if isinstance(w.get("mixed_batch"), dict):
+            _timed_rows(table, "mixed batch", w["mixed_batch"])
         for name, pc in w.get("params_checkpoint", {}).items():
             table.add_row("checkpoint", name, f"{pc['trainable_parameters']:,} trainable, {pc['checkpoint_bytes']:,} B on disk "
                           f"({pc['tensor_bytes']:,} B tensors + {pc['overhead_bytes']:,} B)", "", "")
