@@ -76,8 +76,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for wname, w in results["workloads"].items():
         check(f"{wname}: LoRA train step / PEFT", limit=0.95, **timed(w, "train_step", "opendelta:lora / peft:lora"))
         check(f"{wname}: LoRA peak memory / PEFT", _get(w, "memory_ratios", "opendelta:lora / peft:lora", "peak_bytes"), 1.0)
-        check(f"{wname}: LoRA unmerged inference / bare", limit=1.03, **timed(w, "inference", "opendelta:lora / bare"))
-        check(f"{wname}: LoRA merged inference / bare", limit=1.01, **timed(w, "inference", "opendelta:lora merged / bare"))
+        # on one model switched between states: separate copies differ by their placement in memory
+        check(f"{wname}: LoRA unmerged inference / bare", limit=1.03, **timed(w, "inference_one_model", "opendelta:lora / bare"))
+        check(f"{wname}: LoRA merged inference / bare", limit=1.01, **timed(w, "inference_one_model", "opendelta:lora merged / bare"))
         overhead = _get(w, "params_checkpoint", "opendelta:lora", "overhead_bytes")
         check(f"{wname}: LoRA checkpoint bytes - tensor bytes", overhead / KIB if overhead is not None else None, 16, "KiB")
     for sname, sk in results.get("skeletons", {}).items():
@@ -135,6 +136,7 @@ def print_report(results: dict[str, Any], console: Console | None = None) -> Non
         for name, r in w.get("memory_ratios", {}).items():
             table.add_row("memory", name, "", ", ".join(f"{k.split('_')[0]} {v:.3f}x" for k, v in r.items()), "")
         _timed_rows(table, "inference", w.get("inference"))
+        _timed_rows(table, "inference, one model", w.get("inference_one_model"))
         _timed_rows(table, "construction", w.get("construction"))
         _timed_rows(table, "visualisation", w.get("visualisation"))
         _timed_rows(table, "switch", w.get("switch"))

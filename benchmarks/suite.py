@@ -93,6 +93,38 @@ def inference_latency(base: nn.Module, batch: dict, s: Settings) -> dict[str, An
     return result
 
 
+def inference_one_model(base: nn.Module, batch: dict, s: Settings) -> dict[str, Any]:
+    """Forward latency of ONE model object switched between bare (delta detached), LoRA unmerged and
+    LoRA merged before each timed call: the same weight tensors in the same memory in all three, so
+    where a copy of the model happens to sit in memory (a few % on this VM, see BENCHMARKS.md)
+    does not enter the ratios. The states are set outside the timed region."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model = _fresh(base, s.device).eval()
+    delta = build_opendelta(model, "lora")
+
+    def to(state: str) -> Callable[[], None]:
+        def setup() -> None:
+            if delta.is_merged:
+                delta.unmerge()
+            if state == "bare" and delta.is_attached:
+                delta.detach()
+            elif state != "bare" and not delta.is_attached:
+                delta.attach()
+            if state == "opendelta:lora merged":
+                delta.merge()
+
+        return setup
+
+    def forward(_: object) -> None:
+        with torch.inference_mode():
+            model(**inputs)
+
+    states = ("bare", "opendelta:lora", "opendelta:lora merged")
+    samples = interleaved({name: forward for name in states}, 3 * s.rounds, s.warmup, s.sync,
+                          setup={name: to(name) for name in states})
+    return _timed(samples, [(name, "bare") for name in states if name != "bare"])
+
+
 def construction(make: Callable[[], nn.Module], s: Settings, rounds: int | None = None) -> dict[str, Any]:
     """Time to make a fresh backbone LoRA-ready (addressing, layers, hooks, freezing), each tool."""
     fns = {
@@ -215,6 +247,7 @@ def run_workload(workload: Workload, methods: list[str], s: Settings) -> dict[st
     figures: list[tuple[str, Callable[[], Any]]] = [
         ("train_step", lambda: training(base, batch, methods, s)),
         ("inference", lambda: inference_latency(base, batch, s)),
+        ("inference_one_model", lambda: inference_one_model(base, batch, s)),
         ("construction", lambda: construction(lambda: _fresh(base, s.device), s)),
         ("switch", lambda: switching(base, s)),
         ("mixed_batch", lambda: mixed_batches(base, batch, s)),
