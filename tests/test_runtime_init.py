@@ -61,3 +61,27 @@ def test_a_failing_dummy_pass_is_a_typed_error_and_removes_its_hooks():
     with pytest.raises(RuntimeInitError, match="failed"):
         observe(model, ["encoder.2"], dummy_inputs=(torch.zeros(5, 3),))
     assert all(not m._forward_hooks for m in model.modules())
+
+
+class _NormNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(8)
+        self.drop = torch.nn.Dropout(0.5)
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.norm(x)))
+
+
+def test_the_dummy_pass_changes_neither_the_model_nor_the_random_stream():
+    net = _NormNet().train()
+    net.drop.eval()  # a mixed train/eval state must come back as it was
+    buffers = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(4, 8)
+    rng = torch.get_rng_state()
+    seen = observe(net, ["fc"], x)
+    assert seen["fc"].in_features == 8
+    assert torch.equal(torch.get_rng_state(), rng)  # so a delta's initial values do not depend on dropout
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in buffers.items())  # BatchNorm statistics untouched
+    assert net.training and net.norm.training and not net.drop.training

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +145,22 @@ def _call(model: nn.Module, inputs: Any) -> None:
         model(inputs)
 
 
+@contextlib.contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """The dummy pass must not change the model or the program's randomness: it runs in eval mode
+    (no BatchNorm statistics update, no dropout) and on a forked random generator, and every
+    module's train/eval flag is put back afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    devices = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.eval()
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def observe(
     model: nn.Module,
     paths: Sequence[str],
@@ -190,7 +206,7 @@ def observe(
     try:
         inputs = default_dummy_inputs(model) if dummy_inputs is None else dummy_inputs
         on_meta = model_device(model).type == "meta"
-        with torch.no_grad(), (_MetaScalars() if on_meta else contextlib.nullcontext()):
+        with torch.no_grad(), _untouched(model), (_MetaScalars() if on_meta else contextlib.nullcontext()):
             _call(model, inputs)
     except RuntimeInitError:
         raise
