@@ -20,7 +20,7 @@ from opendelta import (
     LoraModel,
     UnknownDeltaTypeError,
 )
-from opendelta.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from opendelta.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint
 
 from conftest import FACTORIES, hidden, inputs_for, perturb, tiny_bert
 
@@ -50,8 +50,13 @@ def test_checkpoint_is_json_plus_safetensors_of_delta_tensors_only(tmp_path):
     assert meta["backbone"]["class"] == "BertModel" and meta["library_version"]
     assert "encoder.layer.0.attention.self.query" in meta["modules"] and len(meta["modules"]) == 4
     tensors = load_file(ckpt / WEIGHTS_NAME)
-    assert tensors["delta.encoder.layer.0.attention.self.query.lora_A"].shape == (4, 32)
-    assert len(tensors) == 8 and all(k.startswith("delta.") for k in tensors)
+    # the 4 lora_A and the 4 lora_B are stored as two stacked tensors, listed in the config
+    assert sorted(tensors) == ["stack.0.lora_A", "stack.1.lora_B"]
+    assert tensors["stack.0.lora_A"].shape == (4, 4, 32)
+    assert meta["stacks"]["stack.0.lora_A"][0] == "delta.encoder.layer.0.attention.self.query.lora_A"
+    unstacked = read_checkpoint(ckpt).tensors
+    assert len(unstacked) == 8 and all(k.startswith("delta.") for k in unstacked)
+    assert torch.equal(unstacked["delta.encoder.layer.0.attention.self.query.lora_A"], tensors["stack.0.lora_A"][0])
     assert (ckpt / WEIGHTS_NAME).read_bytes()[:8] != b"\x80\x02\x8a\nl\xfc\x9cF"  # not a pickle
 
 

@@ -20,7 +20,7 @@ from ecosystem_fixtures import tiny_bert
 from safetensors.torch import load_file
 
 from opendelta import LoraModel
-from opendelta.checkpoint import backbone_fingerprint
+from opendelta.checkpoint import backbone_fingerprint, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "distributed" / "train_lora.py"
@@ -69,7 +69,7 @@ def test_delta_trained_under_torchrun_reloads_in_one_process_with_equal_outputs(
     assert torch.equal(logits, expected["logits"])
     assert not torch.allclose(tiny_bert()(input_ids=expected["input_ids"]).logits, expected["logits"], atol=1e-4)
 
-    saved = load_file(tmp_path / "delta" / "delta_model.safetensors")
+    saved = read_checkpoint(tmp_path / "delta").tensors
     assert sorted({k.rsplit(".", 1)[-1] for k in saved}) == ["bias", "lora_A", "lora_B", "weight"]
     assert sum(k.startswith("delta.") for k in saved) == 2 * 2 * 2  # query+value in 2 layers, A and B
     assert sorted(k for k in saved if k.startswith("backbone.")) == ["backbone.classifier.bias", "backbone.classifier.weight"]

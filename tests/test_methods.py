@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tiny_families import FAMILIES, fresh, hidden
 from torch import nn
 
@@ -24,6 +23,7 @@ from opendelta import (
     PatternError,
     UnsupportedModuleError,
 )
+from opendelta.checkpoint import read_checkpoint
 from opendelta.methods.compacter import PHMLinear
 from opendelta.methods.ia3 import IA3InputLayer, IA3Layer
 
@@ -210,7 +210,7 @@ def test_bitfit_checkpoint_holds_only_the_bias_deltas(tmp_path) -> None:
     model = fresh("llama")
     delta = BitFitModel(model)
     delta.save_finetuned(tmp_path)
-    tensors = load_file(tmp_path / "delta_model.safetensors")
+    tensors = read_checkpoint(tmp_path).tensors
     assert len(tensors) == len(delta.layers)
     assert all(k.startswith("delta.") and k.endswith(".bias") and v.dim() == 1 for k, v in tensors.items())
 
