@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMED = ("train_step", "inference", "construction", "switch")
+TIMED = ("train_step", "inference", "inference_one_model", "construction", "switch", "mixed_batch")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,8 @@ def test_every_workload_has_every_timed_figure_with_positive_times_and_ratios(re
         assert {"full", "frozen", "opendelta:lora", "peft:lora"} <= set(workload["train_step"]["seconds"])
         assert "opendelta:lora / peft:lora" in workload["train_step"]["ratios"]
         assert {"bare", "opendelta:lora", "peft:lora"} <= set(workload["inference"]["seconds"])
-        assert "n/a" in workload["mixed_batch"]
+        assert {"bare", "opendelta:lora", "opendelta:lora merged"} == set(workload["inference_one_model"]["seconds"])
+        assert "opendelta:lora mixed / peft:lora mixed" in workload["mixed_batch"]["ratios"]
 
 
 def test_memory_is_measured_for_every_configuration(report):
@@ -69,9 +70,11 @@ def test_checkpoint_bytes_are_tensor_bytes_plus_a_small_overhead(report):
 def test_the_meta_skeleton_construction_is_compared_with_peft(report):
     block = report["skeletons"]["tiny-llama-meta"]["construction"]
     assert _positive_spreads(block["seconds"]) and block["ratios"]["opendelta:lora / peft:lora"]["median"] > 0
+    assert _positive_spreads(report["skeletons"]["tiny-llama-meta"]["visualisation"]["seconds"])
 
 
 def test_targets_are_checked_for_each_workload(report):
     names = {t["target"] for t in report["targets"]}
     assert "tiny-bert: LoRA train step / PEFT" in names and "tiny-llama-meta: LoRA construction / PEFT" in names
+    assert {"tiny-llama: LoRA merged inference / bare", "tiny-llama-meta: visualisation with LoRA"} <= names
     assert all(isinstance(t["met"], bool) and t["value"] > 0 for t in report["targets"])
