@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import assert_changed, random_direction
 from prompt_cases import PREFIX_GENERATORS, PREFIX_NAMES, build, padded_pair, position_ids, run, token_ids
 
 from opendelta import LoraModel, PrefixModel
@@ -30,8 +31,9 @@ def test_perturbing_the_prefix_changes_the_output(name):
     ids = token_ids()
     before = run(model, ids)
     with torch.no_grad():
-        next(iter(delta.layers.values())).prefix_embedding.add_(1.0)
-    assert not torch.allclose(run(model, ids), before)
+        embedding = next(iter(delta.layers.values())).prefix_embedding
+        embedding.add_(random_direction(embedding))
+    assert_changed(run(model, ids), before)
 
 
 @pytest.mark.parametrize("name", PREFIX_NAMES)
@@ -157,7 +159,7 @@ def test_two_prefixes_on_an_attention_without_a_cache_stack_switch_and_detach_al
     one = run(model, ids)
     second = PrefixModel(model, **SMALL)
     both = run(model, ids)
-    assert not torch.allclose(both, one)
+    assert_changed(both, one)
     first.detach()
     alone = run(model, ids)
     second.switch(first)  # the same modules: the prefix attention stays in place between the two
@@ -188,7 +190,8 @@ def test_gpt_neo_local_layers_window_the_prefix_as_the_nearest_past_keys():
     ids = token_ids()
     before = run(model, ids)
     with torch.no_grad():
-        next(iter(delta.layers.values())).prefix_embedding.add_(1.0)
+        embedding = next(iter(delta.layers.values())).prefix_embedding
+        embedding.add_(random_direction(embedding))
     after = run(model, ids)
     assert [torch.equal(before[:, t], after[:, t]) for t in range(7)] == [False] * 3 + [True] * 4
 
@@ -247,8 +250,8 @@ def test_direct_parameters_without_reparameterization():
     ids = token_ids()
     before = run(model, ids)
     with torch.no_grad():
-        layer.prefix.mul_(2)
-    assert not torch.allclose(run(model, ids), before)
+        layer.prefix.add_(random_direction(layer.prefix))
+    assert_changed(run(model, ids), before)
 
 
 def test_partial_layers_leave_the_others_untouched():
@@ -296,7 +299,7 @@ def test_prefix_and_lora_on_one_backbone_detach_alone_in_any_order():
             layer.lora_B.normal_()
     both = run(model, ids)
     prefix.detach()
-    assert not torch.allclose(run(model, ids), original)
+    assert_changed(run(model, ids), original)
     lora.detach()
     assert torch.equal(run(model, ids), original)
     prefix.attach()
@@ -312,7 +315,7 @@ def test_two_prefixes_on_the_same_attention_stack_and_detach_alone():
     one = run(model, ids)
     second = PrefixModel(model, **SMALL)
     assert second.name == "prefix_1"
-    assert not torch.allclose(run(model, ids), one)
+    assert_changed(run(model, ids), one)
     cached = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=True)
     assert torch.equal(cached, model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=False))
     second.detach()
