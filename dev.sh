@@ -25,7 +25,12 @@ job="${1:-}"
 [ $# -gt 0 ] && shift
 case "$job" in
   demo) exec "$venv/bin/python" -m opendelta demo "$@" ;;
-  test) exec "$venv/bin/python" -m pytest -n 2 "$@" ;;
+  test)
+    # a hash seed of our own choosing unless the caller set one: every run tries another set/dict-of-str
+    # order, and the printed value (with pytest-randomly's --randomly-seed) replays a failing run exactly
+    export PYTHONHASHSEED="${PYTHONHASHSEED:-$(( (RANDOM << 15 | RANDOM) % 4294967296 ))}"
+    echo "PYTHONHASHSEED=$PYTHONHASHSEED" >&2
+    exec "$venv/bin/python" -m pytest -n 2 "$@" ;;
   bench) exec "$venv/bin/python" -m benchmarks "$@" ;;
   python) exec "$venv/bin/python" "$@" ;;
   *) echo "usage: ./dev.sh demo|test|bench|python [args]" >&2; exit 2 ;;

@@ -107,3 +107,13 @@ def perturb(delta) -> None:
 @pytest.fixture(params=sorted(FACTORIES))
 def family(request):
     return request.param
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    """Print how to rerun this order and hash seed even under -q (which hides pytest-randomly's header)."""
+    seed = config.getoption("randomly_seed", default=None)
+    if isinstance(seed, int):
+        hash_seed = os.environ.get("PYTHONHASHSEED", "unset")
+        terminalreporter.write_line(
+            f"order and seeds of this run: PYTHONHASHSEED={hash_seed} -p randomly --randomly-seed={seed}"
+        )
