@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from numerics import assert_changed
 from tiny_families import FAMILIES, Family, fresh, hidden
 
 from opendelta import (
@@ -81,7 +82,16 @@ def test_fresh_delta_changes_nothing(method: str, name: str) -> None:
 @pytest.mark.parametrize("method,name", CASES)
 def test_perturbed_delta_changes_the_output(method: str, name: str) -> None:
     _, _, out = tuned(method, name)
-    assert not torch.allclose(out, hidden(fresh(name), FAMILIES[name]), atol=1e-4)
+    assert_changed(out, hidden(fresh(name), FAMILIES[name]))
+
+
+@pytest.mark.parametrize("method,name", [c for c in CASES if not METHODS[c.values[0]].fresh_is_identity])
+def test_a_fresh_prefix_already_changes_the_output(method: str, name: str) -> None:
+    family = FAMILIES[name]
+    model = fresh(name)
+    original = hidden(model, family)
+    attach(method, family, model)
+    assert_changed(hidden(model, family), original)
 
 
 @pytest.mark.parametrize("method,name", CASES)
