@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from family_zoo import BY_NAME
+from numerics import float32_noise, max_abs_diff
 
 #: every family the sequence-level methods support, by tiny_families name
 NAMES = ["BERT", "RoBERTa", "GPT-2", "T5", "BART", "OPT", "LLaMA"]
@@ -64,3 +65,14 @@ def padded_pair(name: str, ids: torch.Tensor, pad: int = 2) -> tuple[torch.Tenso
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as generate() makes them."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def padding_noise(model: nn.Module, name: str, ids: torch.Tensor) -> tuple[float, float]:
+    """The model's own rounding in the padding comparison of `padded_pair`, measured before a delta is added:
+    row 0 padded in the batch vs alone, and the row alone in float32 vs float64."""
+    mask, real, alone_ids, alone_real = padded_pair(name, ids)
+    extra = {"position_ids": position_ids(mask)} if real.start else {}  # left padding: positions skip it
+    with torch.no_grad():
+        batch = run(model, ids, mask, **extra)[0, real]
+        alone = run(model, alone_ids)[0, alone_real]
+    return max_abs_diff(batch, alone), float32_noise(model, lambda m, _: run(m, alone_ids))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from numerics import assert_changed, random_direction
-from prompt_cases import PREFIX_GENERATORS, PREFIX_NAMES, build, padded_pair, position_ids, run, token_ids
+from numerics import assert_changed, assert_within_noise, float32_noise, random_direction
+from prompt_cases import PREFIX_GENERATORS, PREFIX_NAMES, build, padded_pair, padding_noise, position_ids, run, token_ids
 
 from opendelta import LoraModel, PrefixModel
 from opendelta.errors import DeltaConfigError, RuntimeInitError, UnsupportedModuleError
@@ -100,13 +100,14 @@ PADDING_CASES = [pytest.param(n, {}, id=n) for n in PREFIX_NAMES if n != "GPT-Ne
 @pytest.mark.parametrize("name,overrides", PADDING_CASES)
 def test_a_row_does_not_depend_on_how_the_batch_is_padded(name, overrides, attn):
     model = build(name, attn, **overrides)
-    PrefixModel(model, **SMALL)
     ids = token_ids()
+    noise = padding_noise(model, name, ids)
+    PrefixModel(model, **SMALL)
     mask, real, alone_ids, alone_real = padded_pair(name, ids)
     extra = {"position_ids": position_ids(mask)} if real.start else {}
     batch = run(model, ids, mask, **extra)
     alone = run(model, alone_ids)
-    torch.testing.assert_close(batch[0, real], alone[0, alone_real], atol=1e-5, rtol=1e-5)
+    assert_within_noise(batch[0, real], alone[0, alone_real], *noise)
 
 
 @pytest.mark.parametrize("name", PREFIX_NAMES)
@@ -136,7 +137,9 @@ def test_sdpa_and_eager_give_the_same_prefixed_output(name):
     mask, _, _, _ = padded_pair(name, ids)
     sdpa, _ = prefixed(name, "sdpa")
     eager, _ = prefixed(name, "eager")
-    torch.testing.assert_close(run(sdpa, ids, mask), run(eager, ids, mask), atol=1e-5, rtol=1e-5)
+    # how far rounding moves the eager path from its float64 result here bounds what ordering may change
+    noise = float32_noise(eager, lambda m, _: run(m, ids, mask))
+    assert_within_noise(run(sdpa, ids, mask), run(eager, ids, mask), noise)
 
 
 @pytest.mark.parametrize("name", ["DistilBERT", "ALBERT", "ModernBERT"])
@@ -204,11 +207,12 @@ def test_gpt_neo_local_layers_window_the_prefix_as_the_nearest_past_keys():
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_falcon_variants_keep_padding_invariance_and_cached_generation(overrides, attn):
     model = build("Falcon", attn, **overrides)
-    PrefixModel(model, **SMALL)
     ids = token_ids()
+    noise = padding_noise(model, "Falcon", ids)
+    PrefixModel(model, **SMALL)
     mask, real, alone_ids, alone_real = padded_pair("Falcon", ids)
     batch = run(model, ids, mask, position_ids=position_ids(mask))
-    torch.testing.assert_close(batch[0, real], run(model, alone_ids)[0, alone_real], atol=1e-5, rtol=1e-5)
+    assert_within_noise(batch[0, real], run(model, alone_ids)[0, alone_real], *noise)
     settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert torch.equal(model.generate(**settings, use_cache=True), model.generate(**settings, use_cache=False))
 
