@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from numerics import assert_within_noise, max_abs_diff
 from torch import nn
 
 from opendelta import LoraModel
@@ -18,9 +19,19 @@ def _lora_linear(seed: int = 0) -> tuple[nn.Linear, LoraModel]:
     return holder, delta
 
 
-def _reference(holder: nn.Sequential, delta: LoraModel, x: torch.Tensor) -> torch.Tensor:
+def _reference(holder: nn.Sequential, delta: LoraModel, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The plain equation, unfused, computed in `dtype` (float64: exact enough to measure float32 rounding)."""
     layer, linear = delta.layers["0"], holder[0]
-    return x @ linear.weight.T + linear.bias + 3.0 * (x @ layer.lora_A.T @ layer.lora_B.T)
+    weight, bias, a, b = (t.to(dtype) for t in (linear.weight, linear.bias, layer.lora_A, layer.lora_B))
+    x = x.to(dtype)
+    return x @ weight.T + bias + 3.0 * (x @ a.T @ b.T)
+
+
+def _assert_equation(got: torch.Tensor, holder: nn.Sequential, delta: LoraModel, x: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> None:
+    """`got` lies as close to the exact equation as the plain equation computed in `dtype` does (times MARGIN)."""
+    exact = _reference(holder, delta, x, torch.float64)
+    assert_within_noise(got, exact, max_abs_diff(_reference(holder, delta, x, dtype), exact))
 
 
 def test_three_dimensional_input_gives_the_equations_output_and_gradients():
@@ -30,11 +41,16 @@ def test_three_dimensional_input_gives_the_equations_output_and_gradients():
     upstream = torch.randn(3, 5, 6)
     out = holder(x)
     grads = torch.autograd.grad(out, [x, layer.lora_A, layer.lora_B], upstream)
-    ref = _reference(holder, delta, x)
-    ref_grads = torch.autograd.grad(ref, [x, layer.lora_A, layer.lora_B], upstream)
-    assert torch.allclose(out, ref, atol=1e-5)
-    for got, want in zip(grads, ref_grads, strict=True):
-        assert torch.allclose(got, want, atol=1e-5)
+    _assert_equation(out, holder, delta, x)
+    for dtype in (torch.float32, torch.float64):  # gradients of the plain equation: float32 ones and exact ones
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, layer.lora_A, layer.lora_B)]
+        weight, bias = holder[0].weight.to(dtype), holder[0].bias.to(dtype)
+        ref = leaves[0] @ weight.T + bias + 3.0 * (leaves[0] @ leaves[1].T @ leaves[2].T)
+        ref_grads = torch.autograd.grad(ref, leaves, upstream.to(dtype))
+        if dtype == torch.float32:
+            plain = ref_grads
+    for got, low, exact in zip(grads, plain, ref_grads, strict=True):
+        assert_within_noise(got, exact, max_abs_diff(low, exact))
 
 
 def test_no_grad_and_inference_mode_give_the_training_path_values():
@@ -51,7 +67,7 @@ def test_no_grad_and_inference_mode_give_the_training_path_values():
 def test_an_unbatched_input_and_a_two_dimensional_input_work():
     holder, delta = _lora_linear()
     for x in (torch.randn(8), torch.randn(5, 8)):
-        assert torch.allclose(holder(x), _reference(holder, delta, x), atol=1e-5)
+        _assert_equation(holder(x), holder, delta, x)
 
 
 def test_route_parallel_on_a_non_contiguous_output_adds_without_touching_it():
@@ -61,7 +77,9 @@ def test_route_parallel_on_a_non_contiguous_output_adds_without_touching_it():
     h_out = torch.randn(6, 5).T  # a transposed view: not the memory of a fresh matrix product
     before = h_out.clone()
     combined = layer.route_parallel(h_in, h_out)
-    assert torch.allclose(combined, before + 3.0 * (h_in @ layer.lora_A.T @ layer.lora_B.T), atol=1e-5)
+    exact = before.double() + 3.0 * (h_in.double() @ layer.lora_A.double().T @ layer.lora_B.double().T)
+    plain = before + 3.0 * (h_in @ layer.lora_A.T @ layer.lora_B.T)
+    assert_within_noise(combined, exact, max_abs_diff(plain, exact))
     assert torch.equal(h_out, before)
 
 
@@ -71,4 +89,4 @@ def test_bf16_autocast_output_keeps_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = holder(x)
     assert out.dtype == torch.bfloat16
-    assert torch.allclose(out.float(), _reference(holder, delta, x), atol=0.1)
+    _assert_equation(out, holder, delta, x, torch.bfloat16)
