@@ -25,7 +25,8 @@ def test_dev_script_sets_up_pinned_venv_and_runs_demo_and_pytest():
     script = (ROOT / "dev.sh").read_text()
     assert "python3 -m venv" in script and "-r requirements.lock" in script
     assert re.search(r"demo\).*-m opendelta demo", script)
-    assert re.search(r"test\).*-m pytest", script)
+    assert re.search(r"test\)[^;]*-m pytest", script)  # within the test job, before its closing ;;
+    assert 'PYTHONHASHSEED="${PYTHONHASHSEED:-' in script  # a random, printed hash seed unless the caller set one
 
 
 def test_ci_runs_the_readme_test_command():
