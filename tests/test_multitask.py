@@ -25,7 +25,7 @@ from opendelta import (
     SoftPromptModel,
     mixed_batch,
 )
-from opendelta.routing import site_of
+from opendelta.routing import mixing_anywhere, site_of
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
@@ -192,7 +192,7 @@ def test_bad_rows_raise_and_change_nothing(rows: Any) -> None:
     with pytest.raises(MixedBatchError):
         with mixed_batch(deltas, rows):
             pass
-    assert model.__dict__.get("_opendelta_mixing") is None
+    assert not mixing_anywhere(model)
     assert all(site_of(m).mix is None for d in deltas for m in d._targets.values())
 
 

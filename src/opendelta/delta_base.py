@@ -7,8 +7,9 @@ implements :meth:`DeltaBase.new_layer`; everything else lives here and knows no 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -41,11 +42,12 @@ from opendelta.errors import (
 )
 from opendelta.registry import lookup, register
 from opendelta.routing import (
-    MIXING_ATTR,
+    DATA_FLOW_LOCK,
     DeltaLayer,
     Span,
     add_delta,
     input_grad_site,
+    mixing_anywhere,
     remove_delta,
     require_input_grads,
     site_of,
@@ -56,10 +58,22 @@ from opendelta.runtime_init import Observation, model_device, observe
 from opendelta.structure import model_type, resolve_roles
 
 D = TypeVar("D", bound="DeltaBase")
+F = TypeVar("F", bound=Callable[..., Any])
 #: in a module's __dict__: names of the deltas merged into its weights, in merge order
 _MERGED_ATTR = "_opendelta_merged"
 
 SAVE_FORMATS = ("opendelta", "peft")
+
+
+def _changes_data_flow(method: F) -> F:
+    """Run a lifecycle method holding DATA_FLOW_LOCK, so no thread plans a mixed batch on a half-changed model."""
+
+    @functools.wraps(method)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with DATA_FLOW_LOCK:
+            return method(*args, **kwargs)
+
+    return locked  # type: ignore[return-value]
 
 
 class DeltaBase:
@@ -241,12 +255,14 @@ class DeltaBase:
         return bool(self._merged)
 
     def _check_free(self, action: str) -> None:
-        """Refuse to change the data flow while a mixed batch has planned it."""
-        if self.backbone_model.__dict__.get(MIXING_ATTR):
+        """Refuse to change the data flow while a mixed batch (in any thread) has planned it."""
+        if mixing_anywhere(self.backbone_model):
             raise LifecycleError(
-                f"cannot {action} delta {self.name!r} inside a mixed_batch() on its backbone; leave the block first"
+                f"cannot {action} delta {self.name!r} while this or another thread is inside a mixed_batch() on its "
+                "backbone; leave the block first (in another thread: let its batch end)"
             )
 
+    @_changes_data_flow
     def attach(self) -> DeltaBase:
         """Put the delta layers (and the tuned backbone tensors) into the backbone's data flow."""
         if self._attached:
@@ -275,6 +291,7 @@ class DeltaBase:
         if self._set_state_dict:
             self._install_state_dict_filter()
 
+    @_changes_data_flow
     def detach(self) -> DeltaBase:
         """Take the delta out; the backbone computes exactly what it computed before the delta came.
 
@@ -301,6 +318,7 @@ class DeltaBase:
             self._input_grad_handle = None
         self._attached = False
 
+    @_changes_data_flow
     def switch(self, to: DeltaBase) -> DeltaBase:
         """Detach this delta and attach `to` in one step; returns `to`.
 
@@ -346,6 +364,7 @@ class DeltaBase:
 
     # ----------------------------------------------------------------- merging
 
+    @_changes_data_flow
     def merge(self) -> DeltaBase:
         """Fold this delta into the weights of the modules it modifies, for zero-overhead inference.
 
@@ -386,6 +405,7 @@ class DeltaBase:
         self._merged = saved
         return self
 
+    @_changes_data_flow
     def unmerge(self) -> DeltaBase:
         """Undo merge(): the original weights come back bit for bit and the delta runs as layers again."""
         if not self._merged:
