@@ -24,21 +24,30 @@ from opendelta.routing import DATA_FLOW_LOCK, RowRouting, Site, mixing_here, sit
 
 
 def _row_tensor(rows: Sequence[int] | torch.Tensor, n_deltas: int) -> torch.Tensor:
+    """`rows` as a CPU int64 tensor; any integer dtype is read by value (a uint8 ``1`` is delta 1)."""
     try:
         table = torch.as_tensor(rows)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise MixedBatchError(f"rows must be a sequence of integers (one delta index per batch row), got {rows!r}") from exc
-    if table.dim() != 1 or table.numel() == 0 or table.dtype.is_floating_point or table.dtype == torch.bool:
+        raise MixedBatchError(
+            f"rows must be a sequence of delta indices (integers in -1..{n_deltas - 1}, one per batch row), got {rows!r}"
+        ) from exc
+    if table.dtype == torch.bool:
+        raise MixedBatchError(
+            "rows is a boolean mask, but it must hold one delta index per batch row; for example "
+            "mask.long() - 1 runs deltas[0] on the True rows and the bare backbone on the others"
+        )
+    if table.dim() != 1 or table.numel() == 0 or table.dtype.is_floating_point or table.dtype.is_complex:
         raise MixedBatchError(
             f"rows must be a non-empty 1-D sequence of integers (one delta index per batch row), got {rows!r}"
         )
-    bad = table[(table < -1) | (table >= n_deltas)]
-    if bad.numel():
+    values = table.tolist()  # Python ints: exact for every integer dtype, unsigned 64-bit included
+    bad = next((v for v in values if not -1 <= v < n_deltas), None)
+    if bad is not None:
         raise MixedBatchError(
-            f"rows holds index {int(bad[0])}, but there are {n_deltas} deltas; use 0..{n_deltas - 1}, "
+            f"rows holds index {bad}, but there are {n_deltas} deltas; use 0..{n_deltas - 1}, "
             "or -1 for a row that runs on the bare backbone"
         )
-    return table.to("cpu", torch.long)
+    return torch.tensor(values, dtype=torch.long)
 
 
 def _check_deltas(deltas: Sequence[DeltaBase]) -> nn.Module:
