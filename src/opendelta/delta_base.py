@@ -7,6 +7,7 @@ implements :meth:`DeltaBase.new_layer`; everything else lives here and knows no 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
@@ -193,6 +194,7 @@ class DeltaBase:
         self._flags: dict[str, bool] = {}  # backbone parameter -> requires_grad chosen by freeze_module
         self._flagged: dict[int, nn.Parameter] = {}  # the parameters whose flags it set while attached
         self._homes: dict[str, tuple[torch.dtype, torch.device] | None] = {}  # path -> dtype, device at detach
+        self._home_slots: dict[str, tuple[dict, str] | None] = {}  # path -> where _home() looks
         self._merged: dict[str, dict[str, torch.Tensor]] = {}  # path -> parameter values before merge()
 
     def runtime_observe(self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any) -> dict[str, Observation]:
@@ -287,7 +289,7 @@ class DeltaBase:
         """Before a detached delta attaches: raise LifecycleError if another attached delta owns a
         backbone tensor it trains, or if that tensor changed since detach (attach would overwrite
         the change). `leaving` is a delta that detaches in the same step (switch)."""
-        params = dict(self.backbone_model.named_parameters())
+        params = dict(self.backbone_model.named_parameters()) if self._tuned else {}
         for name, tuned in self._tuned.items():
             param = params.get(name)
             if param is None or param.shape != tuned.shape:
@@ -313,7 +315,7 @@ class DeltaBase:
     def _apply_backbone_changes(self) -> None:
         """Swap in the trained values of the backbone tensors this delta owns and set the flags its
         freeze_module chose; all or nothing."""
-        params = dict(self.backbone_model.named_parameters())
+        params = dict(self.backbone_model.named_parameters()) if self._tuned or self._flags else {}
         swapped: list[str] = []
         try:
             with torch.no_grad():
@@ -339,7 +341,7 @@ class DeltaBase:
         for param in reversed(self._flagged.values()):
             release_flag(param, self)
         self._flagged = {}
-        params = dict(self.backbone_model.named_parameters())
+        params = dict(self.backbone_model.named_parameters()) if originals else {}
         tuned: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name, original in originals.items():
@@ -366,7 +368,7 @@ class DeltaBase:
         return self
 
     def _after_detach(self) -> None:
-        self._homes = {path: _dtype_and_device(self.backbone_model, path, self._targets[path]) for path in self.layers}
+        self._homes = {path: self._home(path) for path in self.layers}
         self._tuned = self._undo_backbone_changes(self._originals)
         if self._state_dict_handle is not None:
             self._state_dict_handle.remove()
@@ -379,10 +381,12 @@ class DeltaBase:
     def _follow_backbone(self) -> None:
         """Move each (detached) layer as the backbone's ``.to()`` moved its module since detach, as
         if the layer had stayed attached: same device, and the new dtype if the dtype changed."""
+        if not self._homes:
+            return
         with torch.inference_mode(False):  # a conversion under inference_mode would make untrainable tensors
             for path, layer in self.layers.items():
                 before = self._homes.get(path)
-                now = _dtype_and_device(self.backbone_model, path, self._targets[path])
+                now = self._home(path)
                 if before is None or now is None or before == now:
                     continue
                 if now[1] != before[1]:
@@ -390,6 +394,17 @@ class DeltaBase:
                 if now[0] != before[0]:
                     layer.to(dtype=now[0])
         self._homes = {}
+
+    def _home(self, path: str) -> tuple[torch.dtype, torch.device] | None:
+        """The dtype and device the layer at `path` follows (see :func:`_home_slot`; looked up once)."""
+        slot = self._home_slots.get(path)
+        t = slot[0].get(slot[1]) if slot is not None else None
+        if t is None or not t.is_floating_point():
+            slot = self._home_slots[path] = _home_slot(self.backbone_model, path, self._targets[path])
+            if slot is None:
+                return None
+            t = slot[0][slot[1]]
+        return t.dtype, t.device
 
     def switch(self, to: DeltaBase) -> DeltaBase:
         """Detach this delta and attach `to` in one step; returns `to`.
@@ -801,19 +816,20 @@ def _without_covered_spans(paths: list[str]) -> list[str]:
     return [p for p in paths if not (split_span(p) and covered(p))]
 
 
-def _dtype_and_device(
-    backbone: nn.Module, path: str, target: nn.Module | Span
-) -> tuple[torch.dtype, torch.device] | None:
-    """The dtype and device of the first floating-point backbone tensor of the module a delta at
-    `path` acts on, or, for a module without one (an activation), of its nearest ancestor that has
-    one: what flows through it follows those when the backbone is moved."""
+def _home_slot(backbone: nn.Module, path: str, target: nn.Module | Span) -> tuple[dict, str] | None:
+    """Where the first floating-point backbone tensor of the module a delta at `path` acts on lives
+    (its ``_parameters`` or ``_buffers`` dict and key), or, for a module without one (an
+    activation), that of its nearest ancestor with one: what flows through the module follows
+    that tensor's dtype and device when the backbone is moved."""
     home = (split_span(path) or ("", path))[1]
     parents = [*list(ancestors(home))[1:], ""] if home else []
-    for module in (target_module(target), *(backbone.get_submodule(p) for p in parents)):
-        for m in (module, *(m for _, m in backbone_modules(module))):
-            for t in (*m._parameters.values(), *m._buffers.values()):
-                if t is not None and t.is_floating_point():
-                    return t.dtype, t.device
+    # lazily: the first module that has a floating-point tensor ends the search
+    for module in itertools.chain([target_module(target)], (backbone.get_submodule(p) for p in parents)):
+        for m in itertools.chain([module], (m for _, m in backbone_modules(module))):
+            for tensors in (m._parameters, m._buffers):
+                for key, t in tensors.items():
+                    if t is not None and t.is_floating_point():
+                        return tensors, key
     return None
 
 
