@@ -271,3 +271,64 @@ def test_a_delta_built_under_inference_mode_trains_afterwards(method):
     perturb(delta)
     hidden(model, inputs_for("bert")).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in delta.delta_parameters())
+
+
+def test_a_detached_delta_follows_a_device_move_of_the_backbone():
+    model = tiny_bert()
+    delta = LoraModel(model)
+    delta.freeze_module(exclude=["deltas", "pooler"])
+    delta.detach()
+    model.to("meta")  # a device move that every machine can make
+    delta.attach()
+    assert {p.device.type for p in delta.delta_parameters()} == {"meta"}
+    assert hidden(model, inputs_for("bert")).is_meta
+
+
+def test_a_switch_to_a_delta_whose_tensor_another_attached_delta_trains_changes_nothing():
+    model = tiny_bert()
+    b = LoraModel(model, modified_modules=["query"], name="task_b")
+    b.freeze_module(exclude=["deltas", "pooler"])
+    train_pooler(model)
+    b.detach()
+    owner = LoraModel(model, modified_modules=["key"], name="owner")
+    owner.freeze_module(exclude=["deltas", "pooler"])
+    a = LoraModel(model, modified_modules=["query"], name="task_a")
+    perturb(a)
+    before = snapshot(model)
+    with pytest.raises(LifecycleError, match="'pooler.dense.weight' is trained by delta 'owner'"):
+        a.switch(to=b)
+    assert_unchanged(model, before)
+    assert a.is_attached and not b.is_attached
+
+
+def test_loading_a_checkpoint_whose_tensor_an_attached_delta_trains_changes_nothing(tmp_path):
+    trained = tiny_bert()
+    saved = LoraModel(trained)
+    saved.freeze_module(exclude=["deltas", "pooler"])
+    train_pooler(trained)
+    saved.save_finetuned(tmp_path)
+
+    model = tiny_bert()
+    owner = LoraModel(model, modified_modules=["key"], name="owner")
+    owner.freeze_module(exclude=["deltas", "pooler"])
+    before = snapshot(model)
+    with pytest.raises(LifecycleError, match="'pooler.dense.weight' is trained by delta 'owner'"):
+        LoraModel.from_finetuned(tmp_path, model)
+    assert_unchanged(model, before)
+
+
+def test_a_merged_delta_follows_a_dtype_move_when_unmerged():
+    inputs = inputs_for("bert")
+    reference = tiny_bert()
+    perturb(LoraModel(reference))
+    reference.to(torch.bfloat16)
+    expected = hidden(reference, inputs)
+
+    model = tiny_bert()
+    delta = LoraModel(model)
+    perturb(delta)
+    delta.merge()
+    model.to(torch.bfloat16)
+    delta.unmerge()
+    assert {p.dtype for p in delta.delta_parameters()} == {torch.bfloat16}
+    assert torch.equal(hidden(model, inputs), expected)

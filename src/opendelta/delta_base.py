@@ -504,6 +504,7 @@ class DeltaBase:
                     param.copy_(value)
                 module.__dict__.setdefault(_MERGED_ATTR, []).append(self.name)
         self._merged = saved
+        self._homes = {path: self._home(path) for path in saved}  # the layers out of the model follow it on unmerge
         return self
 
     def unmerge(self) -> DeltaBase:
@@ -517,6 +518,7 @@ class DeltaBase:
                 raise LifecycleError(
                     f"delta {stack[-1]!r} merged into {path} after {self.name!r}; unmerge {stack[-1]!r} first"
                 )
+        self._follow_backbone()
         with torch.no_grad():
             for path, entry in self._merged.items():
                 module = self._targets[path]
