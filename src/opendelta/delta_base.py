@@ -303,7 +303,8 @@ class DeltaBase:
             current = owner._originals[name] if owner is not None else param.detach()
             if param.is_meta:
                 continue
-            if not torch.equal(current.to(param.device, param.dtype), self._originals[name].to(param.device, param.dtype)):
+            left = self._originals[name].to(param.device, param.dtype)  # what detach() left, moved as the backbone
+            if not torch.equal(current.to(param.device, param.dtype), left):
                 raise LifecycleError(
                     f"cannot {action} delta {self.name!r}: the backbone tensor {name!r} changed while the delta was "
                     f"detached, and {self.name!r} trains that tensor, so attaching would overwrite the change with its "

@@ -195,7 +195,7 @@ def _untouched(model: nn.Module) -> Iterator[None]:
     modes = [(m, m.training) for m in model.modules()]
     tensors = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     devices = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
-    writes = _CopyOnWrite([t for _, params, buffers in tensors for t in (*params.values(), *buffers.values()) if t is not None])
+    writes = _CopyOnWrite([t for _, ps, bs in tensors for t in (*ps.values(), *bs.values()) if t is not None])
     try:
         with torch.random.fork_rng(devices=devices), (writes if writes.watching else contextlib.nullcontext()):
             model.eval()
