@@ -90,7 +90,7 @@ class DeltaBase:
         modified_modules: Sequence[str] | None = None,
         exclude_modules: Sequence[str] | None = None,
         unfrozen_modules: Sequence[str] | None = None,
-        common_structure: bool | None = None,
+        common_structure: bool = False,
         interactive_modify: bool | int = False,
         *,
         name: str | None = None,
