@@ -17,7 +17,7 @@ import math
 import numbers
 import types
 import typing
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -155,7 +155,15 @@ def _annotated_fields(cls: type) -> tuple[tuple[dataclasses.Field, Any], ...]:
 
 
 def _shown(value: object) -> str:
-    return "None" if value is None else f"{value!r} of type {type(value).__name__}"
+    """`value` for an error message: its repr (shortened) and its type."""
+    if value is None:
+        return "None"
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than Python converts to text
+        text = f"<{value.bit_length()}-bit number>" if isinstance(value, int) else "<unprintable>"
+    text = text if len(text) <= 80 else f"{text[:60]}...{text[-10:]}"
+    return f"{text} of type {type(value).__name__}"
 
 
 def _checked(owner: str, name: str, value: Any, kind: Any, rule: Rule, f: dataclasses.Field | None = None) -> Any:
@@ -217,7 +225,9 @@ def _checked(owner: str, name: str, value: Any, kind: Any, rule: Rule, f: datacl
     return value
 
 
-def _checked_number(name: str, value: Any, kind: type, rule: Rule, fail: Any) -> int | float:
+def _checked_number(
+    name: str, value: Any, kind: type, rule: Rule, fail: Callable[..., DeltaConfigError]
+) -> int | float:
     """A finite number for a float field, a whole number for an int field (8.0 is read as 8; 8.7
     is refused, never truncated), within the rule's bounds."""
     whole = kind is int
@@ -241,8 +251,12 @@ def _checked_number(name: str, value: Any, kind: type, rule: Rule, fail: Any) ->
         raise fail(expected, f"write {name}={shown!r} (a number, not a string)" if math.isfinite(parsed) else "")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise fail(expected)
-    if not math.isfinite(value):
-        raise fail(expected, "NaN and infinity are not accepted")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float: a float field could not compute with it
+        finite = whole
+    if not finite:
+        raise fail(expected, "NaN, infinity and numbers beyond a float's range are not accepted")
     if whole:
         if not isinstance(value, numbers.Integral):
             if not float(value).is_integer():
