@@ -24,6 +24,7 @@ def load_local_model(directory: str, model_class: str | None = None) -> nn.Modul
         import transformers
     except ImportError:
         raise ModelDirError("loading a model directory needs transformers: pip install 'opendelta[hf]'.") from None
+    transformers.utils.logging.disable_progress_bar()  # a bar per load is noise on a command's stderr
     cls = transformers.AutoModel if model_class is None else getattr(transformers, model_class, None)
     if not hasattr(cls, "from_pretrained"):
         raise ModelDirError(f"transformers has no model class {model_class!r}; name one such as 'AutoModel'.")
