@@ -170,6 +170,16 @@ def test_a_bad_value_from_a_dict_or_json_is_the_same_config_error(delta_type, na
         assert name in str(info.value) and text in str(info.value)
 
 
+@pytest.mark.parametrize("delta_type,name,value,text", CASES)
+def test_assigning_a_bad_value_to_a_built_config_is_the_same_config_error(delta_type, name, value, text) -> None:
+    config = lookup(delta_type)[0](**BUILD_ARGS.get(delta_type, {}))
+    before = config.to_dict()
+    with pytest.raises(DeltaConfigError) as info:
+        setattr(config, name, value)
+    assert name in str(info.value) and text in str(info.value)
+    assert config.to_dict() == before
+
+
 def test_a_checkpoint_whose_json_holds_a_bad_value_is_a_config_error(tmp_path) -> None:
     LoraModel(fresh("bert")).save_finetuned(tmp_path)
     config_file = tmp_path / "delta_config.json"

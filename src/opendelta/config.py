@@ -110,10 +110,15 @@ class DeltaConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"delta_type": self.delta_type, **dataclasses.asdict(self)}
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # every assignment is checked, in __init__ and after it, so a config never holds a bad value
+        declared = _annotated_fields(type(self)).get(name)
+        if declared is not None:
+            f, kind = declared
+            value = _checked(self.delta_type or type(self).__name__, name, value, kind, f.metadata.get(_RULE, Rule()), f)
+        super().__setattr__(name, value)
+
     def __post_init__(self) -> None:
-        owner = self.delta_type or type(self).__name__
-        for f, kind in _annotated_fields(type(self)):
-            setattr(self, f.name, _checked(owner, f.name, getattr(self, f.name), kind, f.metadata.get(_RULE, Rule()), f))
         self.validate()
 
     def validate(self) -> None:
@@ -145,13 +150,13 @@ def check_delta_name(name: object) -> None:
 
 
 @functools.cache
-def _annotated_fields(cls: type) -> tuple[tuple[dataclasses.Field, Any], ...]:
-    """Each dataclass field with its resolved annotation (Any where it cannot be resolved)."""
+def _annotated_fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    """Each dataclass field by name, with its resolved annotation (Any where it cannot be resolved)."""
     try:
         hints = typing.get_type_hints(cls)
     except Exception:  # a user's config may annotate with names its module does not define
         hints = {}
-    return tuple((f, hints.get(f.name, Any)) for f in dataclasses.fields(cls))
+    return {f.name: (f, hints.get(f.name, Any)) for f in dataclasses.fields(cls)}
 
 
 def _shown(value: object) -> str:
