@@ -6,6 +6,9 @@ same dtype), requires_grad flags, and state-dict keys.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -332,3 +335,13 @@ def test_a_merged_delta_follows_a_dtype_move_when_unmerged():
     delta.unmerge()
     assert {p.dtype for p in delta.delta_parameters()} == {torch.bfloat16}
     assert torch.equal(hidden(model, inputs), expected)
+
+
+def test_a_discarded_model_with_an_attached_frozen_delta_is_freed():
+    model = tiny_bert()
+    delta = LoraModel(model)
+    delta.freeze_module(exclude=["deltas", "pooler"])  # the flag and value claims must not keep the model alive
+    alive = weakref.ref(model)
+    del model, delta
+    gc.collect()
+    assert alive() is None

@@ -7,10 +7,14 @@ Two kinds of claims, kept outside the user's modules (nothing is stored on them)
   its saved flag back; an entry below hands its saved flag to the entry above it.
 - a trained value (a backbone tensor the delta trains, e.g. an unfrozen head): one owner at a
   time, because one tensor holds one value and two deltas cannot both be served by it.
+
+Owners are held by weak reference: an owner references its backbone, so a strong one would keep
+every parameter key alive and a discarded model would never be freed.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from torch import nn
@@ -18,21 +22,21 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from opendelta.errors import LifecycleError
 
-_FLAGS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> [[owner, flag before owner set it], ...]
-_VALUES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> the attached delta that owns its value
+_FLAGS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> [[ref to owner, flag before it set it], ...]
+_VALUES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> ref to the attached delta that owns its value
 
 
 def set_flag(param: nn.Parameter, owner: Any, flag: bool) -> None:
     """Set `param.requires_grad` to `flag` on behalf of `owner`; :func:`release_flag` undoes it."""
     release_flag(param, owner)  # the latest freeze of an owner goes on top
-    _FLAGS.setdefault(param, []).append([owner, param.requires_grad])
+    _FLAGS.setdefault(param, []).append([weakref.ref(owner), param.requires_grad])
     param.requires_grad_(flag)
 
 
 def release_flag(param: nn.Parameter, owner: Any) -> None:
     """Undo `owner`'s :func:`set_flag` on `param`, whatever other owners did since."""
     stack = _FLAGS.get(param)
-    index = next((i for i, (o, _) in enumerate(stack or ()) if o is owner), None)
+    index = next((i for i, (ref, _) in enumerate(stack or ()) if ref() is owner), None)
     if stack is None or index is None:
         return
     before = stack.pop(index)[1]
@@ -46,16 +50,17 @@ def release_flag(param: nn.Parameter, owner: Any) -> None:
 
 def value_owner(param: nn.Parameter) -> Any:
     """The attached delta that owns `param`'s value, or None."""
-    return _VALUES.get(param)
+    ref = _VALUES.get(param)
+    return ref() if ref is not None else None
 
 
 def claim_value(param: nn.Parameter, owner: Any) -> None:
     """Record that `owner` (attached) owns `param`'s value; check :func:`value_owner` first."""
-    _VALUES[param] = owner
+    _VALUES[param] = weakref.ref(owner)
 
 
 def release_value(param: nn.Parameter, owner: Any) -> None:
-    if _VALUES.get(param) is owner:
+    if value_owner(param) is owner:
         del _VALUES[param]
 
 
