@@ -174,7 +174,10 @@ class _CopyOnWrite(TorchDispatchMode):
     def restore(self) -> None:
         with torch.no_grad():
             for tensor, value in self._saved.values():
-                tensor.copy_(value)
+                if tensor.shape == value.shape:
+                    tensor.copy_(value)
+                else:  # resized in place (a growing cache)
+                    tensor.data = value
 
 
 def _memory(tensor: torch.Tensor) -> tuple[torch.device, int] | None:
