@@ -7,7 +7,11 @@ implements :meth:`DeltaBase.new_layer`; everything else lives here and knows no 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 import os
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -33,6 +37,8 @@ from opendelta.config import DeltaConfig
 from opendelta.distributed import ARRIVAL_TIMEOUT_S, all_ranks_arrive, full_tensors, on_rank_zero, unsharded_class
 from opendelta.errors import (
     CheckpointError,
+    CorruptCheckpointError,
+    DeltaConfigError,
     IncompatibleCheckpointError,
     LifecycleError,
     MergeError,
@@ -43,6 +49,7 @@ from opendelta.registry import lookup, register
 from opendelta.routing import (
     MIXING_ATTR,
     DeltaLayer,
+    OrderKey,
     Span,
     add_delta,
     input_grad_site,
@@ -60,6 +67,27 @@ D = TypeVar("D", bound="DeltaBase")
 _MERGED_ATTR = "_opendelta_merged"
 
 SAVE_FORMATS = ("opendelta", "peft")
+
+_stamp_lock = threading.Lock()
+_last_stamp = 0
+
+
+def _creation_stamp() -> int:
+    """Nanoseconds since the epoch, strictly increasing within this process, so a delta created
+    later gets a larger stamp (across processes too, as far as their clocks agree)."""
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(time.time_ns(), _last_stamp + 1)
+        return _last_stamp
+
+
+def _checked_position(order: Any) -> float:
+    if isinstance(order, bool) or not isinstance(order, (int, float)) or not math.isfinite(order):
+        raise DeltaConfigError(
+            f"order must be a finite number, got {order!r}: a negative order runs the delta before the deltas "
+            "of the default order 0 on the modules it shares with them, a positive one after them."
+        )
+    return order
 
 
 class DeltaBase:
@@ -95,8 +123,10 @@ class DeltaBase:
         *,
         name: str | None = None,
         dummy_inputs: Any = None,
+        order: float | None = None,
         **method_args: Any,
     ):
+        position = 0 if order is None else _checked_position(order)
         if interactive_modify:
             modified_modules = _select_interactively(backbone_model, interactive_modify)
         config = self.config_class.from_dict(
@@ -109,6 +139,7 @@ class DeltaBase:
             }
         )
         self._setup(backbone_model, config, self.plan(backbone_model, config), name, dummy_inputs)
+        self._order = (position, self._order[1], "")
         self.attach()
 
     # ----------------------------------------------------------------- construction
@@ -116,13 +147,15 @@ class DeltaBase:
     @classmethod
     def from_config(
         cls: type[D], config: DeltaConfig | dict, backbone_model: nn.Module, *, name: str | None = None,
-        dummy_inputs: Any = None,
+        dummy_inputs: Any = None, order: float | None = None,
     ) -> D:
         """Build and attach a delta of this class from a config object or dict."""
+        position = 0 if order is None else _checked_position(order)
         if isinstance(config, dict):
             config = cls.config_class.from_dict(config)
         obj = cls.__new__(cls)
         obj._setup(backbone_model, config, cls.plan(backbone_model, config), name, dummy_inputs)
+        obj._order = (position, obj._order[1], "")
         obj.attach()
         return obj
 
@@ -181,6 +214,7 @@ class DeltaBase:
         self._targets = targets
         self.layers: dict[str, DeltaLayer] = {p: self.new_layer(p, targets[p], observations.get(p)) for p in paths}
         self.name = self._free_name(name)
+        self._order: tuple[float, int, str] = (0, _creation_stamp(), "")  # see order_key
         self._attached = False
         self._set_state_dict = False
         self._state_dict_handle: Any = None
@@ -237,6 +271,18 @@ class DeltaBase:
         return self._attached
 
     @property
+    def order(self) -> float:
+        """This delta's position among the deltas it shares modules with (``order=``, default 0)."""
+        return self._order[0]
+
+    @property
+    def order_key(self) -> OrderKey:
+        """Where this delta runs among the deltas of its route on each module it modifies, ascending:
+        (order, creation stamp, content digest, name). Fixed at creation, carried by checkpoints,
+        so attach history never changes it (see README, "Several deltas on one backbone")."""
+        return (*self._order, self.name)
+
+    @property
     def is_merged(self) -> bool:
         return bool(self._merged)
 
@@ -255,7 +301,7 @@ class DeltaBase:
         done: list[str] = []
         try:
             for path, layer in self.layers.items():
-                add_delta(self._targets[path], self.name, layer)
+                add_delta(self._targets[path], self.name, layer, self.order_key)
                 done.append(path)
         except Exception:
             for path in reversed(done):
@@ -323,9 +369,9 @@ class DeltaBase:
                 module = to._targets[path]
                 old = old_by_module.get(id(module))
                 if old is None:
-                    add_delta(module, to.name, layer)
+                    add_delta(module, to.name, layer, to.order_key)
                 else:
-                    swap_delta(module, self.name, to.name, layer)
+                    swap_delta(module, self.name, to.name, layer, to.order_key)
                 done.append((path, old))
         except Exception:
             for path, old in reversed(done):
@@ -333,7 +379,7 @@ class DeltaBase:
                 if old is None:
                     remove_delta(module, to.name)
                 else:
-                    swap_delta(module, to.name, self.name, self.layers[old])
+                    swap_delta(module, to.name, self.name, self.layers[old], self.order_key)
             raise
         for path in reversed(list(self.layers)):
             if id(self._targets[path]) not in new_paths:
@@ -406,7 +452,7 @@ class DeltaBase:
                 stack.pop()
                 if not stack:
                     del module.__dict__[_MERGED_ATTR]
-                add_delta(module, self.name, self.layers[path])
+                add_delta(module, self.name, self.layers[path], self.order_key)
         self._merged = {}
         return self
 
@@ -536,6 +582,8 @@ class DeltaBase:
         meta: dict[str, Any] = {
             "delta_type": self.delta_type,
             "name": self.name,
+            # the delta's place among others on shared modules (order_key), so loading order never matters
+            "order": {"position": self._order[0], "created": self._order[1]},
             "library_version": __version__,
             "config": self.config.to_dict(),
             # paths only: the tensors' shapes are already in the safetensors header
@@ -588,21 +636,25 @@ class DeltaBase:
         *,
         name: str | None = None,
         dummy_inputs: Any = None,
+        order: float | None = None,
     ) -> D:
         """Load a checkpoint written by save_finetuned() (or a PEFT LoRA adapter folder) onto
         `backbone_model` and attach it.
 
         Everything is checked before the backbone is touched: a checkpoint that does not fit
-        raises IncompatibleCheckpointError naming the modules and shapes that differ.
+        raises IncompatibleCheckpointError naming the modules and shapes that differ. The delta
+        keeps the place among other deltas its checkpoint records; `order` overrides its position.
         """
         from opendelta.peft_format import is_peft_folder, read_peft_checkpoint
 
+        override = None if order is None else _checked_position(order)
         device = model_device(backbone_model)
         device = torch.device("cpu") if device.type == "meta" else device
         if is_peft_folder(finetuned_delta_path):
             delta_cls, config, paths, tensors, backbone_names, trained_on = read_peft_checkpoint(
                 finetuned_delta_path, device
             )
+            position, created = 0, 0
         else:
             meta = read_meta(finetuned_delta_path)
             _, delta_cls = lookup(meta["delta_type"])
@@ -614,6 +666,7 @@ class DeltaBase:
                 if saved_as in tensors:
                     tensors[key] = tensors[saved_as]
             trained_on = ckpt.meta.get("backbone", {}).get("class", "?")
+            position, created = _saved_order(ckpt.meta, finetuned_delta_path)
         if cls is not DeltaBase and not issubclass(delta_cls, cls):
             raise IncompatibleCheckpointError(
                 f"{finetuned_delta_path} holds a {delta_cls.delta_type!r} delta; load it with "
@@ -631,6 +684,8 @@ class DeltaBase:
             obj._setup(backbone_model, config, paths, name, dummy_inputs)
         except UnsupportedModuleError as exc:
             raise IncompatibleCheckpointError(f"the checkpoint does not fit this backbone: {exc}") from exc
+        # a delta of unknown creation time is placed by its content, never by the loading order
+        obj._order = (position if override is None else override, created, "" if created else _content_digest(tensors))
         obj._load_tensors(tensors, backbone_names, trained_on)
         return obj
 
@@ -671,6 +726,36 @@ class DeltaBase:
             for n in backbone_names:
                 self._originals.setdefault(n, params[n].detach().clone())
                 params[n].copy_(tensors[f"backbone.{n}"])
+
+
+def _saved_order(meta: dict[str, Any], where: str | os.PathLike) -> tuple[float, int]:
+    """The (position, creation stamp) a checkpoint records; (0, 0), i.e. created at an unknown
+    time, for checkpoints written before the field existed."""
+    if "order" not in meta:
+        return 0, 0
+    saved = meta["order"]
+    position = saved.get("position") if isinstance(saved, dict) else None
+    created = saved.get("created") if isinstance(saved, dict) else None
+    if (
+        isinstance(position, bool) or not isinstance(position, (int, float)) or not math.isfinite(position)
+        or isinstance(created, bool) or not isinstance(created, int) or created < 0
+    ):
+        raise CorruptCheckpointError(
+            f"the config in {str(where)!r} has 'order' {saved!r}; it must be "
+            '{"position": <finite number>, "created": <integer >= 0>}: restore it, or delete the field to load '
+            "the delta at the default position."
+        )
+    return position, created
+
+
+def _content_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of a checkpoint's tensors (names, dtypes, shapes, bytes), independent of where they live."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensors[key].shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _without_covered_spans(paths: list[str]) -> list[str]:
