@@ -279,7 +279,7 @@ class DeltaBase:
     def order_key(self) -> OrderKey:
         """Where this delta runs among the deltas of its route on each module it modifies, ascending:
         (order, creation stamp, content digest, name). Fixed at creation, carried by checkpoints,
-        so attach history never changes it (see README, "Several deltas on one backbone")."""
+        so attach history never changes it (README: "Several deltas live on one backbone")."""
         return (*self._order, self.name)
 
     @property
