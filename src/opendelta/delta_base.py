@@ -81,8 +81,13 @@ def _creation_stamp() -> int:
         return _last_stamp
 
 
+def _is_position(value: Any) -> bool:
+    """Whether `value` can be a delta's ``order``: a finite int or float (a bool is not a number here)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _checked_position(order: Any) -> float:
-    if isinstance(order, bool) or not isinstance(order, (int, float)) or not math.isfinite(order):
+    if not _is_position(order):
         raise DeltaConfigError(
             f"order must be a finite number, got {order!r}: a negative order runs the delta before the deltas "
             "of the default order 0 on the modules it shares with them, a positive one after them."
@@ -658,6 +663,7 @@ class DeltaBase:
         else:
             meta = read_meta(finetuned_delta_path)
             _, delta_cls = lookup(meta["delta_type"])
+            position, created = _saved_order(meta, finetuned_delta_path)
             ckpt = read_checkpoint(finetuned_delta_path, device=device)
             config = delta_cls.config_class.from_dict(ckpt.meta["config"])
             paths = list(ckpt.meta.get("modules", {}))
@@ -666,7 +672,6 @@ class DeltaBase:
                 if saved_as in tensors:
                     tensors[key] = tensors[saved_as]
             trained_on = ckpt.meta.get("backbone", {}).get("class", "?")
-            position, created = _saved_order(ckpt.meta, finetuned_delta_path)
         if cls is not DeltaBase and not issubclass(delta_cls, cls):
             raise IncompatibleCheckpointError(
                 f"{finetuned_delta_path} holds a {delta_cls.delta_type!r} delta; load it with "
@@ -736,10 +741,7 @@ def _saved_order(meta: dict[str, Any], where: str | os.PathLike) -> tuple[float,
     saved = meta["order"]
     position = saved.get("position") if isinstance(saved, dict) else None
     created = saved.get("created") if isinstance(saved, dict) else None
-    if (
-        isinstance(position, bool) or not isinstance(position, (int, float)) or not math.isfinite(position)
-        or isinstance(created, bool) or not isinstance(created, int) or created < 0
-    ):
+    if not _is_position(position) or isinstance(created, bool) or not isinstance(created, int) or created < 0:
         raise CorruptCheckpointError(
             f"the config in {str(where)!r} has 'order' {saved!r}; it must be "
             '{"position": <finite number>, "created": <integer >= 0>}: restore it, or delete the field to load '
