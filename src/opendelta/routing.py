@@ -276,12 +276,15 @@ class Site:
         self.order[name] = order
         names = getattr(self, route)
         names.append(name)
-        names.sort(key=lambda n: (self.order[n], n))
+        if len(names) > 1:
+            names.sort(key=self._place_of)
+
+    def _place_of(self, name: str) -> tuple[OrderKey, str]:
+        return self.order[name], name
 
     def unplace(self, name: str) -> None:
         """Take delta `name` out of whichever route list holds it."""
-        for route in ("before", "parallel", "after"):
-            names = getattr(self, route)
+        for names in (self.before, self.parallel, self.after):
             if name in names:
                 names.remove(name)
         self.order.pop(name, None)
