@@ -33,7 +33,7 @@ from opendelta.addressing import (
     split_span,
 )
 from opendelta.checkpoint import backbone_fingerprint, delta_key, read_checkpoint, read_meta, write_checkpoint
-from opendelta.config import DeltaConfig
+from opendelta.config import DeltaConfig, check_delta_name
 from opendelta.distributed import ARRIVAL_TIMEOUT_S, all_ranks_arrive, full_tensors, on_rank_zero, unsharded_class
 from opendelta.errors import (
     CheckpointError,
@@ -123,7 +123,7 @@ class DeltaBase:
         modified_modules: Sequence[str] | None = None,
         exclude_modules: Sequence[str] | None = None,
         unfrozen_modules: Sequence[str] | None = None,
-        common_structure: bool | None = None,
+        common_structure: bool = False,
         interactive_modify: bool | int = False,
         *,
         name: str | None = None,
@@ -199,6 +199,7 @@ class DeltaBase:
         self, backbone: nn.Module, config: DeltaConfig, paths: Sequence[str], name: str | None, dummy_inputs: Any
     ) -> None:
         """Build every delta layer without touching the backbone."""
+        check_delta_name(name)
         modules = dict(backbone.named_modules())
         targets: dict[str, nn.Module | Span] = {}
         for path in paths:
@@ -258,8 +259,6 @@ class DeltaBase:
             return False
 
         if requested is not None:
-            if not requested.isidentifier():
-                raise PatternError(f"delta name {requested!r} must be a valid Python identifier")
             if taken(requested):
                 raise LifecycleError(f"a delta or attribute named {requested!r} already exists on a target module; pick another name")
             return requested
