@@ -7,8 +7,12 @@ implements :meth:`DeltaBase.new_layer`; everything else lives here and knows no 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import math
 import os
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -35,6 +39,8 @@ from opendelta.config import DeltaConfig, check_delta_name
 from opendelta.distributed import ARRIVAL_TIMEOUT_S, all_ranks_arrive, full_tensors, on_rank_zero, unsharded_class
 from opendelta.errors import (
     CheckpointError,
+    CorruptCheckpointError,
+    DeltaConfigError,
     IncompatibleCheckpointError,
     LifecycleError,
     MergeError,
@@ -45,6 +51,7 @@ from opendelta.registry import lookup, register
 from opendelta.routing import (
     MIXING_ATTR,
     DeltaLayer,
+    OrderKey,
     Span,
     add_delta,
     input_grad_site,
@@ -62,6 +69,32 @@ D = TypeVar("D", bound="DeltaBase")
 _MERGED_ATTR = "_opendelta_merged"
 
 SAVE_FORMATS = ("opendelta", "peft")
+
+_stamp_lock = threading.Lock()
+_last_stamp = 0
+
+
+def _creation_stamp() -> int:
+    """Nanoseconds since the epoch, strictly increasing within this process, so a delta created
+    later gets a larger stamp (across processes too, as far as their clocks agree)."""
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(time.time_ns(), _last_stamp + 1)
+        return _last_stamp
+
+
+def _is_position(value: Any) -> bool:
+    """Whether `value` can be a delta's ``order``: a finite int or float (a bool is not a number here)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _checked_position(order: Any) -> float:
+    if not _is_position(order):
+        raise DeltaConfigError(
+            f"order must be a finite number, got {order!r}: a negative order runs the delta before the deltas "
+            "of the default order 0 on the modules it shares with them, a positive one after them."
+        )
+    return order
 
 
 class DeltaBase:
@@ -98,8 +131,10 @@ class DeltaBase:
         *,
         name: str | None = None,
         dummy_inputs: Any = None,
+        order: float | None = None,
         **method_args: Any,
     ):
+        position = 0 if order is None else _checked_position(order)
         if interactive_modify:
             modified_modules = _select_interactively(backbone_model, interactive_modify)
         config = self.config_class.from_dict(
@@ -112,6 +147,7 @@ class DeltaBase:
             }
         )
         self._setup(backbone_model, config, self.plan(backbone_model, config), name, dummy_inputs)
+        self._order = (position, self._order[1], "")
         self.attach()
 
     # ----------------------------------------------------------------- construction
@@ -119,13 +155,15 @@ class DeltaBase:
     @classmethod
     def from_config(
         cls: type[D], config: DeltaConfig | dict, backbone_model: nn.Module, *, name: str | None = None,
-        dummy_inputs: Any = None,
+        dummy_inputs: Any = None, order: float | None = None,
     ) -> D:
         """Build and attach a delta of this class from a config object or dict."""
+        position = 0 if order is None else _checked_position(order)
         if isinstance(config, dict):
             config = cls.config_class.from_dict(config)
         obj = cls.__new__(cls)
         obj._setup(backbone_model, config, cls.plan(backbone_model, config), name, dummy_inputs)
+        obj._order = (position, obj._order[1], "")
         obj.attach()
         return obj
 
@@ -186,6 +224,7 @@ class DeltaBase:
         with torch.inference_mode(False):  # layers built under inference_mode would be untrainable inference tensors
             self.layers: dict[str, DeltaLayer] = {p: self.new_layer(p, targets[p], observations.get(p)) for p in paths}
         self.name = self._free_name(name)
+        self._order: tuple[float, int, str] = (0, _creation_stamp(), "")  # see order_key
         self._attached = False
         self._set_state_dict = False
         self._state_dict_handle: Any = None
@@ -244,6 +283,18 @@ class DeltaBase:
         return self._attached
 
     @property
+    def order(self) -> float:
+        """This delta's position among the deltas it shares modules with (``order=``, default 0)."""
+        return self._order[0]
+
+    @property
+    def order_key(self) -> OrderKey:
+        """Where this delta runs among the deltas of its route on each module it modifies, ascending:
+        (order, creation stamp, content digest, name). Fixed at creation, carried by checkpoints,
+        so attach history never changes it (README: "Several deltas live on one backbone")."""
+        return (*self._order, self.name)
+
+    @property
     def is_merged(self) -> bool:
         return bool(self._merged)
 
@@ -265,7 +316,7 @@ class DeltaBase:
         done: list[str] = []
         try:
             for path, layer in self.layers.items():
-                add_delta(self._targets[path], self.name, layer)
+                add_delta(self._targets[path], self.name, layer, self.order_key)
                 done.append(path)
             self._after_attach()
         except Exception:
@@ -432,16 +483,16 @@ class DeltaBase:
                 if old is None:
                     remove_delta(module, to.name)
                 else:
-                    swap_delta(module, to.name, self.name, self.layers[old])
+                    swap_delta(module, to.name, self.name, self.layers[old], self.order_key)
 
         try:
             for path, layer in to.layers.items():
                 module = to._targets[path]
                 old = old_by_module.get(id(module))
                 if old is None:
-                    add_delta(module, to.name, layer)
+                    add_delta(module, to.name, layer, to.order_key)
                 else:
-                    swap_delta(module, self.name, to.name, layer)
+                    swap_delta(module, self.name, to.name, layer, to.order_key)
                 done.append((path, old))
         except Exception:
             undo_swaps()
@@ -457,7 +508,7 @@ class DeltaBase:
         except Exception:  # put self back exactly: its layers, then its tensors, flags and hooks
             for path in self.layers:
                 if id(self._targets[path]) not in new_paths:
-                    add_delta(self._targets[path], self.name, self.layers[path])
+                    add_delta(self._targets[path], self.name, self.layers[path], self.order_key)
             undo_swaps()
             self._homes = {}
             self._after_attach(input_grad_handle=handle)
@@ -528,7 +579,7 @@ class DeltaBase:
                 stack.pop()
                 if not stack:
                     del module.__dict__[_MERGED_ATTR]
-                add_delta(module, self.name, self.layers[path])
+                add_delta(module, self.name, self.layers[path], self.order_key)
         self._merged = {}
         return self
 
@@ -670,6 +721,8 @@ class DeltaBase:
         meta: dict[str, Any] = {
             "delta_type": self.delta_type,
             "name": self.name,
+            # the delta's place among others on shared modules (order_key), so loading order never matters
+            "order": {"position": self._order[0], "created": self._order[1]},
             "library_version": __version__,
             "config": self.config.to_dict(),
             # paths only: the tensors' shapes are already in the safetensors header
@@ -722,24 +775,29 @@ class DeltaBase:
         *,
         name: str | None = None,
         dummy_inputs: Any = None,
+        order: float | None = None,
     ) -> D:
         """Load a checkpoint written by save_finetuned() (or a PEFT LoRA adapter folder) onto
         `backbone_model` and attach it.
 
         Everything is checked before the backbone is touched: a checkpoint that does not fit
-        raises IncompatibleCheckpointError naming the modules and shapes that differ.
+        raises IncompatibleCheckpointError naming the modules and shapes that differ. The delta
+        keeps the place among other deltas its checkpoint records; `order` overrides its position.
         """
         from opendelta.peft_format import is_peft_folder, read_peft_checkpoint
 
+        override = None if order is None else _checked_position(order)
         device = model_device(backbone_model)
         device = torch.device("cpu") if device.type == "meta" else device
         if is_peft_folder(finetuned_delta_path):
             delta_cls, config, paths, tensors, backbone_names, trained_on = read_peft_checkpoint(
                 finetuned_delta_path, device
             )
+            position, created = 0, 0
         else:
             meta = read_meta(finetuned_delta_path)
             _, delta_cls = lookup(meta["delta_type"])
+            position, created = _saved_order(meta, finetuned_delta_path)
             ckpt = read_checkpoint(finetuned_delta_path, device=device)
             config = delta_cls.config_class.from_dict(ckpt.meta["config"])
             paths = list(ckpt.meta.get("modules", {}))
@@ -765,6 +823,8 @@ class DeltaBase:
             obj._setup(backbone_model, config, paths, name, dummy_inputs)
         except UnsupportedModuleError as exc:
             raise IncompatibleCheckpointError(f"the checkpoint does not fit this backbone: {exc}") from exc
+        # a delta of unknown creation time is placed by its content, never by the loading order
+        obj._order = (position if override is None else override, created, "" if created else _content_digest(tensors))
         obj._load_tensors(tensors, backbone_names, trained_on)
         return obj
 
@@ -805,6 +865,33 @@ class DeltaBase:
                 self._originals[n] = params[n].detach().clone()
                 self._tuned[n] = tensors[f"backbone.{n}"]
         self.attach()
+
+
+def _saved_order(meta: dict[str, Any], where: str | os.PathLike) -> tuple[float, int]:
+    """The (position, creation stamp) a checkpoint records; (0, 0), i.e. created at an unknown
+    time, for checkpoints written before the field existed."""
+    if "order" not in meta:
+        return 0, 0
+    saved = meta["order"]
+    position = saved.get("position") if isinstance(saved, dict) else None
+    created = saved.get("created") if isinstance(saved, dict) else None
+    if not _is_position(position) or isinstance(created, bool) or not isinstance(created, int) or created < 0:
+        raise CorruptCheckpointError(
+            f"the config in {str(where)!r} has 'order' {saved!r}; it must be "
+            '{"position": <finite number>, "created": <integer >= 0>}: restore it, or delete the field to load '
+            "the delta at the default position."
+        )
+    return position, created
+
+
+def _content_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of a checkpoint's tensors (names, dtypes, shapes, bytes), independent of where they live."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensors[key].shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _without_covered_spans(paths: list[str]) -> list[str]:

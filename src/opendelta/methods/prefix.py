@@ -437,7 +437,7 @@ def prefixed_attention(
         )
     is_causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
-    for prefix in prefixes:  # in attach order, each in front of what is there, as the cache views stack
+    for prefix in prefixes:  # in composition order, each in front of what is there, as the cache views stack
         if isinstance(prefix, _KeyShapeProbe):
             prefix.callers.append(module)
         prefix_keys, prefix_values = prefix.key_values(key)
