@@ -4,6 +4,7 @@ thread (or task) that entered it, and the deltas' set-up stays fixed while any t
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import Callable
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from opendelta import DeltaBase, LifecycleError, LoraModel, mixed_batch
+from opendelta import DeltaBase, LifecycleError, LoraModel, MixedBatchError, mixed_batch
 from opendelta.routing import mixing_anywhere, site_of
 
 IDS = torch.randint(1, 99, (4, 6), generator=torch.Generator().manual_seed(5))
@@ -199,6 +200,29 @@ def test_a_mixed_batch_routes_only_its_own_asyncio_task() -> None:
     assert torch.equal(here, mixed_reference)
     assert torch.equal(in_worker, mixed_reference)
     assert torch.equal(plain_out, plain_reference)
+
+
+def test_a_mixed_batch_ended_in_another_thread_says_so_and_frees_the_backbone() -> None:
+    # what a generator holding the block does when a thread pool resumes it on another thread
+    model = tiny_llama()
+    deltas = lora_tasks(model, 2)
+    block = mixed_batch(deltas, [0, 1, 0, 1])
+    contextvars.copy_context().run(block.__enter__)  # entered in a throwaway context, as a pool thread's copy
+    errors: list[BaseException] = []
+
+    def leave() -> None:
+        try:
+            block.__exit__(None, None, None)
+        except BaseException as exc:
+            errors.append(exc)
+
+    other = threading.Thread(target=leave)
+    other.start()
+    other.join(WAIT_S)
+    assert len(errors) == 1 and isinstance(errors[0], MixedBatchError)
+    assert "ended in another thread" in str(errors[0])
+    assert not mixing_anywhere(model)
+    deltas[0].detach()  # the lifecycle is free again
 
 
 def test_the_plan_is_visible_only_to_the_thread_that_entered() -> None:

@@ -455,28 +455,35 @@ class Site:
 
 
 class MixHandle:
-    """An open mixed batch (from :func:`start_mixing`); ``remove()`` ends it, once, in the thread that opened it."""
+    """An open mixed batch (from :func:`start_mixing`); ``remove()`` ends it, once."""
 
     def __init__(self, backbone: nn.Module, plans: dict[Site, _Mix]):
         self._key = id(backbone)
-        outer = _PLANS.get()
-        self._plans_token = _PLANS.set(plans if outer is None else {**outer, **plans})
-        self._here_token = _MIXING_HERE.set(_MIXING_HERE.get() | {self._key})
+        self._plans = plans
+        _PLANS.set({**(_PLANS.get() or {}), **plans})
+        _MIXING_HERE.set(_MIXING_HERE.get() | {self._key})
         with DATA_FLOW_LOCK:
             _MIXING[self._key] = _MIXING.get(self._key, 0) + 1
         self._open = True
 
     def remove(self) -> None:
+        """End the batch: its plans leave this context (only its own, whatever else opened meanwhile)."""
         if not self._open:
             return
         self._open = False
-        _PLANS.reset(self._plans_token)
-        _MIXING_HERE.reset(self._here_token)
         with DATA_FLOW_LOCK:
-            if _MIXING[self._key] == 1:
-                del _MIXING[self._key]
-            else:
-                _MIXING[self._key] -= 1
+            left = _MIXING.pop(self._key) - 1
+            if left:
+                _MIXING[self._key] = left
+        here = _MIXING_HERE.get()
+        if self._key not in here:
+            raise MixedBatchError(
+                "a mixed_batch() block ended in another thread or context than the one that entered it (a generator "
+                "resumed elsewhere?), so forwards run there were not routed by it; enter and leave the block in the "
+                "thread that runs the forwards."
+            )
+        _PLANS.set({site: plan for site, plan in (_PLANS.get() or {}).items() if site not in self._plans} or None)
+        _MIXING_HERE.set(here - {self._key})
 
 
 def start_mixing(backbone: nn.Module, plans: dict[Site, _Mix]) -> MixHandle:
