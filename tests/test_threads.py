@@ -190,13 +190,14 @@ def test_a_mixed_batch_routes_only_its_own_asyncio_task() -> None:
             in_worker = await asyncio.to_thread(logits, model)  # runs in a copy of this task's context
         return here, in_worker
 
-    async def plain() -> torch.Tensor:
-        return logits(model)
+    async def plain() -> tuple[bool, torch.Tensor]:
+        return mixing_anywhere(model), logits(model)
 
-    async def main() -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    async def main() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[bool, torch.Tensor]]:
         return await asyncio.gather(mixing(), plain())
 
-    (here, in_worker), plain_out = asyncio.run(main())
+    (here, in_worker), (overlapped, plain_out) = asyncio.run(main())
+    assert overlapped  # the plain task's forward ran while the other task was inside its block
     assert torch.equal(here, mixed_reference)
     assert torch.equal(in_worker, mixed_reference)
     assert torch.equal(plain_out, plain_reference)
