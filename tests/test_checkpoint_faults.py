@@ -405,7 +405,11 @@ def test_a_malformed_native_config_field_is_a_typed_error_naming_it(tmp_path, ed
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"format": NaN}', '{"format": Infinity}', "\xff"])
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100_000 + "]" * 100_000, '{"format": NaN}', '{"format": -Infinity}', '{"format": 1e999}', '{"a": 1, "a": 2}', "\xff"],
+    ids=["deeply nested", "NaN", "-Infinity", "overflow to inf", "repeated key", "not UTF-8"],
+)
 def test_deeply_nested_or_non_standard_json_is_corrupt(tmp_path, text):
     saved_lora(tmp_path)
     (tmp_path / CONFIG_NAME).write_bytes(text.encode("latin-1"))
@@ -525,6 +529,22 @@ def test_a_malformed_peft_config_field_is_a_peft_format_error_naming_it(tmp_path
     with pytest.raises(PeftFormatError, match=name):
         AutoDeltaModel.from_finetuned(folder, model)
     assert_unchanged(model, before)
+
+
+def test_a_peft_rank_that_differs_from_the_tensors_is_refused_before_any_layer_is_built(tmp_path, monkeypatch):
+    folder, _ = peft_folder(tmp_path)
+    edit_json(folder / PEFT_CONFIG_NAME, lambda c: c.update(r=10**12))
+    monkeypatch.setattr(LoraModel, "_setup", lambda *a: pytest.fail("a layer was built"))
+    with pytest.raises(CorruptCheckpointError, match="rank 4.*r=1000000000000"):
+        AutoDeltaModel.from_finetuned(folder, tiny_bert())
+
+
+@pytest.mark.parametrize("edit", [{"r": 0}, {"lora_dropout": 1.5}], ids=["r zero", "dropout above one"])
+def test_a_peft_value_out_of_range_is_a_config_error(tmp_path, edit):
+    folder, _ = peft_folder(tmp_path)
+    edit_json(folder / PEFT_CONFIG_NAME, lambda c: c.update(edit))
+    with pytest.raises(DeltaConfigError, match={"r": "lora_r", "lora_dropout": "lora_dropout"}[next(iter(edit))]):
+        AutoDeltaModel.from_finetuned(folder, tiny_bert())
 
 
 def test_a_peft_config_with_nan_is_refused(tmp_path):

@@ -180,10 +180,20 @@ def read_json(path: Path, error: type[CheckpointError]) -> Any:
     def no_constants(literal: str) -> Any:
         raise ValueError(f"{literal} is not JSON")
 
+    def finite(literal: str) -> float:
+        if not math.isfinite(value := float(literal)):
+            raise ValueError(f"{literal} overflows to infinity")
+        return value
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        if len({key for key, _ in pairs}) != len(pairs):
+            raise ValueError(f"an object repeats a key: {sorted(k for k, _ in pairs)}")
+        return dict(pairs)
+
     with os_errors_typed(path, "read"):
         raw = path.read_bytes()
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=no_constants)
+        return json.loads(raw.decode("utf-8"), parse_constant=no_constants, parse_float=finite, object_pairs_hook=unique_keys)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise error(f"{path} is not valid JSON ({reason}); the checkpoint is damaged.") from exc
@@ -393,6 +403,11 @@ def read_safetensors(path: Path, size: int, sha256: str | None, device: torch.de
 # ----------------------------------------------------------------- reading a checkpoint
 
 
+class _Missing:
+    def __repr__(self) -> str:
+        return "nothing (the field is missing)"
+
+
 def _corrupt(config_path: Path, field: str, expected: str, value: Any) -> CorruptCheckpointError:
     shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
     return CorruptCheckpointError(
@@ -422,8 +437,8 @@ def _check_meta(meta: Any, config_path: Path, verify: bool) -> None:
                 "shared_tensors": (dict, "an object")}  # fmt: skip
     for field, (kind, expected) in {**required, **optional}.items():
         if (field in required or field in meta) and not isinstance(meta.get(field), kind):
-            raise _corrupt(config_path, field, expected, meta.get(field))
-    modules = meta.get("modules")
+            raise _corrupt(config_path, field, expected, meta.get(field, _Missing()))
+    modules = meta.get("modules", _Missing())
     if not _str_list(modules) or not modules:
         raise _corrupt(config_path, "modules", "a non-empty list of module paths", modules)
     if len(set(modules)) != len(modules):
@@ -496,6 +511,8 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -> Sto
 
 
 def read_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu", *, verify: bool = True) -> DeltaCheckpoint:
-    """Load and verify the checkpoint in `directory` (header, checksum, then tensors)."""
+    """Load and verify the checkpoint in `directory` (header, checksum, then tensors): each tensor
+    once, as saved (a shared tensor under its first key only)."""
     stored = open_checkpoint(directory, verify=verify)
-    return DeltaCheckpoint(meta=stored.meta, tensors=stored.load(device))
+    aliases = stored.meta.get("shared_tensors", {})
+    return DeltaCheckpoint(meta=stored.meta, tensors={k: v for k, v in stored.load(device).items() if k not in aliases})

@@ -614,7 +614,7 @@ class DeltaBase:
         device = model_device(backbone_model)
         device = torch.device("cpu") if device.type == "meta" else device
         if is_peft_folder(path):
-            delta_cls, config, paths, stored, backbone_names, trained_on = read_peft_checkpoint(path)
+            delta_cls, config, paths, stored, backbone_names, trained_on = read_peft_checkpoint(path, verify=verify)
         else:
             stored = open_checkpoint(path, verify=verify)
             _, delta_cls = lookup(stored.meta["delta_type"])

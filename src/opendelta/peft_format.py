@@ -187,14 +187,15 @@ def _lora_config(peft: dict[str, Any], paths: list[str], path: Path) -> DeltaCon
 
 
 def read_peft_checkpoint(
-    directory: str | os.PathLike,
+    directory: str | os.PathLike, *, verify: bool = True
 ) -> tuple[type[DeltaBase], DeltaConfig, list[str], StoredCheckpoint, dict[str, Any], str]:
     """Translate a PEFT LoRA folder into opendelta's terms, reading only its config and its
     tensors' header; the tensor data is read by the returned checkpoint's ``load``.
 
     Returns (delta class, config, module paths, the checkpoint (shapes and loader by opendelta
     checkpoint key), trained backbone parameter names, the class PEFT recorded). Other PEFT methods
-    and LoRA variants opendelta does not implement raise PeftFormatError naming them.
+    and LoRA variants opendelta does not implement raise PeftFormatError naming them. The
+    checksum opendelta records when it writes a PEFT folder is verified unless verify=False.
     """
     from opendelta.methods.lora import LoraModel
 
@@ -217,7 +218,8 @@ def read_peft_checkpoint(
             )
     mapping = _field(peft, "auto_mapping", (dict, type(None)), "an object or null", None, config_path) or {}
     trained_on = mapping.get("base_model_class") or "PEFT base model"
-    sha256 = mapping.get("weights_sha256") if mapping.get("producer") == "opendelta" else None
+    # PEFT records no checksum; a folder opendelta wrote carries one (see write_peft_checkpoint)
+    sha256 = mapping.get("weights_sha256") if verify and mapping.get("producer") == "opendelta" else None
     if not isinstance(trained_on, str) or not isinstance(sha256, (str, type(None))):
         raise PeftFormatError(f"{config_path}: 'auto_mapping' holds {mapping!r}; its values must be strings.")
     weights = directory / PEFT_WEIGHTS_NAME
@@ -252,9 +254,16 @@ def read_peft_checkpoint(
     if not paths:
         raise PeftFormatError(f"{weights} holds no LoRA tensors (no '<module>.lora_A.weight'); it is not a LoRA adapter.")
     config = _lora_config(peft, paths, config_path)
+    shapes = {keys[k]: shape for k, shape in stored.items()}
+    for path in paths:  # before any layer is built: a wrong r must not allocate an r-sized layer first
+        factor = shapes.get(delta_key(path, "lora_A"))
+        if factor is not None and len(factor) == 2 and factor[0] != config.rank_and_alpha(path)[0]:
+            raise CorruptCheckpointError(
+                f"{weights}: {path}.lora_A has rank {factor[0]}, but {PEFT_CONFIG_NAME} gives it "
+                f"r={config.rank_and_alpha(path)[0]} (r and rank_pattern); the folder is damaged or was edited."
+            )
 
     def load(device: torch.device | str) -> dict[str, torch.Tensor]:
         return {keys[k]: v for k, v in read_safetensors(weights, size, sha256, device).items()}
 
-    shapes = {keys[k]: shape for k, shape in stored.items()}
     return LoraModel, config, paths, StoredCheckpoint(meta=peft, shapes=shapes, load=load), backbone_names, trained_on
