@@ -172,8 +172,14 @@ def test_a_save_killed_at_random_moments_always_leaves_a_loadable_checkpoint_and
 
 def test_stale_temporary_and_orphaned_weights_files_are_removed_by_the_next_save_and_other_files_kept(tmp_path):
     delta, _ = saved_lora(tmp_path)
-    stale = [".delta_model.safetensors.abc123.tmp", ".delta_model.0123456789abcdef.safetensors.x.tmp", ".delta_config.json.x.tmp", "delta_model.0123456789abcdef.safetensors",
-             "delta_model.safetensors", ".adapter_model.safetensors.q.tmp"]  # fmt: skip
+    stale = [
+        ".delta_model.safetensors.abc123.tmp",  # temporary files of killed saves, old and new names
+        ".delta_model.0123456789abcdef.safetensors.x.tmp",
+        ".delta_config.json.x.tmp",
+        ".adapter_model.safetensors.q.tmp",
+        "delta_model.0123456789abcdef.safetensors",  # weights renamed into place, never committed
+        "delta_model.safetensors",  # an earlier checkpoint's weights
+    ]
     for name in stale:
         (tmp_path / name).write_bytes(b"x" * 100)
     (tmp_path / "notes.txt").write_text("mine")
@@ -228,7 +234,14 @@ def test_permission_denied_on_load_is_a_typed_error_naming_the_file(tmp_path, mo
 def test_a_checkpoint_without_a_valid_checksum_is_corrupt(tmp_path, edit):
     saved_lora(tmp_path)
     values = {"null": None, "empty": "", "not hex": "z" * 64}
-    edit_json(tmp_path / CONFIG_NAME, lambda m: m["weights"].pop("sha256") if edit == "delete" else m["weights"].update(sha256=values[edit]))
+
+    def change(meta):
+        if edit == "delete":
+            del meta["weights"]["sha256"]
+        else:
+            meta["weights"]["sha256"] = values[edit]
+
+    edit_json(tmp_path / CONFIG_NAME, change)
     model = tiny_bert()
     before = snapshot(model)
     with pytest.raises(CorruptCheckpointError, match="verify=False"):
@@ -560,3 +573,39 @@ def test_a_well_formed_peft_folder_still_loads_identically(tmp_path):
     model = tiny_bert()
     AutoDeltaModel.from_finetuned(folder, model)
     assert torch.equal(hidden(model, inputs_for("bert")), tuned)
+
+
+def json_kind(value) -> str:
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+def test_every_type_swap_or_deletion_in_a_peft_config_is_refused_or_loads_identically(tmp_path):
+    """A property over every field of adapter_config.json: deleted (PEFT's default applies), nulled,
+    or given a value of another JSON kind. (A same-kind edit such as another lora_alpha is a
+    different, valid adapter.)"""
+    folder, tuned = peft_folder(tmp_path)
+    original = json.loads((folder / PEFT_CONFIG_NAME).read_text())
+    edits = [(key, "delete") for key in original] + [
+        (key, r) for key, value in original.items() for r in REPLACEMENTS if json_kind(r) != json_kind(value)
+    ]
+    assert len(edits) > 150
+    model, refused, loaded = tiny_bert(), 0, 0
+    before = snapshot(model)
+    for key, replacement in edits:
+        config = dict(original)
+        if replacement == "delete":
+            del config[key]
+        else:
+            config[key] = replacement
+        (folder / PEFT_CONFIG_NAME).write_text(json.dumps(config))
+        try:
+            AutoDeltaModel.from_finetuned(folder, model)
+        except OpenDeltaError:
+            refused += 1
+            assert_unchanged(model, before)
+            continue
+        loaded += 1
+        assert torch.equal(hidden(model, inputs_for("bert")), tuned), (key, replacement)
+        model = tiny_bert()
+        before = snapshot(model)
+    assert refused > 0 and loaded > 0  # fields opendelta does not read (task_type, bias...) are free

@@ -42,7 +42,7 @@ from opendelta.errors import (
 )
 
 CONFIG_NAME = "delta_config.json"
-WEIGHTS_NAME = "delta_model.safetensors"  # the fixed name checkpoints saved before 0.2 use
+WEIGHTS_NAME = "delta_model.safetensors"  # the fixed name of earlier checkpoints; they still load
 FORMAT = "opendelta"
 FORMAT_VERSION = 2  # 2: same-shaped delta tensors stacked ("stacks" in the config)
 
@@ -205,7 +205,7 @@ def read_json(path: Path, error: type[CheckpointError]) -> Any:
 _STALE = re.compile(
     r"\.(delta_model(\.[0-9a-f]{16})?\.safetensors|delta_config\.json|adapter_model\.safetensors|adapter_config\.json)"
     r"\..+\.tmp"
-    r"|\.peft\..+"  # the temporary folders PEFT saves used before 0.2
+    r"|\.peft\..+"  # the temporary folders earlier PEFT-format saves used
 )
 _WEIGHTS = re.compile(r"delta_model(\.[0-9a-f]{16})?\.safetensors")
 
@@ -230,7 +230,13 @@ def _temporary(directory: Path, final_name: str, data: bytes) -> Path:
     path = directory / f".{final_name}.{secrets.token_hex(8)}.tmp"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        handle = os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    try:
+        with handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -270,9 +276,10 @@ def write_files(directory: Path, files: list[tuple[str, bytes]], keep: Callable[
                 with contextlib.suppress(OSError):
                     os.unlink(path)
         _sync_folder(directory)
-        for entry in os.listdir(directory):
-            if not keep(entry):
-                _remove(directory / entry)
+        with contextlib.suppress(OSError):  # committed: a leftover now costs only space
+            for entry in os.listdir(directory):
+                if not keep(entry):
+                    _remove(directory / entry)
 
 
 def _remove(path: Path) -> None:
