@@ -7,7 +7,11 @@ implements :meth:`DeltaBase.new_layer`; everything else lives here and knows no 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
 import os
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -37,11 +41,12 @@ from opendelta.checkpoint import (
     save_folder,
     write_checkpoint,
 )
-from opendelta.config import DeltaConfig
+from opendelta.config import DeltaConfig, check_delta_name
 from opendelta.distributed import ARRIVAL_TIMEOUT_S, all_ranks_arrive, full_tensors, on_rank_zero, unsharded_class
 from opendelta.errors import (
     CheckpointError,
     CorruptCheckpointError,
+    DeltaConfigError,
     IncompatibleCheckpointError,
     LifecycleError,
     MergeError,
@@ -52,6 +57,7 @@ from opendelta.registry import lookup, register
 from opendelta.routing import (
     MIXING_ATTR,
     DeltaLayer,
+    OrderKey,
     Span,
     add_delta,
     input_grad_site,
@@ -69,6 +75,32 @@ D = TypeVar("D", bound="DeltaBase")
 _MERGED_ATTR = "_opendelta_merged"
 
 SAVE_FORMATS = ("opendelta", "peft")
+
+_stamp_lock = threading.Lock()
+_last_stamp = 0
+
+
+def _creation_stamp() -> int:
+    """Nanoseconds since the epoch, strictly increasing within this process, so a delta created
+    later gets a larger stamp (across processes too, as far as their clocks agree)."""
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(time.time_ns(), _last_stamp + 1)
+        return _last_stamp
+
+
+def _is_position(value: Any) -> bool:
+    """Whether `value` can be a delta's ``order``: a finite int or float (a bool is not a number here)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _checked_position(order: Any) -> float:
+    if not _is_position(order):
+        raise DeltaConfigError(
+            f"order must be a finite number, got {order!r}: a negative order runs the delta before the deltas "
+            "of the default order 0 on the modules it shares with them, a positive one after them."
+        )
+    return order
 
 
 class DeltaBase:
@@ -99,13 +131,15 @@ class DeltaBase:
         modified_modules: Sequence[str] | None = None,
         exclude_modules: Sequence[str] | None = None,
         unfrozen_modules: Sequence[str] | None = None,
-        common_structure: bool | None = None,
+        common_structure: bool = False,
         interactive_modify: bool | int = False,
         *,
         name: str | None = None,
         dummy_inputs: Any = None,
+        order: float | None = None,
         **method_args: Any,
     ):
+        position = 0 if order is None else _checked_position(order)
         if interactive_modify:
             modified_modules = _select_interactively(backbone_model, interactive_modify)
         config = self.config_class.from_dict(
@@ -118,6 +152,7 @@ class DeltaBase:
             }
         )
         self._setup(backbone_model, config, self.plan(backbone_model, config), name, dummy_inputs)
+        self._order = (position, self._order[1], "")
         self.attach()
 
     # ----------------------------------------------------------------- construction
@@ -125,13 +160,15 @@ class DeltaBase:
     @classmethod
     def from_config(
         cls: type[D], config: DeltaConfig | dict, backbone_model: nn.Module, *, name: str | None = None,
-        dummy_inputs: Any = None,
+        dummy_inputs: Any = None, order: float | None = None,
     ) -> D:
         """Build and attach a delta of this class from a config object or dict."""
+        position = 0 if order is None else _checked_position(order)
         if isinstance(config, dict):
             config = cls.config_class.from_dict(config)
         obj = cls.__new__(cls)
         obj._setup(backbone_model, config, cls.plan(backbone_model, config), name, dummy_inputs)
+        obj._order = (position, obj._order[1], "")
         obj.attach()
         return obj
 
@@ -170,6 +207,7 @@ class DeltaBase:
         self, backbone: nn.Module, config: DeltaConfig, paths: Sequence[str], name: str | None, dummy_inputs: Any
     ) -> None:
         """Build every delta layer without touching the backbone."""
+        check_delta_name(name)
         modules = dict(backbone.named_modules())
         targets: dict[str, nn.Module | Span] = {}
         for path in paths:
@@ -190,6 +228,7 @@ class DeltaBase:
         self._targets = targets
         self.layers: dict[str, DeltaLayer] = {p: self.new_layer(p, targets[p], observations.get(p)) for p in paths}
         self.name = self._free_name(name)
+        self._order: tuple[float, int, str] = (0, _creation_stamp(), "")  # see order_key
         self._attached = False
         self._set_state_dict = False
         self._state_dict_handle: Any = None
@@ -228,8 +267,6 @@ class DeltaBase:
             return False
 
         if requested is not None:
-            if not requested.isidentifier():
-                raise PatternError(f"delta name {requested!r} must be a valid Python identifier")
             if taken(requested):
                 raise LifecycleError(f"a delta or attribute named {requested!r} already exists on a target module; pick another name")
             return requested
@@ -244,6 +281,18 @@ class DeltaBase:
     @property
     def is_attached(self) -> bool:
         return self._attached
+
+    @property
+    def order(self) -> float:
+        """This delta's position among the deltas it shares modules with (``order=``, default 0)."""
+        return self._order[0]
+
+    @property
+    def order_key(self) -> OrderKey:
+        """Where this delta runs among the deltas of its route on each module it modifies, ascending:
+        (order, creation stamp, content digest, name). Fixed at creation, carried by checkpoints,
+        so attach history never changes it (README: "Several deltas live on one backbone")."""
+        return (*self._order, self.name)
 
     @property
     def is_merged(self) -> bool:
@@ -264,7 +313,7 @@ class DeltaBase:
         done: list[str] = []
         try:
             for path, layer in self.layers.items():
-                add_delta(self._targets[path], self.name, layer)
+                add_delta(self._targets[path], self.name, layer, self.order_key)
                 done.append(path)
         except Exception:
             for path in reversed(done):
@@ -332,9 +381,9 @@ class DeltaBase:
                 module = to._targets[path]
                 old = old_by_module.get(id(module))
                 if old is None:
-                    add_delta(module, to.name, layer)
+                    add_delta(module, to.name, layer, to.order_key)
                 else:
-                    swap_delta(module, self.name, to.name, layer)
+                    swap_delta(module, self.name, to.name, layer, to.order_key)
                 done.append((path, old))
         except Exception:
             for path, old in reversed(done):
@@ -342,7 +391,7 @@ class DeltaBase:
                 if old is None:
                     remove_delta(module, to.name)
                 else:
-                    swap_delta(module, to.name, self.name, self.layers[old])
+                    swap_delta(module, to.name, self.name, self.layers[old], self.order_key)
             raise
         for path in reversed(list(self.layers)):
             if id(self._targets[path]) not in new_paths:
@@ -415,7 +464,7 @@ class DeltaBase:
                 stack.pop()
                 if not stack:
                     del module.__dict__[_MERGED_ATTR]
-                add_delta(module, self.name, self.layers[path])
+                add_delta(module, self.name, self.layers[path], self.order_key)
         self._merged = {}
         return self
 
@@ -545,6 +594,8 @@ class DeltaBase:
         meta: dict[str, Any] = {
             "delta_type": self.delta_type,
             "name": self.name,
+            # the delta's place among others on shared modules (order_key), so loading order never matters
+            "order": {"position": self._order[0], "created": self._order[1]},
             "library_version": __version__,
             "config": self.config.to_dict(),
             # paths only: the tensors' shapes are already in the safetensors header
@@ -599,6 +650,7 @@ class DeltaBase:
         name: str | None = None,
         dummy_inputs: Any = None,
         verify: bool = True,
+        order: float | None = None,
     ) -> D:
         """Load a checkpoint written by save_finetuned() (or a PEFT LoRA adapter folder) onto
         `backbone_model` and attach it.
@@ -607,17 +659,22 @@ class DeltaBase:
         the tensors' header against the module list and the backbone's shapes, then the tensors'
         SHA-256 (``verify=False`` skips only that). A checkpoint that does not fit raises
         IncompatibleCheckpointError, a damaged one CorruptCheckpointError, naming what differs.
+        The delta keeps the place among other deltas its checkpoint records; `order` overrides its
+        position.
         """
         from opendelta.peft_format import is_peft_folder, read_peft_checkpoint
 
+        override = None if order is None else _checked_position(order)
         path = checkpoint_path(finetuned_delta_path, "from_finetuned")
         device = model_device(backbone_model)
         device = torch.device("cpu") if device.type == "meta" else device
         if is_peft_folder(path):
             delta_cls, config, paths, stored, backbone_names, trained_on = read_peft_checkpoint(path, verify=verify)
+            position, created = 0, 0
         else:
             stored = open_checkpoint(path, verify=verify)
             _, delta_cls = lookup(stored.meta["delta_type"])
+            position, created = _saved_order(stored.meta, path)
             config = config_from_meta(stored.meta, delta_cls.config_class)
             paths = stored.meta["modules"]
             backbone_names = stored.meta.get("backbone_tensors", {})
@@ -643,6 +700,8 @@ class DeltaBase:
         obj._match_tensors(stored.shapes, backbone_names, where)  # before the data is read and hashed
         tensors = stored.load(device)
         obj._match_tensors({k: tuple(v.shape) for k, v in tensors.items()}, backbone_names, where)
+        # a delta of unknown creation time is placed by its content, never by the loading order
+        obj._order = (position if override is None else override, created, "" if created else _content_digest(tensors))
         obj._load_tensors(tensors, backbone_names)
         return obj
 
@@ -704,6 +763,33 @@ class DeltaBase:
 def _few(items: list[str]) -> str:
     """The first few of a list of problems, for an error message."""
     return "; ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
+
+
+def _saved_order(meta: dict[str, Any], where: str | os.PathLike) -> tuple[float, int]:
+    """The (position, creation stamp) a checkpoint records; (0, 0), i.e. created at an unknown
+    time, for checkpoints written before the field existed."""
+    if "order" not in meta:
+        return 0, 0
+    saved = meta["order"]
+    position = saved.get("position") if isinstance(saved, dict) else None
+    created = saved.get("created") if isinstance(saved, dict) else None
+    if not _is_position(position) or isinstance(created, bool) or not isinstance(created, int) or created < 0:
+        raise CorruptCheckpointError(
+            f"the config in {str(where)!r} has 'order' {saved!r}; it must be "
+            '{"position": <finite number>, "created": <integer >= 0>}: restore it, or delete the field to load '
+            "the delta at the default position."
+        )
+    return position, created
+
+
+def _content_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of a checkpoint's tensors (names, dtypes, shapes, bytes), independent of where they live."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensors[key].shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _without_covered_spans(paths: list[str]) -> list[str]:
