@@ -546,9 +546,9 @@ def test_a_malformed_peft_config_field_is_a_peft_format_error_naming_it(tmp_path
 
 def test_a_peft_rank_that_differs_from_the_tensors_is_refused_before_any_layer_is_built(tmp_path, monkeypatch):
     folder, _ = peft_folder(tmp_path)
-    edit_json(folder / PEFT_CONFIG_NAME, lambda c: c.update(r=10**12))
+    edit_json(folder / PEFT_CONFIG_NAME, lambda c: c.update(r=4096))
     monkeypatch.setattr(LoraModel, "_setup", lambda *a: pytest.fail("a layer was built"))
-    with pytest.raises(CorruptCheckpointError, match="rank 4.*r=1000000000000"):
+    with pytest.raises(CorruptCheckpointError, match="rank 4.*r=4096"):
         AutoDeltaModel.from_finetuned(folder, tiny_bert())
 
 
