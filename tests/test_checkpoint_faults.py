@@ -609,3 +609,18 @@ def test_every_type_swap_or_deletion_in_a_peft_config_is_refused_or_loads_identi
         model = tiny_bert()
         before = snapshot(model)
     assert refused > 0 and loaded > 0  # fields opendelta does not read (task_type, bias...) are free
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [{"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]},
+     {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}, {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, []],
+    ids=["dtype a list", "size disagrees with shape", "shape a string", "offsets reversed", "entry a list"],
+)  # fmt: skip
+def test_a_malformed_safetensors_header_is_corrupt_before_any_data_is_read(tmp_path, monkeypatch, entry):
+    saved_lora(tmp_path)
+    header = json.dumps({"delta.x": entry}).encode()
+    weights_of(tmp_path).write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    refuse_hashing(monkeypatch)
+    with pytest.raises(CorruptCheckpointError, match="malformed header entry"):
+        AutoDeltaModel.from_finetuned(tmp_path, tiny_bert())

@@ -364,13 +364,15 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], int
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else (None, None)
+        shape, offsets, dtype = (
+            (entry.get("shape"), entry.get("data_offsets"), entry.get("dtype")) if isinstance(entry, dict) else (None,) * 3
+        )
         ok = (
-            isinstance(shape, list) and all(map(_is_count, shape))
+            isinstance(dtype, str) and isinstance(shape, list) and all(map(_is_count, shape))
             and isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
             and offsets[0] <= offsets[1]
         )  # fmt: skip
-        width = _DTYPE_BYTES.get(entry.get("dtype")) if ok else None
+        width = _DTYPE_BYTES.get(dtype) if ok else None
         if not ok or (width is not None and offsets[1] - offsets[0] != math.prod(shape) * width):
             raise CorruptCheckpointError(f"{path}: tensor {name!r} has a malformed header entry; the checkpoint is damaged.")
         shapes[name] = tuple(shape)
