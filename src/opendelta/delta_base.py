@@ -34,7 +34,15 @@ from opendelta.addressing import (
     remove_excluded,
     split_span,
 )
-from opendelta.checkpoint import backbone_fingerprint, delta_key, read_checkpoint, read_meta, write_checkpoint
+from opendelta.checkpoint import (
+    backbone_fingerprint,
+    checkpoint_path,
+    config_from_meta,
+    delta_key,
+    open_checkpoint,
+    save_folder,
+    write_checkpoint,
+)
 from opendelta.claims import check_value_free, claim_value, release_flag, release_value, set_flag
 from opendelta.config import DeltaConfig, check_delta_name
 from opendelta.distributed import ARRIVAL_TIMEOUT_S, all_ranks_arrive, full_tensors, on_rank_zero, unsharded_class
@@ -774,6 +782,7 @@ class DeltaBase:
         """
         if format not in SAVE_FORMATS:
             raise CheckpointError(f"unknown checkpoint format {format!r}; expected one of {SAVE_FORMATS}")
+        save_folder(finetuned_delta_path, create=False)  # a bad path fails here, on every rank, before gathering
         if format == "peft":
             from opendelta.peft_format import check_peft_expressible, write_peft_checkpoint
 
@@ -795,37 +804,36 @@ class DeltaBase:
         *,
         name: str | None = None,
         dummy_inputs: Any = None,
+        verify: bool = True,
         order: float | None = None,
     ) -> D:
         """Load a checkpoint written by save_finetuned() (or a PEFT LoRA adapter folder) onto
         `backbone_model` and attach it.
 
-        Everything is checked before the backbone is touched: a checkpoint that does not fit
-        raises IncompatibleCheckpointError naming the modules and shapes that differ. The delta
-        keeps the place among other deltas its checkpoint records; `order` overrides its position.
+        Everything is checked before the backbone is touched, the cheap checks first: the config,
+        the tensors' header against the module list and the backbone's shapes, then the tensors'
+        SHA-256 (``verify=False`` skips only that). A checkpoint that does not fit raises
+        IncompatibleCheckpointError, a damaged one CorruptCheckpointError, naming what differs.
+        The delta keeps the place among other deltas its checkpoint records; `order` overrides its
+        position.
         """
         from opendelta.peft_format import is_peft_folder, read_peft_checkpoint
 
         override = None if order is None else _checked_position(order)
+        path = checkpoint_path(finetuned_delta_path, "from_finetuned")
         device = model_device(backbone_model)
         device = torch.device("cpu") if device.type == "meta" else device
-        if is_peft_folder(finetuned_delta_path):
-            delta_cls, config, paths, tensors, backbone_names, trained_on = read_peft_checkpoint(
-                finetuned_delta_path, device
-            )
+        if is_peft_folder(path):
+            delta_cls, config, paths, stored, backbone_names, trained_on = read_peft_checkpoint(path, verify=verify)
             position, created = 0, 0
         else:
-            meta = read_meta(finetuned_delta_path)
-            _, delta_cls = lookup(meta["delta_type"])
-            position, created = _saved_order(meta, finetuned_delta_path)
-            ckpt = read_checkpoint(finetuned_delta_path, device=device)
-            config = delta_cls.config_class.from_dict(ckpt.meta["config"])
-            paths = list(ckpt.meta.get("modules", {}))
-            tensors, backbone_names = ckpt.tensors, ckpt.meta.get("backbone_tensors", {})
-            for key, saved_as in ckpt.meta.get("shared_tensors", {}).items():
-                if saved_as in tensors:
-                    tensors[key] = tensors[saved_as]
-            trained_on = ckpt.meta.get("backbone", {}).get("class", "?")
+            stored = open_checkpoint(path, verify=verify)
+            _, delta_cls = lookup(stored.meta["delta_type"])
+            position, created = _saved_order(stored.meta, path)
+            config = config_from_meta(stored.meta, delta_cls.config_class)
+            paths = stored.meta["modules"]
+            backbone_names = stored.meta.get("backbone_tensors", {})
+            trained_on = stored.meta.get("backbone", {}).get("class", "?")
         if cls is not DeltaBase and not issubclass(delta_cls, cls):
             raise IncompatibleCheckpointError(
                 f"{finetuned_delta_path} holds a {delta_cls.delta_type!r} delta; load it with "
@@ -843,48 +851,73 @@ class DeltaBase:
             obj._setup(backbone_model, config, paths, name, dummy_inputs)
         except UnsupportedModuleError as exc:
             raise IncompatibleCheckpointError(f"the checkpoint does not fit this backbone: {exc}") from exc
+        where = f"{path} (trained on a {trained_on})"
+        obj._match_tensors(stored.shapes, backbone_names, where)  # before the data is read and hashed
+        tensors = stored.load(device)
+        obj._match_tensors({k: tuple(v.shape) for k, v in tensors.items()}, backbone_names, where)
         # a delta of unknown creation time is placed by its content, never by the loading order
         obj._order = (position if override is None else override, created, "" if created else _content_digest(tensors))
-        obj._load_tensors(tensors, backbone_names, trained_on)
+        obj._load_tensors(tensors, backbone_names)
         return obj
 
-    def _load_tensors(self, tensors: dict[str, torch.Tensor], backbone_names: dict[str, Any], trained_on: str) -> None:
-        problems: list[str] = []
-        states: dict[str, dict[str, torch.Tensor]] = {}
+    def _checkpoint_keys(self, backbone_names: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+        """Checkpoint key -> the keys it may be saved under, for every tensor this delta loads."""
+        keys: dict[str, tuple[str, ...]] = {}
         for path, layer in self.layers.items():
-            state = {}
-            for key, own in layer.state_dict().items():
+            for key in layer.state_dict():
                 # checkpoints from before 0.1.0's release spelled a root delta's keys "delta..<key>"
-                saved = tensors.get(delta_key(path, key), tensors.get(f"delta..{key}") if not path else None)
-                if saved is None:
-                    problems.append(f"{path}.{key}: missing from the checkpoint")
-                elif saved.shape != own.shape:
-                    problems.append(f"{path}.{key}: checkpoint {tuple(saved.shape)} vs backbone {tuple(own.shape)}")
-                else:
-                    state[key] = saved
-            states[path] = state
+                keys[delta_key(path, key)] = (delta_key(path, key), f"delta..{key}") if not path else (delta_key(path, key),)
+        keys.update({f"backbone.{n}": (f"backbone.{n}",) for n in backbone_names})
+        return keys
+
+    def _match_tensors(self, shapes: dict[str, tuple[int, ...]], backbone_names: dict[str, Any], where: str) -> None:
+        """The checkpoint's tensors must be exactly the ones this delta's modules use (else
+        CorruptCheckpointError: part of the delta would be dropped or made up) with the backbone's
+        shapes (else IncompatibleCheckpointError)."""
+        own = {delta_key(p, k): tuple(t.shape) for p, layer in self.layers.items() for k, t in layer.state_dict().items()}
         params = dict(self.backbone_model.named_parameters())
-        for n in backbone_names:
-            saved = tensors.get(f"backbone.{n}")
-            if n not in params:
-                problems.append(f"{n}: no such backbone parameter")
+        own.update({f"backbone.{n}": tuple(params[n].shape) for n in backbone_names if n in params})
+        missing, mismatched, used = [], [], set()
+        for key, spellings in self._checkpoint_keys(backbone_names).items():
+            saved = next((s for s in spellings if s in shapes), None)
+            if key not in own:
+                mismatched.append(f"{key[len('backbone.'):]}: no such backbone parameter")
             elif saved is None:
-                problems.append(f"{n}: missing from the checkpoint")
-            elif saved.shape != params[n].shape:
-                problems.append(f"{n}: checkpoint {tuple(saved.shape)} vs backbone {tuple(params[n].shape)}")
-        if problems:
-            raise IncompatibleCheckpointError(
-                f"the checkpoint (trained on a {trained_on}) does not fit this {type(self.backbone_model).__name__}: "
-                + "; ".join(problems[:8])
-                + (" ..." if len(problems) > 8 else "")
+                missing.append(key)
+            elif shapes[saved] != own[key]:
+                mismatched.append(f"{key}: checkpoint {shapes[saved]} vs backbone {own[key]}")
+            used.add(saved)
+        unused = sorted(set(shapes) - used)
+        if missing or unused:
+            raise CorruptCheckpointError(
+                f"the tensors of {where} do not match its module list: "
+                + (f"missing {_few(missing)}" if missing else "")
+                + ("; " if missing and unused else "")
+                + (f"not used by any listed module {_few(unused)}" if unused else "")
+                + ". The checkpoint is damaged or was edited; save it again."
             )
+        if mismatched:
+            raise IncompatibleCheckpointError(
+                f"the checkpoint {where} does not fit this {type(self.backbone_model).__name__}: " + _few(mismatched)
+            )
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor], backbone_names: dict[str, Any]) -> None:
+        """Copy checked tensors (see _match_tensors) into the layers and the backbone, and attach."""
+        keys = self._checkpoint_keys(backbone_names)
+        value = {key: next(tensors[s] for s in spellings if s in tensors) for key, spellings in keys.items()}
         for path, layer in self.layers.items():
-            layer.load_state_dict(states[path])
+            layer.load_state_dict({k: value[delta_key(path, k)] for k in layer.state_dict()})
+        params = dict(self.backbone_model.named_parameters())
         with torch.no_grad():  # as if detached after training: attach() checks ownership and swaps the values in
             for n in backbone_names:
                 self._originals[n] = params[n].detach().clone()
-                self._tuned[n] = tensors[f"backbone.{n}"]
+                self._tuned[n] = value[f"backbone.{n}"]
         self.attach()
+
+
+def _few(items: list[str]) -> str:
+    """The first few of a list of problems, for an error message."""
+    return "; ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
 
 
 def _saved_order(meta: dict[str, Any], where: str | os.PathLike) -> tuple[float, int]:
