@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -20,9 +21,14 @@ from opendelta import (
     LoraModel,
     UnknownDeltaTypeError,
 )
-from opendelta.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint
+from opendelta.checkpoint import CONFIG_NAME, read_checkpoint
 
 from conftest import FACTORIES, hidden, inputs_for, perturb, tiny_bert
+
+
+def weights_file(ckpt: Path) -> Path:
+    """The tensors file the checkpoint's config names."""
+    return ckpt / json.loads((ckpt / CONFIG_NAME).read_text())["weights"]["file"]
 
 
 def tuned_checkpoint(tmp_path: Path, kind: str = "bert", **kwargs):
@@ -44,12 +50,12 @@ def test_save_then_load_into_a_fresh_backbone_reproduces_outputs(family, tmp_pat
 
 def test_checkpoint_is_json_plus_safetensors_of_delta_tensors_only(tmp_path):
     ckpt, _ = tuned_checkpoint(tmp_path, lora_r=4)
-    assert sorted(p.name for p in ckpt.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     meta = json.loads((ckpt / CONFIG_NAME).read_text())
+    assert sorted(p.name for p in ckpt.iterdir()) == [CONFIG_NAME, meta["weights"]["file"]]
     assert meta["delta_type"] == "lora" and meta["config"]["lora_r"] == 4
     assert meta["backbone"]["class"] == "BertModel" and meta["library_version"]
     assert "encoder.layer.0.attention.self.query" in meta["modules"] and len(meta["modules"]) == 4
-    tensors = load_file(ckpt / WEIGHTS_NAME)
+    tensors = load_file(weights_file(ckpt))
     # the 4 lora_A and the 4 lora_B are stored as two stacked tensors, listed in the config
     assert sorted(tensors) == ["stack.0.lora_A", "stack.1.lora_B"]
     assert tensors["stack.0.lora_A"].shape == (4, 4, 32)
@@ -57,7 +63,7 @@ def test_checkpoint_is_json_plus_safetensors_of_delta_tensors_only(tmp_path):
     unstacked = read_checkpoint(ckpt).tensors
     assert len(unstacked) == 8 and all(k.startswith("delta.") for k in unstacked)
     assert torch.equal(unstacked["delta.encoder.layer.0.attention.self.query.lora_A"], tensors["stack.0.lora_A"][0])
-    assert (ckpt / WEIGHTS_NAME).read_bytes()[:8] != b"\x80\x02\x8a\nl\xfc\x9cF"  # not a pickle
+    assert weights_file(ckpt).read_bytes()[:8] != b"\x80\x02\x8a\nl\xfc\x9cF"  # not a pickle
 
 
 def test_checkpoint_holds_the_unfrozen_head_and_reload_restores_it(tmp_path):
@@ -148,8 +154,9 @@ def test_directory_without_config(fresh_bert, tmp_path):
 def test_missing_weights_file(fresh_bert, tmp_path):
     model, state, out = fresh_bert
     ckpt, _ = tuned_checkpoint(tmp_path)
-    (ckpt / WEIGHTS_NAME).unlink()
-    with pytest.raises(CheckpointNotFoundError, match=WEIGHTS_NAME):
+    weights = weights_file(ckpt)
+    weights.unlink()
+    with pytest.raises(CheckpointNotFoundError, match=weights.name):
         AutoDeltaModel.from_finetuned(ckpt, model)
     assert_untouched(model, state, out)
 
@@ -167,14 +174,14 @@ def test_corrupt_config(fresh_bert, tmp_path):
 def test_truncated_or_altered_weights(fresh_bert, tmp_path, damage):
     model, state, out = fresh_bert
     ckpt, _ = tuned_checkpoint(tmp_path)
-    weights = ckpt / WEIGHTS_NAME
+    weights = weights_file(ckpt)
     data = bytearray(weights.read_bytes())
     if damage == "truncate":
         data = data[: len(data) // 2]
     else:
         data[-3] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(CorruptCheckpointError, match="checksum"):
+    with pytest.raises(CorruptCheckpointError, match="checksum|truncated"):
         AutoDeltaModel.from_finetuned(ckpt, model)
     assert_untouched(model, state, out)
 
@@ -182,9 +189,9 @@ def test_truncated_or_altered_weights(fresh_bert, tmp_path, damage):
 def test_unreadable_safetensors_with_matching_checksum_is_corrupt(fresh_bert, tmp_path):
     model, state, out = fresh_bert
     ckpt, _ = tuned_checkpoint(tmp_path)
-    (ckpt / WEIGHTS_NAME).write_bytes(b"garbage")
+    weights_file(ckpt).write_bytes(b"garbage")
     meta = json.loads((ckpt / CONFIG_NAME).read_text())
-    del meta["weights"]["sha256"]
+    meta["weights"]["sha256"] = hashlib.sha256(b"garbage").hexdigest()
     (ckpt / CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(CorruptCheckpointError, match="safetensors"):
         AutoDeltaModel.from_finetuned(ckpt, model)
@@ -245,7 +252,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    monkeypatch.setattr(checkpoint, "save_safetensors", disk_full)
     with pytest.raises(OSError, match="No space"):
         delta.save_finetuned(ckpt)
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before  # no temporary files left either

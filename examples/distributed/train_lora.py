@@ -116,7 +116,8 @@ def main() -> None:
     delta.save_finetuned(args.out / "delta")  # on every rank: gathers, rank 0 writes
     if rank == 0:
         save_file({"logits": logits.detach().contiguous(), **probe}, args.out / "expected.safetensors")
-        size = (args.out / "delta" / "delta_model.safetensors").stat().st_size
+        weights = json.loads((args.out / "delta" / "delta_config.json").read_text())["weights"]["file"]
+        size = (args.out / "delta" / weights).stat().st_size
         print(f"saved {args.out / 'delta'} ({size} bytes of delta tensors)", flush=True)
     # free the engine's wrapper (DDP's reducer) while the process group is alive and idle: freeing it
     # at interpreter exit can deadlock gloo's teardown against a worker thread that needs the GIL

@@ -9,6 +9,8 @@ from opendelta.delta_base import DeltaBase
 from opendelta.errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointPathError,
+    CheckpointPermissionError,
     CorruptCheckpointError,
     DeltaConfigError,
     DistributedSaveError,
@@ -60,6 +62,8 @@ __all__ = [
     "BitFitModel",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "CheckpointPathError",
+    "CheckpointPermissionError",
     "CompacterConfig",
     "CompacterModel",
     "CorruptCheckpointError",

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from opendelta.checkpoint import read_meta
+from opendelta.checkpoint import config_from_meta, read_meta
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import DeltaConfigError
@@ -21,6 +21,11 @@ class AutoDeltaConfig:
     @staticmethod
     def from_dict(config_dict: Mapping[str, Any]) -> DeltaConfig:
         """``{"delta_type": "lora", "lora_r": 4}`` -> a LoraConfig; the defaults fill the rest."""
+        if not isinstance(config_dict, Mapping):
+            raise DeltaConfigError(
+                f"a delta config must be a dict, got {config_dict!r} of type {type(config_dict).__name__}; "
+                "pass e.g. {'delta_type': 'lora'}"
+            )
         if "delta_type" not in config_dict:
             raise DeltaConfigError("the config dict needs a 'delta_type' key, e.g. {'delta_type': 'lora'}")
         config_cls, _ = lookup(config_dict["delta_type"])
@@ -28,10 +33,10 @@ class AutoDeltaConfig:
 
     @staticmethod
     def from_finetuned(finetuned_delta_path: str | os.PathLike) -> DeltaConfig:
-        """The config stored in a checkpoint directory."""
-        meta = read_meta(finetuned_delta_path)
+        """The config stored in a checkpoint directory (the tensors are not read, so not verified)."""
+        meta = read_meta(finetuned_delta_path, verify=False)
         config_cls, _ = lookup(meta["delta_type"])
-        return config_cls.from_dict(meta["config"])
+        return config_from_meta(meta, config_cls)
 
 
 class AutoDeltaModel:
@@ -47,9 +52,12 @@ class AutoDeltaModel:
         return model_cls.from_config(config, backbone_model, **kwargs)
 
     @staticmethod
-    def from_finetuned(finetuned_delta_path: str | os.PathLike, backbone_model: nn.Module, **kwargs: Any) -> DeltaBase:
-        """Load any opendelta checkpoint onto `backbone_model`; the type and arguments come from it."""
-        return DeltaBase.from_finetuned(finetuned_delta_path, backbone_model, **kwargs)
+    def from_finetuned(
+        finetuned_delta_path: str | os.PathLike, backbone_model: nn.Module, *, verify: bool = True, **kwargs: Any
+    ) -> DeltaBase:
+        """Load any opendelta checkpoint onto `backbone_model`; the type and arguments come from it.
+        ``verify=False`` loads a checkpoint whose SHA-256 is missing or wrong (see DeltaBase.from_finetuned)."""
+        return DeltaBase.from_finetuned(finetuned_delta_path, backbone_model, verify=verify, **kwargs)
 
     @staticmethod
     def register(delta_type: str, config_cls: type[DeltaConfig], model_cls: type[DeltaBase]) -> None:

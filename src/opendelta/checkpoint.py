@@ -1,32 +1,56 @@
 """Delta checkpoints: a JSON config plus a safetensors file of the delta tensors, written atomically.
 
-No pickle anywhere: loading a stranger's checkpoint cannot execute code.
+No pickle anywhere: loading a stranger's checkpoint cannot execute code. The config is the commit
+point: it names the weights file (a new name for new content) and its SHA-256, so a save that
+fails at any step leaves the previous checkpoint loadable. The checksum detects corruption
+(truncation, bit flips, a torn save), not deliberate tampering: whoever can edit the weights can
+edit the config too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
-import tempfile
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from opendelta.addressing import is_delta_module
 from opendelta.distributed import tensor_shape, unsharded_class
-from opendelta.errors import CheckpointNotFoundError, CorruptCheckpointError
+from opendelta.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointPathError,
+    CheckpointPermissionError,
+    CorruptCheckpointError,
+    DeltaConfigError,
+    OpenDeltaError,
+)
 
 CONFIG_NAME = "delta_config.json"
-WEIGHTS_NAME = "delta_model.safetensors"
+WEIGHTS_NAME = "delta_model.safetensors"  # the fixed name of earlier checkpoints; they still load
 FORMAT = "opendelta"
 FORMAT_VERSION = 2  # 2: same-shaped delta tensors stacked ("stacks" in the config)
+
+
+def weights_name(sha256: str) -> str:
+    """The weights file name for content with this checksum: new content never overwrites the
+    file the committed config names."""
+    return f"delta_model.{sha256[:16]}.safetensors"
 
 
 def delta_key(path: str, key: str) -> str:
@@ -40,6 +64,17 @@ class DeltaCheckpoint:
 
     meta: dict[str, Any]
     tensors: dict[str, torch.Tensor]
+
+
+@dataclass
+class StoredCheckpoint:
+    """A checkpoint whose config and tensor header are read and checked, its tensor data not yet:
+    `shapes` (by checkpoint key) lets a loader compare it with the backbone before the costly
+    part, `load(device)` reads, verifies and returns the tensors by the same keys."""
+
+    meta: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+    load: Callable[[torch.device | str], dict[str, torch.Tensor]]
 
 
 def backbone_fingerprint(model: nn.Module) -> str:
@@ -78,66 +113,369 @@ def unstack_groups(tensors: dict[str, torch.Tensor], stacks: dict[str, list[str]
     """Undo :func:`stack_groups`: every stacked key gets its own slice back."""
     out = dict(tensors)
     for name, keys in stacks.items():
-        stacked = out.pop(name, None)
-        if stacked is None or stacked.dim() == 0 or stacked.shape[0] != len(keys):
-            raise CorruptCheckpointError(f"the checkpoint's stacked tensor {name!r} is missing or does not hold {len(keys)} tensors")
-        out.update(zip(keys, stacked.unbind(0)))
+        out.update(zip(keys, out.pop(name).unbind(0)))
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _unstacked_shapes(
+    shapes: dict[str, tuple[int, ...]], stacks: dict[str, list[str]], aliases: dict[str, str], source: Path
+) -> dict[str, tuple[int, ...]]:
+    """The shape of every checkpoint key once stacks are split and shared tensors aliased; a stack
+    or alias that does not fit the file, or a key given twice, is corruption."""
+    out = {k: v for k, v in shapes.items() if k not in stacks}
+    for name, keys in stacks.items():
+        shape = shapes.get(name)
+        if shape is None or len(shape) == 0 or shape[0] != len(keys):
+            raise CorruptCheckpointError(
+                f"{source}: stacked tensor {name!r} is missing or does not hold the {len(keys)} tensors "
+                f"the config's 'stacks' lists; the checkpoint is damaged."
+            )
+        for key in keys:
+            if key in out:
+                raise CorruptCheckpointError(f"{source}: tensor {key!r} is stored twice; the checkpoint is damaged.")
+            out[key] = shape[1:]
+    for key, saved_as in aliases.items():
+        if key in out or saved_as not in out:
+            raise CorruptCheckpointError(
+                f"{source}: 'shared_tensors' maps {key!r} to {saved_as!r}, but the file "
+                f"{'already holds the first' if key in out else 'does not hold the second'}; the checkpoint is damaged."
+            )
+        out[key] = out[saved_as]
+    return out
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+# ----------------------------------------------------------------- paths and OS errors
+
+
+def checkpoint_path(value: Any, action: str) -> Path:
+    """`value` as a folder path, or CheckpointPathError saying what is wrong with it."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise CheckpointPathError(
+            f"{action} needs a folder path (str or pathlib.Path), got {type(value).__name__} {value!r}."
+        )
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        raise CheckpointPathError(f"{action} needs a text path, got bytes {text!r}; decode it first.")
+    if "\0" in text or not text:
+        raise CheckpointPathError(f"{action}: {text!r} is not a usable path (empty, or a NUL byte in it).")
+    return Path(text)
+
+
+@contextlib.contextmanager
+def os_errors_typed(path: Path, action: str) -> Iterator[None]:
+    """A PermissionError inside becomes CheckpointPermissionError naming `path`."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        yield
+    except PermissionError as exc:
+        raise CheckpointPermissionError(
+            f"cannot {action} {str(path)!r}: permission denied ({exc.strerror}); check the file mode and owner, "
+            "or choose a folder this account can use."
+        ) from exc
 
 
-def write_checkpoint(directory: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    """Write `tensors` and `meta` into `directory` so that a failure at any point leaves the previous
-    checkpoint there intact: both files are written under temporary names and renamed into place,
-    and the config (renamed last) records the weights' checksum."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    plain, stacks = stack_groups({k: v.detach().to("cpu") for k, v in tensors.items()})
-    plain = {k: v.contiguous() for k, v in plain.items()}
-    fd, tmp_weights = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    fd, tmp_config = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+def read_json(path: Path, error: type[CheckpointError]) -> Any:
+    """Parse a checkpoint's JSON file strictly: no NaN/Infinity literals, bounded nesting; any
+    failure is `error` naming the file."""
+
+    def no_constants(literal: str) -> Any:
+        raise ValueError(f"{literal} is not JSON")
+
+    def finite(literal: str) -> float:
+        if not math.isfinite(value := float(literal)):
+            raise ValueError(f"{literal} overflows to infinity")
+        return value
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        if len({key for key, _ in pairs}) != len(pairs):
+            raise ValueError(f"an object repeats a key: {sorted(k for k, _ in pairs)}")
+        return dict(pairs)
+
+    with os_errors_typed(path, "read"):
+        raw = path.read_bytes()
     try:
-        save_file(plain, tmp_weights, metadata={"format": "pt", "producer": FORMAT})
-        _fsync(Path(tmp_weights))
-        full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
-        full_meta["weights"] = {"file": WEIGHTS_NAME, "sha256": _sha256(Path(tmp_weights))}
-        if stacks:
-            full_meta["stacks"] = stacks
-        with open(tmp_config, "w", encoding="utf-8") as handle:
-            # compact: on a deep model the module list dominates the file (`python -m json.tool` shows it)
-            json.dump(full_meta, handle, separators=(",", ":"))
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_weights, directory / WEIGHTS_NAME)
-        os.replace(tmp_config, directory / CONFIG_NAME)
-    finally:
-        for leftover in (tmp_weights, tmp_config):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
+        return json.loads(raw.decode("utf-8"), parse_constant=no_constants, parse_float=finite, object_pairs_hook=unique_keys)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise error(f"{path} is not valid JSON ({reason}); the checkpoint is damaged.") from exc
+
+
+# ----------------------------------------------------------------- one atomic writer
+
+
+_STALE = re.compile(
+    r"\.(delta_model(\.[0-9a-f]{16})?\.safetensors|delta_config\.json|adapter_model\.safetensors|adapter_config\.json)"
+    r"\..+\.tmp"
+    r"|\.peft\..+"  # the temporary folders earlier PEFT-format saves used
+)
+_WEIGHTS = re.compile(r"delta_model(\.[0-9a-f]{16})?\.safetensors")
+
+
+def save_folder(directory: Any, *, create: bool = True) -> Path:
+    """The folder a save writes into, created if needed; an existing file there is an error."""
+    directory = checkpoint_path(directory, "save_finetuned")
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointPathError(
+            f"save_finetuned: {str(directory)!r} is an existing file, not a folder; a checkpoint is a folder "
+            "of files. Choose another path or remove the file."
+        )
+    if create:
+        with os_errors_typed(directory, "create the checkpoint folder"):
+            directory.mkdir(parents=True, exist_ok=True)
     return directory
 
 
-def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    """The JSON description of the checkpoint in `directory`, validated."""
-    directory = Path(directory)
+def _temporary(directory: Path, final_name: str, data: bytes) -> Path:
+    """`data` in a new hidden file next to `final_name`, flushed to disk. Created like any file
+    (mode 0666 less the umask), so whoever may read the folder may read the checkpoint."""
+    path = directory / f".{final_name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        handle = os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    try:
+        with handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return path
+
+
+def _sync_folder(directory: Path) -> None:
+    """Make the renames durable (where the platform can open a folder)."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_files(directory: Path, files: list[tuple[str, bytes]], keep: Callable[[str], bool] = lambda name: True) -> None:
+    """Write `files` (name, bytes) into `directory`, each through a flushed temporary file renamed
+    over its name, in order; the last rename is the commit. Stale temporary files from killed saves
+    are removed first; after the commit, so is every file `keep` rejects."""
+    with os_errors_typed(directory, "write the checkpoint into"):
+        for entry in os.listdir(directory):
+            if _STALE.fullmatch(entry):
+                _remove(directory / entry)
+        pending: list[Path] = []
+        try:
+            for name, data in files:
+                pending.append(_temporary(directory, name, data))
+                os.replace(pending[-1], directory / name)
+                pending.pop()
+        finally:
+            for path in pending:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        _sync_folder(directory)
+        with contextlib.suppress(OSError):  # committed: a leftover now costs only space
+            for entry in os.listdir(directory):
+                if not keep(entry):
+                    _remove(directory / entry)
+
+
+def _remove(path: Path) -> None:
+    """Best effort: the save already succeeded (or has not begun), a leftover costs only space."""
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+
+
+def write_checkpoint(directory: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write `tensors` and `meta` into `directory` so that a failure at any step leaves the previous
+    checkpoint loadable: the weights go to a file named after their checksum, then the config that
+    names them is renamed into place (the commit), then the previous weights file is removed."""
+    directory = save_folder(directory)
+    plain, stacks = stack_groups({k: v.detach().to("cpu") for k, v in tensors.items()})
+    # one metadata key: safetensors writes the metadata map in random order, and equal checkpoints
+    # should be equal bytes (the file is named after its checksum)
+    data = save_safetensors({k: v.contiguous() for k, v in plain.items()}, metadata={"format": "pt"})
+    sha256 = hashlib.sha256(data).hexdigest()
+    full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
+    full_meta["weights"] = {"file": weights_name(sha256), "sha256": sha256}
+    if stacks:
+        full_meta["stacks"] = stacks
+    # compact: on a deep model the module list dominates the file (`python -m json.tool` shows it)
+    config = (json.dumps(full_meta, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
+    committed = weights_name(sha256)
+    try:
+        write_files(
+            directory,
+            [(committed, data), (CONFIG_NAME, config)],
+            keep=lambda name: name == committed or not _WEIGHTS.fullmatch(name),
+        )
+    except BaseException:
+        if _committed_weights(directory) != committed:  # written, never committed: nothing names it
+            _remove(directory / committed)
+        raise
+    return directory
+
+
+def _committed_weights(directory: Path) -> str | None:
+    """The weights file the config on disk names, if it can be read."""
+    try:
+        return json.loads((directory / CONFIG_NAME).read_bytes())["weights"]["file"]
+    except Exception:  # no config, or a damaged one: then it names nothing
+        return None
+
+
+# ----------------------------------------------------------------- one safetensors reader
+
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], int]:
+    """The shape of every tensor in safetensors file `path`, and the file's size, from its header
+    alone: the header must describe exactly the bytes the file holds, so a padded, truncated or
+    sparse file is refused before any of its data is read."""
+    with os_errors_typed(path, "read"), open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= min(size - 8, _MAX_HEADER):
+            raise CorruptCheckpointError(f"{path} is not a safetensors file (no valid header); the checkpoint is damaged.")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{path} has an unreadable safetensors header; the checkpoint is damaged.") from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path} has an unreadable safetensors header; the checkpoint is damaged.")
+    shapes: dict[str, tuple[int, ...]] = {}
+    spans: list[tuple[int, int]] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape, offsets, dtype = (
+            (entry.get("shape"), entry.get("data_offsets"), entry.get("dtype")) if isinstance(entry, dict) else (None,) * 3
+        )
+        ok = (
+            isinstance(dtype, str) and isinstance(shape, list) and all(map(_is_count, shape))
+            and isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+            and offsets[0] <= offsets[1]
+        )  # fmt: skip
+        width = _DTYPE_BYTES.get(dtype) if ok else None
+        if not ok or (width is not None and offsets[1] - offsets[0] != math.prod(shape) * width):
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} has a malformed header entry; the checkpoint is damaged.")
+        shapes[name] = tuple(shape)
+        spans.append((offsets[0], offsets[1]))
+    end = 0
+    for begin, stop in sorted(spans):
+        if begin != end:
+            break
+        end = stop
+    if end != size - 8 - length:
+        raise CorruptCheckpointError(
+            f"{path} is {size} bytes but its header describes {8 + length + end}: the file is truncated, padded or "
+            "damaged."
+        )
+    return shapes, size
+
+
+def read_safetensors(path: Path, size: int, sha256: str | None, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Every tensor of `path` (read once: checksum and tensors come from the same bytes), or
+    CorruptCheckpointError if it changed since its header was read or does not match `sha256`."""
+    with os_errors_typed(path, "read"):
+        data = path.read_bytes()
+    if len(data) != size:
+        raise CorruptCheckpointError(f"{path} changed while it was being loaded; load it again.")
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise CorruptCheckpointError(
+            f"{path} does not match the checksum recorded in {CONFIG_NAME}: the file is truncated or was changed "
+            "after saving."
+        )
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CorruptCheckpointError(f"{path} is not a readable safetensors file ({exc}).") from exc
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+# ----------------------------------------------------------------- reading a checkpoint
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "nothing (the field is missing)"
+
+
+def _corrupt(config_path: Path, field: str, expected: str, value: Any) -> CorruptCheckpointError:
+    shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
+    return CorruptCheckpointError(
+        f"{config_path}: {field!r} must be {expected}, got {shown}; the checkpoint is damaged or was edited. "
+        "Save it again with save_finetuned()."
+    )
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _check_meta(meta: Any, config_path: Path, verify: bool) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CorruptCheckpointError(f"{config_path} is not an opendelta checkpoint config (no \"format\": \"{FORMAT}\").")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _corrupt(config_path, "format_version", f"an integer from 1 to {FORMAT_VERSION}", version)
+    if version > FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{config_path} has format version {version}; this opendelta reads up to {FORMAT_VERSION}. Upgrade opendelta."
+        )
+    required = {"delta_type": (str, "a delta type name such as 'lora'"), "config": (dict, "an object of the method's arguments"),
+                "weights": (dict, 'an object {"file": ..., "sha256": ...}')}  # fmt: skip
+    optional = {"name": (str, "a string"), "library_version": (str, "a string"), "backbone": (dict, "an object"),
+                "backbone_tensors": (dict, "an object"), "stacks": (dict, "an object"),
+                "shared_tensors": (dict, "an object")}  # fmt: skip
+    for field, (kind, expected) in {**required, **optional}.items():
+        if (field in required or field in meta) and not isinstance(meta.get(field), kind):
+            raise _corrupt(config_path, field, expected, meta.get(field, _Missing()))
+    modules = meta.get("modules", _Missing())
+    if not _str_list(modules) or not modules:
+        raise _corrupt(config_path, "modules", "a non-empty list of module paths", modules)
+    if len(set(modules)) != len(modules):
+        raise _corrupt(config_path, "modules", "a list without duplicates", sorted({m for m in modules if modules.count(m) > 1}))
+    file = meta["weights"].get("file")
+    if not isinstance(file, str) or file in ("", ".", "..") or "/" in file or "\\" in file or "\0" in file:
+        raise _corrupt(config_path, "weights.file", "the plain name of a file in the checkpoint folder", file)
+    sha256 = meta["weights"].get("sha256")
+    if verify and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
+        raise CorruptCheckpointError(
+            f"{config_path} records no valid SHA-256 of {file} ('weights.sha256' is {sha256!r}), so the tensors cannot "
+            "be verified; the checkpoint is damaged or was edited. Save it again, or pass verify=False to load it "
+            "unverified."
+        )
+    if not all(_str_list(keys) for keys in meta.get("stacks", {}).values()):
+        raise _corrupt(config_path, "stacks", "an object of lists of tensor keys", meta["stacks"])
+    if not all(isinstance(v, str) for v in meta.get("shared_tensors", {}).values()):
+        raise _corrupt(config_path, "shared_tensors", "an object of tensor keys", meta["shared_tensors"])
+    backbone_tensors = meta.get("backbone_tensors", {})
+    if not all(isinstance(v, list) and all(map(_is_count, v)) for v in backbone_tensors.values()):
+        raise _corrupt(config_path, "backbone_tensors", "an object of tensor shapes", backbone_tensors)
+    if not isinstance(meta.get("backbone", {}).get("class", ""), str):
+        raise _corrupt(config_path, "backbone.class", "a class name", meta["backbone"]["class"])
+
+
+def read_meta(directory: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """The JSON description of the checkpoint in `directory`, with every field checked."""
+    directory = checkpoint_path(directory, "from_finetuned")
     if not directory.is_dir():
         raise CheckpointNotFoundError(f"no checkpoint directory at {str(directory)!r}")
     config_path = directory / CONFIG_NAME
@@ -145,35 +483,45 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointNotFoundError(
             f"{str(directory)!r} holds no {CONFIG_NAME}; is it a directory written by save_finetuned()?"
         )
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{config_path} is not valid JSON ({exc}); the checkpoint is damaged.") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "delta_type" not in meta:
-        raise CorruptCheckpointError(f"{config_path} is not an opendelta checkpoint config.")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CorruptCheckpointError(
-            f"{config_path} has format version {meta['format_version']}; this opendelta reads up to "
-            f"{FORMAT_VERSION}. Upgrade opendelta."
-        )
+    meta = read_json(config_path, CorruptCheckpointError)
+    _check_meta(meta, config_path, verify)
     return meta
 
 
-def read_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu") -> DeltaCheckpoint:
-    """Load and verify the checkpoint in `directory` (checksum, then tensors)."""
-    directory = Path(directory)
-    meta = read_meta(directory)
-    weights = directory / meta.get("weights", {}).get("file", WEIGHTS_NAME)
+def config_from_meta(meta: dict[str, Any], config_cls: type[Any]) -> Any:
+    """The method's config from a checkpoint's "config" object: the config layer validates the
+    values, and whatever it raises comes out as DeltaConfigError."""
+    try:
+        return config_cls.from_dict(meta["config"])
+    except OpenDeltaError:
+        raise
+    except Exception as exc:  # a value the method's own checks did not expect (an unhashable, a nested object)
+        raise DeltaConfigError(f"the checkpoint's {meta['delta_type']!r} config is invalid ({type(exc).__name__}: {exc}).") from exc
+
+
+def open_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -> StoredCheckpoint:
+    """Read and check the checkpoint's config and its tensors' header; the tensor data is read
+    (and checksummed, unless verify=False) only by the returned object's ``load``."""
+    meta = read_meta(directory, verify=verify)
+    weights = Path(directory) / meta["weights"]["file"]
     if not weights.is_file():
         raise CheckpointNotFoundError(f"the checkpoint in {str(directory)!r} is missing its tensors file {weights.name}")
-    expected = meta.get("weights", {}).get("sha256")
-    if expected is not None and _sha256(weights) != expected:
-        raise CorruptCheckpointError(
-            f"{weights} does not match the checksum recorded in {CONFIG_NAME}: the file is truncated or "
-            "was changed after saving."
-        )
-    try:
-        tensors = load_file(weights, device=str(device))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{weights} is not a readable safetensors file ({exc}).") from exc
-    return DeltaCheckpoint(meta=meta, tensors=unstack_groups(tensors, meta.get("stacks", {})))
+    stored, size = read_safetensors_header(weights)
+    stacks, aliases = meta.get("stacks", {}), meta.get("shared_tensors", {})
+    shapes = _unstacked_shapes(stored, stacks, aliases, weights)
+    sha256 = meta["weights"].get("sha256") if verify else None
+
+    def load(device: torch.device | str) -> dict[str, torch.Tensor]:
+        tensors = unstack_groups(read_safetensors(weights, size, sha256, device), stacks)
+        tensors.update({key: tensors[saved_as] for key, saved_as in aliases.items()})
+        return tensors
+
+    return StoredCheckpoint(meta=meta, shapes=shapes, load=load)
+
+
+def read_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu", *, verify: bool = True) -> DeltaCheckpoint:
+    """Load and verify the checkpoint in `directory` (header, checksum, then tensors): each tensor
+    once, as saved (a shared tensor under its first key only)."""
+    stored = open_checkpoint(directory, verify=verify)
+    aliases = stored.meta.get("shared_tensors", {})
+    return DeltaCheckpoint(meta=stored.meta, tensors={k: v for k, v in stored.load(device).items() if k not in aliases})

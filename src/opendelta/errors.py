@@ -71,6 +71,14 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint directory or one of its files does not exist."""
 
 
+class CheckpointPathError(CheckpointError, ValueError):
+    """A checkpoint path that cannot name a checkpoint folder: not a path, a NUL byte in it, or an existing file."""
+
+
+class CheckpointPermissionError(CheckpointError, PermissionError):
+    """The operating system refused to read or write a checkpoint file (file mode, owner, read-only disk)."""
+
+
 class CorruptCheckpointError(CheckpointError, ValueError):
     """A checkpoint file is unreadable, truncated, or does not match its recorded checksum."""
 

@@ -9,18 +9,29 @@ keys and translates the config; no pickle is read (``adapter_model.bin`` is refu
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_safetensors
 
-from opendelta.checkpoint import CONFIG_NAME, delta_key
+from opendelta.checkpoint import (
+    CONFIG_NAME,
+    StoredCheckpoint,
+    checkpoint_path,
+    config_from_meta,
+    delta_key,
+    read_json,
+    read_safetensors,
+    read_safetensors_header,
+    save_folder,
+    write_files,
+)
 from opendelta.errors import CorruptCheckpointError, PeftFormatError
 
 if TYPE_CHECKING:
@@ -46,7 +57,7 @@ _UNSUPPORTED_OPTIONS = {
 
 def is_peft_folder(directory: str | os.PathLike) -> bool:
     """Whether `directory` is a PEFT adapter folder rather than an opendelta checkpoint."""
-    directory = Path(directory)
+    directory = checkpoint_path(directory, "from_finetuned")
     return (directory / PEFT_CONFIG_NAME).is_file() and not (directory / CONFIG_NAME).is_file()
 
 
@@ -117,34 +128,82 @@ def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensor
         "inference_mode": True,
         "auto_mapping": {"base_model_class": type(delta.backbone_model).__name__, "producer": "opendelta"},
     }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors_out.items()}
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".peft.") as tmp:
-        save_file(plain, Path(tmp) / PEFT_WEIGHTS_NAME, metadata={"format": "pt"})
-        (Path(tmp) / PEFT_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
-        os.replace(Path(tmp) / PEFT_WEIGHTS_NAME, directory / PEFT_WEIGHTS_NAME)
-        os.replace(Path(tmp) / PEFT_CONFIG_NAME, directory / PEFT_CONFIG_NAME)
+    data = save_safetensors(plain, metadata={"format": "pt"})
+    # PEFT's two file names are fixed, so a save killed between them could pair new weights with the
+    # old config; the checksum (in a field PEFT ignores) lets opendelta detect that pairing
+    peft_config["auto_mapping"]["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    config = (json.dumps(peft_config, indent=2, allow_nan=False) + "\n").encode("utf-8")
+    directory = save_folder(directory)
+    write_files(directory, [(PEFT_WEIGHTS_NAME, data), (PEFT_CONFIG_NAME, config)])
     return directory
 
 
+def _field(peft: dict[str, Any], key: str, kinds: tuple[type, ...], expected: str, default: Any, path: Path) -> Any:
+    """`peft[key]` if it is one of `kinds` (never a bool standing in for a number, nor a string for
+    a bool, nor a non-finite float), `default` if absent; else PeftFormatError naming the field."""
+    value = peft.get(key, default)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if (
+        not isinstance(value, kinds)
+        or (isinstance(value, bool) and bool not in kinds)
+        or (number and not math.isfinite(value))
+    ):
+        raise PeftFormatError(
+            f"{path}: {key!r} must be {expected}, got {value!r}; fix the adapter config (PEFT writes it this way)."
+        )
+    return value
+
+
+def _pattern_map(peft: dict[str, Any], key: str, kinds: tuple[type, ...], expected: str, path: Path) -> dict[str, Any] | None:
+    """PEFT's rank_pattern / alpha_pattern (regex -> value) as opendelta regex patterns."""
+    patterns = _field(peft, key, (dict, type(None)), f"an object of regex -> {expected}", None, path) or {}
+    for value in patterns.values():
+        _field({key: value}, key, kinds, f"an object of regex -> {expected}", None, path)
+    return {"[r]" + k: v for k, v in patterns.items()} or None
+
+
+def _lora_config(peft: dict[str, Any], paths: list[str], path: Path) -> DeltaConfig:
+    """opendelta's LoraConfig for PEFT's config: the types of PEFT's fields are checked here (the
+    one place that translates them), their values by LoraConfig itself."""
+    from opendelta.methods.lora import LoraConfig
+
+    r = _field(peft, "r", (int,), "a positive integer", 8, path)
+    values = {
+        "modified_modules": paths,
+        "lora_r": r,
+        "lora_alpha": _field(peft, "lora_alpha", (int, float), "a number", 8, path),
+        "lora_dropout": _field(peft, "lora_dropout", (int, float), "a number in [0, 1)", 0.0, path),
+        "use_rslora": _field(peft, "use_rslora", (bool,), "true or false", False, path),
+        "rank_pattern": _pattern_map(peft, "rank_pattern", (int,), "integer ranks", path),
+        "alpha_pattern": _pattern_map(peft, "alpha_pattern", (int, float), "numbers", path),
+    }
+    for key in ("target_modules", "modules_to_save"):  # not used for loading (the tensors say where), but typed
+        value = peft.get(key)
+        if not (value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise PeftFormatError(f"{path}: {key!r} must be a string, a list of strings or null, got {value!r}.")
+    _field(peft, "fan_in_fan_out", (bool,), "true or false", False, path)
+    return config_from_meta({"delta_type": "lora", "config": values}, LoraConfig)
+
+
 def read_peft_checkpoint(
-    directory: str | os.PathLike, device: torch.device | str = "cpu"
-) -> tuple[type[DeltaBase], DeltaConfig, list[str], dict[str, torch.Tensor], dict[str, Any], str]:
-    """Translate a PEFT LoRA folder into opendelta's terms.
+    directory: str | os.PathLike, *, verify: bool = True
+) -> tuple[type[DeltaBase], DeltaConfig, list[str], StoredCheckpoint, dict[str, Any], str]:
+    """Translate a PEFT LoRA folder into opendelta's terms, reading only its config and its
+    tensors' header; the tensor data is read by the returned checkpoint's ``load``.
 
-    Returns (delta class, config, module paths, tensors by opendelta checkpoint key, trained
-    backbone parameter names, the class PEFT recorded). Other PEFT methods and LoRA variants
-    opendelta does not implement raise PeftFormatError naming them.
+    Returns (delta class, config, module paths, the checkpoint (shapes and loader by opendelta
+    checkpoint key), trained backbone parameter names, the class PEFT recorded). Other PEFT methods
+    and LoRA variants opendelta does not implement raise PeftFormatError naming them. The
+    checksum opendelta records when it writes a PEFT folder is verified unless verify=False.
     """
-    from opendelta.methods.lora import LoraConfig, LoraModel
+    from opendelta.methods.lora import LoraModel
 
-    directory = Path(directory)
+    directory = checkpoint_path(directory, "from_finetuned")
     config_path = directory / PEFT_CONFIG_NAME
-    try:
-        peft = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{config_path} is not valid JSON ({exc}).") from exc
+    peft = read_json(config_path, PeftFormatError)
+    if not isinstance(peft, dict):
+        raise PeftFormatError(f"{config_path} must hold a JSON object (PEFT's adapter config), got {type(peft).__name__}.")
     method = peft.get("peft_type")
     if method != "LORA":
         raise PeftFormatError(
@@ -157,46 +216,54 @@ def read_peft_checkpoint(
                 f"{str(directory)!r} is a PEFT LoRA with {option}={peft[option]!r} ({meaning}), which opendelta's LoRA "
                 "does not implement; load it with peft.PeftModel.from_pretrained."
             )
+    mapping = _field(peft, "auto_mapping", (dict, type(None)), "an object or null", None, config_path) or {}
+    trained_on = mapping.get("base_model_class") or "PEFT base model"
+    # PEFT records no checksum; a folder opendelta wrote carries one (see write_peft_checkpoint)
+    sha256 = mapping.get("weights_sha256") if verify and mapping.get("producer") == "opendelta" else None
+    if not isinstance(trained_on, str) or not isinstance(sha256, (str, type(None))):
+        raise PeftFormatError(f"{config_path}: 'auto_mapping' holds {mapping!r}; its values must be strings.")
     weights = directory / PEFT_WEIGHTS_NAME
     if not weights.is_file():
         raise PeftFormatError(
             f"{str(directory)!r} has no {PEFT_WEIGHTS_NAME} (a pickled adapter_model.bin is not loaded, because "
             "unpickling runs code); re-save the adapter with safe_serialization=True."
         )
-    try:
-        saved = load_file(weights, device=str(device))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{weights} is not a readable safetensors file ({exc}).") from exc
+    stored, size = read_safetensors_header(weights)
 
-    tensors: dict[str, torch.Tensor] = {}
+    keys: dict[str, str] = {}  # stored name -> opendelta checkpoint key
     paths: list[str] = []
     backbone_names: dict[str, Any] = {}
-    for key, value in saved.items():
-        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+    for stored_name, shape in stored.items():
+        name = stored_name[len(PREFIX) :] if stored_name.startswith(PREFIX) else stored_name
         factor = _FACTOR.fullmatch(name)
         if factor is not None:
-            path = factor["path"]
-            if path not in paths:
-                paths.append(path)
-            tensors[delta_key(path, f"lora_{factor['factor']}")] = value
+            if factor["path"] not in paths:
+                paths.append(factor["path"])
+            key = delta_key(factor["path"], f"lora_{factor['factor']}")
         elif "lora_" in name:
             raise PeftFormatError(
-                f"{weights} holds {key!r}, a LoRA tensor opendelta does not implement (LoRA on embeddings or "
+                f"{weights} holds {stored_name!r}, a LoRA tensor opendelta does not implement (LoRA on embeddings or "
                 "convolutions, DoRA magnitudes); load it with peft.PeftModel.from_pretrained."
             )
         else:
-            tensors[f"backbone.{name}"] = value
-            backbone_names[name] = list(value.shape)
-    config = LoraConfig.from_dict(
-        {
-            "modified_modules": paths,
-            "lora_r": int(peft.get("r", 8)),
-            "lora_alpha": peft.get("lora_alpha", 8),
-            "lora_dropout": float(peft.get("lora_dropout") or 0.0),
-            "use_rslora": bool(peft.get("use_rslora", False)),
-            "rank_pattern": {"[r]" + k: v for k, v in (peft.get("rank_pattern") or {}).items()} or None,
-            "alpha_pattern": {"[r]" + k: v for k, v in (peft.get("alpha_pattern") or {}).items()} or None,
-        }
-    )
-    trained_on = (peft.get("auto_mapping") or {}).get("base_model_class") or "PEFT base model"
-    return LoraModel, config, paths, tensors, backbone_names, trained_on
+            key = f"backbone.{name}"
+            backbone_names[name] = list(shape)
+        if key in keys.values():
+            raise CorruptCheckpointError(f"{weights} holds the tensor {name!r} twice (with and without {PREFIX!r}).")
+        keys[stored_name] = key
+    if not paths:
+        raise PeftFormatError(f"{weights} holds no LoRA tensors (no '<module>.lora_A.weight'); it is not a LoRA adapter.")
+    config = _lora_config(peft, paths, config_path)
+    shapes = {keys[k]: shape for k, shape in stored.items()}
+    for path in paths:  # before any layer is built: a wrong r must not allocate an r-sized layer first
+        factor = shapes.get(delta_key(path, "lora_A"))
+        if factor is not None and len(factor) == 2 and factor[0] != config.rank_and_alpha(path)[0]:
+            raise CorruptCheckpointError(
+                f"{weights}: {path}.lora_A has rank {factor[0]}, but {PEFT_CONFIG_NAME} gives it "
+                f"r={config.rank_and_alpha(path)[0]} (r and rank_pattern); the folder is damaged or was edited."
+            )
+
+    def load(device: torch.device | str) -> dict[str, torch.Tensor]:
+        return {keys[k]: v for k, v in read_safetensors(weights, size, sha256, device).items()}
+
+    return LoraModel, config, paths, StoredCheckpoint(meta=peft, shapes=shapes, load=load), backbone_names, trained_on
