@@ -22,10 +22,11 @@ def _seed_torch_per_test(request: pytest.FixtureRequest) -> None:
     generator would see whatever earlier tests left: its values would depend on the order. Seeded here, a
     test sees the same values whatever ran before it; the values still change from run to run (with
     pytest-randomly's seed), so a test that passes only for lucky values fails visibly, and
-    `-p randomly_seed=N` (the seed pytest-randomly prints) reproduces it.
+    `--randomly-seed=N` (the seed pytest-randomly prints) reproduces it.
     """
     run_seed = request.config.getoption("randomly_seed", default=None)
     torch.manual_seed((run_seed if isinstance(run_seed, int) else 0) + zlib.crc32(request.node.nodeid.encode()))
+
 
 TINY = dict(vocab_size=99)
 
