@@ -131,6 +131,11 @@ class DeltaBase:
         """The module paths this method would modify, without touching the model (a dry run)."""
         if config is None:
             config = cls.config_class.from_dict(config_values)
+        if isinstance(config.modified_modules, (list, tuple)) and not config.modified_modules:
+            raise PatternError(
+                f"modified_modules is an empty list, so {cls.__name__} would modify nothing; name the modules to "
+                "modify, or pass modified_modules=None (or leave it out) for the method's default positions."
+            )
         order = [p for p, _ in backbone_modules(backbone_model)]
 
         def roles(names: list[str], strict: bool) -> list[str]:
@@ -153,8 +158,13 @@ class DeltaBase:
                 "(ParallelAdapterModel). Address single modules instead."
             )
         paths = remove_excluded(backbone_model, paths, config.exclude_modules)
-        if not paths:
+        if not paths and config.exclude_modules:
             raise PatternError(f"exclude_modules {config.exclude_modules} removed every module {cls.__name__} would modify.")
+        if not paths:  # only the defaults can resolve to nothing: user names that match nothing raise above
+            raise PatternError(
+                f"{type(backbone_model).__name__} has none of {cls.__name__}'s default positions "
+                f"({', '.join(cls.default_modified_modules)}); name the modules with modified_modules=[...]."
+            )
         return paths
 
     def _setup(
