@@ -26,6 +26,7 @@ from opendelta.errors import (
     SelectionTimeout,
     StructureError,
     UnknownDeltaTypeError,
+    UnreachedModuleError,
     UnsupportedModuleError,
 )
 from opendelta.methods import (
@@ -95,6 +96,7 @@ __all__ = [
     "SoftPromptModel",
     "StructureError",
     "UnknownDeltaTypeError",
+    "UnreachedModuleError",
     "UnsupportedModuleError",
     "find_modules",
     "mixed_batch",

@@ -37,8 +37,11 @@ from opendelta.errors import (
     LifecycleError,
     MergeError,
     PatternError,
+    RuntimeInitError,
+    UnreachedModuleError,
     UnsupportedModuleError,
 )
+from opendelta.reachability import FirstForwardCheck
 from opendelta.registry import lookup, register
 from opendelta.routing import (
     MIXING_ATTR,
@@ -182,9 +185,7 @@ class DeltaBase:
                     f"{home!r} is an nn.Sequential, which runs every child module in turn, so a delta layer cannot "
                     "live inside it; address the module that contains it, or the modules inside it, instead."
                 )
-        observations: dict[str, Observation] = (
-            self.runtime_observe(backbone, paths, dummy_inputs) if self.needs_runtime_init else {}
-        )
+        observations, unverified = self._observe_targets(backbone, paths, dummy_inputs)
         self.backbone_model = backbone
         self._input_grad_site = input_grad_site(backbone)
         self.config = config
@@ -198,6 +199,27 @@ class DeltaBase:
         self._originals: dict[str, torch.Tensor] = {}  # backbone tensors this delta trains: values before
         self._tuned: dict[str, torch.Tensor] = {}  # ... and their tuned values while detached
         self._merged: dict[str, dict[str, torch.Tensor]] = {}  # path -> parameter values before merge()
+        self._reach_check = (
+            FirstForwardCheck(backbone, {p: [modules[side] for side in split_span(p) or (p,)] for p in paths})
+            if unverified
+            else None
+        )
+
+    def _observe_targets(
+        self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any
+    ) -> tuple[dict[str, Observation], bool]:
+        """The dummy pass every method runs: new_layer's observations, and proof that the forward calls
+        each target (UnreachedModuleError otherwise), since a delta on a module never called does nothing.
+
+        Where no dummy pass can run and the method needs no observations (LoRA on a plain module
+        without dummy_inputs), the proof waits for the model's first forward: returns ``({}, True)``.
+        """
+        try:
+            return self.runtime_observe(backbone, paths, dummy_inputs), False
+        except RuntimeInitError:
+            if self.needs_runtime_init or dummy_inputs is not None:
+                raise
+            return {}, True
 
     def runtime_observe(self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any) -> dict[str, Observation]:
         """What new_layer learns from the dummy pass; a method that needs more than shapes overrides this.
@@ -281,6 +303,8 @@ class DeltaBase:
         if input_grad_handle is None:
             input_grad_handle = require_input_grads(self._input_grad_site)
         self._input_grad_handle = input_grad_handle
+        if self._reach_check is not None:
+            self._reach_check.install()
         self._attached = True
         if self._set_state_dict:
             self._install_state_dict_filter()
@@ -309,6 +333,8 @@ class DeltaBase:
         if self._input_grad_handle is not None:
             self._input_grad_handle.remove()
             self._input_grad_handle = None
+        if self._reach_check is not None:
+            self._reach_check.remove()
         self._attached = False
 
     def switch(self, to: DeltaBase) -> DeltaBase:
@@ -639,6 +665,8 @@ class DeltaBase:
         obj = delta_cls.__new__(delta_cls)
         try:
             obj._setup(backbone_model, config, paths, name, dummy_inputs)
+        except UnreachedModuleError:
+            raise
         except UnsupportedModuleError as exc:
             raise IncompatibleCheckpointError(f"the checkpoint does not fit this backbone: {exc}") from exc
         obj._load_tensors(tensors, backbone_names, trained_on)
