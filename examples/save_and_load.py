@@ -4,6 +4,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from opendelta import AutoDeltaModel, BitFitModel
@@ -20,7 +21,8 @@ delta.freeze_module(exclude=["deltas"])
 ids = torch.randint(0, 99, (2, 12))
 optimizer = torch.optim.AdamW(delta.delta_parameters(), lr=1e-2)
 for _ in range(5):
-    model(input_ids=ids, labels=ids).loss.backward()
+    logits = model(input_ids=ids).logits  # next-token loss written out: transformers has no loss name for GPT2LMHeadModel
+    F.cross_entropy(logits[:, :-1].reshape(-1, 99), ids[:, 1:].reshape(-1)).backward()
     optimizer.step()
     optimizer.zero_grad()
 with torch.no_grad():

@@ -68,6 +68,27 @@ def test_inspect_with_a_missing_checkpoint_exits_2(opendelta, capsys, tmp_path):
     assert last_line == f"opendelta inspect: no checkpoint directory at '{tmp_path / 'ckpt'}'"
 
 
+def test_inspect_loads_the_model_class_the_checkpoint_was_trained_on(opendelta, capsys, tmp_path):
+    from transformers import BertForSequenceClassification
+
+    from opendelta import LoraModel
+
+    tiny_bert().save_pretrained(tmp_path / "model")
+    classifier = BertForSequenceClassification.from_pretrained(tmp_path / "model", num_labels=2)
+    delta = LoraModel(classifier, modified_modules=["query"])
+    delta.freeze_module(exclude=["deltas", "classifier"])
+    delta.save_finetuned(tmp_path / "ckpt")  # holds the trained head: a bare BertModel has no 'classifier'
+    capsys.readouterr()
+    assert opendelta("inspect", str(tmp_path / "model"), "--delta", str(tmp_path / "ckpt")) == 0
+    assert capsys.readouterr().out.startswith("root (BertForSequenceClassification)")
+
+
+def test_inspect_with_an_unknown_model_class_exits_2(opendelta, capsys, tmp_path):
+    tiny_bert().save_pretrained(tmp_path)
+    assert opendelta("inspect", str(tmp_path), "--model-class", "BertForNothing") == 2
+    assert "transformers has no model class 'BertForNothing'" in capsys.readouterr().err
+
+
 def test_select_prints_the_submitted_patterns_and_a_python_line(opendelta, capsys, tmp_path):
     tiny_bert().save_pretrained(tmp_path)
     codes = []

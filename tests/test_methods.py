@@ -326,7 +326,7 @@ def test_gradient_checkpointing_gives_the_same_delta_gradients(cls, name: str, r
         perturb(delta)
         delta.freeze_module()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
         hidden(model, FAMILIES[name]).pow(2).sum().backward()
         grads.append([p.grad for p in delta.delta_parameters()])
     assert all(g is not None for g in grads[1])

@@ -228,7 +228,7 @@ def test_gradient_checkpointing_gives_span_adapters_the_same_gradients(name: str
     for checkpointing in (False, True):
         model = fresh(name).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
         delta = ffn_adapter(name, model)
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():  # set, not add: the initial values hang on how much RNG the dummy pass used

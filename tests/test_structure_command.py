@@ -43,3 +43,10 @@ def test_an_unmapped_model_says_its_roles_were_inferred(capsys, monkeypatch):
 def test_an_unknown_model_type_is_a_clean_error(capsys):
     assert run(["--model-type", "no-such-model"]) == 2
     assert "cannot build a model from 'no-such-model'" in capsys.readouterr().err
+
+
+def test_a_misspelt_model_type_suggests_the_close_ones_only(capsys):
+    assert run(["--model-type", "lama"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'llama'" in err
+    assert "bert" not in err  # not the whole list of model types

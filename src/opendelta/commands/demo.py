@@ -65,6 +65,12 @@ def _positive(args: argparse.Namespace, names: tuple[str, ...]) -> str | None:
     return None
 
 
+def _console(stderr: bool) -> Console:
+    """Rich output; in a pipe or log (80 columns by default) wide enough that tables keep whole words."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=max(console.width, 120))
+
+
 def run(args: argparse.Namespace) -> int:
     problem = _check_writable(Path(args.out))
     if problem is None and args.mode == "multitask":
@@ -86,7 +92,7 @@ def _run_multitask(args: argparse.Namespace) -> int:
 
     from opendelta.demo import multitask
 
-    console = Console(stderr=args.json)
+    console = _console(stderr=args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else multitask.DEFAULT_CACHE
@@ -114,7 +120,7 @@ def _run_multitask(args: argparse.Namespace) -> int:
 def _run_single(args: argparse.Namespace) -> int:
     from opendelta.demo import sentiment
 
-    console = Console(stderr=args.json)
+    console = _console(stderr=args.json)
     try:
         result = sentiment.run(
             delta_type=args.delta,

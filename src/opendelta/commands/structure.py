@@ -9,6 +9,7 @@ The model is built on the ``meta`` device (no weights, no memory), so even a 70B
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 import sys
 from collections.abc import Sequence
@@ -41,6 +42,11 @@ def build_skeleton(model_dir: str | None, model_type: str | None) -> nn.Module:
     if model_dir is not None:
         config = transformers.AutoConfig.from_pretrained(model_dir)
     else:
+        known = list(transformers.CONFIG_MAPPING.keys())
+        if model_type not in known:
+            close = difflib.get_close_matches(model_type, known, n=5, cutoff=0.6)
+            hint = f"did you mean {', '.join(map(repr, close))}?" if close else "see `transformers.CONFIG_MAPPING`"
+            raise ValueError(f"unknown model type; {hint}")
         config = transformers.AutoConfig.for_model(model_type)
     architecture = next(iter(getattr(config, "architectures", None) or []), None)
     with torch.device("meta"):

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
-from tqdm.auto import tqdm
 
 from opendelta.auto import AutoDeltaModel
+from opendelta.demo.progress import progress
 from opendelta.delta_base import DeltaBase
 from opendelta.demo.assets import smollm2_gguf
 from opendelta.demo.tweets import add_typos, short_tweets
@@ -233,7 +233,7 @@ def train(model: Any, tokenizer: Any, task: Task, delta: DeltaBase, pairs: list[
     losses = []
     start = time.perf_counter()
     model.train()
-    with tqdm(total=steps, desc=f"training {task.name} ({delta.delta_type})", unit="step", disable=None) as bar:
+    with progress(total=steps, desc=f"training {task.name} ({delta.delta_type})", unit="step") as bar:
         for step in range(steps):
             chunk = [pairs[(step * batch_size + i) % len(pairs)] for i in range(batch_size)]
             batch = encode_batch(tokenizer, [PROMPT.format(instruction=task.instruction, text=x) for x, _ in chunk],
@@ -286,6 +286,8 @@ def run(
     console.print(f"SmolLM2-135M-Instruct from {source} in {load_seconds:.1f} s")
     before = probe_logits(model, tokenizer)
 
+    if Path(out).exists():
+        console.print(f"writing the task deltas to {out}, replacing the previous run there")
     rows = short_tweets(MAX_WORDS, seed)
     held_out, pool = rows[:400], rows[400:]
     rng = random.Random(seed)
@@ -304,7 +306,7 @@ def run(
             train_seconds=seconds, first_loss=first, final_loss=last,
         ))
 
-    for task, result in tqdm(list(zip(TASKS, results)), desc="answering (attach -> generate -> detach)", disable=None):
+    for task, result in progress(list(zip(TASKS, results)), desc="answering (attach -> generate -> detach)"):
         pairs = task.make(held_out, random.Random(seed))[:examples]
         inputs = [x for x, _ in pairs]
         limit = task.max_new_tokens if max_new_tokens is None else min(max_new_tokens, task.max_new_tokens)

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
-from tqdm.auto import tqdm
 
 from opendelta.auto import AutoDeltaModel
 from opendelta.demo.assets import minilm_dir
+from opendelta.demo.progress import progress
 from opendelta.demo.tweets import Split, sentiment_splits
 
 #: the best of a small sweep per method at the demo's defaults (2000 tweets, 2 epochs, seed 0); the
@@ -124,7 +124,9 @@ def run(
     torch.manual_seed(seed)
     train, test = sentiment_splits(train_size, test_size, seed)
     model, tokenizer = load_backbone()
+    console.print(f"MiniLM loaded; {len(train.texts)} training and {len(test.texts)} held-out tweets")
     accuracy_before = accuracy(predict(model, tokenizer, test), test.labels)
+    console.print(f"held-out accuracy before tuning {accuracy_before:.3f}")
 
     delta = AutoDeltaModel.from_config(
         {"delta_type": delta_type, **DEMO_ARGUMENTS.get(delta_type, {})}, backbone_model=model
@@ -136,7 +138,7 @@ def run(
     steps = epochs * ((len(train.texts) + batch_size - 1) // batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / max(steps, 1))
     loss_value = float("nan")
-    with tqdm(total=steps, desc=f"training {delta_type}", unit="step", disable=None) as bar:
+    with progress(total=steps, desc=f"training {delta_type}", unit="step") as bar:
         for epoch in range(epochs):
             model.train()
             for inputs, labels in batches(tokenizer, train, batch_size, shuffle_seed=seed + epoch):
@@ -152,9 +154,12 @@ def run(
     accuracy_after = accuracy(tuned_logits, test.labels)
 
     out = Path(out)
+    replacing = " (replacing the previous run there)" if out.exists() else ""
+    console.print(f"held-out accuracy after {accuracy_after:.3f}; saving the delta to {out}{replacing} and reloading it")
     delta.save_finetuned(out)
     checkpoint_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     fresh, _ = load_backbone()
+    model_bytes = sum(p.numel() * p.element_size() for p in fresh.parameters())  # the backbone alone
     AutoDeltaModel.from_finetuned(out, fresh)
     reload_identical = torch.equal(predict(fresh, tokenizer, test), tuned_logits)
 
@@ -171,7 +176,7 @@ def run(
         total_params=counts["total"],
         trainable_share=counts["trainable"] / counts["total"],
         checkpoint_bytes=checkpoint_bytes,
-        model_bytes=sum(p.numel() * p.element_size() for p in fresh.parameters()),
+        model_bytes=model_bytes,
         reload_identical=reload_identical,
         seconds=time.perf_counter() - start,
         final_loss=loss_value,
@@ -188,7 +193,7 @@ def summary_table(result: SentimentResult) -> Table:
         ("held-out accuracy after", f"{result.accuracy_after:.3f}"),
         ("trainable parameters", f"{result.trainable_params:,} ({100 * result.trainable_share:.2f}%)"),
         ("checkpoint size", f"{result.checkpoint_bytes / 1024:,.1f} KiB"),
-        ("full model size", f"{result.model_bytes / 2**20:,.1f} MiB"),
+        ("backbone size (without the delta)", f"{result.model_bytes / 2**20:,.1f} MiB"),
         ("reloaded predictions identical", "yes" if result.reload_identical else "NO"),
         ("learning rate", f"{result.learning_rate:g}"),
         ("wall time", f"{result.seconds:.1f} s"),
