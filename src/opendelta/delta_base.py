@@ -77,7 +77,8 @@ class DeltaBase:
     config_class: ClassVar[type[DeltaConfig]] = DeltaConfig
     #: where the method goes when the user names no modules: common-structure roles
     default_modified_modules: ClassVar[tuple[str, ...]] = ()
-    #: whether new_layer needs the observed hidden-state shapes (a dummy forward pass)
+    #: whether new_layer needs the observed hidden-state shapes; every method runs the dummy forward pass (it
+    #: also proves each target is called), but only these fail when no dummy input can be made
     needs_runtime_init: ClassVar[bool] = False
     #: whether new_layer can build a (parallel) layer for a span ``"start->end"`` of two modules
     accepts_spans: ClassVar[bool] = False

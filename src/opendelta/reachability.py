@@ -53,7 +53,8 @@ def unreached_error(
         if read is not None and path in read:
             why = (
                 f"{parent} reads its weights directly instead of calling it (as nn.MultiheadAttention does with "
-                "out_proj), so a delta there would never run; address the parent, or modules the forward does call"
+                "out_proj; calling its .forward() also skips the call), so a delta there would never run; address "
+                "the parent, or modules the forward does call"
             )
         elif read is not None:
             why = (
