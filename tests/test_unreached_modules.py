@@ -224,3 +224,24 @@ def test_from_finetuned_refuses_a_checkpoint_on_an_unreached_module(tmp_path):
     with pytest.raises(UnreachedModuleError, match=r"'mha\.out_proj'"):
         DeltaBase.from_finetuned(tmp_path / "ckpt", model, dummy_inputs=(torch.zeros(1, 3, WIDTH),))
     assert_same_state(model, before)
+
+
+# ---------------------------------------------------------------- cost: one pass, on the meta device for a skeleton
+
+
+@pytest.mark.parametrize("method", [LoraModel, IA3Model, BitFitModel, AdapterModel], ids=lambda c: c.__name__)
+def test_construction_runs_the_backbone_once(method):
+    model = fresh(TokenAttention)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    method(model, modified_modules=["head"])
+    handle.remove()
+    assert len(calls) == 1  # the runtime-init pass is the reach check: one pass, not two
+
+
+def test_the_check_runs_on_a_meta_skeleton():
+    with torch.device("meta"):
+        model = TokenAttention()
+    assert LoraModel(model, modified_modules=["head"]).layers["head"].lora_A.is_meta
+    with pytest.raises(UnreachedModuleError, match=r"'mha\.out_proj'.*reads its weights directly"):
+        LoraModel(model, modified_modules=["mha.out_proj"])
