@@ -81,9 +81,9 @@ def hidden(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-def perturb(delta) -> None:
+def perturb(delta, seed: int = 2) -> None:
     """Give every delta parameter non-zero values, so the delta changes outputs."""
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in delta.delta_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)

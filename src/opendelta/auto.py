@@ -21,6 +21,11 @@ class AutoDeltaConfig:
     @staticmethod
     def from_dict(config_dict: Mapping[str, Any]) -> DeltaConfig:
         """``{"delta_type": "lora", "lora_r": 4}`` -> a LoraConfig; the defaults fill the rest."""
+        if not isinstance(config_dict, Mapping):
+            raise DeltaConfigError(
+                f"a delta config must be a dict, got {config_dict!r} of type {type(config_dict).__name__}; "
+                "pass e.g. {'delta_type': 'lora'}"
+            )
         if "delta_type" not in config_dict:
             raise DeltaConfigError("the config dict needs a 'delta_type' key, e.g. {'delta_type': 'lora'}")
         config_cls, _ = lookup(config_dict["delta_type"])

@@ -7,7 +7,12 @@ implements :meth:`DeltaBase.new_layer`; everything else lives here and knows no 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
+import math
 import os
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -29,10 +34,13 @@ from opendelta.addressing import (
     split_span,
 )
 from opendelta.checkpoint import backbone_fingerprint, delta_key, read_checkpoint, read_meta, write_checkpoint
-from opendelta.config import DeltaConfig
+from opendelta.claims import check_value_free, claim_value, release_flag, release_value, set_flag
+from opendelta.config import DeltaConfig, check_delta_name
 from opendelta.distributed import ARRIVAL_TIMEOUT_S, all_ranks_arrive, full_tensors, on_rank_zero, unsharded_class
 from opendelta.errors import (
     CheckpointError,
+    CorruptCheckpointError,
+    DeltaConfigError,
     IncompatibleCheckpointError,
     LifecycleError,
     MergeError,
@@ -46,6 +54,7 @@ from opendelta.registry import lookup, register
 from opendelta.routing import (
     MIXING_ATTR,
     DeltaLayer,
+    OrderKey,
     Span,
     add_delta,
     input_grad_site,
@@ -64,13 +73,40 @@ _MERGED_ATTR = "_opendelta_merged"
 
 SAVE_FORMATS = ("opendelta", "peft")
 
+_stamp_lock = threading.Lock()
+_last_stamp = 0
+
+
+def _creation_stamp() -> int:
+    """Nanoseconds since the epoch, strictly increasing within this process, so a delta created
+    later gets a larger stamp (across processes too, as far as their clocks agree)."""
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(time.time_ns(), _last_stamp + 1)
+        return _last_stamp
+
+
+def _is_position(value: Any) -> bool:
+    """Whether `value` can be a delta's ``order``: a finite int or float (a bool is not a number here)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _checked_position(order: Any) -> float:
+    if not _is_position(order):
+        raise DeltaConfigError(
+            f"order must be a finite number, got {order!r}: a negative order runs the delta before the deltas "
+            "of the default order 0 on the modules it shares with them, a positive one after them."
+        )
+    return order
+
 
 class DeltaBase:
     """A set of delta layers placed on a backbone, attachable and detachable as one.
 
     Constructing attaches. ``detach()`` restores the backbone bit for bit (forwards, hooks,
-    children, state-dict keys, and the values of backbone tensors this delta trained);
-    ``attach()`` re-applies the same layers, so the tuned outputs come back exactly.
+    children, state-dict keys, the ``requires_grad`` flags freeze_module set, and the values of
+    backbone tensors this delta trained); ``attach()`` re-applies the same layers, flags and
+    trained values, so the tuned outputs come back exactly.
     """
 
     delta_type: ClassVar[str] = ""
@@ -94,13 +130,15 @@ class DeltaBase:
         modified_modules: Sequence[str] | None = None,
         exclude_modules: Sequence[str] | None = None,
         unfrozen_modules: Sequence[str] | None = None,
-        common_structure: bool | None = None,
+        common_structure: bool = False,
         interactive_modify: bool | int = False,
         *,
         name: str | None = None,
         dummy_inputs: Any = None,
+        order: float | None = None,
         **method_args: Any,
     ):
+        position = 0 if order is None else _checked_position(order)
         if interactive_modify:
             modified_modules = _select_interactively(backbone_model, interactive_modify)
         config = self.config_class.from_dict(
@@ -113,6 +151,7 @@ class DeltaBase:
             }
         )
         self._setup(backbone_model, config, self.plan(backbone_model, config), name, dummy_inputs)
+        self._order = (position, self._order[1], "")
         self.attach()
 
     # ----------------------------------------------------------------- construction
@@ -120,13 +159,15 @@ class DeltaBase:
     @classmethod
     def from_config(
         cls: type[D], config: DeltaConfig | dict, backbone_model: nn.Module, *, name: str | None = None,
-        dummy_inputs: Any = None,
+        dummy_inputs: Any = None, order: float | None = None,
     ) -> D:
         """Build and attach a delta of this class from a config object or dict."""
+        position = 0 if order is None else _checked_position(order)
         if isinstance(config, dict):
             config = cls.config_class.from_dict(config)
         obj = cls.__new__(cls)
         obj._setup(backbone_model, config, cls.plan(backbone_model, config), name, dummy_inputs)
+        obj._order = (position, obj._order[1], "")
         obj.attach()
         return obj
 
@@ -175,6 +216,7 @@ class DeltaBase:
         self, backbone: nn.Module, config: DeltaConfig, paths: Sequence[str], name: str | None, dummy_inputs: Any
     ) -> None:
         """Build every delta layer without touching the backbone."""
+        check_delta_name(name)
         modules = dict(backbone.named_modules())
         targets: dict[str, nn.Module | Span] = {}
         for path in paths:
@@ -191,14 +233,20 @@ class DeltaBase:
         self._input_grad_site = input_grad_site(backbone)
         self.config = config
         self._targets = targets
-        self.layers: dict[str, DeltaLayer] = {p: self.new_layer(p, targets[p], observations.get(p)) for p in paths}
+        with torch.inference_mode(False):  # layers built under inference_mode would be untrainable inference tensors
+            self.layers: dict[str, DeltaLayer] = {p: self.new_layer(p, targets[p], observations.get(p)) for p in paths}
         self.name = self._free_name(name)
+        self._order: tuple[float, int, str] = (0, _creation_stamp(), "")  # see order_key
         self._attached = False
         self._set_state_dict = False
         self._state_dict_handle: Any = None
         self._input_grad_handle: Any = None
         self._originals: dict[str, torch.Tensor] = {}  # backbone tensors this delta trains: values before
         self._tuned: dict[str, torch.Tensor] = {}  # ... and their tuned values while detached
+        self._flags: dict[str, bool] = {}  # backbone parameter -> requires_grad chosen by freeze_module
+        self._flagged: dict[int, nn.Parameter] = {}  # the parameters whose flags it set while attached
+        self._homes: dict[str, tuple[torch.dtype, torch.device] | None] = {}  # path -> dtype, device at detach
+        self._home_slots: dict[str, tuple[dict, str] | None] = {}  # path -> where _home() looks
         self._merged: dict[str, dict[str, torch.Tensor]] = {}  # path -> parameter values before merge()
         self._reach_check = (
             FirstForwardCheck(backbone, {p: [modules[side] for side in split_span(p) or (p,)] for p in paths})
@@ -252,8 +300,6 @@ class DeltaBase:
             return False
 
         if requested is not None:
-            if not requested.isidentifier():
-                raise PatternError(f"delta name {requested!r} must be a valid Python identifier")
             if taken(requested):
                 raise LifecycleError(f"a delta or attribute named {requested!r} already exists on a target module; pick another name")
             return requested
@@ -270,6 +316,18 @@ class DeltaBase:
         return self._attached
 
     @property
+    def order(self) -> float:
+        """This delta's position among the deltas it shares modules with (``order=``, default 0)."""
+        return self._order[0]
+
+    @property
+    def order_key(self) -> OrderKey:
+        """Where this delta runs among the deltas of its route on each module it modifies, ascending:
+        (order, creation stamp, content digest, name). Fixed at creation, carried by checkpoints,
+        so attach history never changes it (README: "Several deltas live on one backbone")."""
+        return (*self._order, self.name)
+
+    @property
     def is_merged(self) -> bool:
         return bool(self._merged)
 
@@ -281,26 +339,28 @@ class DeltaBase:
             )
 
     def attach(self) -> DeltaBase:
-        """Put the delta layers (and the tuned backbone tensors) into the backbone's data flow."""
+        """Put the delta layers, the trained backbone tensors and the requires_grad flags freeze_module
+        chose back into the backbone; the layers first follow any ``.to()`` move it made meanwhile."""
         if self._attached:
             raise LifecycleError(f"delta {self.name!r} is already attached; detach() it first")
         self._check_free("attach")
+        self._check_backbone_tensors("attach")
+        self._follow_backbone()
         done: list[str] = []
         try:
             for path, layer in self.layers.items():
-                add_delta(self._targets[path], self.name, layer)
+                add_delta(self._targets[path], self.name, layer, self.order_key)
                 done.append(path)
+            self._after_attach()
         except Exception:
             for path in reversed(done):
                 remove_delta(self._targets[path], self.name)
             raise
-        self._after_attach()
         return self
 
     def _after_attach(self, input_grad_handle: Any = None) -> None:
-        if self._tuned:
-            self._swap_backbone_tensors(self._tuned)
-            self._tuned = {}
+        """Everything attach() does beyond the layers; on failure it undoes its own part and raises."""
+        self._apply_backbone_changes()
         if input_grad_handle is None:
             input_grad_handle = require_input_grads(self._input_grad_site)
         self._input_grad_handle = input_grad_handle
@@ -309,6 +369,74 @@ class DeltaBase:
         self._attached = True
         if self._set_state_dict:
             self._install_state_dict_filter()
+
+    def _check_backbone_tensors(self, action: str, leaving: DeltaBase | None = None) -> None:
+        """Before a detached delta attaches: raise LifecycleError if another attached delta owns a
+        backbone tensor it trains, or if that tensor changed since detach (attach would overwrite
+        the change). `leaving` is a delta that detaches in the same step (switch)."""
+        params = dict(self.backbone_model.named_parameters()) if self._tuned else {}
+        for name, tuned in self._tuned.items():
+            param = params.get(name)
+            if param is None or param.shape != tuned.shape:
+                raise LifecycleError(
+                    f"cannot {action} delta {self.name!r}: the backbone tensor {name!r} it trains is "
+                    f"{'gone' if param is None else f'now of shape {tuple(param.shape)}, not {tuple(tuned.shape)}'}; "
+                    "attach it to the backbone it was trained on."
+                )
+            owner = leaving if leaving is not None and name in leaving._originals else None
+            check_value_free(param, name, self, f"{action} delta {self.name!r}", also_free=owner)
+            current = owner._originals[name] if owner is not None else param.detach()
+            if param.is_meta:
+                continue
+            left = self._originals[name].to(param.device, param.dtype)  # what detach() left, moved as the backbone
+            if not torch.equal(current.to(param.device, param.dtype), left):
+                raise LifecycleError(
+                    f"cannot {action} delta {self.name!r}: the backbone tensor {name!r} changed while the delta was "
+                    f"detached, and {self.name!r} trains that tensor, so attaching would overwrite the change with its "
+                    "trained value (and a later detach() would not bring the change back). Put back the value detach() "
+                    "left there (the backbone's own, e.g. from a freshly loaded copy) and attach again; to keep your "
+                    "change, attach the delta to another copy of the backbone."
+                )
+
+    def _apply_backbone_changes(self) -> None:
+        """Swap in the trained values of the backbone tensors this delta owns and set the flags its
+        freeze_module chose; all or nothing."""
+        params = dict(self.backbone_model.named_parameters()) if self._tuned or self._flags else {}
+        swapped: list[str] = []
+        try:
+            with torch.no_grad():
+                for name, tuned in self._tuned.items():
+                    param = params[name]
+                    # what the backbone holds now: the original, moved along with any .to() since detach
+                    self._originals[name] = param.detach().clone()
+                    param.copy_(tuned)
+                    claim_value(param, self)
+                    swapped.append(name)
+            for name, flag in self._flags.items():
+                if name in params:  # another delta's parameter is here only while that delta is attached
+                    set_flag(params[name], self, flag)
+                    self._flagged[id(params[name])] = params[name]
+        except Exception:
+            self._undo_backbone_changes({n: self._originals[n] for n in swapped})
+            raise
+        self._tuned = {}
+
+    def _undo_backbone_changes(self, originals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Put back the flags this delta set and the `originals` of the tensors it trains; return
+        the values those tensors held (the trained ones)."""
+        for param in reversed(self._flagged.values()):
+            release_flag(param, self)
+        self._flagged = {}
+        params = dict(self.backbone_model.named_parameters()) if originals else {}
+        tuned: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, original in originals.items():
+                param = params[name]
+                tuned[name] = param.detach().clone()
+                self._originals[name] = original.to(param.device, param.dtype)  # the stash follows .to() moves
+                param.copy_(self._originals[name])
+                release_value(param, self)
+        return tuned
 
     def detach(self) -> DeltaBase:
         """Take the delta out; the backbone computes exactly what it computed before the delta came.
@@ -326,8 +454,8 @@ class DeltaBase:
         return self
 
     def _after_detach(self) -> None:
-        if self._originals:
-            self._tuned = self._swap_backbone_tensors(self._originals)
+        self._homes = {path: self._home(path) for path in self.layers}
+        self._tuned = self._undo_backbone_changes(self._originals)
         if self._state_dict_handle is not None:
             self._state_dict_handle.remove()
             self._state_dict_handle = None
@@ -337,6 +465,34 @@ class DeltaBase:
         if self._reach_check is not None:
             self._reach_check.remove()
         self._attached = False
+
+    def _follow_backbone(self) -> None:
+        """Move each (detached) layer as the backbone's ``.to()`` moved its module since detach, as
+        if the layer had stayed attached: same device, and the new dtype if the dtype changed."""
+        if not self._homes:
+            return
+        with torch.inference_mode(False):  # a conversion under inference_mode would make untrainable tensors
+            for path, layer in self.layers.items():
+                before = self._homes.get(path)
+                now = self._home(path)
+                if before is None or now is None or before == now:
+                    continue
+                if now[1] != before[1]:
+                    layer.to(device=now[1])
+                if now[0] != before[0]:
+                    layer.to(dtype=now[0])
+        self._homes = {}
+
+    def _home(self, path: str) -> tuple[torch.dtype, torch.device] | None:
+        """The dtype and device the layer at `path` follows (see :func:`_home_slot`; looked up once)."""
+        slot = self._home_slots.get(path)
+        t = slot[0].get(slot[1]) if slot is not None else None
+        if t is None or not t.is_floating_point():
+            slot = self._home_slots[path] = _home_slot(self.backbone_model, path, self._targets[path])
+            if slot is None:
+                return None
+            t = slot[0][slot[1]]
+        return t.dtype, t.device
 
     def switch(self, to: DeltaBase) -> DeltaBase:
         """Detach this delta and attach `to` in one step; returns `to`.
@@ -352,25 +508,31 @@ class DeltaBase:
             raise LifecycleError(f"switch() starts from an attached, unmerged delta; {self.name!r} is not")
         if to._attached:
             raise LifecycleError(f"delta {to.name!r} is already attached; switch to a detached delta")
+        to._check_backbone_tensors("switch to", leaving=self)
+        to._follow_backbone()
         old_by_module = {id(self._targets[p]): p for p in self.layers}
         new_paths = {id(to._targets[p]) for p in to.layers}
         done: list[tuple[str, str | None]] = []  # (new path, old path swapped out there)
-        try:
-            for path, layer in to.layers.items():
-                module = to._targets[path]
-                old = old_by_module.get(id(module))
-                if old is None:
-                    add_delta(module, to.name, layer)
-                else:
-                    swap_delta(module, self.name, to.name, layer)
-                done.append((path, old))
-        except Exception:
+
+        def undo_swaps() -> None:
             for path, old in reversed(done):
                 module = to._targets[path]
                 if old is None:
                     remove_delta(module, to.name)
                 else:
-                    swap_delta(module, to.name, self.name, self.layers[old])
+                    swap_delta(module, to.name, self.name, self.layers[old], self.order_key)
+
+        try:
+            for path, layer in to.layers.items():
+                module = to._targets[path]
+                old = old_by_module.get(id(module))
+                if old is None:
+                    add_delta(module, to.name, layer, to.order_key)
+                else:
+                    swap_delta(module, self.name, to.name, layer, to.order_key)
+                done.append((path, old))
+        except Exception:
+            undo_swaps()
             raise
         for path in reversed(list(self.layers)):
             if id(self._targets[path]) not in new_paths:
@@ -378,7 +540,16 @@ class DeltaBase:
         # the input-grad hook acts on the backbone, not on one delta: hand it over instead of re-registering
         handle, self._input_grad_handle = self._input_grad_handle, None
         self._after_detach()
-        to._after_attach(input_grad_handle=handle)
+        try:
+            to._after_attach(input_grad_handle=handle)
+        except Exception:  # put self back exactly: its layers, then its tensors, flags and hooks
+            for path in self.layers:
+                if id(self._targets[path]) not in new_paths:
+                    add_delta(self._targets[path], self.name, self.layers[path], self.order_key)
+            undo_swaps()
+            self._homes = {}
+            self._after_attach(input_grad_handle=handle)
+            raise
         return to
 
     # ----------------------------------------------------------------- merging
@@ -421,6 +592,7 @@ class DeltaBase:
                     param.copy_(value)
                 module.__dict__.setdefault(_MERGED_ATTR, []).append(self.name)
         self._merged = saved
+        self._homes = {path: self._home(path) for path in saved}  # the layers out of the model follow it on unmerge
         return self
 
     def unmerge(self) -> DeltaBase:
@@ -434,6 +606,7 @@ class DeltaBase:
                 raise LifecycleError(
                     f"delta {stack[-1]!r} merged into {path} after {self.name!r}; unmerge {stack[-1]!r} first"
                 )
+        self._follow_backbone()
         with torch.no_grad():
             for path, entry in self._merged.items():
                 module = self._targets[path]
@@ -443,19 +616,9 @@ class DeltaBase:
                 stack.pop()
                 if not stack:
                     del module.__dict__[_MERGED_ATTR]
-                add_delta(module, self.name, self.layers[path])
+                add_delta(module, self.name, self.layers[path], self.order_key)
         self._merged = {}
         return self
-
-    def _swap_backbone_tensors(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Copy `values` into the backbone's tensors of those names; return what they held."""
-        params = dict(self.backbone_model.named_parameters())
-        previous: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for key, value in values.items():
-                previous[key] = params[key].detach().clone()
-                params[key].copy_(value)
-        return previous
 
     # ----------------------------------------------------------------- freezing
 
@@ -471,13 +634,23 @@ class DeltaBase:
 
         Names follow the addressing syntax and match module or parameter paths. With
         `set_state_dict`, ``backbone.state_dict()`` holds only trainable tensors from now on.
+        The flags belong to this delta: detach() puts the backbone's own back, attach() re-applies
+        them; on a detached delta they are recorded and take effect at attach(). Backbone tensors
+        left trainable become this delta's (saved with it, restored by detach) and stay so.
         """
         if exclude is None:
             exclude = self.config.unfrozen_modules or ["deltas"]
         if isinstance(exclude, str):
             raise PatternError(f"exclude must be a list of names, got the string {exclude!r}; write [{exclude!r}].")
         root = self.backbone_model if module is None else module
-        delta_ids = {id(p) for m in root.modules() if is_delta_module(m) for p in m.parameters()}
+        prefix = _path_of(self.backbone_model, root)
+        inside = {id(m) for m in root.modules()}  # this delta's layers are not in there while it is detached
+        own = {
+            id(p): p for path, layer in self.layers.items() if id(target_module(self._targets[path])) in inside
+            for p in layer.parameters()
+        }
+        own_ids = set(own)
+        delta_ids = {id(p) for m in root.modules() if is_delta_module(m) for p in m.parameters()} | own_ids
         params = dict(root.named_parameters())
         trainable: set[int] = set(delta_ids) if "deltas" in exclude else set()
         names = [e for e in exclude if e != "deltas"]
@@ -489,14 +662,26 @@ class DeltaBase:
                     trainable.add(id(params[path]))
                 else:
                     trainable.update(id(p) for p in root.get_submodule(path).parameters() if id(p) not in delta_ids)
-        prefix = _path_of(self.backbone_model, root)
-        owned: dict[str, torch.Tensor] = {}
-        for pname, param in params.items():
-            param.requires_grad_(id(param) in trainable)
-            full = prefix + pname
-            if id(param) in trainable and id(param) not in delta_ids:
-                owned[full] = self._originals[full] if full in self._originals else param.detach().clone()
-        self._originals = owned
+        flags = {prefix + n: id(p) in trainable for n, p in params.items() if id(p) not in own_ids}
+        trained = {prefix + n: p for n, p in params.items() if id(p) in trainable and id(p) not in delta_ids}
+        for name, param in trained.items():  # refuse before changing anything
+            check_value_free(param, name, self, f"let delta {self.name!r} train {name!r}")
+        with torch.no_grad():
+            for name, param in trained.items():
+                if name not in self._originals:
+                    self._originals[name] = param.detach().clone()
+                    if self._attached:
+                        claim_value(param, self)
+                    else:  # not trained yet: attach() puts the same value in
+                        self._tuned[name] = param.detach().clone()
+        for p in own.values():
+            p.requires_grad_(id(p) in trainable)
+        self._flags.update(flags)
+        if self._attached:
+            by_name = {prefix + n: p for n, p in params.items()}
+            for name, flag in flags.items():
+                set_flag(by_name[name], self, flag)
+                self._flagged[id(by_name[name])] = by_name[name]
         if set_state_dict:
             self._set_state_dict = True
             if self._attached and self._state_dict_handle is None:
@@ -573,6 +758,8 @@ class DeltaBase:
         meta: dict[str, Any] = {
             "delta_type": self.delta_type,
             "name": self.name,
+            # the delta's place among others on shared modules (order_key), so loading order never matters
+            "order": {"position": self._order[0], "created": self._order[1]},
             "library_version": __version__,
             "config": self.config.to_dict(),
             # paths only: the tensors' shapes are already in the safetensors header
@@ -625,24 +812,29 @@ class DeltaBase:
         *,
         name: str | None = None,
         dummy_inputs: Any = None,
+        order: float | None = None,
     ) -> D:
         """Load a checkpoint written by save_finetuned() (or a PEFT LoRA adapter folder) onto
         `backbone_model` and attach it.
 
         Everything is checked before the backbone is touched: a checkpoint that does not fit
-        raises IncompatibleCheckpointError naming the modules and shapes that differ.
+        raises IncompatibleCheckpointError naming the modules and shapes that differ. The delta
+        keeps the place among other deltas its checkpoint records; `order` overrides its position.
         """
         from opendelta.peft_format import is_peft_folder, read_peft_checkpoint
 
+        override = None if order is None else _checked_position(order)
         device = model_device(backbone_model)
         device = torch.device("cpu") if device.type == "meta" else device
         if is_peft_folder(finetuned_delta_path):
             delta_cls, config, paths, tensors, backbone_names, trained_on = read_peft_checkpoint(
                 finetuned_delta_path, device
             )
+            position, created = 0, 0
         else:
             meta = read_meta(finetuned_delta_path)
             _, delta_cls = lookup(meta["delta_type"])
+            position, created = _saved_order(meta, finetuned_delta_path)
             ckpt = read_checkpoint(finetuned_delta_path, device=device)
             config = delta_cls.config_class.from_dict(ckpt.meta["config"])
             paths = list(ckpt.meta.get("modules", {}))
@@ -670,6 +862,8 @@ class DeltaBase:
             raise
         except UnsupportedModuleError as exc:
             raise IncompatibleCheckpointError(f"the checkpoint does not fit this backbone: {exc}") from exc
+        # a delta of unknown creation time is placed by its content, never by the loading order
+        obj._order = (position if override is None else override, created, "" if created else _content_digest(tensors))
         obj._load_tensors(tensors, backbone_names, trained_on)
         return obj
 
@@ -705,11 +899,38 @@ class DeltaBase:
             )
         for path, layer in self.layers.items():
             layer.load_state_dict(states[path])
-        self.attach()
-        with torch.no_grad():
+        with torch.no_grad():  # as if detached after training: attach() checks ownership and swaps the values in
             for n in backbone_names:
-                self._originals.setdefault(n, params[n].detach().clone())
-                params[n].copy_(tensors[f"backbone.{n}"])
+                self._originals[n] = params[n].detach().clone()
+                self._tuned[n] = tensors[f"backbone.{n}"]
+        self.attach()
+
+
+def _saved_order(meta: dict[str, Any], where: str | os.PathLike) -> tuple[float, int]:
+    """The (position, creation stamp) a checkpoint records; (0, 0), i.e. created at an unknown
+    time, for checkpoints written before the field existed."""
+    if "order" not in meta:
+        return 0, 0
+    saved = meta["order"]
+    position = saved.get("position") if isinstance(saved, dict) else None
+    created = saved.get("created") if isinstance(saved, dict) else None
+    if not _is_position(position) or isinstance(created, bool) or not isinstance(created, int) or created < 0:
+        raise CorruptCheckpointError(
+            f"the config in {str(where)!r} has 'order' {saved!r}; it must be "
+            '{"position": <finite number>, "created": <integer >= 0>}: restore it, or delete the field to load '
+            "the delta at the default position."
+        )
+    return position, created
+
+
+def _content_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of a checkpoint's tensors (names, dtypes, shapes, bytes), independent of where they live."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensors[key].shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _without_covered_spans(paths: list[str]) -> list[str]:
@@ -721,6 +942,23 @@ def _without_covered_spans(paths: list[str]) -> list[str]:
         return all(any(a in modules for a in ancestors(side)) for side in split_span(path) or ())
 
     return [p for p in paths if not (split_span(p) and covered(p))]
+
+
+def _home_slot(backbone: nn.Module, path: str, target: nn.Module | Span) -> tuple[dict, str] | None:
+    """Where the first floating-point backbone tensor of the module a delta at `path` acts on lives
+    (its ``_parameters`` or ``_buffers`` dict and key), or, for a module without one (an
+    activation), that of its nearest ancestor with one: what flows through the module follows
+    that tensor's dtype and device when the backbone is moved."""
+    home = (split_span(path) or ("", path))[1]
+    parents = [*list(ancestors(home))[1:], ""] if home else []
+    # lazily: the first module that has a floating-point tensor ends the search
+    for module in itertools.chain([target_module(target)], (backbone.get_submodule(p) for p in parents)):
+        for m in itertools.chain([module], (m for _, m in backbone_modules(module))):
+            for tensors in (m._parameters, m._buffers):
+                for key, t in tensors.items():
+                    if t is not None and t.is_floating_point():
+                        return tensors, key
+    return None
 
 
 def _path_of(root: nn.Module, module: nn.Module) -> str:

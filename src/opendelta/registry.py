@@ -25,7 +25,7 @@ def register(delta_type: str, config_cls: type[DeltaConfig], model_cls: type[Del
 def lookup(delta_type: str) -> tuple[type[DeltaConfig], type[DeltaBase]]:
     try:
         return _REGISTRY[delta_type]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable value (a list or dict from edited JSON)
         close = difflib.get_close_matches(str(delta_type), list(_REGISTRY), n=3)
         hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise UnknownDeltaTypeError(

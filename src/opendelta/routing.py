@@ -6,8 +6,10 @@ Removing the last delta removes them, so the module is exactly as before. Delta 
 children of the module they modify and the hooks find them by name through the ``module``
 argument, so ``copy.deepcopy`` and data-parallel replicas route through their own copies.
 
-Order inside one module: *before* deltas (in attach order) -> the module (or its replacement) ->
-*parallel* deltas (their sum) -> *after* deltas (in attach order).
+Order inside one module: *before* deltas -> the module (or its replacement) -> *parallel* deltas
+(added one after another) -> *after* deltas. Within each route the deltas run in ascending order
+of the sort key each was added with (then by name), never by when they were added, so any
+sequence of removals and re-additions composes the same function, bit for bit.
 
 A parallel delta may also *span* two modules (:class:`Span`): it reads the input of a start
 module and adds its result to the output of an end module that runs later (a feed-forward block
@@ -31,6 +33,8 @@ from torch import nn
 from opendelta.errors import LifecycleError, MergeError, MixedBatchError, UnsupportedModuleError
 
 ROUTES = ("before", "after", "parallel", "replace")
+#: where a delta runs among the deltas of its route on one module: ascending, compared as tuples
+OrderKey = tuple
 _SITE_ATTR = "_opendelta_site"
 #: set in a backbone's __dict__ while a mixed batch is planned on it
 MIXING_ATTR = "_opendelta_mixing"
@@ -244,7 +248,8 @@ class SpanInput:
 
 
 class Site:
-    """The deltas acting on one module, by route, as names of the module's delta children.
+    """The deltas acting on one module, by route, as names of the module's delta children, each
+    route's list kept in composition order (:meth:`place`).
 
     `taps` are spans starting here (their input is recorded); `span_inputs` are the parallel
     deltas here whose input comes from a span's start instead of this module's input.
@@ -257,6 +262,7 @@ class Site:
         self.parallel: list[str] = []
         self.after: list[str] = []
         self.replace: str | None = None
+        self.order: dict[str, OrderKey] = {}  # delta name -> the sort key it was added with
         self.taps: dict[str, SpanInput] = {}
         self.span_inputs: dict[str, SpanInput] = {}
         self._pre_handle: Any = None
@@ -264,6 +270,24 @@ class Site:
         self._had_forward = "forward" in module.__dict__
         self._own_forward: Any = None
         self.mix: _Mix | None = None
+
+    def place(self, route: str, name: str, order: OrderKey) -> None:
+        """Put delta `name` into `route`'s list at its place: ascending `order`, then name."""
+        self.order[name] = order
+        names = getattr(self, route)
+        names.append(name)
+        if len(names) > 1:
+            names.sort(key=self._place_of)
+
+    def _place_of(self, name: str) -> tuple[OrderKey, str]:
+        return self.order[name], name
+
+    def unplace(self, name: str) -> None:
+        """Take delta `name` out of whichever route list holds it."""
+        for names in (self.before, self.parallel, self.after):
+            if name in names:
+                names.remove(name)
+        self.order.pop(name, None)
 
     def _keyword_input_name(self) -> str | None:
         if self.input_name is None:
@@ -430,14 +454,15 @@ def target_module(target: nn.Module | Span) -> nn.Module:
     return target.end if isinstance(target, Span) else target
 
 
-def add_delta(module: nn.Module | Span, name: str, layer: DeltaLayer) -> None:
-    """Make `layer` (a delta) act on `module` under child name `name`, by the layer's route.
+def add_delta(module: nn.Module | Span, name: str, layer: DeltaLayer, order: OrderKey = ()) -> None:
+    """Make `layer` (a delta) act on `module` under child name `name`, by the layer's route, at its
+    place among the module's deltas of that route: ascending `order` (a tuple), then `name`.
 
     On a :class:`Span` the layer (route parallel) becomes a child of the span's end, fed with the
     span's start input.
     """
     if isinstance(module, Span):
-        _add_span(module, name, layer)
+        _add_span(module, name, layer, order)
         return
     if layer.route not in ROUTES:
         raise ValueError(f"unknown route {layer.route!r}; expected one of {ROUTES}")
@@ -458,7 +483,7 @@ def add_delta(module: nn.Module | Span, name: str, layer: DeltaLayer) -> None:
     if layer.route == "replace":
         site.replace = name
     else:
-        getattr(site, layer.route).append(name)
+        site.place(layer.route, name, order)
     module.__dict__[_SITE_ATTR] = site
     try:
         site.refresh(module)
@@ -467,9 +492,9 @@ def add_delta(module: nn.Module | Span, name: str, layer: DeltaLayer) -> None:
         raise
 
 
-def _add_span(span: Span, name: str, layer: DeltaLayer) -> None:
+def _add_span(span: Span, name: str, layer: DeltaLayer, order: OrderKey) -> None:
     if span.start is span.end:
-        add_delta(span.end, name, layer)
+        add_delta(span.end, name, layer, order)
         return
     if layer.route != "parallel":
         raise UnsupportedModuleError(
@@ -479,7 +504,7 @@ def _add_span(span: Span, name: str, layer: DeltaLayer) -> None:
     start_site = site_of(span.start) or Site(span.start)
     if name in start_site.taps:
         raise LifecycleError(f"{type(span.start).__name__} already starts a span of a delta named {name!r}")
-    add_delta(span.end, name, layer)
+    add_delta(span.end, name, layer, order)
     stash = SpanInput()
     end_site = site_of(span.end)
     assert end_site is not None
@@ -504,31 +529,28 @@ def _name_taken(module: nn.Module, name: str) -> bool:
     )
 
 
-def swap_delta(module: nn.Module | Span, old: str, new: str, layer: DeltaLayer) -> None:
-    """:func:`remove_delta` of `old` then :func:`add_delta` of `layer` as `new`, keeping the hooks
-    installed in between (a task switch on the same modules re-registers nothing)."""
+def swap_delta(module: nn.Module | Span, old: str, new: str, layer: DeltaLayer, order: OrderKey = ()) -> None:
+    """:func:`remove_delta` of `old` then :func:`add_delta` of `layer` as `new` at `order`, keeping
+    the hooks installed in between (a task switch on the same modules re-registers nothing)."""
     if isinstance(module, Span):
         remove_delta(module, old)
-        add_delta(module, new, layer)
+        add_delta(module, new, layer, order)
         return
     site = site_of(module)
     if site is None or old not in module._modules:
         raise LifecycleError(f"{type(module).__name__} has no delta named {old!r}")
     if layer.route == "replace" or site.replace == old:
         remove_delta(module, old)
-        add_delta(module, new, layer)
+        add_delta(module, new, layer, order)
         return
     if new != old and _name_taken(module, new):
         raise LifecycleError(f"{type(module).__name__} already has an attribute or child named {new!r}")
-    for route in ("before", "parallel", "after"):
-        names = getattr(site, route)
-        if old in names:
-            names.remove(old)
+    site.unplace(old)
     leaving = module._modules.pop(old)
     module._modules[new] = layer
     leaving.on_remove(module)
     layer.on_add(module)
-    getattr(site, layer.route).append(new)
+    site.place(layer.route, new, order)
     site.refresh(module)
 
 
@@ -547,10 +569,7 @@ def remove_delta(module: nn.Module | Span, name: str) -> DeltaLayer:
     layer.on_remove(module)
     if site is not None:
         site.span_inputs.pop(name, None)
-        for route in ("before", "parallel", "after"):
-            names = getattr(site, route)
-            if name in names:
-                names.remove(name)
+        site.unplace(name)
         if site.replace == name:
             site.replace = None
         site.refresh(module)

@@ -146,20 +146,73 @@ def _call(model: nn.Module, inputs: Any) -> None:
         model(inputs)
 
 
+class _CopyOnWrite(TorchDispatchMode):
+    """Copies each of `tensors` the first time an operation writes into its memory, so that
+    :meth:`restore` can undo every in-place write (a call counter, a running statistic, a cache)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        super().__init__()
+        self._by_memory: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
+        for tensor in tensors:
+            key = _memory(tensor)
+            if key is not None:
+                self._by_memory.setdefault(key, []).append(tensor)
+        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.watching = bool(self._by_memory)  # nothing to watch on the meta device
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        schema = getattr(func, "_schema", None)
+        for i, arg in enumerate(schema.arguments if schema is not None else ()):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                value = args[i] if i < len(args) else kwargs.get(arg.name)
+                for written in value if isinstance(value, (list, tuple)) else (value,):
+                    if isinstance(written, torch.Tensor):
+                        for tensor in self._by_memory.get(_memory(written), ()):  # type: ignore[arg-type]
+                            self._saved.setdefault(id(tensor), (tensor, tensor.clone()))
+        return func(*args, **kwargs)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for tensor, value in self._saved.values():
+                if tensor.shape == value.shape:
+                    tensor.copy_(value)
+                else:  # resized in place (a growing cache)
+                    tensor.data = value
+
+
+def _memory(tensor: torch.Tensor) -> tuple[torch.device, int] | None:
+    """Where a tensor's data lives (views share it), or None when it has none to protect."""
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses without plain storage
+        return None
+    return None if tensor.is_meta or pointer == 0 else (tensor.device, pointer)
+
+
 @contextlib.contextmanager
 def _untouched(model: nn.Module) -> Iterator[None]:
     """The dummy pass must not change the model or the program's randomness: it runs in eval mode
-    (no BatchNorm statistics update, no dropout) and on a forked random generator, and every
-    module's train/eval flag is put back afterwards."""
+    (no BatchNorm statistics update, no dropout) and on a forked random generator; afterwards,
+    whether it succeeded or failed, every module's train/eval flag, its parameters and buffers
+    (re-assigned ones, and the values of those written in place) are put back."""
     modes = [(m, m.training) for m in model.modules()]
+    tensors = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     devices = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    writes = _CopyOnWrite([t for _, ps, bs in tensors for t in (*ps.values(), *bs.values()) if t is not None])
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), (writes if writes.watching else contextlib.nullcontext()):
             model.eval()
             yield
     finally:
         for module, training in modes:
             module.training = training
+        for module, params, buffers in tensors:
+            for now, before in ((module._parameters, params), (module._buffers, buffers)):
+                if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
+                    now.clear()
+                    now.update(before)
+        writes.restore()
 
 
 def observe(

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opendelta.config import DeltaConfig
+from opendelta.config import DeltaConfig, choice, size
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import DeltaConfigError, UnsupportedModuleError
+from opendelta.errors import UnsupportedModuleError
 from opendelta.routing import DeltaLayer
 from opendelta.runtime_init import Observation
 
@@ -30,22 +30,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid,
     "linear": lambda h: h,
 }
-
-
-def check_activation(name: str) -> None:
-    """Raise DeltaConfigError unless `name` is one of :data:`ACTIVATIONS`."""
-    if name not in ACTIVATIONS:
-        raise DeltaConfigError(f"non_linearity {name!r} is unknown; use one of {', '.join(ACTIVATIONS)}")
-
-
-def check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise DeltaConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
-def check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise DeltaConfigError(f"{name} must be True or False, got {value!r}")
 
 
 def hidden_size(path: str, observation: Observation | None, method: str, *, side: str = "output") -> int:
@@ -108,12 +92,8 @@ def bottleneck_linears(dim: int, bottleneck: int, observation: Observation) -> t
 
 @dataclass
 class AdapterConfig(DeltaConfig):
-    bottleneck_dim: int = 24
-    non_linearity: str = "gelu_new"
-
-    def validate(self) -> None:
-        check_positive_int("bottleneck_dim", self.bottleneck_dim)
-        check_activation(self.non_linearity)
+    bottleneck_dim: int = size(24)
+    non_linearity: str = choice("gelu_new", ACTIVATIONS)
 
 
 class AdapterModel(DeltaBase):
@@ -136,11 +116,6 @@ class AdapterModel(DeltaBase):
 
 
 WEIGHT_INITS = ("glorot-uniform", "glorot-normal", "normal")
-
-
-def check_init(name: str, value: str) -> None:
-    if value not in WEIGHT_INITS:
-        raise DeltaConfigError(f"{name} {value!r} is unknown; use one of {', '.join(WEIGHT_INITS)}")
 
 
 def glorot_(tensor: torch.Tensor, fan_in: int, fan_out: int, kind: str) -> None:

@@ -17,55 +17,30 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from opendelta.config import DeltaConfig
+from opendelta.config import DeltaConfig, choice, positive, size
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import DeltaConfigError, UnsupportedModuleError
-from opendelta.methods.adapter import (
-    BottleneckLayer,
-    check_activation,
-    check_bool,
-    check_init,
-    check_positive_int,
-    glorot_,
-    reduced_sizes,
-)
+from opendelta.errors import UnsupportedModuleError
+from opendelta.methods.adapter import ACTIVATIONS, WEIGHT_INITS, BottleneckLayer, glorot_, reduced_sizes
 from opendelta.runtime_init import Observation
 
 
 @dataclass
 class CompacterConfig(DeltaConfig):
-    reduction_factor: int = 16
-    non_linearity: str = "gelu_new"
-    phm_c_init: str = "normal"
-    hypercomplex_division: int = 4
+    reduction_factor: int = size(16)
+    non_linearity: str = choice("gelu_new", ACTIVATIONS)
+    phm_c_init: str = choice("normal", ("normal", "uniform"))
+    hypercomplex_division: int = size(4)
     learn_phm: bool = True
-    hypercomplex_nonlinearity: str = "glorot-uniform"
+    hypercomplex_nonlinearity: str = choice("glorot-uniform", WEIGHT_INITS)
     shared_phm_rule: bool = False
     factorized_phm: bool = True
     shared_W_phm: bool = False
     factorized_phm_rule: bool = False
-    phm_rank: int = 1
-    phm_init_range: float = 0.0001
+    phm_rank: int = size(1)
+    phm_init_range: float = positive(0.0001)
     kronecker_prod: bool | None = None
     use_bias_up_sampler: bool = True
     use_bias_down_sampler: bool = True
-
-    def validate(self) -> None:
-        check_positive_int("reduction_factor", self.reduction_factor)
-        check_positive_int("hypercomplex_division", self.hypercomplex_division)
-        check_positive_int("phm_rank", self.phm_rank)
-        check_activation(self.non_linearity)
-        check_init("hypercomplex_nonlinearity", self.hypercomplex_nonlinearity)
-        for name in ("learn_phm", "shared_phm_rule", "factorized_phm", "shared_W_phm", "factorized_phm_rule",
-                     "use_bias_up_sampler", "use_bias_down_sampler"):
-            check_bool(name, getattr(self, name))
-        if self.kronecker_prod is not None:
-            check_bool("kronecker_prod", self.kronecker_prod)
-        if self.phm_c_init not in ("normal", "uniform"):
-            raise DeltaConfigError(f"phm_c_init must be 'normal' or 'uniform', got {self.phm_c_init!r}")
-        if isinstance(self.phm_init_range, bool) or not isinstance(self.phm_init_range, (int, float)) \
-                or not self.phm_init_range > 0:
-            raise DeltaConfigError(f"phm_init_range must be a positive number, got {self.phm_init_range!r}")
 
 
 def new_phm_rule(config: CompacterConfig, observation: Observation) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from torch import nn
 from opendelta.addressing import find_modules
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import DeltaConfigError, PatternError, StructureError, UnsupportedModuleError
+from opendelta.errors import PatternError, StructureError, UnsupportedModuleError
 from opendelta.linear_layers import fold_into_weight, linear_shape
 from opendelta.routing import DeltaLayer
 from opendelta.runtime_init import Observation
@@ -69,15 +69,6 @@ class IA3InputLayer(IA3Layer):
 @dataclass
 class IA3Config(DeltaConfig):
     feedforward_modules: list[str] | None = None
-
-    def validate(self) -> None:
-        if isinstance(self.feedforward_modules, str):
-            raise DeltaConfigError(
-                f"feedforward_modules must be a list of names, got the string {self.feedforward_modules!r}; "
-                f"write [{self.feedforward_modules!r}]."
-            )
-        if self.feedforward_modules is not None:
-            self.feedforward_modules = list(self.feedforward_modules)
 
 
 class IA3Model(DeltaBase):

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from opendelta.addressing import matches
-from opendelta.config import DeltaConfig
+from opendelta.config import DeltaConfig, number, positive, size
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import DeltaConfigError, UnsupportedModuleError
+from opendelta.errors import UnsupportedModuleError
 from opendelta.routing import DeltaLayer
 from opendelta.runtime_init import Observation
 from opendelta.linear_layers import fold_into_weight, linear_shape
@@ -20,21 +20,14 @@ from opendelta.linear_layers import fold_into_weight, linear_shape
 
 @dataclass
 class LoraConfig(DeltaConfig):
-    lora_r: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
+    lora_r: int = size(8)
+    lora_alpha: float = positive(16)
+    lora_dropout: float = number(0.0, low=0.0, high=1.0, high_open=True)
     #: rank-stabilised LoRA (Kalajdzievski, 2023): s = alpha / sqrt(r) instead of alpha / r
     use_rslora: bool = False
     #: per-module r and alpha, ``{module pattern: value}`` in the addressing syntax; first match wins
-    rank_pattern: dict[str, int] | None = None
-    alpha_pattern: dict[str, float] | None = None
-
-    def validate(self) -> None:
-        for name, r in [("lora_r", self.lora_r), *((f"rank_pattern[{k!r}]", v) for k, v in (self.rank_pattern or {}).items())]:
-            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-                raise DeltaConfigError(f"{name} must be a positive integer, got {r!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise DeltaConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+    rank_pattern: dict[str, int] | None = size(None)
+    alpha_pattern: dict[str, float] | None = positive(None)
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """The rank r and alpha of the LoRA at module `path` (the first matching pattern, else the defaults)."""

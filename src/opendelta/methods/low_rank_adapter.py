@@ -7,16 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from opendelta.config import DeltaConfig
+from opendelta.config import DeltaConfig, choice, size
 from opendelta.delta_base import DeltaBase
-from opendelta.methods.adapter import (
-    BottleneckLayer,
-    check_activation,
-    check_init,
-    check_positive_int,
-    glorot_,
-    reduced_sizes,
-)
+from opendelta.methods.adapter import ACTIVATIONS, WEIGHT_INITS, BottleneckLayer, glorot_, reduced_sizes
 from opendelta.runtime_init import Observation
 
 
@@ -40,16 +33,10 @@ class LowRankLinear(nn.Module):
 
 @dataclass
 class LowRankAdapterConfig(DeltaConfig):
-    reduction_factor: int = 32
-    non_linearity: str = "gelu_new"
-    low_rank_w_init: str = "glorot-uniform"
-    low_rank_rank: int = 1
-
-    def validate(self) -> None:
-        check_positive_int("reduction_factor", self.reduction_factor)
-        check_positive_int("low_rank_rank", self.low_rank_rank)
-        check_activation(self.non_linearity)
-        check_init("low_rank_w_init", self.low_rank_w_init)
+    reduction_factor: int = size(32)
+    non_linearity: str = choice("gelu_new", ACTIVATIONS)
+    low_rank_w_init: str = choice("glorot-uniform", WEIGHT_INITS)
+    low_rank_rank: int = size(1)
 
 
 class LowRankAdapterModel(DeltaBase):

@@ -7,17 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from opendelta.config import DeltaConfig
+from opendelta.config import DeltaConfig, choice, positive, size
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import DeltaConfigError
-from opendelta.methods.adapter import (
-    ACTIVATIONS,
-    BottleneckLayer,
-    bottleneck_linears,
-    check_activation,
-    check_positive_int,
-    hidden_size,
-)
+from opendelta.methods.adapter import ACTIVATIONS, BottleneckLayer, bottleneck_linears, hidden_size
 from opendelta.routing import Span
 from opendelta.runtime_init import Observation
 
@@ -37,15 +29,10 @@ class ParallelAdapterLayer(BottleneckLayer):
 
 @dataclass
 class ParallelAdapterConfig(DeltaConfig):
-    bottleneck_dim: int = 24
-    non_linearity: str = "gelu_new"
-    scaled: float = 1.0
-
-    def validate(self) -> None:
-        check_positive_int("bottleneck_dim", self.bottleneck_dim)
-        check_activation(self.non_linearity)
-        if not isinstance(self.scaled, (int, float)) or isinstance(self.scaled, bool):
-            raise DeltaConfigError(f"scaled must be a number, got {self.scaled!r}")
+    bottleneck_dim: int = size(24)
+    non_linearity: str = choice("gelu_new", ACTIVATIONS)
+    #: s, the factor on the adapter's output
+    scaled: float = positive(1.0)
 
 
 class ParallelAdapterModel(DeltaBase):

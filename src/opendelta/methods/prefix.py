@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from opendelta.addressing import is_delta_module
-from opendelta.config import DeltaConfig
+from opendelta.config import DeltaConfig, size
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import DeltaConfigError, MixedBatchError, UnsupportedModuleError
+from opendelta.errors import MixedBatchError, UnsupportedModuleError
 from opendelta.routing import DeltaLayer, as_keywords, combined_order, positional_names
 from opendelta.runtime_init import Observation, observe
 
@@ -61,18 +61,10 @@ PREFIXES_ARG = "opendelta_prefixes"
 
 @dataclass
 class PrefixConfig(DeltaConfig):
-    prefix_token_num: int = 6
+    prefix_token_num: int = size(6)
     reparameterize: bool = True
-    embed_dim: int = 512
-    mid_dim: int = 512
-
-    def validate(self) -> None:
-        for name in ("prefix_token_num", "embed_dim", "mid_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise DeltaConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.reparameterize, bool):
-            raise DeltaConfigError(f"reparameterize must be True or False, got {self.reparameterize!r}")
+    embed_dim: int = size(512)
+    mid_dim: int = size(512)
 
 
 @dataclass(frozen=True)
@@ -445,7 +437,7 @@ def prefixed_attention(
         )
     is_causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
-    for prefix in prefixes:  # in attach order, each in front of what is there, as the cache views stack
+    for prefix in prefixes:  # in composition order, each in front of what is there, as the cache views stack
         if isinstance(prefix, _KeyShapeProbe):
             prefix.callers.append(module)
         prefix_keys, prefix_values = prefix.key_values(key)

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from opendelta.addressing import find_modules
-from opendelta.config import DeltaConfig
+from opendelta.config import DeltaConfig, positive, size
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import DeltaConfigError, MixedBatchError, OpenDeltaError, UnsupportedModuleError
+from opendelta.errors import MixedBatchError, OpenDeltaError, UnsupportedModuleError
 from opendelta.routing import DeltaLayer, as_keywords, combined_order, positional_names
 from opendelta.runtime_init import Observation
 from opendelta.structure import resolve_roles
@@ -34,17 +34,9 @@ CACHE_ARGS = ("cache", "past_key_values")
 
 @dataclass
 class SoftPromptConfig(DeltaConfig):
-    soft_token_num: int = 100
-    init_range: float = 0.5
+    soft_token_num: int = size(100)
+    init_range: float = positive(0.5)
     token_init: bool = True
-
-    def validate(self) -> None:
-        if not isinstance(self.soft_token_num, int) or isinstance(self.soft_token_num, bool) or self.soft_token_num < 1:
-            raise DeltaConfigError(f"soft_token_num must be a positive integer, got {self.soft_token_num!r}")
-        if not isinstance(self.init_range, (int, float)) or self.init_range <= 0:
-            raise DeltaConfigError(f"init_range must be a positive number, got {self.init_range!r}")
-        if not isinstance(self.token_init, bool):
-            raise DeltaConfigError(f"token_init must be True or False, got {self.token_init!r}")
 
 
 def _cache_length(kwargs: dict) -> int:
@@ -221,6 +213,10 @@ class SoftPromptModel(DeltaBase):
         is_encoder_decoder = len(self._targets) == 2
         if is_encoder_decoder and path == list(self._targets)[1]:
             return CrossPromptMaskLayer(self.config.soft_token_num, module)
+        # the prompt takes positions 0..n-1: a model with a fixed number of positions needs room for the input
+        positions = getattr(getattr(self.backbone_model, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and not isinstance(positions, bool):
+            self.config.check_below("soft_token_num", positions, "max_position_embeddings")
         params = _parameter_names(module)
         if not {"input_ids", "inputs_embeds", "attention_mask"} <= params:
             raise UnsupportedModuleError(
