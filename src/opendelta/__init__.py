@@ -30,6 +30,7 @@ from opendelta.errors import (
     UnknownDeltaTypeError,
     UnsupportedModuleError,
 )
+from opendelta.layer import DeltaLayer
 from opendelta.methods import (
     AdapterConfig,
     AdapterModel,
@@ -51,7 +52,6 @@ from opendelta.methods import (
     SoftPromptModel,
 )
 from opendelta.multitask import MultiTask, mixed_batch
-from opendelta.routing import DeltaLayer
 
 __all__ = [
     "AdapterConfig",

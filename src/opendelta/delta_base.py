@@ -14,7 +14,8 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from types import MappingProxyType
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -56,17 +57,16 @@ from opendelta.errors import (
     PatternError,
     UnsupportedModuleError,
 )
+from opendelta.input_grads import require_input_grads
+from opendelta.layer import DeltaLayer
 from opendelta.registry import lookup, register
 from opendelta.routing import (
     DATA_FLOW_LOCK,
-    DeltaLayer,
     OrderKey,
     Span,
     add_delta,
-    input_grad_site,
     mixing_anywhere,
     remove_delta,
-    require_input_grads,
     site_of,
     swap_delta,
     target_module,
@@ -240,9 +240,9 @@ class DeltaBase:
             self.runtime_observe(backbone, paths, dummy_inputs) if self.needs_runtime_init else {}
         )
         self.backbone_model = backbone
-        self._input_grad_site = input_grad_site(backbone)
         self.config = config
         self._targets = targets
+        self.prepare(observations)
         with torch.inference_mode(False):  # layers built under inference_mode would be untrainable inference tensors
             self.layers: dict[str, DeltaLayer] = {p: self.new_layer(p, targets[p], observations.get(p)) for p in paths}
         self.name = self._free_name(name)
@@ -273,6 +273,18 @@ class DeltaBase:
             )
         return seen
 
+    @property
+    def targets(self) -> Mapping[str, nn.Module | Span]:
+        """The modules (or spans) this delta modifies, by path, in order (read-only)."""
+        return MappingProxyType(self._targets)
+
+    def prepare(self, observations: Mapping[str, Observation]) -> None:
+        """The build step before :meth:`new_layer`: where a method keeps state for one build (whatever
+        ``new_layer`` shares among layers, or checks across `targets`). Called once per build by every
+        constructor (``__init__``, ``from_config``, ``from_finetuned``) with `backbone_model`,
+        `config` and `targets` set, and `observations` of the dummy pass (empty without runtime init);
+        by default nothing."""
+
     def new_layer(self, path: str, module: nn.Module | Span, observation: Observation | None) -> DeltaLayer:
         """The delta layer for the module (or span, see `accepts_spans`) at `path`; raise
         UnsupportedModuleError if it cannot act there."""
@@ -284,7 +296,7 @@ class DeltaBase:
                 module = target_module(target)
                 if candidate in module._modules or hasattr(module, candidate):
                     return True
-                if isinstance(target, Span) and candidate in getattr(site_of(target.start), "taps", {}):
+                if isinstance(target, Span) and candidate in getattr(site_of(target.start), "span_starts", {}):
                     return True
             return False
 
@@ -353,7 +365,7 @@ class DeltaBase:
         """Everything attach() does beyond the layers; on failure it undoes its own part and raises."""
         self._apply_backbone_changes()
         if input_grad_handle is None:
-            input_grad_handle = require_input_grads(self._input_grad_site)
+            input_grad_handle = require_input_grads(self.backbone_model)
         self._input_grad_handle = input_grad_handle
         self._attached = True
         if self._set_state_dict:

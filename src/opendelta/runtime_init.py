@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from opendelta.errors import RuntimeInitError
-from opendelta.routing import first_tensor
+from opendelta.layer import first_tensor
 
 
 @dataclass(frozen=True)
