@@ -28,6 +28,7 @@ from opendelta.errors import (
     SelectionTimeout,
     StructureError,
     UnknownDeltaTypeError,
+    UnreachedModuleError,
     UnsupportedModuleError,
 )
 from opendelta.layer import DeltaLayer
@@ -99,6 +100,7 @@ __all__ = [
     "SoftPromptModel",
     "StructureError",
     "UnknownDeltaTypeError",
+    "UnreachedModuleError",
     "UnsupportedModuleError",
     "find_modules",
     "mixed_batch",

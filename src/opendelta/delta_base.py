@@ -55,10 +55,13 @@ from opendelta.errors import (
     LifecycleError,
     MergeError,
     PatternError,
+    RuntimeInitError,
+    UnreachedModuleError,
     UnsupportedModuleError,
 )
 from opendelta.input_grads import require_input_grads
 from opendelta.layer import DeltaLayer
+from opendelta.reachability import FirstForwardCheck
 from opendelta.registry import lookup, register
 from opendelta.routing import (
     DATA_FLOW_LOCK,
@@ -132,7 +135,8 @@ class DeltaBase:
     config_class: ClassVar[type[DeltaConfig]] = DeltaConfig
     #: where the method goes when the user names no modules: common-structure roles
     default_modified_modules: ClassVar[tuple[str, ...]] = ()
-    #: whether new_layer needs the observed hidden-state shapes (a dummy forward pass)
+    #: whether new_layer needs the observed hidden-state shapes; every method runs the dummy forward pass (it
+    #: also proves each target is called), but only these fail when no dummy input can be made
     needs_runtime_init: ClassVar[bool] = False
     #: whether new_layer can build a (parallel) layer for a span ``"start->end"`` of two modules
     accepts_spans: ClassVar[bool] = False
@@ -194,6 +198,11 @@ class DeltaBase:
         """The module paths this method would modify, without touching the model (a dry run)."""
         if config is None:
             config = cls.config_class.from_dict(config_values)
+        if isinstance(config.modified_modules, (list, tuple)) and not config.modified_modules:
+            raise PatternError(
+                f"modified_modules is an empty list, so {cls.__name__} would modify nothing; name the modules to "
+                "modify, or pass modified_modules=None (or leave it out) for the method's default positions."
+            )
         order = [p for p, _ in backbone_modules(backbone_model)]
 
         def roles(names: list[str], strict: bool) -> list[str]:
@@ -216,8 +225,13 @@ class DeltaBase:
                 "(ParallelAdapterModel). Address single modules instead."
             )
         paths = remove_excluded(backbone_model, paths, config.exclude_modules)
-        if not paths:
+        if not paths and config.exclude_modules:
             raise PatternError(f"exclude_modules {config.exclude_modules} removed every module {cls.__name__} would modify.")
+        if not paths:  # only the defaults can resolve to nothing: user names that match nothing raise above
+            raise PatternError(
+                f"{type(backbone_model).__name__} has none of {cls.__name__}'s default positions "
+                f"({', '.join(cls.default_modified_modules)}); name the modules with modified_modules=[...]."
+            )
         return paths
 
     def _setup(
@@ -236,9 +250,7 @@ class DeltaBase:
                     f"{home!r} is an nn.Sequential, which runs every child module in turn, so a delta layer cannot "
                     "live inside it; address the module that contains it, or the modules inside it, instead."
                 )
-        observations: dict[str, Observation] = (
-            self.runtime_observe(backbone, paths, dummy_inputs) if self.needs_runtime_init else {}
-        )
+        observations, unverified = self._observe_targets(backbone, paths, dummy_inputs)
         self.backbone_model = backbone
         self.config = config
         self._targets = targets
@@ -258,6 +270,27 @@ class DeltaBase:
         self._homes: dict[str, tuple[torch.dtype, torch.device] | None] = {}  # path -> dtype, device at detach
         self._home_slots: dict[str, tuple[dict, str] | None] = {}  # path -> where _home() looks
         self._merged: dict[str, dict[str, torch.Tensor]] = {}  # path -> parameter values before merge()
+        self._reach_check = (
+            FirstForwardCheck(backbone, {p: [modules[side] for side in split_span(p) or (p,)] for p in paths})
+            if unverified
+            else None
+        )
+
+    def _observe_targets(
+        self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any
+    ) -> tuple[dict[str, Observation], bool]:
+        """The dummy pass every method runs: new_layer's observations, and proof that the forward calls
+        each target (UnreachedModuleError otherwise), since a delta on a module never called does nothing.
+
+        Where no dummy pass can run and the method needs no observations (LoRA on a plain module
+        without dummy_inputs), the proof waits for the model's first forward: returns ``({}, True)``.
+        """
+        try:
+            return self.runtime_observe(backbone, paths, dummy_inputs), False
+        except RuntimeInitError:
+            if self.needs_runtime_init or dummy_inputs is not None:
+                raise
+            return {}, True
 
     def runtime_observe(self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any) -> dict[str, Observation]:
         """What new_layer learns from the dummy pass; a method that needs more than shapes overrides this.
@@ -282,8 +315,8 @@ class DeltaBase:
         """The build step before :meth:`new_layer`: where a method keeps state for one build (whatever
         ``new_layer`` shares among layers, or checks across `targets`). Called once per build by every
         constructor (``__init__``, ``from_config``, ``from_finetuned``) with `backbone_model`,
-        `config` and `targets` set, and `observations` of the dummy pass (empty without runtime init);
-        by default nothing."""
+        `config` and `targets` set, and the `observations` new_layer will get (empty where no dummy
+        pass could run); by default nothing."""
 
     def new_layer(self, path: str, module: nn.Module | Span, observation: Observation | None) -> DeltaLayer:
         """The delta layer for the module (or span, see `accepts_spans`) at `path`; raise
@@ -367,6 +400,8 @@ class DeltaBase:
         if input_grad_handle is None:
             input_grad_handle = require_input_grads(self.backbone_model)
         self._input_grad_handle = input_grad_handle
+        if self._reach_check is not None:
+            self._reach_check.install()
         self._attached = True
         if self._set_state_dict:
             self._install_state_dict_filter()
@@ -464,6 +499,8 @@ class DeltaBase:
         if self._input_grad_handle is not None:
             self._input_grad_handle.remove()
             self._input_grad_handle = None
+        if self._reach_check is not None:
+            self._reach_check.remove()
         self._attached = False
 
     def _follow_backbone(self) -> None:
@@ -861,6 +898,8 @@ class DeltaBase:
         obj = delta_cls.__new__(delta_cls)
         try:
             obj._setup(backbone_model, config, paths, name, dummy_inputs)
+        except UnreachedModuleError:
+            raise
         except UnsupportedModuleError as exc:
             raise IncompatibleCheckpointError(f"the checkpoint does not fit this backbone: {exc}") from exc
         where = f"{path} (trained on a {trained_on})"
