@@ -153,6 +153,15 @@ def test_a_layer_that_rewrites_the_whole_call_must_declare_how_it_acts_on_part_o
             def route_call(self, args, kwargs, input_name):
                 return args, kwargs
 
+    class CallRewriter:  # a mixin that brings route_call along is no way around the declaration
+        def route_call(self, args, kwargs, input_name):
+            return args, kwargs
+
+    with pytest.raises(TypeError, match="mixed_rows"):
+
+        class UndeclaredThroughAMixin(CallRewriter, DeltaLayer):
+            route = "before"
+
     class Declared(DeltaLayer):
         route = "before"
         mixed_rows = COMBINED

@@ -48,7 +48,8 @@ class DeltaLayer(nn.Module):
         super().__init_subclass__(**kwargs)
         if cls.mixed_rows not in MIXED_ROWS:
             raise TypeError(f"{cls.__name__}.mixed_rows is {cls.mixed_rows!r}; expected one of {MIXED_ROWS}")
-        if "route_call" in cls.__dict__ and "mixed_rows" not in cls.__dict__ and cls.mixed_rows == ROW_WISE:
+        declared = any("mixed_rows" in klass.__dict__ for klass in cls.__mro__ if klass is not DeltaLayer)
+        if cls.route_call is not DeltaLayer.route_call and not declared:
             # the row-wise path runs route_input on the selected rows, which an overridden route_call would bypass
             raise TypeError(
                 f"{cls.__name__} overrides route_call, so it must declare how it acts on part of a mixed batch: "
