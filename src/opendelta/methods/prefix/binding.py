@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,8 @@ from torch import nn
 
 from opendelta.errors import UnsupportedModuleError
 from opendelta.layer import as_keywords, positional_names
-from opendelta.methods.prefix.attention import configs_below
+from opendelta.methods.prefix.attention import PREFIXES_ARG, configs_below
+from opendelta.methods.prefix.cache import KeyShapeProbe
 
 #: how transformers names an attention module's KV cache, its mask, and a cross-attention's source
 CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -38,6 +40,21 @@ class CallBinding:
         """The hidden state, and every other argument by keyword."""
         kwargs = as_keywords(self.positional, args, kwargs)
         return kwargs.pop(self.positional[0]), kwargs
+
+    def probe_hook(self, probe: KeyShapeProbe) -> Callable[[nn.Module, tuple, dict], tuple[tuple, dict]]:
+        """A forward pre-hook for the dummy pass: hands `probe` to the attention module as its cache
+        (without a cache, to its attention function as a prefix), and notes a cross-attention call."""
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            hidden, kwargs = self.keyword_arguments(args, kwargs)
+            probe.cross = probe.cross or any(kwargs.get(name) is not None for name in CROSS_ARGS)
+            if self.cache_name is None:
+                return (hidden,), {**kwargs, PREFIXES_ARG: (*kwargs.get(PREFIXES_ARG, ()), probe)}
+            probe.inner = next((kwargs[name] for name in CACHE_ARGS if kwargs.get(name) is not None), None)
+            kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_ARGS}
+            return (hidden,), {**kwargs, self.cache_name: probe}
+
+        return pre_hook
 
 
 def call_binding(path: str, host: nn.Module) -> CallBinding:

@@ -185,20 +185,6 @@ class PrefixModel(DeltaBase):
         bindings = {p: call_binding(p, modules[p]) for p in paths}  # raises for a module that is no attention
         probes = {p: KeyShapeProbe() for p in paths}
 
-        def hand_probe(path: str):
-            def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-                binding = bindings[path]
-                hidden, kwargs = binding.keyword_arguments(args, kwargs)
-                probe = probes[path]
-                probe.cross = probe.cross or any(kwargs.get(name) is not None for name in CROSS_ARGS)
-                if binding.cache_name is None:
-                    return (hidden,), {**kwargs, PREFIXES_ARG: (*kwargs.get(PREFIXES_ARG, ()), probe)}
-                probe.inner = next((kwargs[name] for name in CACHE_ARGS if kwargs.get(name) is not None), None)
-                kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_ARGS}
-                return (hidden,), {**kwargs, binding.cache_name: probe}
-
-            return pre_hook
-
         viewed: list[nn.Module] = []
         if any(b.cache_name is None for b in bindings.values()):
             register_attention()
@@ -206,7 +192,7 @@ class PrefixModel(DeltaBase):
             for path, binding in bindings.items():
                 if binding.cache_name is None:
                     viewed += view_configs(configs_below(modules[path]))
-            seen = observe(backbone, paths, dummy_inputs, pre_hooks={p: hand_probe(p) for p in paths})
+            seen = observe(backbone, paths, dummy_inputs, pre_hooks={p: bindings[p].probe_hook(probes[p]) for p in paths})
         finally:
             restore_configs(viewed)
         found: dict[str, Observation] = {}
