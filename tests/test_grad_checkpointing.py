@@ -117,6 +117,19 @@ def test_attached_deltas_share_one_input_grad_hook_and_the_last_detach_removes_i
     assert dict(model.embed._forward_hooks) == hooks_before
 
 
+def test_the_hook_follows_new_input_embeddings_on_the_next_attach():
+    model = CheckpointedStack(True)
+    old = model.embed
+    hooks_before = dict(old._forward_hooks)
+    delta = LoraModel(model, modified_modules=["blocks.0.0"])
+    delta.detach()
+    model.embed = nn.Embedding(99, 16)
+    delta.attach()
+    assert dict(old._forward_hooks) == hooks_before and len(model.embed._forward_hooks) == 1
+    delta.detach()
+    assert dict(model.embed._forward_hooks) == {}
+
+
 def test_switch_hands_the_input_grad_hook_over():
     model = CheckpointedStack(True)
     hooks_before = dict(model.embed._forward_hooks)

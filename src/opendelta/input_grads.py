@@ -29,11 +29,14 @@ _LOCK = threading.Lock()
 
 
 class _SharedHook:
-    """A backbone's input-grad hook and how many deltas hold it."""
+    """A backbone's input-grad hook, how many deltas hold it, and where it goes (kept between holds:
+    finding the checkpointing flags walks the whole model)."""
 
     def __init__(self) -> None:
         self.handle: Any = None
         self.holders = 0
+        self.embedding: nn.Module | None = None
+        self.flags: list[nn.Module] = []
 
 
 #: backbone -> its shared hook; weak, so a backbone that is dropped takes its entry with it
@@ -67,10 +70,11 @@ def require_input_grads(backbone: nn.Module) -> InputGradsHandle | None:
             embedding = _embedding_of(backbone)
             if embedding is None:
                 return None
-            # looked up when the hook is installed, not per call: the flags are read on every forward
-            flags = [m for m in backbone.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
             shared = _HOOKS.setdefault(backbone, _SharedHook())
-            shared.handle = embedding.register_forward_hook(functools.partial(_output_requires_grad, flags))
+            if shared.embedding is not embedding:  # first time, or the model got new embeddings
+                shared.embedding = embedding
+                shared.flags = [m for m in backbone.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+            shared.handle = embedding.register_forward_hook(functools.partial(_output_requires_grad, shared.flags))
         shared.holders += 1
         return InputGradsHandle(shared)
 
