@@ -102,3 +102,37 @@ def test_save_then_load_into_a_fresh_backbone_reproduces_the_tuned_output(scale_
     assert torch.equal(logits(other), tuned)
     loaded.detach()
     assert torch.equal(logits(other), logits(tiny_bert()))
+
+
+def test_every_constructor_runs_prepare_once_before_new_layer_with_the_targets_set(scale_shift, monkeypatch, tmp_path):
+    method = scale_shift.ScaleShiftModel
+    method(tiny_bert()).save_finetuned(tmp_path / "ckpt")
+    calls: list[tuple] = []
+    build_layer = method.new_layer
+
+    def prepare(self, observations):
+        calls.append(("prepare", list(self.targets), sorted(observations)))
+
+    def new_layer(self, path, module, observation):
+        calls.append(("new_layer", path))
+        return build_layer(self, path, module, observation)
+
+    monkeypatch.setattr(method, "prepare", prepare)
+    monkeypatch.setattr(method, "new_layer", new_layer)
+    for build in (
+        lambda: method(tiny_bert()),
+        lambda: method.from_config({}, tiny_bert()),
+        lambda: method.from_finetuned(tmp_path / "ckpt", tiny_bert()),
+    ):
+        calls.clear()
+        delta = build()
+        paths = list(delta.layers)
+        assert calls == [("prepare", paths, sorted(paths)), *(("new_layer", p) for p in paths)]
+
+
+def test_the_targets_a_method_sees_are_read_only(scale_shift):
+    delta = scale_shift.ScaleShiftModel(tiny_bert())
+    path = next(iter(delta.targets))
+    with pytest.raises(TypeError):
+        delta.targets[path] = torch.nn.Identity()  # type: ignore[index]
+    assert list(delta.targets) == list(delta.layers)
