@@ -30,13 +30,14 @@ _LOCK = threading.Lock()
 
 class _SharedHook:
     """A backbone's input-grad hook, how many deltas hold it, and where it goes (kept between holds:
-    finding the checkpointing flags walks the whole model)."""
+    finding the checkpointing flags walks the whole model). Modules are held weakly, so the
+    registry never keeps a discarded backbone alive."""
 
     def __init__(self) -> None:
         self.handle: Any = None
         self.holders = 0
-        self.embedding: nn.Module | None = None
-        self.flags: list[nn.Module] = []
+        self.embedding: weakref.ref[nn.Module] | None = None
+        self.flags: list[weakref.ref[nn.Module]] = []
 
 
 #: backbone -> its shared hook; weak, so a backbone that is dropped takes its entry with it
@@ -71,10 +72,12 @@ def require_input_grads(backbone: nn.Module) -> InputGradsHandle | None:
             if embedding is None:
                 return None
             shared = _HOOKS.setdefault(backbone, _SharedHook())
-            if shared.embedding is not embedding:  # first time, or the model got new embeddings
-                shared.embedding = embedding
-                shared.flags = [m for m in backbone.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
-            shared.handle = embedding.register_forward_hook(functools.partial(_output_requires_grad, shared.flags))
+            flags = [ref() for ref in shared.flags]
+            if shared.embedding is None or shared.embedding() is not embedding or None in flags:
+                # first time, or the model got new embeddings
+                flags = [m for m in backbone.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+                shared.embedding, shared.flags = weakref.ref(embedding), [weakref.ref(m) for m in flags]
+            shared.handle = embedding.register_forward_hook(functools.partial(_output_requires_grad, flags))
         shared.holders += 1
         return InputGradsHandle(shared)
 
