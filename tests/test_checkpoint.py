@@ -229,17 +229,24 @@ def test_wrong_shapes_are_named(tmp_path):
 
 def test_loading_with_the_wrong_class_is_an_error(tmp_path):
     from opendelta import DeltaBase, DeltaConfig, DeltaLayer
+    from opendelta.registry import unregister
+
+    class OtherConfig(DeltaConfig):
+        pass
 
     class Other(DeltaBase):
-        config_class = DeltaConfig
+        config_class = OtherConfig
         delta_type = "test_other_method"
 
         def new_layer(self, path, module, observation):
             return DeltaLayer()
 
-    ckpt, _ = tuned_checkpoint(tmp_path)
-    with pytest.raises(IncompatibleCheckpointError, match="LoraModel"):
-        Other.from_finetuned(ckpt, tiny_bert())
+    try:
+        ckpt, _ = tuned_checkpoint(tmp_path)
+        with pytest.raises(IncompatibleCheckpointError, match="LoraModel"):
+            Other.from_finetuned(ckpt, tiny_bert())
+    finally:
+        unregister("test_other_method")
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):

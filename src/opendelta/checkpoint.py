@@ -18,10 +18,10 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -30,6 +30,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from opendelta.addressing import is_delta_module
+from opendelta.config import is_finite_number
 from opendelta.distributed import tensor_shape, unsharded_class
 from opendelta.errors import (
     CheckpointError,
@@ -40,9 +41,15 @@ from opendelta.errors import (
     DeltaConfigError,
     OpenDeltaError,
 )
+from opendelta.registry import lookup
+from opendelta.structure import model_type
+from opendelta.version import __version__
+
+if TYPE_CHECKING:
+    from opendelta.config import DeltaConfig
+    from opendelta.delta_base import DeltaBase
 
 CONFIG_NAME = "delta_config.json"
-WEIGHTS_NAME = "delta_model.safetensors"  # the fixed name of earlier checkpoints; they still load
 FORMAT = "opendelta"
 FORMAT_VERSION = 2  # 2: same-shaped delta tensors stacked ("stacks" in the config)
 
@@ -75,6 +82,36 @@ class StoredCheckpoint:
     meta: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]
     load: Callable[[torch.device | str], dict[str, torch.Tensor]]
+
+
+@dataclass
+class CheckpointContents:
+    """A checkpoint of any format in opendelta's terms, its tensor data not read yet: the delta
+    class and config it holds, the module paths, the tensors (``stored``, by opendelta checkpoint
+    key), the backbone tensors it trains (name -> saved shape), the backbone class it was trained
+    on, and its place among other deltas (``position``; ``created`` is 0 when unknown)."""
+
+    delta_class: type[DeltaBase]
+    config: DeltaConfig
+    modules: list[str]
+    stored: StoredCheckpoint
+    backbone_tensors: dict[str, Any]
+    trained_on: str
+    position: float = 0
+    created: int = 0
+
+
+def shared_keys(layers: Mapping[str, nn.Module]) -> dict[str, str]:
+    """Checkpoint keys of tensors that several layers share -> the key the tensor is saved under
+    (its first), so a shared tensor is saved once and loaded into the one object again."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for path, layer in layers.items():
+        for key, tensor in layer.state_dict(keep_vars=True).items():
+            full = delta_key(path, key)
+            if first.setdefault(id(tensor), full) != full:
+                aliases[full] = first[id(tensor)]
+    return aliases
 
 
 def backbone_fingerprint(model: nn.Module) -> str:
@@ -321,6 +358,30 @@ def write_checkpoint(directory: str | os.PathLike, meta: dict[str, Any], tensors
     return directory
 
 
+def write_delta_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write `delta` in opendelta's format; `tensors` are its checkpoint tensors, gathered."""
+    order = delta.order_key
+    meta: dict[str, Any] = {
+        "delta_type": delta.delta_type,
+        "name": delta.name,
+        # the delta's place among others on shared modules (order_key), so loading order never matters
+        "order": {"position": order[0], "created": order[1]},
+        "library_version": __version__,
+        "config": delta.config.to_dict(),
+        # paths only: the tensors' shapes are already in the safetensors header
+        "modules": list(delta.layers),
+        "backbone_tensors": {n: list(tensors[f"backbone.{n}"].shape) for n in delta.trained_backbone_tensors()},
+        "backbone": {
+            "class": unsharded_class(delta.backbone_model).__name__,
+            "model_type": model_type(delta.backbone_model),
+            "fingerprint": backbone_fingerprint(delta.backbone_model),
+        },
+    }
+    if aliases := shared_keys(delta.layers):
+        meta["shared_tensors"] = aliases
+    return write_checkpoint(directory, meta, tensors)
+
+
 def _committed_weights(directory: Path) -> str | None:
     """The weights file the config on disk names, if it can be read."""
     try:
@@ -517,6 +578,45 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -> Sto
         return tensors
 
     return StoredCheckpoint(meta=meta, shapes=shapes, load=load)
+
+
+def is_checkpoint_folder(directory: Path) -> bool:
+    """Whether `directory` holds an opendelta checkpoint config."""
+    return (directory / CONFIG_NAME).is_file()
+
+
+def saved_order(meta: dict[str, Any], where: str | os.PathLike) -> tuple[float, int]:
+    """The (position, creation stamp) a checkpoint records; (0, 0), i.e. created at an unknown
+    time, for checkpoints written before the field existed."""
+    if "order" not in meta:
+        return 0, 0
+    saved = meta["order"]
+    position = saved.get("position") if isinstance(saved, dict) else None
+    created = saved.get("created") if isinstance(saved, dict) else None
+    if not is_finite_number(position) or not _is_count(created):
+        raise CorruptCheckpointError(
+            f"the config in {str(where)!r} has 'order' {saved!r}; it must be "
+            '{"position": <finite number>, "created": <integer >= 0>}: restore it, or delete the field to load '
+            "the delta at the default position."
+        )
+    return position, created
+
+
+def read_delta_checkpoint(directory: Path, *, verify: bool = True) -> CheckpointContents:
+    """The opendelta checkpoint in `directory`, its config and tensor header read and checked."""
+    stored = open_checkpoint(directory, verify=verify)
+    config_cls, delta_cls = lookup(stored.meta["delta_type"])
+    position, created = saved_order(stored.meta, directory)
+    return CheckpointContents(
+        delta_class=delta_cls,
+        config=config_from_meta(stored.meta, config_cls),
+        modules=stored.meta["modules"],
+        stored=stored,
+        backbone_tensors=stored.meta.get("backbone_tensors", {}),
+        trained_on=stored.meta.get("backbone", {}).get("class", "?"),
+        position=position,
+        created=created,
+    )
 
 
 def read_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu", *, verify: bool = True) -> DeltaCheckpoint:
