@@ -165,3 +165,56 @@ def test_addressing_agrees_with_reference_definition(tree, pattern):
     else:
         assert set(got) == expected and len(got) == len(expected)
         assert got == [p for p in paths if p in expected]  # model order
+
+
+def test_an_empty_modified_modules_list_says_so_and_points_to_none_for_the_defaults():
+    from opendelta import LoraModel
+
+    with pytest.raises(PatternError) as info:
+        LoraModel(tiny_bert(), modified_modules=[])
+    assert "modified_modules is an empty list" in str(info.value)
+    assert "modified_modules=None" in str(info.value)
+    assert "exclude_modules" not in str(info.value)
+
+
+def _bert_with_alias() -> nn.Module:
+    model = tiny_bert()
+    model.alias = model.encoder.layer[0]  # the same module object under a second path
+    return model
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("alias.attention.self.query", ["encoder.layer.0.attention.self.query"]),
+        ("[r]alias\\.attention\\.self\\.(query|value)",
+         ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value"]),
+        ("alias", ["encoder.layer.0"]),
+    ],
+)
+def test_a_module_registered_twice_is_addressed_by_either_path_as_its_canonical_path(pattern, expected):
+    assert find_modules(_bert_with_alias(), [pattern]) == expected
+
+
+def test_exclude_modules_may_name_a_module_by_its_alias_path():
+    model = _bert_with_alias()
+    assert find_modules(model, ["dense"], exclude=["alias"]) == [
+        p for p in find_modules(model, ["dense"]) if not p.startswith("encoder.layer.0.")
+    ]
+
+
+def test_a_delta_addressed_through_an_alias_acts_on_the_shared_module():
+    from opendelta import LoraModel
+
+    model = _bert_with_alias()
+    delta = LoraModel(model, modified_modules=["alias.attention.self.query"])
+    assert list(delta.layers) == ["encoder.layer.0.attention.self.query"]
+    # a delta layer is unaddressable under the alias path too
+    with pytest.raises(NoMatchError):
+        find_modules(model, ["alias.attention.self.query.lora"])
+    delta.detach()
+
+
+def test_an_unknown_name_under_an_alias_path_still_raises_no_match():
+    with pytest.raises(NoMatchError, match="'alias.attention.self.quer'"):
+        find_modules(_bert_with_alias(), ["alias.attention.self.quer"])

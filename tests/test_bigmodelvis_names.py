@@ -20,6 +20,7 @@ from bigmodelvis.names import compress_names
         (["query", "key", "value"], "query,key,value"),
         (["01", "02", "03"], "01,02,03"),
         (["7"], "7"),
+        (["1", "²", "3"], "1,²,3"),  # "²".isdigit() is true, but it is a name, not a number
     ],
 )
 def test_compress_names_folds_runs_of_three_or_more_integers(

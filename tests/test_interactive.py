@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import signal
@@ -21,6 +22,7 @@ from torch import nn
 from conftest import tiny_bert
 from opendelta import LoraModel, SelectionCancelled, SelectionError, SelectionTimeout, find_modules
 from opendelta.interactive import select_modules
+from opendelta.interactive import server as selector_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -205,6 +207,142 @@ def test_interactive_modify_puts_the_delta_on_the_submitted_modules(capsys):
     assert call(url, "/submit", {"paths": paths})[0] == 200
     worker.join(30)
     assert sorted(built["delta"].layers) == paths
+
+
+# ----------------------------------------------------------------------- hostile clients
+
+
+def raw(url: str, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, dict]:
+    """(status, JSON answer) of one request with exactly `headers` (Host included only if given)."""
+    parts = urlsplit(url)
+    token = parse_qs(parts.query)["token"][0]
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        connection.putrequest(method, f"{path}?token={token}", skip_host=True, skip_accept_encoding=True)
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        if method == "POST":
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body if method == "POST" else None)
+        response = connection.getresponse()
+        raw_body = response.read()
+        return response.status, (json.loads(raw_body) if raw_body.startswith(b"{") else {"html": raw_body.decode()})
+    finally:
+        connection.close()
+
+
+def cancel(selection: Selection) -> None:
+    selection.call("/cancel", {})
+    with pytest.raises(SelectionCancelled):
+        selection.outcome()
+
+
+def test_requests_for_another_host_name_are_misdirected():
+    # a DNS-rebinding page reaches 127.0.0.1 under its own name, which the browser sends as Host
+    selection = Selection(tiny_bert())
+    port = urlsplit(selection.url).port
+    for host in (f"evil.example:{port}", f"127.0.0.1:{port + 1}", "127.0.0.1", f"[::1]:{port}"):
+        status, answer = raw(selection.url, "GET", "/tree", {"Host": host})
+        assert status == 421, host
+        assert f"127.0.0.1:{port}" in answer["error"]
+    assert raw(selection.url, "GET", "/tree", {})[0] == 421  # no Host at all
+    assert raw(selection.url, "GET", "/tree", {"Host": f"127.0.0.1:{port}"})[0] == 200
+    assert raw(selection.url, "GET", "/tree", {"Host": f"LocalHost:{port}"})[0] == 200
+    cancel(selection)
+
+
+def test_posts_from_another_origin_are_forbidden():
+    selection = Selection(tiny_bert())
+    port = urlsplit(selection.url).port
+    body = json.dumps({"paths": ["pooler.dense"]}).encode()
+    own = {"Host": f"127.0.0.1:{port}"}
+    for origin in ("http://evil.example", f"http://localhost:{port}", "null", f"https://127.0.0.1:{port}"):
+        status, answer = raw(selection.url, "POST", "/submit", {**own, "Origin": origin}, body)
+        assert status == 403, origin
+        assert origin in answer["error"]
+    assert raw(selection.url, "POST", "/compress", {**own, "Origin": f"http://127.0.0.1:{port}"}, body)[0] == 200
+    assert raw(selection.url, "POST", "/compress", own, body)[0] == 200  # no Origin: not sent by a web page
+    localhost = {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"}
+    assert raw(selection.url, "POST", "/submit", localhost, body)[0] == 200
+    assert selection.outcome() == ["pooler.dense"]
+
+
+@pytest.mark.parametrize(
+    "body, error",
+    [
+        (b"[" * 100_000, "nested more than 32 levels"),
+        (b'{"paths": ' + b"[" * 40 + b"]" * 40 + b"}", "nested more than 32 levels"),
+        (b'{"paths": [' + b"9" * 5000 + b"]}", "not valid JSON"),
+    ],
+    ids=["unclosed-100000", "closed-41", "5000-digit-number"],
+)
+def test_a_hostile_json_body_gets_a_bad_request_answer(body: bytes, error: str):
+    selection = Selection(tiny_bert())
+    status, answer = selection.call("/compress", body)
+    assert status == 400
+    assert error in answer["error"]
+    assert selection.call("/compress", {"paths": ["pooler.dense"]})[0] == 200  # and the server still answers
+    cancel(selection)
+
+
+def test_paths_that_are_not_strings_get_a_bad_request_answer():
+    selection = Selection(tiny_bert())
+    status, answer = selection.call("/compress", {"paths": ["pooler.dense", {"a": 1}]})
+    assert (status, answer["error"]) == (400, '"paths" must hold module paths as strings; got {"a": 1}.')
+    cancel(selection)
+
+
+def test_a_body_over_the_size_limit_is_refused_unread():
+    selection = Selection(tiny_bert())
+    parts = urlsplit(selection.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as client:
+        client.sendall(
+            f"POST /compress?{parts.query} HTTP/1.1\r\nHost: 127.0.0.1:{parts.port}\r\n"
+            f"Content-Length: {selector_server.MAX_BODY + 1}\r\n\r\n".encode()
+        )
+        reply = client.makefile("rb").read()
+    assert reply.startswith(b"HTTP/1.0 413 ")
+    cancel(selection)
+
+
+def handler_threads() -> int:
+    """Threads of the running servers' connections (socketserver names them after process_request_thread)."""
+    return sum(1 for t in threading.enumerate() if "process_request_thread" in t.name)
+
+
+def test_idle_connections_are_closed_after_the_timeout_and_free_their_threads(monkeypatch):
+    monkeypatch.setattr(selector_server, "IDLE_TIMEOUT_S", 0.5)
+    selection = Selection(tiny_bert())
+    parts = urlsplit(selection.url)
+    before = handler_threads()
+    idle = [socket.create_connection((parts.hostname, parts.port), timeout=10) for _ in range(50)]
+    try:
+        idle[0].sendall(b"GET / HTTP/1.1\r\n")  # half a request, then silence
+        assert selection.call("/tree")[0] == 200  # the server answers meanwhile
+        for client in idle:
+            assert client.recv(1) == b""  # closed by the server (else recv raises TimeoutError after 10 s)
+    finally:
+        for client in idle:
+            client.close()
+    deadline = time.monotonic() + 10
+    while handler_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert handler_threads() == before
+    cancel(selection)
+
+
+def test_a_burst_of_connections_waits_in_the_listen_queue():
+    # not serving yet: every connection must wait in the kernel's accept queue, sized by the backlog
+    server = selector_server._Server(("127.0.0.1", 0), selector_server._Session(nn.Linear(2, 2)))
+    clients = []
+    try:
+        for _ in range(100):
+            clients.append(socket.create_connection(server.server_address, timeout=5))
+    finally:
+        for client in clients:
+            client.close()
+        server.server_close()
+    assert len(clients) == 100
 
 
 # ----------------------------------------------------------------------- page in Chromium

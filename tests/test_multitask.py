@@ -25,7 +25,7 @@ from opendelta import (
     SoftPromptModel,
     mixed_batch,
 )
-from opendelta.routing import site_of
+from opendelta.routing import mixing_anywhere, site_of
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
@@ -192,7 +192,7 @@ def test_bad_rows_raise_and_change_nothing(rows: Any) -> None:
     with pytest.raises(MixedBatchError):
         with mixed_batch(deltas, rows):
             pass
-    assert model.__dict__.get("_opendelta_mixing") is None
+    assert not mixing_anywhere(model)
     assert all(site_of(m).mix is None for d in deltas for m in d._targets.values())
 
 
@@ -221,6 +221,37 @@ def test_a_merged_delta_cannot_join_a_mix() -> None:
     with pytest.raises(LifecycleError, match="unmerge"):
         with mixed_batch(deltas, [0, 1]):
             pass
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16])
+def test_rows_of_any_integer_dtype_route_by_value(dtype: torch.dtype) -> None:
+    model = tiny_llama()
+    deltas = tasks(model, "lora", 3)
+    rows = [0, 2, -1, 1, 0] if dtype.is_signed else [0, 2, 1, 1, 0]  # -1 (no delta) needs a signed dtype
+    with torch.no_grad():
+        with mixed_batch(deltas, rows):
+            expected = out(model, IDS, MASK)
+        with mixed_batch(deltas, torch.tensor(rows, dtype=dtype)):
+            got = out(model, IDS, MASK)
+    assert torch.equal(got, expected)
+
+
+def test_an_out_of_range_uint8_row_is_named_by_its_value() -> None:
+    model = tiny_llama()
+    deltas = tasks(model, "lora", 2)
+    with pytest.raises(MixedBatchError, match="rows holds index 255, but there are 2 deltas"):
+        with mixed_batch(deltas, torch.tensor([0, 255, 1, 0, 1], dtype=torch.uint8)):
+            pass
+    assert not mixing_anywhere(model)
+
+
+def test_a_boolean_rows_mask_is_refused_with_the_fix() -> None:
+    model = tiny_llama()
+    deltas = tasks(model, "lora", 2)
+    with pytest.raises(MixedBatchError, match=r"boolean mask.*mask\.long\(\) - 1"):
+        with mixed_batch(deltas, torch.tensor([True, False, True, False, True])):
+            pass
+    assert not mixing_anywhere(model)
 
 
 def test_mixed_batches_do_not_nest_and_lock_the_lifecycle() -> None:

@@ -100,3 +100,14 @@ def test_compressed_patterns_address_exactly_the_selection(selection):
     patterns = COMPRESSOR.compress(selection)
     assert find_modules(MODEL4, patterns) == [p for p in ALL_PATHS if p in selection]
     assert len(patterns) <= len(selection)
+
+
+def test_superscript_digits_are_names_not_layer_numbers():
+    # "²".isdigit() is true but int("²") fails: such a segment must be kept as a name
+    model = nn.Module()
+    for name in ("x²", "²", "2", "3"):
+        model.add_module(name, nn.Module())
+        model.get_submodule(name).add_module("proj", nn.Linear(2, 2))
+    selection = ["².proj", "2.proj", "3.proj"]
+    patterns = compress_selection(model, selection)
+    assert find_modules(model, patterns) == selection

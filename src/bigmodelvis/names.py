@@ -25,4 +25,4 @@ def compress_names(names: Sequence[str]) -> str:
 
 def _is_int(name: str) -> bool:
     """Plain non-negative integers only; ``"01"`` is a name, not a number."""
-    return name.isdigit() and str(int(name)) == name
+    return name.isascii() and name.isdigit() and str(int(name)) == name  # "²".isdigit() is true

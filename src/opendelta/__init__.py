@@ -29,6 +29,7 @@ from opendelta.errors import (
     SelectionTimeout,
     StructureError,
     UnknownDeltaTypeError,
+    UnreachedModuleError,
     UnsupportedModuleError,
 )
 from opendelta.methods import (
@@ -101,6 +102,7 @@ __all__ = [
     "SoftPromptModel",
     "StructureError",
     "UnknownDeltaTypeError",
+    "UnreachedModuleError",
     "UnsupportedModuleError",
     "find_modules",
     "mixed_batch",

@@ -138,8 +138,29 @@ def find_modules(
     paths = [path for path, _ in backbone_modules(model)]
     matched, unused = _match(paths, patterns, what)
     if unused and strict:
+        matched, unused = _with_aliases(model, paths, matched, unused, what)
+    if unused and strict:
         raise NoMatchError(unused[0], suggest(unused[0], paths), what)
     return remove_excluded(model, matched, exclude, paths)
+
+
+def _with_aliases(
+    model: nn.Module, paths: Sequence[str], matched: Sequence[str], patterns: Sequence[str], what: str
+) -> tuple[list[str], list[str]]:
+    """`matched` plus the modules that `patterns` address under a second path (a module registered
+    twice, ``model.alias = model.encoder.layer[0]``, which ``named_modules()`` lists once), given by
+    their canonical paths in model order; and the patterns that still match nothing."""
+    canonical = {id(module): path for path, module in backbone_modules(model)}
+    aliases = {
+        path: canonical[id(module)]
+        for path, module in model.named_modules(remove_duplicate=False)
+        if id(module) in canonical and canonical[id(module)] != path
+    }
+    if not aliases:
+        return list(matched), list(patterns)
+    via_alias, unused = _match(list(aliases), patterns, what)
+    found = set(matched) | {aliases[p] for p in via_alias}
+    return [p for p in paths if p in found], unused
 
 
 def remove_excluded(
@@ -151,6 +172,8 @@ def remove_excluded(
     if paths is None:
         paths = [path for path, _ in backbone_modules(model)]
     excluded, unused = _match(paths, exclude, "exclude_modules")
+    if unused:
+        excluded, unused = _with_aliases(model, paths, excluded, unused, "exclude_modules")
     if unused:
         raise NoMatchError(unused[0], suggest(unused[0], paths), "exclude_modules")
     gone = set(excluded)

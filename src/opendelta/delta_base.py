@@ -7,12 +7,13 @@ implements :meth:`DeltaBase.new_layer`; everything else lives here and knows no 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import threading
 import time
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -39,17 +40,21 @@ from opendelta.errors import (
     LifecycleError,
     MergeError,
     PatternError,
+    RuntimeInitError,
+    UnreachedModuleError,
     UnsupportedModuleError,
 )
 from opendelta.interactive import choose_modules
+from opendelta.reachability import FirstForwardCheck
 from opendelta.registry import RegisteredConfig, RegisteredType, register
 from opendelta.routing import (
-    MIXING_ATTR,
+    DATA_FLOW_LOCK,
     DeltaLayer,
     OrderKey,
     Span,
     add_delta,
     input_grad_site,
+    mixing_anywhere,
     remove_delta,
     require_input_grads,
     site_of,
@@ -60,6 +65,7 @@ from opendelta.runtime_init import Observation, observe
 from opendelta.structure import resolve_roles
 
 D = TypeVar("D", bound="DeltaBase")
+F = TypeVar("F", bound=Callable[..., Any])
 #: in a module's __dict__: names of the deltas merged into its weights, in merge order
 _MERGED_ATTR = "_opendelta_merged"
 
@@ -85,6 +91,17 @@ def _checked_position(order: Any) -> float:
     return order
 
 
+def _changes_data_flow(method: F) -> F:
+    """Run a lifecycle method holding DATA_FLOW_LOCK, so no thread plans a mixed batch on a half-changed model."""
+
+    @functools.wraps(method)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with DATA_FLOW_LOCK:
+            return method(*args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
 class DeltaBase:
     """A set of delta layers placed on a backbone, attachable and detachable as one.
 
@@ -100,7 +117,8 @@ class DeltaBase:
     config_class: ClassVar[type[DeltaConfig]] = RegisteredConfig(DeltaConfig)
     #: where the method goes when the user names no modules: common-structure roles
     default_modified_modules: ClassVar[tuple[str, ...]] = ()
-    #: whether new_layer needs the observed hidden-state shapes (a dummy forward pass)
+    #: whether new_layer needs the observed hidden-state shapes; every method runs the dummy forward pass (it
+    #: also proves each target is called), but only these fail when no dummy input can be made
     needs_runtime_init: ClassVar[bool] = False
     #: whether new_layer can build a (parallel) layer for a span ``"start->end"`` of two modules
     accepts_spans: ClassVar[bool] = False
@@ -176,6 +194,11 @@ class DeltaBase:
         """The module paths this method would modify, without touching the model (a dry run)."""
         if config is None:
             config = cls.config_class.from_dict(config_values)
+        if isinstance(config.modified_modules, (list, tuple)) and not config.modified_modules:
+            raise PatternError(
+                f"modified_modules is an empty list, so {cls.__name__} would modify nothing; name the modules to "
+                "modify, or pass modified_modules=None (or leave it out) for the method's default positions."
+            )
         order = [p for p, _ in backbone_modules(backbone_model)]
 
         def roles(names: list[str], strict: bool) -> list[str]:
@@ -198,8 +221,13 @@ class DeltaBase:
                 "(ParallelAdapterModel). Address single modules instead."
             )
         paths = remove_excluded(backbone_model, paths, config.exclude_modules)
-        if not paths:
+        if not paths and config.exclude_modules:
             raise PatternError(f"exclude_modules {config.exclude_modules} removed every module {cls.__name__} would modify.")
+        if not paths:  # only the defaults can resolve to nothing: user names that match nothing raise above
+            raise PatternError(
+                f"{type(backbone_model).__name__} has none of {cls.__name__}'s default positions "
+                f"({', '.join(cls.default_modified_modules)}); name the modules with modified_modules=[...]."
+            )
         return paths
 
     def _setup(
@@ -218,9 +246,7 @@ class DeltaBase:
                     f"{home!r} is an nn.Sequential, which runs every child module in turn, so a delta layer cannot "
                     "live inside it; address the module that contains it, or the modules inside it, instead."
                 )
-        observations: dict[str, Observation] = (
-            self.runtime_observe(backbone, paths, dummy_inputs) if self.needs_runtime_init else {}
-        )
+        observations, unverified = self._observe_targets(backbone, paths, dummy_inputs)
         self.backbone_model = backbone
         self._input_grad_site = input_grad_site(backbone)
         self.config = config
@@ -240,6 +266,27 @@ class DeltaBase:
         self._homes: dict[str, tuple[torch.dtype, torch.device] | None] = {}  # path -> dtype, device at detach
         self._home_slots: dict[str, tuple[dict, str] | None] = {}  # path -> where _home() looks
         self._merged: dict[str, dict[str, torch.Tensor]] = {}  # path -> parameter values before merge()
+        self._reach_check = (
+            FirstForwardCheck(backbone, {p: [modules[side] for side in split_span(p) or (p,)] for p in paths})
+            if unverified
+            else None
+        )
+
+    def _observe_targets(
+        self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any
+    ) -> tuple[dict[str, Observation], bool]:
+        """The dummy pass every method runs: new_layer's observations, and proof that the forward calls
+        each target (UnreachedModuleError otherwise), since a delta on a module never called does nothing.
+
+        Where no dummy pass can run and the method needs no observations (LoRA on a plain module
+        without dummy_inputs), the proof waits for the model's first forward: returns ``({}, True)``.
+        """
+        try:
+            return self.runtime_observe(backbone, paths, dummy_inputs), False
+        except RuntimeInitError:
+            if self.needs_runtime_init or dummy_inputs is not None:
+                raise
+            return {}, True
 
     def runtime_observe(self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any) -> dict[str, Observation]:
         """What new_layer learns from the dummy pass; a method that needs more than shapes overrides this.
@@ -314,12 +361,14 @@ class DeltaBase:
         return bool(self._merged)
 
     def _check_free(self, action: str) -> None:
-        """Refuse to change the data flow while a mixed batch has planned it."""
-        if self.backbone_model.__dict__.get(MIXING_ATTR):
+        """Refuse to change the data flow while a mixed batch (in any thread) has planned it."""
+        if mixing_anywhere(self.backbone_model):
             raise LifecycleError(
-                f"cannot {action} delta {self.name!r} inside a mixed_batch() on its backbone; leave the block first"
+                f"cannot {action} delta {self.name!r} while this or another thread is inside a mixed_batch() on its "
+                "backbone; leave the block first (in another thread: let its batch end)"
             )
 
+    @_changes_data_flow
     def attach(self) -> DeltaBase:
         """Put the delta layers, the trained backbone tensors and the requires_grad flags freeze_module
         chose back into the backbone; the layers first follow any ``.to()`` move it made meanwhile."""
@@ -346,6 +395,8 @@ class DeltaBase:
         if input_grad_handle is None:
             input_grad_handle = require_input_grads(self._input_grad_site)
         self._input_grad_handle = input_grad_handle
+        if self._reach_check is not None:
+            self._reach_check.install()
         self._attached = True
         if self._set_state_dict:
             self._install_state_dict_filter()
@@ -418,6 +469,7 @@ class DeltaBase:
                 release_value(param, self)
         return tuned
 
+    @_changes_data_flow
     def detach(self) -> DeltaBase:
         """Take the delta out; the backbone computes exactly what it computed before the delta came.
 
@@ -442,6 +494,8 @@ class DeltaBase:
         if self._input_grad_handle is not None:
             self._input_grad_handle.remove()
             self._input_grad_handle = None
+        if self._reach_check is not None:
+            self._reach_check.remove()
         self._attached = False
 
     def _follow_backbone(self) -> None:
@@ -472,6 +526,7 @@ class DeltaBase:
             t = slot[0][slot[1]]
         return t.dtype, t.device
 
+    @_changes_data_flow
     def switch(self, to: DeltaBase) -> DeltaBase:
         """Detach this delta and attach `to` in one step; returns `to`.
 
@@ -532,6 +587,7 @@ class DeltaBase:
 
     # ----------------------------------------------------------------- merging
 
+    @_changes_data_flow
     def merge(self) -> DeltaBase:
         """Fold this delta into the weights of the modules it modifies, for zero-overhead inference.
 
@@ -573,6 +629,7 @@ class DeltaBase:
         self._homes = {path: self._home(path) for path in saved}  # the layers out of the model follow it on unmerge
         return self
 
+    @_changes_data_flow
     def unmerge(self) -> DeltaBase:
         """Undo merge(): the original weights come back bit for bit and the delta runs as layers again."""
         if not self._merged:

@@ -31,6 +31,10 @@ class UnsupportedModuleError(OpenDeltaError, TypeError):
     """A delta method was addressed to a module it cannot act on."""
 
 
+class UnreachedModuleError(UnsupportedModuleError):
+    """An addressed module that the backbone's forward never calls, so a delta there would do nothing."""
+
+
 class StructureError(OpenDeltaError, ValueError):
     """Common-structure roles could not be resolved on this backbone."""
 

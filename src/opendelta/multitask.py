@@ -13,31 +13,41 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import LifecycleError, MixedBatchError
-from opendelta.routing import MIXING_ATTR, RowRouting, Site, site_of, target_module
+from opendelta.routing import DATA_FLOW_LOCK, RowRouting, Site, mixing_here, site_of, start_mixing, target_module
 
 
 def _row_tensor(rows: Sequence[int] | torch.Tensor, n_deltas: int) -> torch.Tensor:
+    """`rows` as a CPU int64 tensor; any integer dtype is read by value (a uint8 ``1`` is delta 1)."""
     try:
         table = torch.as_tensor(rows)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise MixedBatchError(f"rows must be a sequence of integers (one delta index per batch row), got {rows!r}") from exc
-    if table.dim() != 1 or table.numel() == 0 or table.dtype.is_floating_point or table.dtype == torch.bool:
+        raise MixedBatchError(
+            f"rows must be a sequence of delta indices (integers in -1..{n_deltas - 1}, one per batch row), got {rows!r}"
+        ) from exc
+    if table.dtype == torch.bool:
+        raise MixedBatchError(
+            "rows is a boolean mask, but it must hold one delta index per batch row; for example "
+            "mask.long() - 1 runs deltas[0] on the True rows and the bare backbone on the others"
+        )
+    if table.dim() != 1 or table.numel() == 0 or table.dtype.is_floating_point or table.dtype.is_complex:
         raise MixedBatchError(
             f"rows must be a non-empty 1-D sequence of integers (one delta index per batch row), got {rows!r}"
         )
-    bad = table[(table < -1) | (table >= n_deltas)]
-    if bad.numel():
+    values = table.tolist()  # Python ints: exact for every integer dtype, unsigned 64-bit included
+    bad = next((v for v in values if not -1 <= v < n_deltas), None)
+    if bad is not None:
         raise MixedBatchError(
-            f"rows holds index {int(bad[0])}, but there are {n_deltas} deltas; use 0..{n_deltas - 1}, "
+            f"rows holds index {bad}, but there are {n_deltas} deltas; use 0..{n_deltas - 1}, "
             "or -1 for a row that runs on the bare backbone"
         )
-    return table.to("cpu", torch.long)
+    return torch.tensor(values, dtype=torch.long)
 
 
 def _check_deltas(deltas: Sequence[DeltaBase]) -> nn.Module:
@@ -61,8 +71,8 @@ def _check_deltas(deltas: Sequence[DeltaBase]) -> nn.Module:
         if delta.is_merged:
             raise LifecycleError(f"delta {delta.name!r} is merged into the weights; unmerge() it before mixing")
     assert backbone is not None
-    if backbone.__dict__.get(MIXING_ATTR):
-        raise LifecycleError("this backbone is already inside a mixed_batch(); mixed batches do not nest")
+    if mixing_here(backbone):
+        raise LifecycleError("this thread is already inside a mixed_batch() on this backbone; mixed batches do not nest")
     return backbone
 
 
@@ -83,9 +93,23 @@ def mixed_batch(deltas: Sequence[DeltaBase], rows: Sequence[int] | torch.Tensor)
     num_return_sequences > 1 expand the batch). Prefix and soft-prompt deltas mix when every row
     gets a prefix (prompt) of the same length on the same modules; otherwise entering raises.
     The model is unchanged after the block, and after any error on entry.
+
+    The routing is per thread: only forwards of the thread (or asyncio task) that entered the
+    block are routed, so other threads' forwards on the backbone are untouched, and several
+    threads can each run their own mixed batch on it at once. While any thread is inside a mixed
+    batch, attaching, detaching, switching or merging a delta of that backbone raises LifecycleError.
     """
-    backbone = _check_deltas(deltas)
-    table = _row_tensor(rows, len(deltas))
+    with DATA_FLOW_LOCK:  # another thread's attach/detach cannot interleave with the checks and the plans
+        backbone = _check_deltas(deltas)
+        handle = start_mixing(backbone, _plans(deltas, _row_tensor(rows, len(deltas))))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _plans(deltas: Sequence[DeltaBase], table: torch.Tensor) -> dict[Site, Any]:
+    """Each site's plan for routing row i through ``deltas[table[i]]``."""
     batch = table.numel()
     names = frozenset(d.name for d in deltas)
     if len(names) != len(deltas):
@@ -106,27 +130,15 @@ def mixed_batch(deltas: Sequence[DeltaBase], rows: Sequence[int] | torch.Tensor)
             site = site_of(module)
             if site is not None and id(module) not in sites:
                 sites[id(module)] = (module, site, _site_device(module, delta, path))
-    started: list[Site] = []
-    try:
-        for module, site, device in sites.values():
-            rows_here = {}
-            for name, index in selected.items():
-                if (name, device) not in on_device:
-                    on_device[(name, device)] = index.to(device)
-                rows_here[name] = on_device[(name, device)]
-            site.start_mix(module, RowRouting(batch, names, rows_here, frozenset(idle)))
-            started.append(site)
-    except Exception:
-        for site in started:
-            site.end_mix()
-        raise
-    backbone.__dict__[MIXING_ATTR] = True
-    try:
-        yield
-    finally:
-        for site in started:
-            site.end_mix()
-        del backbone.__dict__[MIXING_ATTR]
+    plans: dict[Site, Any] = {}
+    for module, site, device in sites.values():
+        rows_here = {}
+        for name, index in selected.items():
+            if (name, device) not in on_device:
+                on_device[(name, device)] = index.to(device)
+            rows_here[name] = on_device[(name, device)]
+        plans[site] = site.plan_mix(module, RowRouting(batch, names, rows_here, frozenset(idle)))
+    return plans
 
 
 class MultiTask:

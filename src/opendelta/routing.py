@@ -16,10 +16,16 @@ module and adds its result to the output of an end module that runs later (a fee
 kept as two projections in the layer, BERT's ``intermediate.dense`` -> ``output.dense``). The
 start module's site records its input (after its own *before* deltas) in a :class:`SpanInput`
 that the end module's site takes; the layer is a child of the end module only.
+
+Threads: the hooks are shared by every thread, but a mixed batch's plans (:func:`start_mixing`)
+are not: they live in a context variable, so they route only the forwards of the thread (or
+asyncio task) that entered the batch; and which deltas act where cannot change (attach, detach,
+merge hold :data:`DATA_FLOW_LOCK` and refuse) while any thread mixes on the backbone.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import threading
@@ -36,8 +42,15 @@ ROUTES = ("before", "after", "parallel", "replace")
 #: where a delta runs among the deltas of its route on one module: ascending, compared as tuples
 OrderKey = tuple
 _SITE_ATTR = "_opendelta_site"
-#: set in a backbone's __dict__ while a mixed batch is planned on it
-MIXING_ATTR = "_opendelta_mixing"
+#: the mixed-batch plans (by site) of this thread or asyncio task; None outside any mixed batch
+_PLANS: contextvars.ContextVar[dict[Site, _Mix] | None] = contextvars.ContextVar("opendelta_mix_plans", default=None)
+#: the backbones (by id) this thread or asyncio task is mixing on
+_MIXING_HERE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("opendelta_mixing_here", default=frozenset())
+#: held by every change of which deltas act where (attach, detach, merge...) and while a mixed batch
+#: is planned, in any thread: a plan never sees a half-changed model
+DATA_FLOW_LOCK = threading.RLock()
+#: id(backbone) -> mixed batches open on it, over all threads; while it is empty the hooks skip the plan lookup
+_MIXING: dict[int, int] = {}
 
 
 class DeltaLayer(nn.Module):
@@ -269,7 +282,6 @@ class Site:
         self._post_handle: Any = None
         self._had_forward = "forward" in module.__dict__
         self._own_forward: Any = None
-        self.mix: _Mix | None = None
 
     def place(self, route: str, name: str, order: OrderKey) -> None:
         """Put delta `name` into `route`'s list at its place: ascending `order`, then name."""
@@ -309,11 +321,19 @@ class Site:
             return span.take(name)
         return args[0] if args else self._input(args, kwargs)
 
+    @property
+    def mix(self) -> _Mix | None:
+        """The plan of the mixed batch this thread (or asyncio task) runs on this module, if any."""
+        plans = _PLANS.get() if _MIXING else None
+        return plans.get(self) if plans else None
+
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         mods = module._modules
         input_name = None if args else self._keyword_input_name()
-        if self.mix is not None:
-            args, kwargs = self._mixed_pre(mods, args, kwargs, input_name)
+        plans = _PLANS.get() if _MIXING else None  # inlined self.mix: this runs on every call of the module
+        mix = plans.get(self) if plans else None
+        if mix is not None:
+            args, kwargs = self._mixed_pre(mix, mods, args, kwargs, input_name)
         else:
             for name in self.before:
                 args, kwargs = mods[name].route_call(args, kwargs, input_name)
@@ -323,9 +343,7 @@ class Site:
                 span.put(h)
         return args, kwargs
 
-    def _mixed_pre(self, mods: dict, args: tuple, kwargs: dict, input_name: str | None) -> tuple[tuple, dict]:
-        mix = self.mix
-        assert mix is not None
+    def _mixed_pre(self, mix: _Mix, mods: dict, args: tuple, kwargs: dict, input_name: str | None) -> tuple[tuple, dict]:
         for step, rows in mix.before:
             if not isinstance(step, str):  # layers combined for this batch
                 args, kwargs = step.route_call(args, kwargs, input_name)
@@ -341,9 +359,7 @@ class Site:
                     kwargs = {**kwargs, self._keyword_input_name(): h}
         return args, kwargs
 
-    def _mixed_post(self, mods: dict, args: tuple, kwargs: dict, output: Any) -> Any:
-        mix = self.mix
-        assert mix is not None
+    def _mixed_post(self, mix: _Mix, mods: dict, args: tuple, kwargs: dict, output: Any) -> Any:
         h = first_tensor(output)
         if mix.checks_output:
             mix.check(h)
@@ -357,8 +373,8 @@ class Site:
             h = layer.route_output(h) if rows is None else layer.route_output_rows(h, rows)
         return with_first_tensor(output, h)
 
-    def start_mix(self, module: nn.Module, routing: RowRouting) -> None:
-        """Plan this module's deltas for a mixed batch (see :class:`RowRouting`); undo with end_mix."""
+    def plan_mix(self, module: nn.Module, routing: RowRouting) -> _Mix:
+        """Plan this module's deltas for a mixed batch (see :class:`RowRouting`); :func:`start_mixing` runs it."""
         mix = _Mix(routing.batch_size)
         mods = module._modules
         if self.replace is not None and routing.rows.get(self.replace) is not None:
@@ -386,15 +402,14 @@ class Site:
                 if name not in routing.idle:
                     planned.append((name, routing.rows.get(name)))
         mix.checks_output = any(name in routing.names for name in (*self.parallel, *self.after))
-        self.mix = mix
-
-    def end_mix(self) -> None:
-        self.mix = None
+        return mix
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         mods = module._modules
-        if self.mix is not None:
-            return self._mixed_post(mods, args, kwargs, output)
+        plans = _PLANS.get() if _MIXING else None
+        mix = plans.get(self) if plans else None
+        if mix is not None:
+            return self._mixed_post(mix, mods, args, kwargs, output)
         if self.parallel:
             h_out = first_tensor(output)
             for name in self.parallel:
@@ -437,6 +452,55 @@ class Site:
     @property
     def empty(self) -> bool:
         return not (self.before or self.parallel or self.after or self.replace or self.taps)
+
+
+class MixHandle:
+    """An open mixed batch (from :func:`start_mixing`); ``remove()`` ends it, once."""
+
+    def __init__(self, backbone: nn.Module, plans: dict[Site, _Mix]):
+        self._key = id(backbone)
+        self._plans = plans
+        _PLANS.set({**(_PLANS.get() or {}), **plans})
+        _MIXING_HERE.set(_MIXING_HERE.get() | {self._key})
+        with DATA_FLOW_LOCK:
+            _MIXING[self._key] = _MIXING.get(self._key, 0) + 1
+        self._open = True
+
+    def remove(self) -> None:
+        """End the batch: its plans leave this context (only its own, whatever else opened meanwhile)."""
+        if not self._open:
+            return
+        self._open = False
+        with DATA_FLOW_LOCK:
+            left = _MIXING.pop(self._key) - 1
+            if left:
+                _MIXING[self._key] = left
+        here = _MIXING_HERE.get()
+        if self._key not in here:
+            raise MixedBatchError(
+                "a mixed_batch() block ended in another thread or context than the one that entered it (a generator "
+                "resumed elsewhere?), so forwards run there were not routed by it; enter and leave the block in the "
+                "thread that runs the forwards."
+            )
+        _PLANS.set({site: plan for site, plan in (_PLANS.get() or {}).items() if site not in self._plans} or None)
+        _MIXING_HERE.set(here - {self._key})
+
+
+def start_mixing(backbone: nn.Module, plans: dict[Site, _Mix]) -> MixHandle:
+    """Route the forwards of this thread (or asyncio task, and copies of its context) by `plans`
+    until the handle is removed; other threads' forwards stay as they are. Call it holding
+    DATA_FLOW_LOCK, with the plans made under the same hold."""
+    return MixHandle(backbone, plans)
+
+
+def mixing_here(backbone: nn.Module) -> bool:
+    """Whether this thread (or asyncio task) is inside a mixed batch on `backbone`."""
+    return id(backbone) in _MIXING_HERE.get()
+
+
+def mixing_anywhere(backbone: nn.Module) -> bool:
+    """Whether any thread is inside a mixed batch on `backbone`."""
+    return id(backbone) in _MIXING
 
 
 def _replaced_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:

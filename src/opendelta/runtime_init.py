@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from opendelta.errors import RuntimeInitError
+from opendelta.reachability import ParameterReads, unreached_error
 from opendelta.routing import first_tensor
 
 
@@ -215,6 +216,7 @@ def observe(
 
     `pre_hooks` (path -> forward pre-hook with kwargs) run on their modules during that one pass,
     for methods that must measure what only appears inside a module's call (e.g. key/value shapes).
+    A module of `paths` the pass never calls is an UnreachedModuleError saying why.
     """
     modules = dict(model.named_modules())
     seen: dict[str, Observation] = {}
@@ -246,10 +248,11 @@ def observe(
         handles.append(modules[path].register_forward_hook(recorder(path), with_kwargs=True))
     for path, pre_hook in (pre_hooks or {}).items():
         handles.append(modules[path].register_forward_pre_hook(pre_hook, with_kwargs=True))
+    reads = ParameterReads({p: modules[p] for p in paths})
     try:
         inputs = default_dummy_inputs(model) if dummy_inputs is None else dummy_inputs
         on_meta = model_device(model).type == "meta"
-        with torch.no_grad(), _untouched(model), (_MetaScalars() if on_meta else contextlib.nullcontext()):
+        with torch.no_grad(), _untouched(model), reads, (_MetaScalars() if on_meta else contextlib.nullcontext()):
             _call(model, inputs)
     except RuntimeInitError:
         raise
@@ -263,8 +266,5 @@ def observe(
             handle.remove()
     missing = [p for p in paths if p not in seen]
     if missing:
-        raise RuntimeInitError(
-            f"the dummy forward pass never reached {missing[:5]}; pass dummy_inputs= that exercise these modules "
-            "(for encoder-decoders include decoder_input_ids)."
-        )
+        raise unreached_error(model, missing, reads.read)
     return seen

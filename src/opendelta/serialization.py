@@ -30,7 +30,13 @@ from opendelta.checkpoint import (
     write_delta_checkpoint,
 )
 from opendelta.distributed import all_ranks_arrive, full_tensors, on_rank_zero
-from opendelta.errors import CheckpointError, CorruptCheckpointError, IncompatibleCheckpointError, UnsupportedModuleError
+from opendelta.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    UnreachedModuleError,
+    UnsupportedModuleError,
+)
 from opendelta.peft_format import check_peft_expressible, is_peft_folder, read_peft_checkpoint, write_peft_checkpoint
 from opendelta.runtime_init import model_device
 
@@ -127,6 +133,8 @@ def load_delta(
         )
     try:
         delta = delta_cls.build_detached(backbone_model, contents.config, contents.modules, name=name, dummy_inputs=dummy_inputs)
+    except UnreachedModuleError:
+        raise
     except UnsupportedModuleError as exc:
         raise IncompatibleCheckpointError(f"the checkpoint does not fit this backbone: {exc}") from exc
     where = f"{checkpoint_path(directory, 'from_finetuned')} (trained on a {contents.trained_on})"

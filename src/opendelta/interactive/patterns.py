@@ -85,7 +85,7 @@ class SelectionCompressor:
             for i in remaining:
                 parts = self.paths[i].split(".")
                 for k, part in enumerate(parts):
-                    if part.isdigit():
+                    if part.isascii() and part.isdigit():  # "²".isdigit() is true, and int("²") fails
                         groups[(k, tuple(parts[:k]), tuple(parts[k + 1 :]))].append(i)
             best_key, best = max(groups.items(), key=lambda item: len(item[1]), default=(None, []))
             if len(best) < 2:

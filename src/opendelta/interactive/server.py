@@ -1,9 +1,11 @@
 """A local web page to pick the modules a delta goes on by clicking the collapsed model tree.
 
 The server listens on 127.0.0.1 only, and every request must carry the per-session token that is
-in the printed URL (else 403). It serves one static page, the tree (``bigmodelvis`` to_dict), and
-answers selections with the exact patterns they compress to; Submit hands them to the waiting
-``select_modules`` call and stops the server.
+in the printed URL (else 403). Requests for another host name (a DNS-rebinding page) get 421, and
+requests sent by a page of another origin get 403. It serves one static page, the tree
+(``bigmodelvis`` to_dict), and answers selections with the exact patterns they compress to;
+Submit hands them to the waiting ``select_modules`` call and stops the server. Idle connections
+are closed after IDLE_TIMEOUT_S, and request bodies are bounded in size and JSON nesting depth.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from opendelta.interactive.patterns import SelectionCompressor
 
 PAGE = Path(__file__).with_name("page.html")
 MAX_BODY = 16 * 1024 * 1024
+#: deepest JSON nesting a request body may have (a selection needs 2: an object holding a list)
+MAX_JSON_DEPTH = 32
+#: seconds a connection may stay silent before the server closes it and frees its thread
+IDLE_TIMEOUT_S = 10.0
 _HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
@@ -138,6 +144,9 @@ class _Session:
         """The compressed patterns of a posted selection; raises ValueError with the reason."""
         if not isinstance(body, dict) or not isinstance(body.get("paths"), list):
             raise ValueError('Send a JSON object {"paths": [module paths]}.')
+        not_text = next((p for p in body["paths"] if not isinstance(p, str)), None)
+        if not_text is not None:
+            raise ValueError(f'"paths" must hold module paths as strings; got {json.dumps(not_text)}.')
         try:
             patterns = self.compressor.compress(body["paths"])
         except NoMatchError as exc:
@@ -191,13 +200,30 @@ def _tree(model: nn.Module) -> dict[str, Any]:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # a page load opens several connections at once; the default of 5 drops some
 
     def __init__(self, address: tuple[str, int], session: _Session):
         self.session = session
+        self.idle_timeout = IDLE_TIMEOUT_S
         super().__init__(address, _Handler)
+        port = self.server_address[1]
+        # the Host values a browser sends for this server; a port-80 server is also reached without ":80"
+        names = ("127.0.0.1", "localhost")
+        self.hosts = frozenset({f"{name}:{port}" for name in names} | (set(names) if port == 80 else set()))
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A browser dropping a connection is not worth a traceback on the user's terminal."""
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests lists and objects more than `limit` levels deep (without recursing)."""
+    level = [value]
+    for _ in range(limit):
+        level = [child for v in level if isinstance(v, (list, dict))
+                 for child in (v.values() if isinstance(v, dict) else v)]
+        if not level:
+            return False
+    return any(isinstance(v, (list, dict)) for v in level)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -207,6 +233,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the terminal shows only the URL and the result."""
+
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # read by StreamRequestHandler.setup: a socket timeout
+        super().setup()
 
     def do_GET(self) -> None:
         route = self._route()
@@ -244,7 +274,21 @@ class _Handler(BaseHTTPRequestHandler):
                 session.done.set()
 
     def _route(self) -> str | None:
-        """The request path if the token is right; else answer 403 and return None."""
+        """The request path if the request is for this server, from its own page or no page, with the
+        right token; else answer 421 or 403 and return None."""
+        hosts = self.headers.get_all("Host") or []
+        host = hosts[0].lower() if len(hosts) == 1 else None
+        if host not in self.server.hosts:
+            self._error(
+                HTTPStatus.MISDIRECTED_REQUEST,
+                f"This server answers only requests for {' or '.join(sorted(self.server.hosts))}, not Host "
+                f"{', '.join(hosts) or '(none)'}: open the exact URL that was printed.",
+            )
+            return None
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.lower() != f"http://{host}":
+            self._error(HTTPStatus.FORBIDDEN, f"Requests from the page {origin} are refused: use the page at the printed URL.")
+            return None
         url = urlsplit(self.path)
         given = parse_qs(url.query).get("token", [""])[0]
         if not secrets.compare_digest(given.encode(), self.server.session.token.encode()):
@@ -261,11 +305,19 @@ class _Handler(BaseHTTPRequestHandler):
         if not 0 <= length <= MAX_BODY:
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"The body must be at most {MAX_BODY} bytes.")
             return None
+        too_deep = f"The JSON body is nested more than {MAX_JSON_DEPTH} levels deep."
         try:
-            return json.loads(self.rfile.read(length) or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except RecursionError:  # nesting deeper than Python's recursion limit
+            self._error(HTTPStatus.BAD_REQUEST, too_deep)
+            return None
+        except ValueError as exc:  # invalid JSON or UTF-8, or an integer of more digits than Python converts
             self._error(HTTPStatus.BAD_REQUEST, f"The body is not valid JSON: {exc}.")
             return None
+        if _too_deep(body, MAX_JSON_DEPTH):
+            self._error(HTTPStatus.BAD_REQUEST, too_deep)
+            return None
+        return body
 
     def _error(self, status: HTTPStatus, message: str) -> None:
         self._send(status, json.dumps({"error": message}).encode(), "application/json")
