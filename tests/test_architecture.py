@@ -138,3 +138,31 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
         env={"PYTHONPATH": str(SRC), "PATH": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def test_no_engine_module_imports_a_method():
+    """The engine finds methods through the registry (PEFT's LoRA included), never by import."""
+    graph = import_graph()
+    engine = [m for m in graph if m.startswith("opendelta.") and m.split(".")[1] not in ("methods", "demo", "commands")]
+    assert {m: sorted(t for t in graph[m] if t.startswith("opendelta.methods")) for m in engine} == {m: [] for m in engine}
+
+
+def private_reaches(tree: ast.AST) -> list[str]:
+    """``x._name`` for any x but self and cls: state read around the owner's public interface."""
+    return [
+        ast.unparse(node)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+    ]  # fmt: skip
+
+
+def test_the_private_reach_finder_sees_one():
+    assert private_reaches(ast.parse("delta._targets[p]\nself._ok\nx.__dict__")) == ["delta._targets"]
+
+
+def test_saving_loading_and_reporting_use_only_the_deltas_public_interface():
+    modules = module_files()
+    names = ["opendelta.serialization", "opendelta.checkpoint", "opendelta.peft_format", "opendelta.reporting"]
+    found = {name: private_reaches(ast.parse(modules[name].read_text())) for name in names}
+    assert found == {name: [] for name in names}

@@ -45,8 +45,11 @@ def test_replace_true_on_the_class_takes_the_delta_type_over(lora_restored, tmp_
 
     assert lookup("lora") == (LoraConfig, MyLora)
     model = fresh("BERT")
-    LoraModel(model, modified_modules=["query"]).save_finetuned(tmp_path)
-    assert type(AutoDeltaModel.from_finetuned(tmp_path, fresh("BERT"))) is MyLora
+    delta = LoraModel(model, modified_modules=["query"])
+    delta.save_finetuned(tmp_path / "native")
+    delta.save_finetuned(tmp_path / "peft", format="peft")
+    assert type(AutoDeltaModel.from_finetuned(tmp_path / "native", fresh("BERT"))) is MyLora
+    assert type(AutoDeltaModel.from_finetuned(tmp_path / "peft", fresh("BERT"))) is MyLora  # PEFT asks the registry too
 
 
 def test_replace_true_on_register_takes_the_delta_type_over(lora_restored):
@@ -55,6 +58,13 @@ def test_replace_true_on_register_takes_the_delta_type_over(lora_restored):
 
     AutoDeltaModel.register("lora", LoraConfig, MyLora, replace=True)
     assert lookup("lora") == (LoraConfig, MyLora)
+
+
+def test_replace_true_without_a_delta_type_is_an_error():
+    with pytest.raises(DeltaConfigError, match="replace=True.*no delta_type"):
+
+        class Vague(LoraModel, replace=True):
+            pass
 
 
 def test_registering_the_same_classes_again_changes_nothing():

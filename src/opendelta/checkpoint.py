@@ -1,4 +1,6 @@
-"""Delta checkpoints: a JSON config plus a safetensors file of the delta tensors, written atomically.
+"""Checkpoint files: opendelta's format, and the atomic writer and safetensors reader all formats share.
+
+opendelta's format is a JSON config plus a safetensors file of the delta tensors.
 
 No pickle anywhere: loading a stranger's checkpoint cannot execute code. The config is the commit
 point: it names the weights file (a new name for new content) and its SHA-256, so a save that
@@ -328,16 +330,21 @@ def _remove(path: Path) -> None:
             os.unlink(path)
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> tuple[bytes, str]:
+    """`tensors` (moved to the CPU) as the bytes of a safetensors file, and their SHA-256."""
+    # one metadata key: safetensors writes the metadata map in random order, and equal checkpoints
+    # should be equal bytes (the file is named after its checksum)
+    data = save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+    return data, hashlib.sha256(data).hexdigest()
+
+
 def write_checkpoint(directory: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Write `tensors` and `meta` into `directory` so that a failure at any step leaves the previous
     checkpoint loadable: the weights go to a file named after their checksum, then the config that
     names them is renamed into place (the commit), then the previous weights file is removed."""
     directory = save_folder(directory)
     plain, stacks = stack_groups({k: v.detach().to("cpu") for k, v in tensors.items()})
-    # one metadata key: safetensors writes the metadata map in random order, and equal checkpoints
-    # should be equal bytes (the file is named after its checksum)
-    data = save_safetensors({k: v.contiguous() for k, v in plain.items()}, metadata={"format": "pt"})
-    sha256 = hashlib.sha256(data).hexdigest()
+    data, sha256 = safetensors_bytes(plain)
     full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
     full_meta["weights"] = {"file": weights_name(sha256), "sha256": sha256}
     if stacks:

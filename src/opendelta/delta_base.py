@@ -1,7 +1,8 @@
 """The delta lifecycle shared by every method: place, build, attach, freeze, detach, save, load.
 
 A method subclasses :class:`DeltaBase`, names its config class and default positions, and
-implements :meth:`DeltaBase.new_layer`; everything else lives here and knows no method.
+implements :meth:`DeltaBase.new_layer`; everything else lives here and knows no method (saving
+and loading in serialization.py, parameter counts and log() in reporting.py, behind thin methods).
 """
 
 from __future__ import annotations
@@ -130,6 +131,8 @@ class DeltaBase:
         declared = cls.__dict__.get("delta_type")
         if isinstance(declared, str) and declared:
             register(declared, cls.config_class, cls, replace=replace)
+        elif replace:
+            raise DeltaConfigError(f"{cls.__name__} has replace=True but declares no delta_type to take over")
 
     def __init__(
         self,
@@ -172,8 +175,7 @@ class DeltaBase:
         position = 0 if order is None else _checked_position(order)
         if isinstance(config, dict):
             config = cls.config_class.from_dict(config)
-        obj = cls.__new__(cls)
-        obj._setup(backbone_model, config, cls.plan(backbone_model, config), name, dummy_inputs)
+        obj = cls.build_detached(backbone_model, config, cls.plan(backbone_model, config), name=name, dummy_inputs=dummy_inputs)
         obj._order = (position, obj._order[1], "")
         obj.attach()
         return obj

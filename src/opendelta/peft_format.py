@@ -9,7 +9,6 @@ keys and translates the config; no pickle is read (``adapter_model.bin`` is refu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save as save_safetensors
 
 from opendelta.checkpoint import (
     CheckpointContents,
@@ -30,6 +28,7 @@ from opendelta.checkpoint import (
     read_json,
     read_safetensors,
     read_safetensors_header,
+    safetensors_bytes,
     save_folder,
     write_files,
 )
@@ -132,11 +131,10 @@ def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensor
         "inference_mode": True,
         "auto_mapping": {"base_model_class": type(delta.backbone_model).__name__, "producer": "opendelta"},
     }
-    plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors_out.items()}
-    data = save_safetensors(plain, metadata={"format": "pt"})
+    data, sha256 = safetensors_bytes(tensors_out)
     # PEFT's two file names are fixed, so a save killed between them could pair new weights with the
     # old config; the checksum (in a field PEFT ignores) lets opendelta detect that pairing
-    peft_config["auto_mapping"]["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    peft_config["auto_mapping"]["weights_sha256"] = sha256
     config = (json.dumps(peft_config, indent=2, allow_nan=False) + "\n").encode("utf-8")
     directory = save_folder(directory)
     write_files(directory, [(PEFT_WEIGHTS_NAME, data), (PEFT_CONFIG_NAME, config)])
