@@ -254,12 +254,12 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     model = tiny_bert()
     delta = LoraModel(model, lora_r=2)
-    import opendelta.checkpoint as checkpoint
+    import opendelta.checkpoint_files as checkpoint_files
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_safetensors", disk_full)
+    monkeypatch.setattr(checkpoint_files, "save_safetensors", disk_full)
     with pytest.raises(OSError, match="No space"):
         delta.save_finetuned(ckpt)
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before  # no temporary files left either

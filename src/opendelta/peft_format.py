@@ -18,13 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from opendelta.checkpoint import (
-    CheckpointContents,
-    StoredCheckpoint,
+from opendelta.checkpoint import CheckpointContents, StoredCheckpoint, config_from_meta, delta_key, is_checkpoint_folder
+from opendelta.checkpoint_files import (
     checkpoint_path,
-    config_from_meta,
-    delta_key,
-    is_checkpoint_folder,
     read_json,
     read_safetensors,
     read_safetensors_header,

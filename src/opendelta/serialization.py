@@ -1,7 +1,8 @@
 """Saving and loading deltas: the table of checkpoint formats and the steps every format shares.
 
 A format (checkpoint.py: opendelta's own; peft_format.py: PEFT's adapter folders) only turns a
-delta into files and files into :class:`~opendelta.checkpoint.CheckpointContents`. Here, for every
+delta into files and files into :class:`~opendelta.checkpoint.CheckpointContents`, through the
+file operations of checkpoint_files.py. Here, for every
 format: gathering the tensors across ranks before a save, and on load checking the tensors
 against the module list and the backbone before the backbone is touched, then building the delta.
 """
@@ -21,14 +22,13 @@ from torch import nn
 from opendelta.addressing import backbone_modules, split_span
 from opendelta.checkpoint import (
     CheckpointContents,
-    checkpoint_path,
     delta_key,
     is_checkpoint_folder,
     read_delta_checkpoint,
-    save_folder,
     shared_keys,
     write_delta_checkpoint,
 )
+from opendelta.checkpoint_files import checkpoint_path, save_folder
 from opendelta.distributed import all_ranks_arrive, full_tensors, on_rank_zero
 from opendelta.errors import (
     CheckpointError,
