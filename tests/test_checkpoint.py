@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from opendelta import (
     AutoDeltaConfig,
     AutoDeltaModel,
+    CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     DeltaConfigError,
@@ -299,3 +300,11 @@ def test_checkpoint_overhead_on_a_30_layer_llama_stays_below_16_kib(tmp_path):
     disk = sum(f.stat().st_size for f in tmp_path.iterdir())
     assert len(delta.layers) == 60
     assert disk - tensor_bytes < 16 * 1024
+
+
+@pytest.mark.parametrize("format", ["pickle", ["peft"], None])
+def test_an_unknown_save_format_is_a_typed_error_naming_the_known_ones_and_writes_nothing(tmp_path, format):
+    delta = LoraModel(tiny_bert(), lora_r=2)
+    with pytest.raises(CheckpointError, match=r"unknown checkpoint format.*'opendelta', 'peft'"):
+        delta.save_finetuned(tmp_path / "ckpt", format=format)
+    assert not (tmp_path / "ckpt").exists()

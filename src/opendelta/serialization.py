@@ -88,7 +88,7 @@ def checkpoint_tensors(delta: DeltaBase) -> dict[str, torch.Tensor]:
 
 def save_delta(delta: DeltaBase, directory: str | os.PathLike, format: str, arrival_timeout_s: float) -> str:
     """DeltaBase.save_finetuned: every check that can fail runs on every rank before they gather."""
-    if format not in FORMATS:
+    if not isinstance(format, str) or format not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format {format!r}; expected one of {tuple(FORMATS)}")
     save_folder(directory, create=False)  # a bad path fails here, on every rank, before gathering
     FORMATS[format].check_savable(delta)
