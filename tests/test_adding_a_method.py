@@ -29,15 +29,7 @@ def scale_shift():
     finally:
         sys.modules.pop(MODULE, None)
         if "scale_shift" in registry.known_delta_types():
-            _unregister("scale_shift")
-
-
-def _unregister(delta_type: str) -> None:
-    unregister = getattr(registry, "unregister", None)
-    if unregister is not None:
-        unregister(delta_type)
-    else:  # a registry without unregister(): drop the entry this test added
-        registry._REGISTRY.pop(delta_type)
+            registry.unregister("scale_shift")
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
