@@ -260,11 +260,6 @@ def find_targets(
     return sorted(unique, key=lambda p: index.get((split_span(p) or (p,))[0], -1))
 
 
-def find_modules_in(paths: Sequence[str], patterns: Sequence[str]) -> list[str]:
-    """The `paths` any of `patterns` address; patterns that match nothing are skipped."""
-    return _match(paths, patterns, "patterns")[0]
-
-
 def match_names(names: Sequence[str], patterns: Sequence[str], what: str) -> list[str]:
     """The `names` (module or parameter paths) that `patterns` address; every pattern must match."""
     matched, unused = _match(names, patterns, what)

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from opendelta.errors import RuntimeInitError
+from opendelta.layer import first_tensor
 from opendelta.reachability import ParameterReads, unreached_error
-from opendelta.routing import first_tensor
 
 
 @dataclass(frozen=True)
@@ -29,16 +29,6 @@ class Observation:
     dtype: torch.dtype
     device: torch.device
     input_dtype: torch.dtype | None = None
-
-    @property
-    def in_features(self) -> int:
-        assert self.input_shape is not None
-        return self.input_shape[-1]
-
-    @property
-    def out_features(self) -> int:
-        assert self.output_shape is not None
-        return self.output_shape[-1]
 
 
 def model_device(model: nn.Module) -> torch.device:
