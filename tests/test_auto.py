@@ -11,7 +11,7 @@ from torch import nn
 
 from opendelta import AutoDeltaConfig, AutoDeltaModel, DeltaBase, DeltaConfig, DeltaLayer, LoraConfig, LoraModel
 from opendelta.errors import DeltaConfigError, UnknownDeltaTypeError
-from opendelta.registry import _REGISTRY
+from opendelta.registry import unregister
 from opendelta.runtime_init import synthesize_inputs
 
 
@@ -98,7 +98,7 @@ class ScaleModel(DeltaBase):
 def scale_registered():
     AutoDeltaModel.register("scale", ScaleConfig, ScaleModel)
     yield
-    _REGISTRY.pop("scale")
+    unregister("scale")
 
 
 def test_a_registered_user_method_gets_defaults_and_checkpoints(scale_registered, tmp_path):

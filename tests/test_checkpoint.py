@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from opendelta import (
     AutoDeltaConfig,
     AutoDeltaModel,
+    CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     DeltaConfigError,
@@ -229,17 +230,24 @@ def test_wrong_shapes_are_named(tmp_path):
 
 def test_loading_with_the_wrong_class_is_an_error(tmp_path):
     from opendelta import DeltaBase, DeltaConfig, DeltaLayer
+    from opendelta.registry import unregister
+
+    class OtherConfig(DeltaConfig):
+        pass
 
     class Other(DeltaBase):
-        config_class = DeltaConfig
+        config_class = OtherConfig
         delta_type = "test_other_method"
 
         def new_layer(self, path, module, observation):
             return DeltaLayer()
 
-    ckpt, _ = tuned_checkpoint(tmp_path)
-    with pytest.raises(IncompatibleCheckpointError, match="LoraModel"):
-        Other.from_finetuned(ckpt, tiny_bert())
+    try:
+        ckpt, _ = tuned_checkpoint(tmp_path)
+        with pytest.raises(IncompatibleCheckpointError, match="LoraModel"):
+            Other.from_finetuned(ckpt, tiny_bert())
+    finally:
+        unregister("test_other_method")
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -247,12 +255,12 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     model = tiny_bert()
     delta = LoraModel(model, lora_r=2)
-    import opendelta.checkpoint as checkpoint
+    import opendelta.checkpoint_files as checkpoint_files
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_safetensors", disk_full)
+    monkeypatch.setattr(checkpoint_files, "save_safetensors", disk_full)
     with pytest.raises(OSError, match="No space"):
         delta.save_finetuned(ckpt)
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before  # no temporary files left either
@@ -292,3 +300,11 @@ def test_checkpoint_overhead_on_a_30_layer_llama_stays_below_16_kib(tmp_path):
     disk = sum(f.stat().st_size for f in tmp_path.iterdir())
     assert len(delta.layers) == 60
     assert disk - tensor_bytes < 16 * 1024
+
+
+@pytest.mark.parametrize("format", ["pickle", ["peft"], None])
+def test_an_unknown_save_format_is_a_typed_error_naming_the_known_ones_and_writes_nothing(tmp_path, format):
+    delta = LoraModel(tiny_bert(), lora_r=2)
+    with pytest.raises(CheckpointError, match=r"unknown checkpoint format.*'opendelta', 'peft'"):
+        delta.save_finetuned(tmp_path / "ckpt", format=format)
+    assert not (tmp_path / "ckpt").exists()

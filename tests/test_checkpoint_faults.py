@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import opendelta.checkpoint as checkpoint
+import opendelta.checkpoint_files as checkpoint_files
 from opendelta import (
     AutoDeltaConfig,
     AutoDeltaModel,
@@ -221,7 +222,7 @@ def test_permission_denied_on_load_is_a_typed_error_naming_the_file(tmp_path, mo
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(checkpoint, "open", refuse, raising=False)  # the weights file; the config was readable
+    monkeypatch.setattr(checkpoint_files, "open", refuse, raising=False)  # the weights file; the config was readable
     with pytest.raises(CheckpointPermissionError, match=weights_of(tmp_path).name):
         AutoDeltaModel.from_finetuned(tmp_path, model)
     assert_unchanged(model, before)

@@ -1,6 +1,6 @@
 """opendelta: plug-and-play delta tuning for any PyTorch model."""
 
-__version__ = "0.1.0"
+from opendelta.version import __version__
 
 from opendelta.addressing import find_modules
 from opendelta.auto import AutoDeltaConfig, AutoDeltaModel
@@ -14,6 +14,7 @@ from opendelta.errors import (
     CorruptCheckpointError,
     DeltaConfigError,
     DistributedSaveError,
+    DuplicateDeltaTypeError,
     IncompatibleCheckpointError,
     LifecycleError,
     MergeError,
@@ -72,6 +73,7 @@ __all__ = [
     "DeltaConfig",
     "DeltaConfigError",
     "DistributedSaveError",
+    "DuplicateDeltaTypeError",
     "DeltaLayer",
     "IA3Config",
     "IA3Model",

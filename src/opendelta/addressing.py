@@ -243,11 +243,6 @@ def pair_spans(
     return list(pairs.items())
 
 
-def find_modules_in(paths: Sequence[str], patterns: Sequence[str]) -> list[str]:
-    """The `paths` any of `patterns` address; patterns that match nothing are skipped."""
-    return _match(paths, patterns, "patterns")[0]
-
-
 def match_names(names: Sequence[str], patterns: Sequence[str], what: str) -> list[str]:
     """The `names` (module or parameter paths) that `patterns` address; every pattern must match."""
     matched, unused = _match(names, patterns, what)

@@ -60,6 +60,9 @@ class AutoDeltaModel:
         return DeltaBase.from_finetuned(finetuned_delta_path, backbone_model, verify=verify, **kwargs)
 
     @staticmethod
-    def register(delta_type: str, config_cls: type[DeltaConfig], model_cls: type[DeltaBase]) -> None:
-        """Add a user-defined delta type so from_config / from_finetuned know it."""
-        register(delta_type, config_cls, model_cls)
+    def register(
+        delta_type: str, config_cls: type[DeltaConfig], model_cls: type[DeltaBase], *, replace: bool = False
+    ) -> None:
+        """Add a user-defined delta type so from_config / from_finetuned know it; a type already
+        registered with other classes raises DuplicateDeltaTypeError unless `replace=True`."""
+        register(delta_type, config_cls, model_cls, replace=replace)

@@ -1,50 +1,54 @@
-"""Delta checkpoints: a JSON config plus a safetensors file of the delta tensors, written atomically.
+"""opendelta's checkpoint format: a JSON config plus a safetensors file of the delta tensors.
 
 No pickle anywhere: loading a stranger's checkpoint cannot execute code. The config is the commit
 point: it names the weights file (a new name for new content) and its SHA-256, so a save that
 fails at any step leaves the previous checkpoint loadable. The checksum detects corruption
 (truncation, bit flips, a torn save), not deliberate tampering: whoever can edit the weights can
-edit the config too.
+edit the config too. The file operations themselves are checkpoint_files.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
-import secrets
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from opendelta.addressing import is_delta_module
-from opendelta.distributed import tensor_shape, unsharded_class
-from opendelta.errors import (
-    CheckpointError,
-    CheckpointNotFoundError,
-    CheckpointPathError,
-    CheckpointPermissionError,
-    CorruptCheckpointError,
-    DeltaConfigError,
-    OpenDeltaError,
+from opendelta.checkpoint_files import (
+    checkpoint_path,
+    is_count,
+    read_json,
+    read_safetensors,
+    read_safetensors_header,
+    remove_path,
+    safetensors_bytes,
+    save_folder,
+    write_files,
 )
+from opendelta.config import is_finite_number
+from opendelta.distributed import tensor_shape, unsharded_class
+from opendelta.errors import CheckpointNotFoundError, CorruptCheckpointError, DeltaConfigError, OpenDeltaError
+from opendelta.registry import lookup
+from opendelta.structure import model_type
+from opendelta.version import __version__
+
+if TYPE_CHECKING:
+    from opendelta.config import DeltaConfig
+    from opendelta.delta_base import DeltaBase
 
 CONFIG_NAME = "delta_config.json"
-WEIGHTS_NAME = "delta_model.safetensors"  # the fixed name of earlier checkpoints; they still load
 FORMAT = "opendelta"
 FORMAT_VERSION = 2  # 2: same-shaped delta tensors stacked ("stacks" in the config)
+_WEIGHTS = re.compile(r"delta_model(\.[0-9a-f]{16})?\.safetensors")
 
 
 def weights_name(sha256: str) -> str:
@@ -75,6 +79,36 @@ class StoredCheckpoint:
     meta: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]
     load: Callable[[torch.device | str], dict[str, torch.Tensor]]
+
+
+@dataclass
+class CheckpointContents:
+    """A checkpoint of any format in opendelta's terms, its tensor data not read yet: the delta
+    class and config it holds, the module paths, the tensors (``stored``, by opendelta checkpoint
+    key), the backbone tensors it trains (name -> saved shape), the backbone class it was trained
+    on, and its place among other deltas (``position``; ``created`` is 0 when unknown)."""
+
+    delta_class: type[DeltaBase]
+    config: DeltaConfig
+    modules: list[str]
+    stored: StoredCheckpoint
+    backbone_tensors: dict[str, Any]
+    trained_on: str
+    position: float = 0
+    created: int = 0
+
+
+def shared_keys(layers: Mapping[str, nn.Module]) -> dict[str, str]:
+    """Checkpoint keys of tensors that several layers share -> the key the tensor is saved under
+    (its first), so a shared tensor is saved once and loaded into the one object again."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for path, layer in layers.items():
+        for key, tensor in layer.state_dict(keep_vars=True).items():
+            full = delta_key(path, key)
+            if first.setdefault(id(tensor), full) != full:
+                aliases[full] = first[id(tensor)]
+    return aliases
 
 
 def backbone_fingerprint(model: nn.Module) -> str:
@@ -144,163 +178,13 @@ def _unstacked_shapes(
     return out
 
 
-# ----------------------------------------------------------------- paths and OS errors
-
-
-def checkpoint_path(value: Any, action: str) -> Path:
-    """`value` as a folder path, or CheckpointPathError saying what is wrong with it."""
-    if not isinstance(value, (str, os.PathLike)):
-        raise CheckpointPathError(
-            f"{action} needs a folder path (str or pathlib.Path), got {type(value).__name__} {value!r}."
-        )
-    text = os.fspath(value)
-    if not isinstance(text, str):
-        raise CheckpointPathError(f"{action} needs a text path, got bytes {text!r}; decode it first.")
-    if "\0" in text or not text:
-        raise CheckpointPathError(f"{action}: {text!r} is not a usable path (empty, or a NUL byte in it).")
-    return Path(text)
-
-
-@contextlib.contextmanager
-def os_errors_typed(path: Path, action: str) -> Iterator[None]:
-    """A PermissionError inside becomes CheckpointPermissionError naming `path`."""
-    try:
-        yield
-    except PermissionError as exc:
-        raise CheckpointPermissionError(
-            f"cannot {action} {str(path)!r}: permission denied ({exc.strerror}); check the file mode and owner, "
-            "or choose a folder this account can use."
-        ) from exc
-
-
-def read_json(path: Path, error: type[CheckpointError]) -> Any:
-    """Parse a checkpoint's JSON file strictly: no NaN/Infinity literals, bounded nesting; any
-    failure is `error` naming the file."""
-
-    def no_constants(literal: str) -> Any:
-        raise ValueError(f"{literal} is not JSON")
-
-    def finite(literal: str) -> float:
-        if not math.isfinite(value := float(literal)):
-            raise ValueError(f"{literal} overflows to infinity")
-        return value
-
-    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        if len({key for key, _ in pairs}) != len(pairs):
-            raise ValueError(f"an object repeats a key: {sorted(k for k, _ in pairs)}")
-        return dict(pairs)
-
-    with os_errors_typed(path, "read"):
-        raw = path.read_bytes()
-    try:
-        return json.loads(raw.decode("utf-8"), parse_constant=no_constants, parse_float=finite, object_pairs_hook=unique_keys)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-        raise error(f"{path} is not valid JSON ({reason}); the checkpoint is damaged.") from exc
-
-
-# ----------------------------------------------------------------- one atomic writer
-
-
-_STALE = re.compile(
-    r"\.(delta_model(\.[0-9a-f]{16})?\.safetensors|delta_config\.json|adapter_model\.safetensors|adapter_config\.json)"
-    r"\..+\.tmp"
-    r"|\.peft\..+"  # the temporary folders earlier PEFT-format saves used
-)
-_WEIGHTS = re.compile(r"delta_model(\.[0-9a-f]{16})?\.safetensors")
-
-
-def save_folder(directory: Any, *, create: bool = True) -> Path:
-    """The folder a save writes into, created if needed; an existing file there is an error."""
-    directory = checkpoint_path(directory, "save_finetuned")
-    if directory.exists() and not directory.is_dir():
-        raise CheckpointPathError(
-            f"save_finetuned: {str(directory)!r} is an existing file, not a folder; a checkpoint is a folder "
-            "of files. Choose another path or remove the file."
-        )
-    if create:
-        with os_errors_typed(directory, "create the checkpoint folder"):
-            directory.mkdir(parents=True, exist_ok=True)
-    return directory
-
-
-def _temporary(directory: Path, final_name: str, data: bytes) -> Path:
-    """`data` in a new hidden file next to `final_name`, flushed to disk. Created like any file
-    (mode 0666 less the umask), so whoever may read the folder may read the checkpoint."""
-    path = directory / f".{final_name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        handle = os.fdopen(fd, "wb")
-    except BaseException:
-        os.close(fd)
-        os.unlink(path)
-        raise
-    try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
-    return path
-
-
-def _sync_folder(directory: Path) -> None:
-    """Make the renames durable (where the platform can open a folder)."""
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_files(directory: Path, files: list[tuple[str, bytes]], keep: Callable[[str], bool] = lambda name: True) -> None:
-    """Write `files` (name, bytes) into `directory`, each through a flushed temporary file renamed
-    over its name, in order; the last rename is the commit. Stale temporary files from killed saves
-    are removed first; after the commit, so is every file `keep` rejects."""
-    with os_errors_typed(directory, "write the checkpoint into"):
-        for entry in os.listdir(directory):
-            if _STALE.fullmatch(entry):
-                _remove(directory / entry)
-        pending: list[Path] = []
-        try:
-            for name, data in files:
-                pending.append(_temporary(directory, name, data))
-                os.replace(pending[-1], directory / name)
-                pending.pop()
-        finally:
-            for path in pending:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-        _sync_folder(directory)
-        with contextlib.suppress(OSError):  # committed: a leftover now costs only space
-            for entry in os.listdir(directory):
-                if not keep(entry):
-                    _remove(directory / entry)
-
-
-def _remove(path: Path) -> None:
-    """Best effort: the save already succeeded (or has not begun), a leftover costs only space."""
-    with contextlib.suppress(OSError):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-
-
 def write_checkpoint(directory: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Write `tensors` and `meta` into `directory` so that a failure at any step leaves the previous
     checkpoint loadable: the weights go to a file named after their checksum, then the config that
     names them is renamed into place (the commit), then the previous weights file is removed."""
     directory = save_folder(directory)
     plain, stacks = stack_groups({k: v.detach().to("cpu") for k, v in tensors.items()})
-    # one metadata key: safetensors writes the metadata map in random order, and equal checkpoints
-    # should be equal bytes (the file is named after its checksum)
-    data = save_safetensors({k: v.contiguous() for k, v in plain.items()}, metadata={"format": "pt"})
-    sha256 = hashlib.sha256(data).hexdigest()
+    data, sha256 = safetensors_bytes(plain)
     full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
     full_meta["weights"] = {"file": weights_name(sha256), "sha256": sha256}
     if stacks:
@@ -316,9 +200,33 @@ def write_checkpoint(directory: str | os.PathLike, meta: dict[str, Any], tensors
         )
     except BaseException:
         if _committed_weights(directory) != committed:  # written, never committed: nothing names it
-            _remove(directory / committed)
+            remove_path(directory / committed)
         raise
     return directory
+
+
+def write_delta_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write `delta` in opendelta's format; `tensors` are its checkpoint tensors, gathered."""
+    order = delta.order_key
+    meta: dict[str, Any] = {
+        "delta_type": delta.delta_type,
+        "name": delta.name,
+        # the delta's place among others on shared modules (order_key), so loading order never matters
+        "order": {"position": order[0], "created": order[1]},
+        "library_version": __version__,
+        "config": delta.config.to_dict(),
+        # paths only: the tensors' shapes are already in the safetensors header
+        "modules": list(delta.layers),
+        "backbone_tensors": {n: list(tensors[f"backbone.{n}"].shape) for n in delta.trained_backbone_tensors()},
+        "backbone": {
+            "class": unsharded_class(delta.backbone_model).__name__,
+            "model_type": model_type(delta.backbone_model),
+            "fingerprint": backbone_fingerprint(delta.backbone_model),
+        },
+    }
+    if aliases := shared_keys(delta.layers):
+        meta["shared_tensors"] = aliases
+    return write_checkpoint(directory, meta, tensors)
 
 
 def _committed_weights(directory: Path) -> str | None:
@@ -327,86 +235,6 @@ def _committed_weights(directory: Path) -> str | None:
         return json.loads((directory / CONFIG_NAME).read_bytes())["weights"]["file"]
     except Exception:  # no config, or a damaged one: then it names nothing
         return None
-
-
-# ----------------------------------------------------------------- one safetensors reader
-
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], int]:
-    """The shape of every tensor in safetensors file `path`, and the file's size, from its header
-    alone: the header must describe exactly the bytes the file holds, so a padded, truncated or
-    sparse file is refused before any of its data is read."""
-    with os_errors_typed(path, "read"), open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if not 0 < length <= min(size - 8, _MAX_HEADER):
-            raise CorruptCheckpointError(f"{path} is not a safetensors file (no valid header); the checkpoint is damaged.")
-        raw = handle.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise CorruptCheckpointError(f"{path} has an unreadable safetensors header; the checkpoint is damaged.") from exc
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"{path} has an unreadable safetensors header; the checkpoint is damaged.")
-    shapes: dict[str, tuple[int, ...]] = {}
-    spans: list[tuple[int, int]] = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        shape, offsets, dtype = (
-            (entry.get("shape"), entry.get("data_offsets"), entry.get("dtype")) if isinstance(entry, dict) else (None,) * 3
-        )
-        ok = (
-            isinstance(dtype, str) and isinstance(shape, list) and all(map(_is_count, shape))
-            and isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
-            and offsets[0] <= offsets[1]
-        )  # fmt: skip
-        width = _DTYPE_BYTES.get(dtype) if ok else None
-        if not ok or (width is not None and offsets[1] - offsets[0] != math.prod(shape) * width):
-            raise CorruptCheckpointError(f"{path}: tensor {name!r} has a malformed header entry; the checkpoint is damaged.")
-        shapes[name] = tuple(shape)
-        spans.append((offsets[0], offsets[1]))
-    end = 0
-    for begin, stop in sorted(spans):
-        if begin != end:
-            break
-        end = stop
-    if end != size - 8 - length:
-        raise CorruptCheckpointError(
-            f"{path} is {size} bytes but its header describes {8 + length + end}: the file is truncated, padded or "
-            "damaged."
-        )
-    return shapes, size
-
-
-def read_safetensors(path: Path, size: int, sha256: str | None, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Every tensor of `path` (read once: checksum and tensors come from the same bytes), or
-    CorruptCheckpointError if it changed since its header was read or does not match `sha256`."""
-    with os_errors_typed(path, "read"):
-        data = path.read_bytes()
-    if len(data) != size:
-        raise CorruptCheckpointError(f"{path} changed while it was being loaded; load it again.")
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise CorruptCheckpointError(
-            f"{path} does not match the checksum recorded in {CONFIG_NAME}: the file is truncated or was changed "
-            "after saving."
-        )
-    try:
-        tensors = load_safetensors(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise CorruptCheckpointError(f"{path} is not a readable safetensors file ({exc}).") from exc
-    return {k: v.to(device) for k, v in tensors.items()}
 
 
 # ----------------------------------------------------------------- reading a checkpoint
@@ -467,7 +295,7 @@ def _check_meta(meta: Any, config_path: Path, verify: bool) -> None:
     if not all(isinstance(v, str) for v in meta.get("shared_tensors", {}).values()):
         raise _corrupt(config_path, "shared_tensors", "an object of tensor keys", meta["shared_tensors"])
     backbone_tensors = meta.get("backbone_tensors", {})
-    if not all(isinstance(v, list) and all(map(_is_count, v)) for v in backbone_tensors.values()):
+    if not all(isinstance(v, list) and all(map(is_count, v)) for v in backbone_tensors.values()):
         raise _corrupt(config_path, "backbone_tensors", "an object of tensor shapes", backbone_tensors)
     if not isinstance(meta.get("backbone", {}).get("class", ""), str):
         raise _corrupt(config_path, "backbone.class", "a class name", meta["backbone"]["class"])
@@ -517,6 +345,45 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -> Sto
         return tensors
 
     return StoredCheckpoint(meta=meta, shapes=shapes, load=load)
+
+
+def is_checkpoint_folder(directory: Path) -> bool:
+    """Whether `directory` holds an opendelta checkpoint config."""
+    return (directory / CONFIG_NAME).is_file()
+
+
+def saved_order(meta: dict[str, Any], where: str | os.PathLike) -> tuple[float, int]:
+    """The (position, creation stamp) a checkpoint records; (0, 0), i.e. created at an unknown
+    time, for checkpoints written before the field existed."""
+    if "order" not in meta:
+        return 0, 0
+    saved = meta["order"]
+    position = saved.get("position") if isinstance(saved, dict) else None
+    created = saved.get("created") if isinstance(saved, dict) else None
+    if not is_finite_number(position) or not is_count(created):
+        raise CorruptCheckpointError(
+            f"the config in {str(where)!r} has 'order' {saved!r}; it must be "
+            '{"position": <finite number>, "created": <integer >= 0>}: restore it, or delete the field to load '
+            "the delta at the default position."
+        )
+    return position, created
+
+
+def read_delta_checkpoint(directory: Path, *, verify: bool = True) -> CheckpointContents:
+    """The opendelta checkpoint in `directory`, its config and tensor header read and checked."""
+    stored = open_checkpoint(directory, verify=verify)
+    config_cls, delta_cls = lookup(stored.meta["delta_type"])
+    position, created = saved_order(stored.meta, directory)
+    return CheckpointContents(
+        delta_class=delta_cls,
+        config=config_from_meta(stored.meta, config_cls),
+        modules=stored.meta["modules"],
+        stored=stored,
+        backbone_tensors=stored.meta.get("backbone_tensors", {}),
+        trained_on=stored.meta.get("backbone", {}).get("class", "?"),
+        position=position,
+        created=created,
+    )
 
 
 def read_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu", *, verify: bool = True) -> DeltaCheckpoint:

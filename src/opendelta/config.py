@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from opendelta.errors import DeltaConfigError, PatternError
+from opendelta.registry import RegisteredType
 
 C = TypeVar("C", bound="DeltaConfig")
 
@@ -69,7 +70,8 @@ def choice(default: str, choices: Collection[str]) -> Any:
 class DeltaConfig:
     """Arguments every delta method takes; a method's config subclasses it and adds its own."""
 
-    delta_type: ClassVar[str] = ""
+    #: the type this config class is registered under (see registry.py)
+    delta_type: ClassVar[str] = RegisteredType()
 
     modified_modules: list[str] | None = None
     exclude_modules: list[str] | None = None
@@ -134,6 +136,11 @@ class DeltaConfig:
                 f"{self.delta_type or type(self).__name__} argument {name}={value} must be below the backbone's "
                 f"{limit_name}={limit}; choose {name} < {limit}."
             )
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether `value` is a finite int or float (a bool is not a number here)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def check_delta_name(name: object) -> None:

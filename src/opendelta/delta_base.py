@@ -1,46 +1,33 @@
 """The delta lifecycle shared by every method: place, build, attach, freeze, detach, save, load.
 
 A method subclasses :class:`DeltaBase`, names its config class and default positions, and
-implements :meth:`DeltaBase.new_layer`; everything else lives here and knows no method.
+implements :meth:`DeltaBase.new_layer`; everything else lives here and knows no method (saving
+and loading in serialization.py, parameter counts and log() in reporting.py, behind thin methods).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import itertools
-import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch import nn
 
-from opendelta import __version__
+from opendelta import reporting, serialization
 from opendelta.addressing import ancestors, backbone_modules, is_delta_module, match_names
-from opendelta.checkpoint import (
-    backbone_fingerprint,
-    checkpoint_path,
-    config_from_meta,
-    delta_key,
-    open_checkpoint,
-    save_folder,
-    write_checkpoint,
-)
 from opendelta.claims import check_value_free, claim_value, release_flag, release_value, set_flag
-from opendelta.config import DeltaConfig, check_delta_name, check_name_list
-from opendelta.distributed import ARRIVAL_TIMEOUT_S, all_ranks_arrive, full_tensors, on_rank_zero, unsharded_class
+from opendelta.config import DeltaConfig, check_delta_name, check_name_list, is_finite_number
+from opendelta.distributed import ARRIVAL_TIMEOUT_S
 from opendelta.errors import (
-    CheckpointError,
-    CorruptCheckpointError,
     DeltaConfigError,
-    IncompatibleCheckpointError,
     LifecycleError,
     MergeError,
     PatternError,
@@ -48,8 +35,9 @@ from opendelta.errors import (
     UnreachedModuleError,
     UnsupportedModuleError,
 )
+from opendelta.interactive import choose_modules
 from opendelta.reachability import FirstForwardCheck
-from opendelta.registry import lookup, register
+from opendelta.registry import RegisteredConfig, RegisteredType, register
 from opendelta.routing import (
     DATA_FLOW_LOCK,
     DeltaLayer,
@@ -63,16 +51,13 @@ from opendelta.routing import (
     site_of,
     swap_delta,
 )
-from opendelta.runtime_init import Observation, model_device, observe
-from opendelta.structure import model_type
-from opendelta.targets import Target, resolve_config, targets_at
+from opendelta.runtime_init import Observation, observe
+from opendelta.targets import Target, resolve_config
 
 D = TypeVar("D", bound="DeltaBase")
 F = TypeVar("F", bound=Callable[..., Any])
 #: in a module's __dict__: names of the deltas merged into its weights, in merge order
 _MERGED_ATTR = "_opendelta_merged"
-
-SAVE_FORMATS = ("opendelta", "peft")
 
 _stamp_lock = threading.Lock()
 _last_stamp = 0
@@ -87,13 +72,8 @@ def _creation_stamp() -> int:
         return _last_stamp
 
 
-def _is_position(value: Any) -> bool:
-    """Whether `value` can be a delta's ``order``: a finite int or float (a bool is not a number here)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
 def _checked_position(order: Any) -> float:
-    if not _is_position(order):
+    if not is_finite_number(order):
         raise DeltaConfigError(
             f"order must be a finite number, got {order!r}: a negative order runs the delta before the deltas "
             "of the default order 0 on the modules it shares with them, a positive one after them."
@@ -121,8 +101,10 @@ class DeltaBase:
     trained values, so the tuned outputs come back exactly.
     """
 
-    delta_type: ClassVar[str] = ""
-    config_class: ClassVar[type[DeltaConfig]] = DeltaConfig
+    #: a method declares both; declaring delta_type registers the class (see registry.py), and a
+    #: class that declares neither inherits its base's or learns them from AutoDeltaModel.register
+    delta_type: ClassVar[str] = RegisteredType()
+    config_class: ClassVar[type[DeltaConfig]] = RegisteredConfig(DeltaConfig)
     #: where the method goes when the user names no modules: common-structure roles
     default_modified_modules: ClassVar[tuple[str, ...]] = ()
     #: whether new_layer needs the observed hidden-state shapes; every method runs the dummy forward pass (it
@@ -131,10 +113,15 @@ class DeltaBase:
     #: whether new_layer can build a (parallel) layer for a span ``"start->end"`` of two modules
     accepts_spans: ClassVar[bool] = False
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, replace: bool = False, **kwargs: Any) -> None:
+        """A class declaring ``delta_type`` registers itself; ``class M(LoraModel, replace=True)``
+        takes over a type already registered (else DuplicateDeltaTypeError)."""
         super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("delta_type"):
-            register(cls.delta_type, cls.config_class, cls)
+        declared = cls.__dict__.get("delta_type")
+        if isinstance(declared, str) and declared:
+            register(declared, cls.config_class, cls, replace=replace)
+        elif replace:
+            raise DeltaConfigError(f"{cls.__name__} has replace=True but declares no delta_type to take over")
 
     def __init__(
         self,
@@ -152,7 +139,7 @@ class DeltaBase:
     ):
         position = 0 if order is None else _checked_position(order)
         if interactive_modify:
-            modified_modules = _select_interactively(backbone_model, interactive_modify)
+            modified_modules = choose_modules(backbone_model, interactive_modify)
         config = self.config_class.from_dict(
             {
                 "modified_modules": modified_modules,
@@ -177,10 +164,23 @@ class DeltaBase:
         position = 0 if order is None else _checked_position(order)
         if isinstance(config, dict):
             config = cls.config_class.from_dict(config)
-        obj = cls.__new__(cls)
-        obj._setup(backbone_model, config, cls.resolve_targets(backbone_model, config), name, dummy_inputs)
+        obj = cls.build_detached(
+            backbone_model, config, cls.resolve_targets(backbone_model, config), name=name, dummy_inputs=dummy_inputs
+        )
         obj._order = (position, obj._order[1], "")
         obj.attach()
+        return obj
+
+    @classmethod
+    def build_detached(
+        cls: type[D], backbone_model: nn.Module, config: DeltaConfig, targets: Sequence[Target], *,
+        name: str | None = None, dummy_inputs: Any = None,
+    ) -> D:
+        """A delta of this class on `targets` (see resolve_targets(); a checkpoint's paths give them through
+        :func:`opendelta.targets.targets_at`), its layers built but not attached: the backbone is
+        untouched until attach() (or load_trained_state())."""
+        obj = cls.__new__(cls)
+        obj._setup(backbone_model, config, targets, name, dummy_inputs)
         return obj
 
     @classmethod
@@ -302,6 +302,17 @@ class DeltaBase:
     @property
     def is_attached(self) -> bool:
         return self._attached
+
+    @property
+    def targets(self) -> Mapping[str, Target]:
+        """Module path (or span ``"start->end"``) -> where its layer acts (:class:`~opendelta.targets.Target`); read-only."""
+        return types.MappingProxyType(self._targets)
+
+    def trained_backbone_tensors(self) -> dict[str, torch.Tensor]:
+        """The backbone tensors this delta trains (an unfrozen head, ...) by name, with its values:
+        the live parameters while attached, the values detach() took out while detached."""
+        params = dict(self.backbone_model.named_parameters()) if self._attached and self._originals else {}
+        return {n: params[n] if self._attached else self._tuned[n] for n in self._originals}
 
     @property
     def order(self) -> float:
@@ -692,81 +703,17 @@ class DeltaBase:
 
     def parameter_counts(self) -> dict[str, int]:
         """Numbers of parameters: ``total`` (backbone + deltas), ``trainable``, ``delta`` (this delta's)."""
-        seen: set[int] = set()
-        total = trainable = 0
-        for p in self.backbone_model.parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-        return {"total": total, "trainable": trainable, "delta": sum(p.numel() for p in self.delta_parameters())}
+        return reporting.parameter_counts(self)
 
     def log(self, console: Console | None = None) -> None:
         """Print where this delta sits and the trainable / delta parameter counts and ratios."""
-        console = console or Console()
-        counts = self.parameter_counts()
-        table = Table(title=f"{type(self).__name__} {self.name!r} ({'attached' if self._attached else 'detached'})")
-        table.add_column("parameters")
-        table.add_column("count", justify="right")
-        table.add_column("of total", justify="right")
-        for key in ("total", "trainable", "delta"):
-            table.add_row(key, f"{counts[key]:,}", f"{100 * counts[key] / max(counts['total'], 1):.3f}%")
-        console.print(table)
-        console.print(f"{len(self.layers)} modified modules: {', '.join(_compress(list(self.layers)))}")
+        reporting.log(self, console)
 
     def __repr__(self) -> str:
         state = ("merged" if self._merged else "attached") if self._attached else "detached"
         return f"{type(self).__name__}(name={self.name!r}, modules={len(self.layers)}, {state})"
 
     # ----------------------------------------------------------------- checkpoints
-
-    def _shared_keys(self) -> dict[str, str]:
-        """Checkpoint keys of tensors that several layers share -> the key the tensor is saved under
-        (its first), so a shared tensor is saved once and loaded into the one object again."""
-        first: dict[int, str] = {}
-        aliases: dict[str, str] = {}
-        for path, layer in self.layers.items():
-            for key, tensor in layer.state_dict(keep_vars=True).items():
-                full = delta_key(path, key)
-                if first.setdefault(id(tensor), full) != full:
-                    aliases[full] = first[id(tensor)]
-        return aliases
-
-    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors a checkpoint holds, as they live in the model (possibly sharded)."""
-        tensors: dict[str, torch.Tensor] = {}
-        aliases = self._shared_keys()
-        for path, layer in self.layers.items():
-            for key, tensor in layer.state_dict(keep_vars=True).items():
-                if delta_key(path, key) not in aliases:
-                    tensors[delta_key(path, key)] = tensor
-        params = dict(self.backbone_model.named_parameters())
-        for n in self._originals:  # the backbone tensors this delta trains (unfrozen head, ...)
-            tensors[f"backbone.{n}"] = params[n] if self._attached else self._tuned[n]
-        return tensors
-
-    def _checkpoint_meta(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        aliases = self._shared_keys()
-        meta: dict[str, Any] = {
-            "delta_type": self.delta_type,
-            "name": self.name,
-            # the delta's place among others on shared modules (order_key), so loading order never matters
-            "order": {"position": self._order[0], "created": self._order[1]},
-            "library_version": __version__,
-            "config": self.config.to_dict(),
-            # paths only: the tensors' shapes are already in the safetensors header
-            "modules": list(self.layers),
-            "backbone_tensors": {n: list(tensors[f"backbone.{n}"].shape) for n in self._originals},
-            "backbone": {
-                "class": unsharded_class(self.backbone_model).__name__,
-                "model_type": model_type(self.backbone_model),
-                "fingerprint": backbone_fingerprint(self.backbone_model),
-            },
-        }
-        if aliases:
-            meta["shared_tensors"] = aliases
-        return meta
 
     def save_finetuned(
         self,
@@ -782,21 +729,7 @@ class DeltaBase:
         rank: the ranks gather the (possibly sharded) delta tensors and rank 0 writes. A rank that
         does not arrive within `arrival_timeout_s` makes it raise DistributedSaveError (gloo).
         """
-        if format not in SAVE_FORMATS:
-            raise CheckpointError(f"unknown checkpoint format {format!r}; expected one of {SAVE_FORMATS}")
-        save_folder(finetuned_delta_path, create=False)  # a bad path fails here, on every rank, before gathering
-        if format == "peft":
-            from opendelta.peft_format import check_peft_expressible, write_peft_checkpoint
-
-            check_peft_expressible(self)
-        all_ranks_arrive(f"save_finetuned({str(finetuned_delta_path)!r})", arrival_timeout_s)
-        tensors = full_tensors(self._checkpoint_tensors())
-        if format == "peft":
-            on_rank_zero(str(finetuned_delta_path), lambda: write_peft_checkpoint(self, finetuned_delta_path, tensors))
-        else:
-            meta = self._checkpoint_meta(tensors)
-            on_rank_zero(str(finetuned_delta_path), lambda: write_checkpoint(finetuned_delta_path, meta, tensors))
-        return str(finetuned_delta_path)
+        return serialization.save_delta(self, finetuned_delta_path, format, arrival_timeout_s)
 
     @classmethod
     def from_finetuned(
@@ -819,135 +752,38 @@ class DeltaBase:
         The delta keeps the place among other deltas its checkpoint records; `order` overrides its
         position.
         """
-        from opendelta.peft_format import is_peft_folder, read_peft_checkpoint
+        return serialization.load_delta(  # type: ignore[return-value]
+            finetuned_delta_path,
+            backbone_model,
+            expected=None if cls is DeltaBase else cls,
+            name=name,
+            dummy_inputs=dummy_inputs,
+            verify=verify,
+            position=None if order is None else _checked_position(order),
+        )
 
-        override = None if order is None else _checked_position(order)
-        path = checkpoint_path(finetuned_delta_path, "from_finetuned")
-        device = model_device(backbone_model)
-        device = torch.device("cpu") if device.type == "meta" else device
-        if is_peft_folder(path):
-            delta_cls, config, paths, stored, backbone_names, trained_on = read_peft_checkpoint(path, verify=verify)
-            position, created = 0, 0
-        else:
-            stored = open_checkpoint(path, verify=verify)
-            _, delta_cls = lookup(stored.meta["delta_type"])
-            position, created = _saved_order(stored.meta, path)
-            config = config_from_meta(stored.meta, delta_cls.config_class)
-            paths = stored.meta["modules"]
-            backbone_names = stored.meta.get("backbone_tensors", {})
-            trained_on = stored.meta.get("backbone", {}).get("class", "?")
-        if cls is not DeltaBase and not issubclass(delta_cls, cls):
-            raise IncompatibleCheckpointError(
-                f"{finetuned_delta_path} holds a {delta_cls.delta_type!r} delta; load it with "
-                f"{delta_cls.__name__}.from_finetuned or AutoDeltaModel.from_finetuned"
-            )
-        targets, missing = targets_at(backbone_model, paths)
-        if missing:
-            raise IncompatibleCheckpointError(
-                f"the checkpoint was trained on a {trained_on}; this {type(backbone_model).__name__} has no "
-                f"module(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-            )
-        obj = delta_cls.__new__(delta_cls)
-        try:
-            obj._setup(backbone_model, config, targets, name, dummy_inputs)
-        except UnreachedModuleError:
-            raise
-        except UnsupportedModuleError as exc:
-            raise IncompatibleCheckpointError(f"the checkpoint does not fit this backbone: {exc}") from exc
-        where = f"{path} (trained on a {trained_on})"
-        obj._match_tensors(stored.shapes, backbone_names, where)  # before the data is read and hashed
-        tensors = stored.load(device)
-        obj._match_tensors({k: tuple(v.shape) for k, v in tensors.items()}, backbone_names, where)
-        # a delta of unknown creation time is placed by its content, never by the loading order
-        obj._order = (position if override is None else override, created, "" if created else _content_digest(tensors))
-        obj._load_tensors(tensors, backbone_names)
-        return obj
-
-    def _checkpoint_keys(self, backbone_names: dict[str, Any]) -> dict[str, tuple[str, ...]]:
-        """Checkpoint key -> the keys it may be saved under, for every tensor this delta loads."""
-        keys: dict[str, tuple[str, ...]] = {}
+    def load_trained_state(
+        self,
+        layer_states: Mapping[str, Mapping[str, torch.Tensor]],
+        backbone_tensors: Mapping[str, torch.Tensor],
+        *,
+        order: tuple[float, int, str],
+    ) -> DeltaBase:
+        """Give a delta fresh from build_detached() the trained state a checkpoint holds, and attach it:
+        each layer's state dict (by path), the trained values of the backbone tensors it trains (by
+        name; attach() swaps them in, ownership checked), and its place among other deltas (order,
+        creation stamp, content digest: the first three parts of order_key)."""
+        if self._attached:
+            raise LifecycleError(f"delta {self.name!r} is attached; load_trained_state() fills a newly built delta")
         for path, layer in self.layers.items():
-            for key in layer.state_dict():
-                # checkpoints from before 0.1.0's release spelled a root delta's keys "delta..<key>"
-                keys[delta_key(path, key)] = (delta_key(path, key), f"delta..{key}") if not path else (delta_key(path, key),)
-        keys.update({f"backbone.{n}": (f"backbone.{n}",) for n in backbone_names})
-        return keys
-
-    def _match_tensors(self, shapes: dict[str, tuple[int, ...]], backbone_names: dict[str, Any], where: str) -> None:
-        """The checkpoint's tensors must be exactly the ones this delta's modules use (else
-        CorruptCheckpointError: part of the delta would be dropped or made up) with the backbone's
-        shapes (else IncompatibleCheckpointError)."""
-        own = {delta_key(p, k): tuple(t.shape) for p, layer in self.layers.items() for k, t in layer.state_dict().items()}
-        params = dict(self.backbone_model.named_parameters())
-        own.update({f"backbone.{n}": tuple(params[n].shape) for n in backbone_names if n in params})
-        missing, mismatched, used = [], [], set()
-        for key, spellings in self._checkpoint_keys(backbone_names).items():
-            saved = next((s for s in spellings if s in shapes), None)
-            if key not in own:
-                mismatched.append(f"{key[len('backbone.'):]}: no such backbone parameter")
-            elif saved is None:
-                missing.append(key)
-            elif shapes[saved] != own[key]:
-                mismatched.append(f"{key}: checkpoint {shapes[saved]} vs backbone {own[key]}")
-            used.add(saved)
-        unused = sorted(set(shapes) - used)
-        if missing or unused:
-            raise CorruptCheckpointError(
-                f"the tensors of {where} do not match its module list: "
-                + (f"missing {_few(missing)}" if missing else "")
-                + ("; " if missing and unused else "")
-                + (f"not used by any listed module {_few(unused)}" if unused else "")
-                + ". The checkpoint is damaged or was edited; save it again."
-            )
-        if mismatched:
-            raise IncompatibleCheckpointError(
-                f"the checkpoint {where} does not fit this {type(self.backbone_model).__name__}: " + _few(mismatched)
-            )
-
-    def _load_tensors(self, tensors: dict[str, torch.Tensor], backbone_names: dict[str, Any]) -> None:
-        """Copy checked tensors (see _match_tensors) into the layers and the backbone, and attach."""
-        keys = self._checkpoint_keys(backbone_names)
-        value = {key: next(tensors[s] for s in spellings if s in tensors) for key, spellings in keys.items()}
-        for path, layer in self.layers.items():
-            layer.load_state_dict({k: value[delta_key(path, k)] for k in layer.state_dict()})
+            layer.load_state_dict(dict(layer_states[path]))
         params = dict(self.backbone_model.named_parameters())
         with torch.no_grad():  # as if detached after training: attach() checks ownership and swaps the values in
-            for n in backbone_names:
+            for n, value in backbone_tensors.items():
                 self._originals[n] = params[n].detach().clone()
-                self._tuned[n] = value[f"backbone.{n}"]
-        self.attach()
-
-
-def _few(items: list[str]) -> str:
-    """The first few of a list of problems, for an error message."""
-    return "; ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
-
-
-def _saved_order(meta: dict[str, Any], where: str | os.PathLike) -> tuple[float, int]:
-    """The (position, creation stamp) a checkpoint records; (0, 0), i.e. created at an unknown
-    time, for checkpoints written before the field existed."""
-    if "order" not in meta:
-        return 0, 0
-    saved = meta["order"]
-    position = saved.get("position") if isinstance(saved, dict) else None
-    created = saved.get("created") if isinstance(saved, dict) else None
-    if not _is_position(position) or isinstance(created, bool) or not isinstance(created, int) or created < 0:
-        raise CorruptCheckpointError(
-            f"the config in {str(where)!r} has 'order' {saved!r}; it must be "
-            '{"position": <finite number>, "created": <integer >= 0>}: restore it, or delete the field to load '
-            "the delta at the default position."
-        )
-    return position, created
-
-
-def _content_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """A digest of a checkpoint's tensors (names, dtypes, shapes, bytes), independent of where they live."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor = tensors[key].detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{key}:{tensor.dtype}:{tuple(tensors[key].shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+                self._tuned[n] = value
+        self._order = order
+        return self.attach()
 
 
 def _home_slot(backbone: nn.Module, target: Target) -> tuple[dict, str] | None:
@@ -973,20 +809,3 @@ def _path_of(root: nn.Module, module: nn.Module) -> str:
         if candidate is module:
             return path + "."
     raise PatternError("freeze_module(module=...) must be a sub-module of the backbone")
-
-
-def _compress(paths: list[str]) -> list[str]:
-    """Short display form of many paths: group by their last two components."""
-    counts: dict[str, int] = {}
-    for path in paths:
-        key = ".".join(path.split(".")[-2:])
-        counts[key] = counts.get(key, 0) + 1
-    return [f"{k} x{n}" if n > 1 else k for k, n in counts.items()]
-
-
-def _select_interactively(backbone: nn.Module, interactive_modify: bool | int) -> list[str]:
-    from opendelta.interactive import select_modules
-
-    port = None if interactive_modify is True else int(interactive_modify)
-    return select_modules(backbone, port=port)
-

@@ -68,6 +68,10 @@ class UnknownDeltaTypeError(OpenDeltaError, KeyError):
         return str(self.args[0])
 
 
+class DuplicateDeltaTypeError(OpenDeltaError, ValueError):
+    """A delta_type registered again with other classes, without ``replace=True``."""
+
+
 class CheckpointError(OpenDeltaError):
     """Base class of checkpoint failures."""
 

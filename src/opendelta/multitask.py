@@ -125,7 +125,7 @@ def _plans(deltas: Sequence[DeltaBase], table: torch.Tensor) -> dict[Site, Any]:
     on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
     sites: dict[int, tuple[nn.Module, Site, torch.device]] = {}
     for delta in deltas:
-        for path, target in delta._targets.items():
+        for path, target in delta.targets.items():
             module = target.module
             site = site_of(module)
             if site is not None and id(module) not in sites:

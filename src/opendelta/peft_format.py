@@ -1,4 +1,4 @@
-"""The PEFT adapter format for LoRA: write folders ``peft.PeftModel.from_pretrained`` loads, read PEFT's.
+"""The PEFT adapter format: write folders ``peft.PeftModel.from_pretrained`` loads, read PEFT's (LoRA today).
 
 A PEFT LoRA folder is ``adapter_config.json`` plus ``adapter_model.safetensors`` whose keys are
 ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (and, for
@@ -9,7 +9,6 @@ keys and translates the config; no pickle is read (``adapter_model.bin`` is refu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -18,21 +17,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save as save_safetensors
 
-from opendelta.checkpoint import (
-    CONFIG_NAME,
-    StoredCheckpoint,
+from opendelta.checkpoint import CheckpointContents, StoredCheckpoint, config_from_meta, delta_key, is_checkpoint_folder
+from opendelta.checkpoint_files import (
     checkpoint_path,
-    config_from_meta,
-    delta_key,
     read_json,
     read_safetensors,
     read_safetensors_header,
+    safetensors_bytes,
     save_folder,
     write_files,
 )
 from opendelta.errors import CorruptCheckpointError, PeftFormatError
+from opendelta.registry import lookup
 
 if TYPE_CHECKING:
     from opendelta.config import DeltaConfig
@@ -41,6 +38,8 @@ if TYPE_CHECKING:
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+#: PEFT's peft_type -> the opendelta delta_type with the same tensors (found through the registry)
+PEFT_TYPES = {"LORA": "lora"}
 _FACTOR = re.compile(r"(?P<path>.+)\.lora_(?P<factor>[AB])\.weight")
 #: PEFT LoRA options that change the computation in ways opendelta's LoRA does not implement
 _UNSUPPORTED_OPTIONS = {
@@ -58,22 +57,22 @@ _UNSUPPORTED_OPTIONS = {
 def is_peft_folder(directory: str | os.PathLike) -> bool:
     """Whether `directory` is a PEFT adapter folder rather than an opendelta checkpoint."""
     directory = checkpoint_path(directory, "from_finetuned")
-    return (directory / PEFT_CONFIG_NAME).is_file() and not (directory / CONFIG_NAME).is_file()
+    return (directory / PEFT_CONFIG_NAME).is_file() and not is_checkpoint_folder(directory)
 
 
 def check_peft_expressible(delta: DeltaBase) -> None:
-    """Raise PeftFormatError unless `delta` is a LoRA whose extra trained tensors are whole modules."""
-    if delta.delta_type != "lora":
+    """Raise PeftFormatError unless PEFT has `delta`'s method and its extra trained tensors are whole modules."""
+    if delta.delta_type not in PEFT_TYPES.values():
         raise PeftFormatError(
-            f"format='peft' writes LoRA only; this is a {delta.delta_type!r} delta. Save it with the default "
-            "format='opendelta'."
+            f"format='peft' writes {', '.join(map(repr, PEFT_TYPES.values()))} deltas only; this is a "
+            f"{delta.delta_type!r} delta. Save it with the default format='opendelta'."
         )
     _modules_to_save(delta)
 
 
 def _modules_to_save(delta: DeltaBase) -> list[str]:
     """The backbone modules whose every parameter the delta trains (PEFT's ``modules_to_save``)."""
-    trained = set(delta._originals)
+    trained = set(delta.trained_backbone_tensors())
     owners: list[str] = []
     for name in trained:
         owner = name.rpartition(".")[0]
@@ -105,8 +104,8 @@ def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensor
             rank_pattern[re.escape(path)] = r
         if alpha != config.lora_alpha:
             alpha_pattern[re.escape(path)] = alpha
-        conv1d = conv1d or type(delta._targets[path].module).__name__ == "Conv1D"
-    for name in delta._originals:
+        conv1d = conv1d or type(delta.targets[path].module).__name__ == "Conv1D"
+    for name in delta.trained_backbone_tensors():
         tensors_out[PREFIX + name] = tensors[f"backbone.{name}"]
     modules_to_save = _modules_to_save(delta)
     backbone_config = getattr(delta.backbone_model, "config", None)
@@ -128,11 +127,10 @@ def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensor
         "inference_mode": True,
         "auto_mapping": {"base_model_class": type(delta.backbone_model).__name__, "producer": "opendelta"},
     }
-    plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors_out.items()}
-    data = save_safetensors(plain, metadata={"format": "pt"})
+    data, sha256 = safetensors_bytes(tensors_out)
     # PEFT's two file names are fixed, so a save killed between them could pair new weights with the
     # old config; the checksum (in a field PEFT ignores) lets opendelta detect that pairing
-    peft_config["auto_mapping"]["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    peft_config["auto_mapping"]["weights_sha256"] = sha256
     config = (json.dumps(peft_config, indent=2, allow_nan=False) + "\n").encode("utf-8")
     directory = save_folder(directory)
     write_files(directory, [(PEFT_WEIGHTS_NAME, data), (PEFT_CONFIG_NAME, config)])
@@ -163,11 +161,9 @@ def _pattern_map(peft: dict[str, Any], key: str, kinds: tuple[type, ...], expect
     return {"[r]" + k: v for k, v in patterns.items()} or None
 
 
-def _lora_config(peft: dict[str, Any], paths: list[str], path: Path) -> DeltaConfig:
-    """opendelta's LoraConfig for PEFT's config: the types of PEFT's fields are checked here (the
-    one place that translates them), their values by LoraConfig itself."""
-    from opendelta.methods.lora import LoraConfig
-
+def _lora_config(peft: dict[str, Any], paths: list[str], path: Path, config_cls: type[DeltaConfig]) -> DeltaConfig:
+    """opendelta's LoRA config (`config_cls`) for PEFT's config: the types of PEFT's fields are
+    checked here (the one place that translates them), their values by the config class itself."""
     r = _field(peft, "r", (int,), "a positive integer", 8, path)
     values = {
         "modified_modules": paths,
@@ -183,29 +179,23 @@ def _lora_config(peft: dict[str, Any], paths: list[str], path: Path) -> DeltaCon
         if not (value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
             raise PeftFormatError(f"{path}: {key!r} must be a string, a list of strings or null, got {value!r}.")
     _field(peft, "fan_in_fan_out", (bool,), "true or false", False, path)
-    return config_from_meta({"delta_type": "lora", "config": values}, LoraConfig)
+    return config_from_meta({"delta_type": config_cls.delta_type, "config": values}, config_cls)
 
 
-def read_peft_checkpoint(
-    directory: str | os.PathLike, *, verify: bool = True
-) -> tuple[type[DeltaBase], DeltaConfig, list[str], StoredCheckpoint, dict[str, Any], str]:
+def read_peft_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -> CheckpointContents:
     """Translate a PEFT LoRA folder into opendelta's terms, reading only its config and its
-    tensors' header; the tensor data is read by the returned checkpoint's ``load``.
+    tensors' header; the tensor data is read by the returned checkpoint's ``stored.load``.
 
-    Returns (delta class, config, module paths, the checkpoint (shapes and loader by opendelta
-    checkpoint key), trained backbone parameter names, the class PEFT recorded). Other PEFT methods
-    and LoRA variants opendelta does not implement raise PeftFormatError naming them. The
-    checksum opendelta records when it writes a PEFT folder is verified unless verify=False.
+    Other PEFT methods and LoRA variants opendelta does not implement raise PeftFormatError naming
+    them. The checksum opendelta records when it writes a PEFT folder is verified unless verify=False.
     """
-    from opendelta.methods.lora import LoraModel
-
     directory = checkpoint_path(directory, "from_finetuned")
     config_path = directory / PEFT_CONFIG_NAME
     peft = read_json(config_path, PeftFormatError)
     if not isinstance(peft, dict):
         raise PeftFormatError(f"{config_path} must hold a JSON object (PEFT's adapter config), got {type(peft).__name__}.")
     method = peft.get("peft_type")
-    if method != "LORA":
+    if not isinstance(method, str) or method not in PEFT_TYPES:
         raise PeftFormatError(
             f"{str(directory)!r} holds a PEFT {method!r} adapter; opendelta reads PEFT LoRA adapters only. "
             "Load it with peft.PeftModel.from_pretrained, or train the method with opendelta's own class."
@@ -253,7 +243,8 @@ def read_peft_checkpoint(
         keys[stored_name] = key
     if not paths:
         raise PeftFormatError(f"{weights} holds no LoRA tensors (no '<module>.lora_A.weight'); it is not a LoRA adapter.")
-    config = _lora_config(peft, paths, config_path)
+    config_cls, delta_cls = lookup(PEFT_TYPES[method])
+    config = _lora_config(peft, paths, config_path, config_cls)
     shapes = {keys[k]: shape for k, shape in stored.items()}
     for path in paths:  # before any layer is built: a wrong r must not allocate an r-sized layer first
         factor = shapes.get(delta_key(path, "lora_A"))
@@ -266,4 +257,11 @@ def read_peft_checkpoint(
     def load(device: torch.device | str) -> dict[str, torch.Tensor]:
         return {keys[k]: v for k, v in read_safetensors(weights, size, sha256, device).items()}
 
-    return LoraModel, config, paths, StoredCheckpoint(meta=peft, shapes=shapes, load=load), backbone_names, trained_on
+    return CheckpointContents(
+        delta_class=delta_cls,
+        config=config,
+        modules=paths,
+        stored=StoredCheckpoint(meta=peft, shapes=shapes, load=load),
+        backbone_tensors=backbone_names,
+        trained_on=trained_on,
+    )

@@ -30,16 +30,6 @@ class Observation:
     device: torch.device
     input_dtype: torch.dtype | None = None
 
-    @property
-    def in_features(self) -> int:
-        assert self.input_shape is not None
-        return self.input_shape[-1]
-
-    @property
-    def out_features(self) -> int:
-        assert self.output_shape is not None
-        return self.output_shape[-1]
-
 
 def model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
