@@ -97,6 +97,52 @@ def test_detach_removes_the_input_grad_hook():
     assert dict(model.embed._forward_hooks) == hooks_before
 
 
+def test_attached_deltas_share_one_input_grad_hook_and_the_last_detach_removes_it():
+    model = CheckpointedStack(True)
+    hooks_before = dict(model.embed._forward_hooks)
+    deltas = [LoraModel(model, modified_modules=[f"blocks.{i}.0"]) for i in range(3)]
+    assert len(model.embed._forward_hooks) == len(hooks_before) + 1
+    shared = dict(model.embed._forward_hooks)
+    deltas[1].detach()
+    deltas[0].detach()
+    assert dict(model.embed._forward_hooks) == shared  # still held by the third delta
+    deltas[0].attach()
+    assert dict(model.embed._forward_hooks) == shared
+    deltas[0].detach()
+    deltas[2].detach()
+    assert dict(model.embed._forward_hooks) == hooks_before
+    deltas[2].attach()
+    assert len(model.embed._forward_hooks) == len(hooks_before) + 1
+    deltas[2].detach()
+    assert dict(model.embed._forward_hooks) == hooks_before
+
+
+def test_the_hook_follows_new_input_embeddings_on_the_next_attach():
+    model = CheckpointedStack(True)
+    old = model.embed
+    hooks_before = dict(old._forward_hooks)
+    delta = LoraModel(model, modified_modules=["blocks.0.0"])
+    delta.detach()
+    model.embed = nn.Embedding(99, 16)
+    delta.attach()
+    assert dict(old._forward_hooks) == hooks_before and len(model.embed._forward_hooks) == 1
+    delta.detach()
+    assert dict(model.embed._forward_hooks) == {}
+
+
+def test_switch_hands_the_input_grad_hook_over():
+    model = CheckpointedStack(True)
+    hooks_before = dict(model.embed._forward_hooks)
+    first = LoraModel(model, modified_modules=["blocks.0.0"])
+    second = LoraModel(model, modified_modules=["blocks.1.0"])
+    second.detach()
+    hooked = dict(model.embed._forward_hooks)
+    first.switch(second)
+    assert dict(model.embed._forward_hooks) == hooked
+    second.detach()
+    assert dict(model.embed._forward_hooks) == hooks_before
+
+
 def test_embedding_output_needs_no_grad_under_no_grad():
     model = CheckpointedStack()
     LoraModel(model, modified_modules=["blocks.0.0"])

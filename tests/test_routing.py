@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
-from opendelta.routing import DeltaLayer, add_delta, remove_delta, site_of
+from opendelta.layer import COMBINED, DeltaLayer
+from opendelta.routing import add_delta, remove_delta, site_of
 
 
 class Scale(DeltaLayer):
@@ -24,7 +26,8 @@ class Scale(DeltaLayer):
 
 
 class Swap(DeltaLayer):
-    """Replace route: the module computes 2 * x instead."""
+    """Replace route: the module computes 2 * x instead (the engine of the original OpenDelta's
+    replace_module; no method of ours uses it)."""
 
     route = "replace"
 
@@ -138,3 +141,39 @@ def test_deepcopy_routes_through_the_copys_own_deltas():
         twin.d.c.fill_(0.0)
     assert torch.allclose(twin(X), nn.functional.linear(X, m.weight, m.bias))
     assert torch.allclose(m(X), 1.5 * nn.functional.linear(X, m.weight, m.bias))
+
+
+def test_a_layer_that_rewrites_the_whole_call_must_declare_how_it_acts_on_part_of_a_batch():
+    # the row-wise path of a mixed batch runs route_input on the rows, which would bypass this route_call
+    with pytest.raises(TypeError, match="mixed_rows"):
+
+        class Undeclared(DeltaLayer):
+            route = "before"
+
+            def route_call(self, args, kwargs, input_name):
+                return args, kwargs
+
+    class CallRewriter:  # a mixin that brings route_call along is no way around the declaration
+        def route_call(self, args, kwargs, input_name):
+            return args, kwargs
+
+    with pytest.raises(TypeError, match="mixed_rows"):
+
+        class UndeclaredThroughAMixin(CallRewriter, DeltaLayer):
+            route = "before"
+
+    class Declared(DeltaLayer):
+        route = "before"
+        mixed_rows = COMBINED
+
+        def route_call(self, args, kwargs, input_name):
+            return args, kwargs
+
+    assert Declared.mixed_rows == COMBINED
+
+
+def test_mixed_rows_accepts_only_the_declared_values():
+    with pytest.raises(TypeError, match="mixed_rows"):
+
+        class Misspelled(DeltaLayer):
+            mixed_rows = "rowwise"

@@ -14,8 +14,9 @@ from torch.utils.checkpoint import checkpoint
 
 from opendelta import LoraModel, NoMatchError, ParallelAdapterModel, PatternError, UnsupportedModuleError
 from opendelta.checkpoint import read_checkpoint
+from opendelta.layer import DeltaLayer
 from opendelta.multitask import mixed_batch
-from opendelta.routing import DeltaLayer, Span, add_delta, remove_delta, site_of
+from opendelta.routing import Span, add_delta, remove_delta, site_of
 
 
 class Scale(DeltaLayer):

@@ -32,6 +32,7 @@ from opendelta.errors import (
     UnreachedModuleError,
     UnsupportedModuleError,
 )
+from opendelta.layer import DeltaLayer
 from opendelta.methods import (
     AdapterConfig,
     AdapterModel,
@@ -53,7 +54,6 @@ from opendelta.methods import (
     SoftPromptModel,
 )
 from opendelta.multitask import MultiTask, mixed_batch
-from opendelta.routing import DeltaLayer
 
 __all__ = [
     "AdapterConfig",

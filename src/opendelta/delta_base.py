@@ -35,19 +35,18 @@ from opendelta.errors import (
     UnreachedModuleError,
     UnsupportedModuleError,
 )
+from opendelta.input_grads import require_input_grads
 from opendelta.interactive import choose_modules
+from opendelta.layer import DeltaLayer
 from opendelta.reachability import FirstForwardCheck
 from opendelta.registry import RegisteredConfig, RegisteredType, register
 from opendelta.routing import (
     DATA_FLOW_LOCK,
-    DeltaLayer,
     OrderKey,
     Span,
     add_delta,
-    input_grad_site,
     mixing_anywhere,
     remove_delta,
-    require_input_grads,
     site_of,
     swap_delta,
 )
@@ -216,8 +215,8 @@ class DeltaBase:
         self._targets: dict[str, Target] = {target.path: target for target in targets}
         observations, unverified = self._observe_targets(backbone, paths, dummy_inputs)
         self.backbone_model = backbone
-        self._input_grad_site = input_grad_site(backbone)
         self.config = config
+        self.prepare(observations)
         with torch.inference_mode(False):  # layers built under inference_mode would be untrainable inference tensors
             self.layers: dict[str, DeltaLayer] = {
                 t.path: self.new_layer(t.path, t.site, observations.get(t.path)) for t in targets
@@ -272,6 +271,13 @@ class DeltaBase:
                 )
         return seen
 
+    def prepare(self, observations: Mapping[str, Observation]) -> None:
+        """The build step before :meth:`new_layer`: where a method keeps state for one build (whatever
+        ``new_layer`` shares among layers, or checks across `targets`). Called once per build by every
+        constructor (``__init__``, ``from_config``, ``from_finetuned``) with `backbone_model`,
+        `config` and `targets` set, and the `observations` new_layer will get (empty where no dummy
+        pass could run); by default nothing."""
+
     def new_layer(self, path: str, module: nn.Module | Span, observation: Observation | None) -> DeltaLayer:
         """The delta layer for the module (or span, see `accepts_spans`) at `path`; raise
         UnsupportedModuleError if it cannot act there."""
@@ -283,7 +289,7 @@ class DeltaBase:
                 module = target.module
                 if candidate in module._modules or hasattr(module, candidate):
                     return True
-                if target.is_span and candidate in getattr(site_of(target.modules[0]), "taps", {}):
+                if target.is_span and candidate in getattr(site_of(target.modules[0]), "span_starts", {}):
                     return True
             return False
 
@@ -363,7 +369,7 @@ class DeltaBase:
         """Everything attach() does beyond the layers; on failure it undoes its own part and raises."""
         self._apply_backbone_changes()
         if input_grad_handle is None:
-            input_grad_handle = require_input_grads(self._input_grad_site)
+            input_grad_handle = require_input_grads(self.backbone_model)
         self._input_grad_handle = input_grad_handle
         if self._reach_check is not None:
             self._reach_check.install()

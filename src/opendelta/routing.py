@@ -1,7 +1,8 @@
 """Dynamic tensor re-routing: deltas enter an already-loaded module's data flow through hooks.
 
 Every module that carries deltas gets one :class:`Site`, which installs at most one forward
-pre-hook and one forward hook (or, for the rare *replace* route, an instance-level ``forward``).
+pre-hook and one forward hook (or, for the *replace* route, an instance-level ``forward``; no method
+uses that route: it is kept as the engine of the original OpenDelta's ``replace_module`` API).
 Removing the last delta removes them, so the module is exactly as before. Delta layers are
 children of the module they modify and the hooks find them by name through the ``module``
 argument, so ``copy.deepcopy`` and data-parallel replicas route through their own copies.
@@ -26,24 +27,23 @@ merge hold :data:`DATA_FLOW_LOCK` and refuse) while any thread mixes on the back
 from __future__ import annotations
 
 import contextvars
-import functools
-import inspect
 import threading
 import types
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from opendelta.errors import LifecycleError, MergeError, MixedBatchError, UnsupportedModuleError
+from opendelta.errors import LifecycleError, MixedBatchError, UnsupportedModuleError
+from opendelta.layer import ROW_WISE, WHOLE_BATCH, DeltaLayer, first_tensor, input_name, whole_batch_only, with_first_tensor
 
 ROUTES = ("before", "after", "parallel", "replace")
 #: where a delta runs among the deltas of its route on one module: ascending, compared as tuples
 OrderKey = tuple
 _SITE_ATTR = "_opendelta_site"
 #: the mixed-batch plans (by site) of this thread or asyncio task; None outside any mixed batch
-_PLANS: contextvars.ContextVar[dict[Site, _Mix] | None] = contextvars.ContextVar("opendelta_mix_plans", default=None)
+_PLANS: contextvars.ContextVar[dict[Site, MixPlan] | None] = contextvars.ContextVar("opendelta_mix_plans", default=None)
 #: the backbones (by id) this thread or asyncio task is mixing on
 _MIXING_HERE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("opendelta_mixing_here", default=frozenset())
 #: held by every change of which deltas act where (attach, detach, merge...) and while a mixed batch
@@ -51,145 +51,6 @@ _MIXING_HERE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("o
 DATA_FLOW_LOCK = threading.RLock()
 #: id(backbone) -> mixed batches open on it, over all threads; while it is empty the hooks skip the plan lookup
 _MIXING: dict[int, int] = {}
-
-
-class DeltaLayer(nn.Module):
-    """A delta module `m`. Subclasses implement ``forward(h)`` = m(h) and pick a `route`.
-
-    The default routes add the delta: before ``h_in + m(h_in)``, after ``h_out + m(h_out)``,
-    parallel ``h_out + m(h_in)``. Methods that are not additive (prefixes, prompts) override
-    ``route_input`` / ``route_output`` / ``route_parallel``.
-    """
-
-    is_delta_module: ClassVar[bool] = True
-    route: ClassVar[str] = "after"
-
-    def route_input(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self(h)
-
-    def route_call(self, args: tuple, kwargs: dict, input_name: str | None) -> tuple[tuple, dict]:
-        """A *before* delta's view of the whole call: it receives and returns ``(args, kwargs)``.
-
-        By default it routes the first input through :meth:`route_input`. Methods that need more
-        than the hidden state (an attention mask, a KV cache, labels) override this instead.
-        """
-        if args:
-            return (self.route_input(args[0]), *args[1:]), kwargs
-        if input_name is None or input_name not in kwargs:
-            raise TypeError("the module was called without its input tensor")
-        return args, {**kwargs, input_name: self.route_input(kwargs[input_name])}
-
-    def route_output(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self(h)
-
-    def on_add(self, module: nn.Module) -> None:
-        """Called when this layer joins `module`'s data flow, for a layer that must set state on the
-        module beyond the hooks (undone exactly by :meth:`on_remove`); by default nothing."""
-
-    def on_remove(self, module: nn.Module) -> None:
-        """Called when this layer has left `module` (it is no longer among its children)."""
-
-    def route_parallel(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
-        return h_out + self(h_in)
-
-    # A mixed batch (opendelta.mixed_batch) runs a delta on some rows of the batch only. Row-wise
-    # deltas get that for free from the methods below: each computes on its rows and leaves the
-    # others as they were. Deltas that change a call's shape (prefixes, prompts) cannot act on
-    # part of a batch; their class combines all of them on one module through combine_rows.
-
-    def route_input_rows(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """:meth:`route_input` on the batch rows `rows` (sorted indices) only."""
-        return h.index_copy(0, rows, self.route_input(h.index_select(0, rows)))
-
-    def route_output_rows(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """:meth:`route_output` on the batch rows `rows` only."""
-        return h.index_copy(0, rows, self.route_output(h.index_select(0, rows)))
-
-    def route_parallel_rows(self, h_in: torch.Tensor, h_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """:meth:`route_parallel` on the batch rows `rows` only."""
-        part = self.route_parallel(h_in.index_select(0, rows), h_out.index_select(0, rows))
-        return h_out.index_copy(0, rows, part)
-
-    def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """New values of `module`'s parameters (by name) that compute what module and delta compute
-        together, for deltas linear in them; others raise MergeError."""
-        raise MergeError(
-            f"{type(self).__name__} is not linear in the weights of the {type(module).__name__} it modifies, so it "
-            "cannot be merged into them; keep it attached as a layer (or use LoRA / IA3 for merged inference)."
-        )
-
-    @classmethod
-    def combine_rows(cls, parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int) -> Any:
-        """One object whose ``route_call`` runs each layer of `parts` on its rows, for layers that
-        override :meth:`route_call`; raise MixedBatchError where they cannot share a batch."""
-        raise MixedBatchError(
-            f"{cls.__name__} changes the whole call of its module, so it cannot act on part of a batch; "
-            "give every row of a mixed batch this delta, or run it alone."
-        )
-
-
-def first_tensor(value: Any) -> torch.Tensor:
-    """The hidden state inside a module's output: the tensor itself, or the first element."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, dict):  # transformers' ModelOutput is an OrderedDict
-        return next(iter(value.values()))
-    if isinstance(value, (tuple, list)) and value:
-        return value[0]
-    raise TypeError(f"cannot find a hidden-state tensor in a {type(value).__name__}")
-
-
-def with_first_tensor(value: Any, tensor: torch.Tensor) -> Any:
-    """`value` with its hidden state replaced by `tensor`; everything else passes through."""
-    if isinstance(value, torch.Tensor):
-        return tensor
-    if isinstance(value, dict):
-        value[next(iter(value.keys()))] = tensor  # a fresh container made by this forward call
-        return value
-    if isinstance(value, tuple):
-        return (tensor, *value[1:])
-    return [tensor, *value[1:]]
-
-
-def _input_name(forward: Any) -> str | None:
-    """Name of the first parameter of a module's forward, for inputs passed by keyword."""
-    try:
-        params = list(inspect.signature(forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    for p in params:
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-            return p.name
-    return None
-
-
-def positional_names(module: nn.Module) -> tuple[str, ...]:
-    """Names of the parameters of the module's forward that can be passed positionally, in order."""
-    try:
-        params = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError):
-        return ()
-    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-
-
-def as_keywords(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
-    """Every argument of one call by keyword (`names` from :func:`positional_names`), for route_call."""
-    if len(args) > len(names):
-        raise TypeError(f"the module was called with {len(args)} positional arguments; its forward names {len(names)}")
-    return {**dict(zip(names, args)), **kwargs}
-
-
-def combined_order(parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int, what: str) -> torch.Tensor:
-    """For combine_rows: the permutation that puts the parts' rows, concatenated in order, back in
-    batch order. Raises MixedBatchError unless every row of the batch belongs to one part."""
-    covered = sum(int(rows.numel()) for _, rows in parts)
-    if covered != batch_size:
-        raise MixedBatchError(
-            f"{what} changes the length of the sequence, so every row of a mixed batch must get one of the same "
-            f"length on this module, but {batch_size - covered} of {batch_size} rows get none; give those rows "
-            "such a delta too, or run them in a separate batch."
-        )
-    return torch.argsort(torch.cat([rows for _, rows in parts]))
 
 
 @dataclass(frozen=True)
@@ -207,7 +68,7 @@ class RowRouting:
     idle: frozenset[str] = frozenset()
 
 
-class _Mix:
+class MixPlan:
     """A site's plan for one mixed batch: per route, (delta name or combined object, rows or None)."""
 
     def __init__(self, batch_size: int):
@@ -264,7 +125,7 @@ class Site:
     """The deltas acting on one module, by route, as names of the module's delta children, each
     route's list kept in composition order (:meth:`place`).
 
-    `taps` are spans starting here (their input is recorded); `span_inputs` are the parallel
+    `span_starts` are spans starting here (their input is recorded); `span_inputs` are the parallel
     deltas here whose input comes from a span's start instead of this module's input.
     """
 
@@ -276,7 +137,7 @@ class Site:
         self.after: list[str] = []
         self.replace: str | None = None
         self.order: dict[str, OrderKey] = {}  # delta name -> the sort key it was added with
-        self.taps: dict[str, SpanInput] = {}
+        self.span_starts: dict[str, SpanInput] = {}
         self.span_inputs: dict[str, SpanInput] = {}
         self._pre_handle: Any = None
         self._post_handle: Any = None
@@ -303,7 +164,7 @@ class Site:
 
     def _keyword_input_name(self) -> str | None:
         if self.input_name is None:
-            self.input_name = _input_name(self._forward)
+            self.input_name = input_name(self._forward)
         return self.input_name
 
     def _input(self, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -322,7 +183,7 @@ class Site:
         return args[0] if args else self._input(args, kwargs)
 
     @property
-    def mix(self) -> _Mix | None:
+    def mix(self) -> MixPlan | None:
         """The plan of the mixed batch this thread (or asyncio task) runs on this module, if any."""
         plans = _PLANS.get() if _MIXING else None
         return plans.get(self) if plans else None
@@ -337,13 +198,13 @@ class Site:
         else:
             for name in self.before:
                 args, kwargs = mods[name].route_call(args, kwargs, input_name)
-        if self.taps:
+        if self.span_starts:
             h = self._input(args, kwargs)
-            for span in self.taps.values():
+            for span in self.span_starts.values():
                 span.put(h)
         return args, kwargs
 
-    def _mixed_pre(self, mix: _Mix, mods: dict, args: tuple, kwargs: dict, input_name: str | None) -> tuple[tuple, dict]:
+    def _mixed_pre(self, mix: MixPlan, mods: dict, args: tuple, kwargs: dict, input_name: str | None) -> tuple[tuple, dict]:
         for step, rows in mix.before:
             if not isinstance(step, str):  # layers combined for this batch
                 args, kwargs = step.route_call(args, kwargs, input_name)
@@ -359,7 +220,7 @@ class Site:
                     kwargs = {**kwargs, self._keyword_input_name(): h}
         return args, kwargs
 
-    def _mixed_post(self, mix: _Mix, mods: dict, args: tuple, kwargs: dict, output: Any) -> Any:
+    def _mixed_post(self, mix: MixPlan, mods: dict, args: tuple, kwargs: dict, output: Any) -> Any:
         h = first_tensor(output)
         if mix.checks_output:
             mix.check(h)
@@ -373,26 +234,27 @@ class Site:
             h = layer.route_output(h) if rows is None else layer.route_output_rows(h, rows)
         return with_first_tensor(output, h)
 
-    def plan_mix(self, module: nn.Module, routing: RowRouting) -> _Mix:
+    def plan_mix(self, module: nn.Module, routing: RowRouting) -> MixPlan:
         """Plan this module's deltas for a mixed batch (see :class:`RowRouting`); :func:`start_mixing` runs it."""
-        mix = _Mix(routing.batch_size)
+        mix = MixPlan(routing.batch_size)
         mods = module._modules
         if self.replace is not None and routing.rows.get(self.replace) is not None:
             raise MixedBatchError(f"delta {self.replace!r} replaces {type(module).__name__}, so it cannot act on part of a batch")
-        groups: dict[Any, list[tuple[DeltaLayer, torch.Tensor]]] = {}
+        groups: dict[type, list[tuple[DeltaLayer, torch.Tensor]]] = {}
         for name in self.before:
             if name in routing.idle:
                 continue
             rows = routing.rows.get(name)
             layer = mods[name]
-            if rows is not None and type(layer).route_call is not DeltaLayer.route_call:
-                key = type(layer).combine_rows.__func__  # type: ignore[attr-defined]
-                if key not in groups:
-                    groups[key] = []
-                    mix.before.append((groups[key], None))
-                groups[key].append((layer, rows))
-            else:
+            if rows is None or layer.mixed_rows == ROW_WISE:
                 mix.before.append((name, rows))
+            elif layer.mixed_rows == WHOLE_BATCH:
+                raise whole_batch_only(type(layer))
+            else:  # COMBINED: one step per layer class, where its first layer runs
+                if type(layer) not in groups:
+                    groups[type(layer)] = []
+                    mix.before.append((groups[type(layer)], None))
+                groups[type(layer)].append((layer, rows))
         for i, (step, rows) in enumerate(mix.before):
             if isinstance(step, list):
                 mix.before[i] = (type(step[0][0]).combine_rows(step, routing.batch_size), None)
@@ -400,7 +262,10 @@ class Site:
             planned = getattr(mix, route)
             for name in getattr(self, route):
                 if name not in routing.idle:
-                    planned.append((name, routing.rows.get(name)))
+                    rows = routing.rows.get(name)
+                    if rows is not None and mods[name].mixed_rows != ROW_WISE:
+                        raise whole_batch_only(type(mods[name]))
+                    planned.append((name, rows))
         mix.checks_output = any(name in routing.names for name in (*self.parallel, *self.after))
         return mix
 
@@ -424,7 +289,7 @@ class Site:
 
     def refresh(self, module: nn.Module) -> None:
         """Install exactly the hooks the current deltas need, and no others."""
-        needs_pre = bool(self.before or self.taps)
+        needs_pre = bool(self.before or self.span_starts)
         if needs_pre and self._pre_handle is None:
             self._pre_handle = module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
         elif not needs_pre and self._pre_handle is not None:
@@ -451,13 +316,13 @@ class Site:
 
     @property
     def empty(self) -> bool:
-        return not (self.before or self.parallel or self.after or self.replace or self.taps)
+        return not (self.before or self.parallel or self.after or self.replace or self.span_starts)
 
 
 class MixHandle:
     """An open mixed batch (from :func:`start_mixing`); ``remove()`` ends it, once."""
 
-    def __init__(self, backbone: nn.Module, plans: dict[Site, _Mix]):
+    def __init__(self, backbone: nn.Module, plans: dict[Site, MixPlan]):
         self._key = id(backbone)
         self._plans = plans
         _PLANS.set({**(_PLANS.get() or {}), **plans})
@@ -486,7 +351,7 @@ class MixHandle:
         _MIXING_HERE.set(here - {self._key})
 
 
-def start_mixing(backbone: nn.Module, plans: dict[Site, _Mix]) -> MixHandle:
+def start_mixing(backbone: nn.Module, plans: dict[Site, MixPlan]) -> MixHandle:
     """Route the forwards of this thread (or asyncio task, and copies of its context) by `plans`
     until the handle is removed; other threads' forwards stay as they are. Call it holding
     DATA_FLOW_LOCK, with the plans made under the same hold."""
@@ -561,14 +426,14 @@ def _add_span(span: Span, name: str, layer: DeltaLayer, order: OrderKey) -> None
             "input added to another's output) can span two modules"
         )
     start_site = site_of(span.start) or Site(span.start)
-    if name in start_site.taps:
+    if name in start_site.span_starts:
         raise LifecycleError(f"{type(span.start).__name__} already starts a span of a delta named {name!r}")
     add_delta(span.end, name, layer, order)
     stash = SpanInput()
     end_site = site_of(span.end)
     assert end_site is not None
     end_site.span_inputs[name] = stash
-    start_site.taps[name] = stash
+    start_site.span_starts[name] = stash
     span.start.__dict__[_SITE_ATTR] = start_site
     try:
         start_site.refresh(span.start)
@@ -617,8 +482,8 @@ def remove_delta(module: nn.Module | Span, name: str) -> DeltaLayer:
     """Undo :func:`add_delta`; the last removal restores the module's hooks and forward exactly."""
     if isinstance(module, Span):
         start_site = site_of(module.start)
-        if module.start is not module.end and start_site is not None and name in start_site.taps:
-            del start_site.taps[name]
+        if module.start is not module.end and start_site is not None and name in start_site.span_starts:
+            del start_site.span_starts[name]
             start_site.refresh(module.start)
             if start_site.empty:
                 del module.start.__dict__[_SITE_ATTR]
@@ -635,54 +500,3 @@ def remove_delta(module: nn.Module | Span, name: str) -> DeltaLayer:
         if site.empty:
             del module.__dict__[_SITE_ATTR]
     return layer  # type: ignore[return-value]
-
-
-def _embedding_of(model: nn.Module) -> nn.Module | None:
-    """The module whose output is the first hidden state: the input embeddings."""
-    get = getattr(model, "get_input_embeddings", None)
-    if callable(get):
-        try:
-            found = get()
-        except (NotImplementedError, AttributeError):
-            found = None
-        if isinstance(found, nn.Module):
-            return found
-    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-
-
-def _output_requires_grad(flags: list[nn.Module], module: nn.Module, args: tuple, output: Any) -> Any:
-    if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
-        return output
-    if flags and not any(m.gradient_checkpointing for m in flags):
-        return output
-    h = output if isinstance(output, torch.Tensor) else first_tensor(output)
-    if h.is_floating_point() and not h.requires_grad:
-        h.requires_grad_(True)
-    return output
-
-
-def input_grad_site(model: nn.Module) -> tuple[nn.Module, list[nn.Module]] | None:
-    """Where :func:`require_input_grads` hooks (the input embeddings) and the modules whose
-    ``gradient_checkpointing`` flags it reads; found once per delta, so attaching stays cheap."""
-    embedding = _embedding_of(model)
-    if embedding is None:
-        return None
-    return embedding, [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
-
-
-def require_input_grads(site: tuple[nn.Module, list[nn.Module]] | None) -> Any:
-    """Make the input embeddings' output require grad under gradient checkpointing; return the hook handle.
-
-    With a frozen backbone no tensor entering a block requires grad, so re-entrant gradient
-    checkpointing (``torch.utils.checkpoint(..., use_reentrant=True)``) would return outputs that
-    do not require grad, and the deltas inside would get none. Marking the embedding output fixes
-    that for every method, at the cost of input gradients through the first block. Models that
-    flag checkpointing (transformers' ``gradient_checkpointing`` attributes) pay it only while it
-    is on; other models always (their checkpointing cannot be seen). Under ``torch.compile`` the
-    hook stands aside (it would break the graph): compile with ``use_reentrant=False``.
-    Returns None when the model has no input embeddings (`site` from :func:`input_grad_site`).
-    """
-    if site is None:
-        return None
-    embedding, flags = site
-    return embedding.register_forward_hook(functools.partial(_output_requires_grad, flags))

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from opendelta.errors import RuntimeInitError
+from opendelta.layer import first_tensor
 from opendelta.reachability import ParameterReads, unreached_error
-from opendelta.routing import first_tensor
 
 
 @dataclass(frozen=True)

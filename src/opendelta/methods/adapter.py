@@ -17,7 +17,7 @@ from torch import nn
 from opendelta.config import DeltaConfig, choice, size
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import UnsupportedModuleError
-from opendelta.routing import DeltaLayer
+from opendelta.layer import DeltaLayer
 from opendelta.runtime_init import Observation
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -15,8 +15,8 @@ from torch import nn
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import MergeError, UnsupportedModuleError
-from opendelta.linear_layers import linear_shape
-from opendelta.routing import DeltaLayer
+from opendelta.linear_maps import linear_shape
+from opendelta.layer import DeltaLayer
 from opendelta.runtime_init import Observation
 
 

@@ -11,7 +11,7 @@ projections. Shared tensors are one tensor object registered in every layer that
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -158,6 +158,10 @@ class CompacterModel(DeltaBase):
     default_modified_modules = ("attn.o", "ffn.down")
     needs_runtime_init = True
 
+    def prepare(self, observations: Mapping[str, Observation]) -> None:
+        """Start this build's shared tensors (``shared_phm_rule``, ``shared_W_phm``): kind -> (first path, signature, tensors)."""
+        self.shared_phm: dict[str, tuple[str, tuple, dict[str, torch.Tensor]]] = {}
+
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> CompacterLayer:
         c = self.config
         n = c.hypercomplex_division
@@ -183,7 +187,7 @@ class CompacterModel(DeltaBase):
         (a layer whose sizes, dtype or device differ from the first one's cannot share them)."""
         if not share:
             return make()
-        shared = self.__dict__.setdefault("_shared_phm", {})  # kind -> (first path, signature, tensors)
+        shared = self.shared_phm
         if kind not in shared:
             shared[kind] = (path, signature, make())
         first, first_signature, tensors = shared[kind]

@@ -10,7 +10,7 @@ weight: :meth:`IA3Layer.scaled_weight` gives that weight for a later merge.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +19,8 @@ from torch import nn
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import PatternError, StructureError, UnsupportedModuleError
-from opendelta.linear_layers import fold_into_weight, linear_shape
-from opendelta.routing import DeltaLayer
+from opendelta.linear_maps import fold_into_weight, linear_shape
+from opendelta.layer import DeltaLayer
 from opendelta.runtime_init import Observation
 from opendelta.targets import resolve
 
@@ -84,6 +84,17 @@ class IA3Model(DeltaBase):
     delta_type = "ia3"
     default_modified_modules = ("attn.k", "attn.v", "xattn.k", "xattn.v", "ffn.down")
 
+    def prepare(self, observations: Mapping[str, Observation]) -> None:
+        """Resolve ``feedforward_modules``: the targets whose input (not output) gets scaled."""
+        paths = set(self._feedforward_paths(self.config.feedforward_modules))
+        stray = sorted(paths - set(self.targets))
+        if stray:
+            raise PatternError(
+                f"feedforward_modules names {stray[:3]}, which (IA)^3 does not modify; add them to "
+                "modified_modules or drop them from feedforward_modules."
+            )
+        self.input_scaled_paths = paths
+
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> IA3Layer:
         shape = linear_shape(module)
         if shape is None:
@@ -91,21 +102,9 @@ class IA3Model(DeltaBase):
                 f"(IA)^3 needs a linear layer (nn.Linear or Conv1D), but {path!r} is a {type(module).__name__}; "
                 "address the key, value and feed-forward projections inside it instead."
             )
-        if path in self._input_scaled():
+        if path in self.input_scaled_paths:
             return IA3InputLayer(shape[0], module.weight)
         return IA3Layer(shape[1], module.weight)
-
-    def _input_scaled(self) -> set[str]:
-        if "_input_scaled_paths" not in self.__dict__:
-            paths = set(self._feedforward_paths(self.config.feedforward_modules))
-            stray = sorted(paths - set(self._targets))
-            if stray:
-                raise PatternError(
-                    f"feedforward_modules names {stray[:3]}, which (IA)^3 does not modify; add them to "
-                    "modified_modules or drop them from feedforward_modules."
-                )
-            self._input_scaled_paths = paths
-        return self._input_scaled_paths
 
     def _feedforward_paths(self, names: Sequence[str] | None) -> list[str]:
         if names is None:

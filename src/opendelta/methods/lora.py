@@ -13,9 +13,9 @@ from opendelta.addressing import matches
 from opendelta.config import DeltaConfig, number, positive, size
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import UnsupportedModuleError
-from opendelta.routing import DeltaLayer
+from opendelta.layer import DeltaLayer
 from opendelta.runtime_init import Observation
-from opendelta.linear_layers import fold_into_weight, linear_shape
+from opendelta.linear_maps import fold_into_weight, linear_shape
 
 
 @dataclass

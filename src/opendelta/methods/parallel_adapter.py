@@ -19,19 +19,19 @@ class ParallelAdapterLayer(BottleneckLayer):
 
     route = "parallel"
 
-    def __init__(self, down: nn.Module, up: nn.Module, non_linearity: str, scaled: float):
+    def __init__(self, down: nn.Module, up: nn.Module, non_linearity: str, factor: float):
         super().__init__(down, up, non_linearity)
-        self.scaled = scaled
+        self.factor = factor
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.scaled * self.up(ACTIVATIONS[self.non_linearity](self.down(h)))
+        return self.factor * self.up(ACTIVATIONS[self.non_linearity](self.down(h)))
 
 
 @dataclass
 class ParallelAdapterConfig(DeltaConfig):
     bottleneck_dim: int = size(24)
     non_linearity: str = choice("gelu_new", ACTIVATIONS)
-    #: s, the factor on the adapter's output
+    #: s, the factor on the adapter's output (named `scaled` in the original OpenDelta's API)
     scaled: float = positive(1.0)
 
 

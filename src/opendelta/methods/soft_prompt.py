@@ -15,6 +15,7 @@ encoder-decoder's decoder gets the extended mask for its cross-attention over th
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch import nn
 from opendelta.config import DeltaConfig, positive, size
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import MixedBatchError, OpenDeltaError, UnsupportedModuleError
-from opendelta.routing import DeltaLayer, as_keywords, combined_order, positional_names
+from opendelta.layer import COMBINED, DeltaLayer, as_keywords, combined_order, positional_names, prepend
 from opendelta.runtime_init import Observation
 from opendelta.targets import Target, resolve_config
 
@@ -43,11 +44,6 @@ def _cache_length(kwargs: dict) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
 
 
-def _prepend(tensor: torch.Tensor, n: int, value: float | int) -> torch.Tensor:
-    """`tensor` (batch, seq, ...) with `n` entries of `value` in front of its sequence axis."""
-    return torch.cat([tensor.new_full((tensor.shape[0], n, *tensor.shape[2:]), value), tensor], dim=1)
-
-
 def _extended_mask(mask: Any, n: int, where: str) -> Any:
     if mask is None:
         return None
@@ -57,13 +53,54 @@ def _extended_mask(mask: Any, n: int, where: str) -> Any:
             f"{type(mask).__name__} of shape {tuple(getattr(mask, 'shape', ()))}; pass a 2-D mask "
             "(a static or compiled cache builds 4-D masks: use the default dynamic cache)."
         )
-    return _prepend(mask, n, 1)
+    return prepend(mask, n, 1)  # a model's input mask: true (1) = attend, whatever its dtype
 
 
-class SoftPromptLayer(DeltaLayer):
+class PromptCall:
+    """The call of a model with a prompt in front of its input: for one soft prompt, or for several
+    combined in a mixed batch. Subclasses give `soft_token_num`, `embedding`, `positional` and
+    :meth:`prompt_like`."""
+
+    soft_token_num: int
+    embedding: list[nn.Module]
+    positional: tuple[str, ...]
+
+    def prompt_like(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The prompt for every row of `embeds` (batch, length, hidden): (batch, soft_token_num, hidden)."""
+        raise NotImplementedError
+
+    def route_call(self, args: tuple, kwargs: dict, input_name: str | None) -> tuple[tuple, dict]:
+        kwargs = as_keywords(self.positional, args, kwargs)
+        n = self.soft_token_num
+        first = _cache_length(kwargs) == 0
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        if first and (ids is not None or embeds is not None):
+            if embeds is None:
+                embeds = self.embedding[0](ids)
+            length = embeds.shape[1]
+            prompt = self.prompt_like(embeds)
+            kwargs["input_ids"], kwargs["inputs_embeds"] = None, torch.cat([prompt, embeds], dim=1)
+            if isinstance(kwargs.get("token_type_ids"), torch.Tensor):
+                kwargs["token_type_ids"] = prepend(kwargs["token_type_ids"], n, 0, dim=1)
+            labels = kwargs.get("labels")
+            if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == length:
+                kwargs["labels"] = prepend(labels, n, -100, dim=1)
+        positions = kwargs.get("position_ids")
+        if isinstance(positions, torch.Tensor):
+            shifted = positions + n
+            if first:
+                own = torch.arange(n, device=positions.device, dtype=positions.dtype)
+                shifted = torch.cat([own.expand(*positions.shape[:-1], n), shifted], dim=-1)
+            kwargs["position_ids"] = shifted
+        kwargs["attention_mask"] = _extended_mask(kwargs.get("attention_mask"), n, "the model")
+        return (), kwargs
+
+
+class SoftPromptLayer(PromptCall, DeltaLayer):
     """The prompt P (soft_token_num x hidden), put in front of the embedded input of each call."""
 
     route = "before"
+    mixed_rows = COMBINED
 
     def __init__(self, config: SoftPromptConfig, embedding: nn.Module, host: nn.Module):
         super().__init__()
@@ -80,49 +117,22 @@ class SoftPromptLayer(DeltaLayer):
             nn.init.uniform_(start, -config.init_range, config.init_range)
         self.soft_embeds = nn.Parameter(start)
         self.embedding = [embedding]  # a list: looked up, never registered as this layer's child
-        self._positional = positional_names(host)
+        self.positional = positional_names(host)
 
     def forward(self) -> torch.Tensor:
         return self.soft_embeds
-
-    def route_call(self, args: tuple, kwargs: dict, input_name: str | None) -> tuple[tuple, dict]:
-        kwargs = as_keywords(self._positional, args, kwargs)
-        n = self.soft_token_num
-        first = _cache_length(kwargs) == 0
-        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-        if first and (ids is not None or embeds is not None):
-            if embeds is None:
-                embeds = self.embedding[0](ids)
-            length = embeds.shape[1]
-            prompt = self.prompt_like(embeds)
-            kwargs["input_ids"], kwargs["inputs_embeds"] = None, torch.cat([prompt, embeds], dim=1)
-            if isinstance(kwargs.get("token_type_ids"), torch.Tensor):
-                kwargs["token_type_ids"] = _prepend(kwargs["token_type_ids"], n, 0)
-            labels = kwargs.get("labels")
-            if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == length:
-                kwargs["labels"] = _prepend(labels, n, -100)
-        positions = kwargs.get("position_ids")
-        if isinstance(positions, torch.Tensor):
-            shifted = positions + n
-            if first:
-                own = torch.arange(n, device=positions.device, dtype=positions.dtype)
-                shifted = torch.cat([own.expand(*positions.shape[:-1], n), shifted], dim=-1)
-            kwargs["position_ids"] = shifted
-        kwargs["attention_mask"] = _extended_mask(kwargs.get("attention_mask"), n, "the model")
-        return (), kwargs
 
     @property
     def soft_token_num(self) -> int:
         return self.soft_embeds.shape[0]
 
     def prompt_like(self, embeds: torch.Tensor) -> torch.Tensor:
-        """The prompt for every row of `embeds` (batch, length, hidden): (batch, soft_token_num, hidden)."""
         return self.soft_embeds.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
 
     @classmethod
-    def combine_rows(cls, parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int) -> _RowPrompts:
+    def combine_rows(cls, parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int) -> RowPrompts:
         _same_length(parts)
-        return _RowPrompts(parts, batch_size)
+        return RowPrompts(parts, batch_size)  # type: ignore[arg-type]
 
 
 def _same_length(parts: list[tuple[DeltaLayer, torch.Tensor]]) -> None:
@@ -134,19 +144,16 @@ def _same_length(parts: list[tuple[DeltaLayer, torch.Tensor]]) -> None:
         )
 
 
-class _RowPrompts:
+class RowPrompts(PromptCall):
     """Several soft prompts in a mixed batch: each row gets its delta's prompt."""
 
-    route_call = SoftPromptLayer.route_call
-
-    def __init__(self, parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int):
+    def __init__(self, parts: list[tuple[SoftPromptLayer, torch.Tensor]], batch_size: int):
         first = parts[0][0]
-        assert isinstance(first, SoftPromptLayer)
         self.parts = parts
         self.batch_size = batch_size
         self.soft_token_num = first.soft_token_num
         self.embedding = first.embedding
-        self._positional = first._positional
+        self.positional = first.positional
         self.order = combined_order(parts, batch_size, "a soft prompt")
 
     def prompt_like(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -155,7 +162,7 @@ class _RowPrompts:
                 f"this mixed batch routes {self.batch_size} rows, but the model got a batch of {embeds.shape[0]}; "
                 "pass one row index per batch row (no beam search or num_return_sequences > 1)"
             )
-        prompts = [layer.prompt_like(embeds[: rows.numel()]) for layer, rows in self.parts]  # type: ignore[attr-defined]
+        prompts = [layer.prompt_like(embeds[: rows.numel()]) for layer, rows in self.parts]
         return torch.cat(prompts).index_select(0, self.order)
 
 
@@ -163,14 +170,15 @@ class CrossPromptMaskLayer(DeltaLayer):
     """On an encoder-decoder's decoder: the cross-attention mask gets ones for the encoder's prompt."""
 
     route = "before"
+    mixed_rows = COMBINED
 
     def __init__(self, soft_token_num: int, host: nn.Module):
         super().__init__()
         self.soft_token_num = soft_token_num
-        self._positional = positional_names(host)
+        self.positional = positional_names(host)
 
     def route_call(self, args: tuple, kwargs: dict, input_name: str | None) -> tuple[tuple, dict]:
-        kwargs = as_keywords(self._positional, args, kwargs)
+        kwargs = as_keywords(self.positional, args, kwargs)
         mask, states = kwargs.get("encoder_attention_mask"), kwargs.get("encoder_hidden_states")
         if isinstance(mask, torch.Tensor) and isinstance(states, torch.Tensor):
             if mask.shape[-1] == states.shape[1] - self.soft_token_num:
@@ -212,9 +220,14 @@ class SoftPromptModel(DeltaBase):
         paths = [_path_to(backbone_model, stack) for stack in stacks]
         return [Target(path, path, stack) for path, stack in zip(paths, stacks)]
 
+    def prepare(self, observations: Mapping[str, Observation]) -> None:
+        """Find the decoder of an encoder-decoder (it gets the cross-attention mask layer)."""
+        backbone = self.backbone_model
+        is_encoder_decoder = getattr(getattr(backbone, "config", None), "is_encoder_decoder", False)
+        self.decoder_path = _path_to(backbone, backbone.get_decoder()) if is_encoder_decoder else None
+
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> DeltaLayer:
-        is_encoder_decoder = len(self._targets) == 2
-        if is_encoder_decoder and path == list(self._targets)[1]:
+        if path == self.decoder_path:
             return CrossPromptMaskLayer(self.config.soft_token_num, module)
         # the prompt takes positions 0..n-1: a model with a fixed number of positions needs room for the input
         positions = getattr(getattr(self.backbone_model, "config", None), "max_position_embeddings", None)

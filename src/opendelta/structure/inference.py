@@ -21,7 +21,7 @@ from torch import nn
 
 from opendelta.addressing import is_delta_module
 from opendelta.errors import StructureError
-from opendelta.linear_layers import linear_shape
+from opendelta.linear_maps import linear_shape
 
 #: last name components that identify a projection; data, extend freely
 PROJECTION_NAMES: dict[str, frozenset[str]] = {
