@@ -155,7 +155,7 @@ def test_a_mixed_batch_leaves_the_model_as_it_was() -> None:
         with mixed_batch(deltas, [0, 1, 0, 1, -1]):
             out(model, IDS, MASK)
         assert torch.equal(out(model, IDS, MASK), before)
-    assert all(site_of(m).mix is None for d in deltas for m in d._targets.values())
+    assert all(site_of(t.module).mix is None for d in deltas for t in d._targets.values())
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -206,7 +206,7 @@ def test_bad_rows_raise_and_change_nothing(rows: Any) -> None:
         with mixed_batch(deltas, rows):
             pass
     assert not mixing_anywhere(model)
-    assert all(site_of(m).mix is None for d in deltas for m in d._targets.values())
+    assert all(site_of(t.module).mix is None for d in deltas for t in d._targets.values())
 
 
 def test_a_detached_delta_cannot_join_a_mix() -> None:
@@ -286,7 +286,7 @@ def test_prefixes_need_a_prefix_on_every_row() -> None:
     with pytest.raises(MixedBatchError, match="every row"):
         with mixed_batch(deltas, [0, -1, 1]):
             pass
-    assert all(site_of(m).mix is None for d in deltas for m in d._targets.values())
+    assert all(site_of(t.module).mix is None for d in deltas for t in d._targets.values())
 
 
 def test_prefixes_of_different_lengths_cannot_mix() -> None:
@@ -369,7 +369,7 @@ def test_merged_delta_computes_what_the_attached_delta_computes(method: str, fam
         attached = out(model, IDS, MASK)
         delta.merge()
         assert delta.is_merged
-        assert all(site_of(m) is None for m in delta._targets.values())  # no hooks: the bare backbone's cost
+        assert all(site_of(t.module) is None for t in delta._targets.values())  # no hooks: the bare backbone's cost
         assert_within_noise(out(model, IDS, MASK), attached, *noise)
 
 

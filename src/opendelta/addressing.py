@@ -10,8 +10,8 @@ A pattern is one of
 A *span* ``"<start>-><end>"`` (each side a pattern as above) addresses a pair of modules, for
 methods that take their input at one module and add their result at a later one (a parallel
 adapter across BERT's ``intermediate.dense->output.dense``). Each start is paired with the end
-that shares its deepest ancestor (the same layer) and comes after it; its resolved path is
-``"<start path>-><end path>"``.
+that shares its deepest ancestor (the same layer) and comes after it (:func:`pair_spans`);
+:mod:`opendelta.targets` resolves whole pattern lists, spans and roles included, into targets.
 
 Delta modules that opendelta added to the model are never addressable.
 """
@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from opendelta.errors import NoMatchError, OpenDeltaError, PatternError
+from opendelta.config import check_name_list
+from opendelta.errors import NoMatchError, PatternError
 
 REGEX_PREFIX = "[r]"
 SPAN_SEP = "->"
@@ -67,8 +68,7 @@ class _Regex:
 
 
 def _compile(patterns: Sequence[str], what: str) -> tuple[set[str], list[_Regex]]:
-    if isinstance(patterns, str):
-        raise PatternError(f"{what} must be a list of names, got the single string {patterns!r}; write [{patterns!r}].")
+    check_name_list(patterns, what)
     plain: set[str] = set()
     regexes: list[_Regex] = []
     for pattern in patterns:
@@ -167,8 +167,14 @@ def remove_excluded(
     model: nn.Module, matched: Sequence[str], exclude: Sequence[str] | None, paths: Sequence[str] | None = None
 ) -> list[str]:
     """`matched` without the paths that are, or lie under, a module matched by `exclude`."""
+    gone = excluded_paths(model, exclude, paths)
+    return [p for p in matched if not is_under(p, gone)]
+
+
+def excluded_paths(model: nn.Module, exclude: Sequence[str] | None, paths: Sequence[str] | None = None) -> set[str]:
+    """Paths of the modules `exclude` matches (through aliases too); every pattern must match one."""
     if not exclude:
-        return list(matched)
+        return set()
     if paths is None:
         paths = [path for path, _ in backbone_modules(model)]
     excluded, unused = _match(paths, exclude, "exclude_modules")
@@ -176,8 +182,12 @@ def remove_excluded(
         excluded, unused = _with_aliases(model, paths, excluded, unused, "exclude_modules")
     if unused:
         raise NoMatchError(unused[0], suggest(unused[0], paths), "exclude_modules")
-    gone = set(excluded)
-    return [p for p in matched if not any(a in gone for end in split_span(p) or (p,) for a in ancestors(end))]
+    return set(excluded)
+
+
+def is_under(path: str, roots: set[str]) -> bool:
+    """Whether `path` is one of `roots` or lies under one of them."""
+    return any(a in roots for a in ancestors(path))
 
 
 def split_span(text: str) -> tuple[str, str] | None:
@@ -206,8 +216,8 @@ def _shared_depth(a: str, b: str) -> int:
 
 def pair_spans(
     text: str, starts: Sequence[str], ends: Sequence[str], position: dict[str, int], *, strict: bool = True
-) -> list[str]:
-    """Span paths pairing each of `starts` with an end of `ends`: among those sharing its deepest
+) -> list[tuple[str, str]]:
+    """``(start, end)`` pairing each of `starts` with an end of `ends`: among those sharing its deepest
     ancestor (its block), the first at or after it in model order (`position`: path -> index).
 
     Ends no start claims are left alone. With `strict`, a start without such an end, or an end
@@ -230,34 +240,7 @@ def pair_spans(
             f"span {text!r} must pair each start module with one end module in the same block, but {problem}; "
             "make each side name exactly the modules to pair (e.g. full paths, or a [r]regex per side)."
         )
-    return [span_path(start, end) for start, end in pairs.items()]
-
-
-def find_targets(
-    patterns: Sequence[str], find: Callable[[list[str], bool], list[str]], order: Sequence[str], *, strict: bool = True
-) -> list[str]:
-    """Module and span paths `patterns` address, in `order` (model order of modules; a span by its start).
-
-    `find(patterns, strict)` resolves plain patterns to module paths (names or roles); a span's
-    two sides are resolved with it and paired by :func:`pair_spans`.
-    """
-    if isinstance(patterns, str):
-        raise PatternError(f"modified_modules must be a list of names, got the single string {patterns!r}; write [{patterns!r}].")
-    plain = [p for p in patterns if split_span(p) is None]
-    found = list(find(plain, strict)) if plain else []
-    index = {path: i for i, path in enumerate(order)}
-    for text in patterns:
-        sides = split_span(text)
-        if sides is not None:
-            try:
-                ends = [find([side], strict) for side in sides]
-            except OpenDeltaError:
-                if strict:
-                    raise
-                continue  # without strict, a span whose sides do not resolve is skipped
-            found.extend(pair_spans(text, ends[0], ends[1], index, strict=strict))
-    unique = dict.fromkeys(found)
-    return sorted(unique, key=lambda p: index.get((split_span(p) or (p,))[0], -1))
+    return list(pairs.items())
 
 
 def match_names(names: Sequence[str], patterns: Sequence[str], what: str) -> list[str]:

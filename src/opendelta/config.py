@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from opendelta.errors import DeltaConfigError
+from opendelta.errors import DeltaConfigError, PatternError
 from opendelta.registry import RegisteredType
 
 C = TypeVar("C", bound="DeltaConfig")
@@ -178,6 +178,14 @@ def _shown(value: object) -> str:
     return f"{text} of type {type(value).__name__}"
 
 
+def check_name_list(value: object, what: str, name: str = "") -> None:
+    """Refuse a single string where a list of module names belongs: iterating ``"query"`` would
+    address the modules named q, u, e, r and y. The one check for config fields and direct calls."""
+    if isinstance(value, str):
+        raise PatternError(f"{what} must be a list of names, not a single string, got {_shown(value)}; "
+                           f"write {name + '=' if name else ''}[{value!r}].")
+
+
 def _checked(owner: str, name: str, value: Any, kind: Any, rule: Rule, f: dataclasses.Field | None = None) -> Any:
     """`value` as the field `name` (annotated `kind`) stores it; DeltaConfigError naming the field,
     the value and the fix when it does not fit the annotation or `rule`."""
@@ -217,8 +225,7 @@ def _checked(owner: str, name: str, value: Any, kind: Any, rule: Rule, f: datacl
         return value
     if origin in (list, tuple, Sequence, Collection):
         (item,) = typing.get_args(kind)[:1] or (Any,)
-        if isinstance(value, str):
-            raise fail("a list of names, not a single string", f"write {name}=[{value!r}]")
+        check_name_list(value, f"{owner} argument {name}", name)
         if not isinstance(value, (list, tuple)):
             raise fail("a list of names (strings)", f"write {name}=[...]")
         if item is str and not all(isinstance(v, str) for v in value):

@@ -22,19 +22,9 @@ from rich.console import Console
 from torch import nn
 
 from opendelta import reporting, serialization
-from opendelta.addressing import (
-    SPAN_SEP,
-    ancestors,
-    backbone_modules,
-    find_modules,
-    find_targets,
-    is_delta_module,
-    match_names,
-    remove_excluded,
-    split_span,
-)
+from opendelta.addressing import ancestors, backbone_modules, is_delta_module, match_names
 from opendelta.claims import check_value_free, claim_value, release_flag, release_value, set_flag
-from opendelta.config import DeltaConfig, check_delta_name, is_finite_number
+from opendelta.config import DeltaConfig, check_delta_name, check_name_list, is_finite_number
 from opendelta.distributed import ARRIVAL_TIMEOUT_S
 from opendelta.errors import (
     DeltaConfigError,
@@ -59,10 +49,9 @@ from opendelta.routing import (
     remove_delta,
     site_of,
     swap_delta,
-    target_module,
 )
 from opendelta.runtime_init import Observation, observe
-from opendelta.structure import resolve_roles
+from opendelta.targets import Target, resolve_config
 
 D = TypeVar("D", bound="DeltaBase")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -159,7 +148,7 @@ class DeltaBase:
                 **method_args,
             }
         )
-        self._setup(backbone_model, config, self.plan(backbone_model, config), name, dummy_inputs)
+        self._setup(backbone_model, config, self.resolve_targets(backbone_model, config), name, dummy_inputs)
         self._order = (position, self._order[1], "")
         self.attach()
 
@@ -174,86 +163,64 @@ class DeltaBase:
         position = 0 if order is None else _checked_position(order)
         if isinstance(config, dict):
             config = cls.config_class.from_dict(config)
-        obj = cls.build_detached(backbone_model, config, cls.plan(backbone_model, config), name=name, dummy_inputs=dummy_inputs)
+        obj = cls.build_detached(
+            backbone_model, config, cls.resolve_targets(backbone_model, config), name=name, dummy_inputs=dummy_inputs
+        )
         obj._order = (position, obj._order[1], "")
         obj.attach()
         return obj
 
     @classmethod
     def build_detached(
-        cls: type[D], backbone_model: nn.Module, config: DeltaConfig, paths: Sequence[str], *, name: str | None = None,
-        dummy_inputs: Any = None,
+        cls: type[D], backbone_model: nn.Module, config: DeltaConfig, targets: Sequence[Target], *,
+        name: str | None = None, dummy_inputs: Any = None,
     ) -> D:
-        """A delta of this class on the module `paths` (see plan()), its layers built but not attached:
-        the backbone is untouched until attach() (or load_trained_state())."""
+        """A delta of this class on `targets` (see resolve_targets(); a checkpoint's paths give them through
+        :func:`opendelta.targets.targets_at`), its layers built but not attached: the backbone is
+        untouched until attach() (or load_trained_state())."""
         obj = cls.__new__(cls)
-        obj._setup(backbone_model, config, paths, name, dummy_inputs)
+        obj._setup(backbone_model, config, targets, name, dummy_inputs)
         return obj
 
     @classmethod
     def plan(cls, backbone_model: nn.Module, config: DeltaConfig | None = None, **config_values: Any) -> list[str]:
-        """The module paths this method would modify, without touching the model (a dry run)."""
+        """The module paths this method would modify, without touching the model (a dry run);
+        :meth:`resolve_targets` gives the same places as :class:`~opendelta.targets.Target` values."""
+        return [target.path for target in cls.resolve_targets(backbone_model, config, **config_values)]
+
+    @classmethod
+    def resolve_targets(
+        cls, backbone_model: nn.Module, config: DeltaConfig | None = None, **config_values: Any
+    ) -> list[Target]:
+        """Where this method acts on `backbone_model` (see :func:`opendelta.targets.resolve_config`),
+        resolved once: construction builds a delta layer per target. Touches nothing."""
         if config is None:
             config = cls.config_class.from_dict(config_values)
-        if isinstance(config.modified_modules, (list, tuple)) and not config.modified_modules:
-            raise PatternError(
-                f"modified_modules is an empty list, so {cls.__name__} would modify nothing; name the modules to "
-                "modify, or pass modified_modules=None (or leave it out) for the method's default positions."
-            )
-        order = [p for p, _ in backbone_modules(backbone_model)]
-
-        def roles(names: list[str], strict: bool) -> list[str]:
-            return resolve_roles(backbone_model, names, strict=strict)
-
-        if config.modified_modules is None:  # defaults are the method's wish list: whichever this family has
-            paths = _without_covered_spans(find_targets(cls.default_modified_modules, roles, order, strict=False))
-        elif config.common_structure:
-            paths = find_targets(config.modified_modules, roles, order)
-        else:
-            paths = find_targets(
-                config.modified_modules,
-                lambda names, strict: find_modules(backbone_model, names, what="modified_modules", strict=strict), order,
-            )
-        if any(split_span(p) for p in paths) and not cls.accepts_spans:
-            span = next(p for p in paths if split_span(p))
-            raise UnsupportedModuleError(
-                f"{cls.__name__} acts on one module at a time, but modified_modules addresses the span {span!r}; "
-                f"spans ('start{SPAN_SEP}end') are for methods that feed one module's input to another's output "
-                "(ParallelAdapterModel). Address single modules instead."
-            )
-        paths = remove_excluded(backbone_model, paths, config.exclude_modules)
-        if not paths and config.exclude_modules:
-            raise PatternError(f"exclude_modules {config.exclude_modules} removed every module {cls.__name__} would modify.")
-        if not paths:  # only the defaults can resolve to nothing: user names that match nothing raise above
-            raise PatternError(
-                f"{type(backbone_model).__name__} has none of {cls.__name__}'s default positions "
-                f"({', '.join(cls.default_modified_modules)}); name the modules with modified_modules=[...]."
-            )
-        return paths
+        return resolve_config(
+            backbone_model, config, cls.default_modified_modules, owner=cls.__name__, accepts_spans=cls.accepts_spans
+        )
 
     def _setup(
-        self, backbone: nn.Module, config: DeltaConfig, paths: Sequence[str], name: str | None, dummy_inputs: Any
+        self, backbone: nn.Module, config: DeltaConfig, targets: Sequence[Target], name: str | None, dummy_inputs: Any
     ) -> None:
         """Build every delta layer without touching the backbone."""
         check_delta_name(name)
-        modules = dict(backbone.named_modules())
-        targets: dict[str, nn.Module | Span] = {}
-        for path in paths:
-            sides = split_span(path)
-            targets[path] = Span(modules[sides[0]], modules[sides[1]]) if sides else modules[path]
-            home = sides[1] if sides else path  # where the delta layer lives: the module, or a span's end
-            if isinstance(modules[home], nn.Sequential):  # its forward would run the delta layer as a stage
+        for target in targets:
+            if isinstance(target.module, nn.Sequential):  # its forward would run the delta layer as a stage
                 raise UnsupportedModuleError(
-                    f"{home!r} is an nn.Sequential, which runs every child module in turn, so a delta layer cannot "
-                    "live inside it; address the module that contains it, or the modules inside it, instead."
+                    f"{target.end!r} is an nn.Sequential, which runs every child module in turn, so a delta layer "
+                    "cannot live inside it; address the module that contains it, or the modules inside it, instead."
                 )
+        paths = [target.path for target in targets]
+        self._targets: dict[str, Target] = {target.path: target for target in targets}
         observations, unverified = self._observe_targets(backbone, paths, dummy_inputs)
         self.backbone_model = backbone
         self.config = config
-        self._targets = targets
         self.prepare(observations)
         with torch.inference_mode(False):  # layers built under inference_mode would be untrainable inference tensors
-            self.layers: dict[str, DeltaLayer] = {p: self.new_layer(p, targets[p], observations.get(p)) for p in paths}
+            self.layers: dict[str, DeltaLayer] = {
+                t.path: self.new_layer(t.path, t.site, observations.get(t.path)) for t in targets
+            }
         self.name = self._free_name(name)
         self._order: tuple[float, int, str] = (0, _creation_stamp(), "")  # see order_key
         self._attached = False
@@ -268,7 +235,7 @@ class DeltaBase:
         self._home_slots: dict[str, tuple[dict, str] | None] = {}  # path -> where _home() looks
         self._merged: dict[str, dict[str, torch.Tensor]] = {}  # path -> parameter values before merge()
         self._reach_check = (
-            FirstForwardCheck(backbone, {p: [modules[side] for side in split_span(p) or (p,)] for p in paths})
+            FirstForwardCheck(backbone, {t.path: list(t.modules) for t in targets})
             if unverified
             else None
         )
@@ -290,17 +257,18 @@ class DeltaBase:
             return {}, True
 
     def runtime_observe(self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any) -> dict[str, Observation]:
-        """What new_layer learns from the dummy pass; a method that needs more than shapes overrides this.
+        """What new_layer learns from the dummy pass at the targets' `paths`; a method that needs more
+        than shapes overrides this.
 
         A span's observation is its start's input and its end's output.
         """
-        spans = {p: sides for p in paths if (sides := split_span(p))}
-        modules = dict.fromkeys(side for p in paths for side in spans.get(p, (p,)))
-        seen = observe(backbone, list(modules), dummy_inputs)
-        for path, (start, end) in spans.items():
-            seen[path] = dataclasses.replace(
-                seen[end], input_shape=seen[start].input_shape, input_dtype=seen[start].input_dtype
-            )
+        targets = [self._targets[p] for p in paths]
+        seen = observe(backbone, list(dict.fromkeys(side for t in targets for side in t.sides)), dummy_inputs)
+        for t in targets:
+            if t.is_span:
+                seen[t.path] = dataclasses.replace(
+                    seen[t.end], input_shape=seen[t.start].input_shape, input_dtype=seen[t.start].input_dtype
+                )
         return seen
 
     def prepare(self, observations: Mapping[str, Observation]) -> None:
@@ -318,10 +286,10 @@ class DeltaBase:
     def _free_name(self, requested: str | None) -> str:
         def taken(candidate: str) -> bool:
             for target in self._targets.values():
-                module = target_module(target)
+                module = target.module
                 if candidate in module._modules or hasattr(module, candidate):
                     return True
-                if isinstance(target, Span) and candidate in getattr(site_of(target.start), "span_starts", {}):
+                if target.is_span and candidate in getattr(site_of(target.modules[0]), "span_starts", {}):
                     return True
             return False
 
@@ -342,8 +310,8 @@ class DeltaBase:
         return self._attached
 
     @property
-    def targets(self) -> Mapping[str, nn.Module | Span]:
-        """Module path (or span ``"start->end"``) -> the module (or Span) its layer acts on; read-only."""
+    def targets(self) -> Mapping[str, Target]:
+        """Module path (or span ``"start->end"``) -> where its layer acts (:class:`~opendelta.targets.Target`); read-only."""
         return types.MappingProxyType(self._targets)
 
     def trained_backbone_tensors(self) -> dict[str, torch.Tensor]:
@@ -388,12 +356,12 @@ class DeltaBase:
         done: list[str] = []
         try:
             for path, layer in self.layers.items():
-                add_delta(self._targets[path], self.name, layer, self.order_key)
+                add_delta(self._targets[path].site, self.name, layer, self.order_key)
                 done.append(path)
             self._after_attach()
         except Exception:
             for path in reversed(done):
-                remove_delta(self._targets[path], self.name)
+                remove_delta(self._targets[path].site, self.name)
             raise
         return self
 
@@ -489,7 +457,7 @@ class DeltaBase:
         if self._merged:
             self.unmerge()
         for path in reversed(list(self.layers)):
-            remove_delta(self._targets[path], self.name)
+            remove_delta(self._targets[path].site, self.name)
         self._after_detach()
         return self
 
@@ -528,7 +496,7 @@ class DeltaBase:
         slot = self._home_slots.get(path)
         t = slot[0].get(slot[1]) if slot is not None else None
         if t is None or not t.is_floating_point():
-            slot = self._home_slots[path] = _home_slot(self.backbone_model, path, self._targets[path])
+            slot = self._home_slots[path] = _home_slot(self.backbone_model, self._targets[path])
             if slot is None:
                 return None
             t = slot[0][slot[1]]
@@ -551,13 +519,13 @@ class DeltaBase:
             raise LifecycleError(f"delta {to.name!r} is already attached; switch to a detached delta")
         to._check_backbone_tensors("switch to", leaving=self)
         to._follow_backbone()
-        old_by_module = {id(self._targets[p]): p for p in self.layers}
-        new_paths = {id(to._targets[p]) for p in to.layers}
+        old_by_module = {id(self._targets[p].site): p for p in self.layers}
+        new_paths = {id(to._targets[p].site) for p in to.layers}
         done: list[tuple[str, str | None]] = []  # (new path, old path swapped out there)
 
         def undo_swaps() -> None:
             for path, old in reversed(done):
-                module = to._targets[path]
+                module = to._targets[path].site
                 if old is None:
                     remove_delta(module, to.name)
                 else:
@@ -565,7 +533,7 @@ class DeltaBase:
 
         try:
             for path, layer in to.layers.items():
-                module = to._targets[path]
+                module = to._targets[path].site
                 old = old_by_module.get(id(module))
                 if old is None:
                     add_delta(module, to.name, layer, to.order_key)
@@ -576,8 +544,8 @@ class DeltaBase:
             undo_swaps()
             raise
         for path in reversed(list(self.layers)):
-            if id(self._targets[path]) not in new_paths:
-                remove_delta(self._targets[path], self.name)
+            if id(self._targets[path].site) not in new_paths:
+                remove_delta(self._targets[path].site, self.name)
         # the input-grad hook acts on the backbone, not on one delta: hand it over instead of re-registering
         handle, self._input_grad_handle = self._input_grad_handle, None
         self._after_detach()
@@ -585,8 +553,8 @@ class DeltaBase:
             to._after_attach(input_grad_handle=handle)
         except Exception:  # put self back exactly: its layers, then its tensors, flags and hooks
             for path in self.layers:
-                if id(self._targets[path]) not in new_paths:
-                    add_delta(self._targets[path], self.name, self.layers[path], self.order_key)
+                if id(self._targets[path].site) not in new_paths:
+                    add_delta(self._targets[path].site, self.name, self.layers[path], self.order_key)
             undo_swaps()
             self._homes = {}
             self._after_attach(input_grad_handle=handle)
@@ -611,12 +579,12 @@ class DeltaBase:
         folded: dict[str, dict[str, torch.Tensor]] = {}
         with torch.no_grad():
             for path, layer in self.layers.items():
-                folded[path] = layer.merged_parameters(self._targets[path])
+                folded[path] = layer.merged_parameters(self._targets[path].site)
         seen: dict[int, int] = {}
         for _, p in self.backbone_model.named_parameters(remove_duplicate=False):
             seen[id(p)] = seen.get(id(p), 0) + 1
         for path, values in folded.items():
-            shared = [key for key in values if seen.get(id(getattr(self._targets[path], key)), 0) > 1]
+            shared = [key for key in values if seen.get(id(getattr(self._targets[path].site, key)), 0) > 1]
             if shared:
                 raise MergeError(
                     f"{path}.{shared[0]} is tied to another module's parameter (e.g. an LM head tied to the input "
@@ -625,7 +593,7 @@ class DeltaBase:
         saved: dict[str, dict[str, torch.Tensor]] = {}
         with torch.no_grad():
             for path, values in folded.items():
-                module = self._targets[path]
+                module = self._targets[path].site
                 remove_delta(module, self.name)
                 saved[path] = {}
                 for key, value in values.items():
@@ -644,7 +612,7 @@ class DeltaBase:
             raise LifecycleError(f"delta {self.name!r} is not merged")
         self._check_free("unmerge")
         for path in self._merged:
-            stack = self._targets[path].__dict__[_MERGED_ATTR]
+            stack = self._targets[path].site.__dict__[_MERGED_ATTR]
             if stack[-1] != self.name:
                 raise LifecycleError(
                     f"delta {stack[-1]!r} merged into {path} after {self.name!r}; unmerge {stack[-1]!r} first"
@@ -652,7 +620,7 @@ class DeltaBase:
         self._follow_backbone()
         with torch.no_grad():
             for path, entry in self._merged.items():
-                module = self._targets[path]
+                module = self._targets[path].site
                 for key, original in entry.items():
                     getattr(module, key).copy_(original)
                 stack = module.__dict__[_MERGED_ATTR]
@@ -683,13 +651,12 @@ class DeltaBase:
         """
         if exclude is None:
             exclude = self.config.unfrozen_modules or ["deltas"]
-        if isinstance(exclude, str):
-            raise PatternError(f"exclude must be a list of names, got the string {exclude!r}; write [{exclude!r}].")
+        check_name_list(exclude, "freeze_module exclude", "exclude")
         root = self.backbone_model if module is None else module
         prefix = _path_of(self.backbone_model, root)
         inside = {id(m) for m in root.modules()}  # this delta's layers are not in there while it is detached
         own = {
-            id(p): p for path, layer in self.layers.items() if id(target_module(self._targets[path])) in inside
+            id(p): p for path, layer in self.layers.items() if id(self._targets[path].module) in inside
             for p in layer.parameters()
         }
         own_ids = set(own)
@@ -825,26 +792,14 @@ class DeltaBase:
         return self.attach()
 
 
-def _without_covered_spans(paths: list[str]) -> list[str]:
-    """Default positions without the spans that lie inside another default module (LLaMA's
-    up_proj->down_proj inside its mlp): a span stands in where no single module holds the block."""
-    modules = {p for p in paths if not split_span(p)}
-
-    def covered(path: str) -> bool:
-        return all(any(a in modules for a in ancestors(side)) for side in split_span(path) or ())
-
-    return [p for p in paths if not (split_span(p) and covered(p))]
-
-
-def _home_slot(backbone: nn.Module, path: str, target: nn.Module | Span) -> tuple[dict, str] | None:
-    """Where the first floating-point backbone tensor of the module a delta at `path` acts on lives
+def _home_slot(backbone: nn.Module, target: Target) -> tuple[dict, str] | None:
+    """Where the first floating-point backbone tensor of the module a delta at `target` acts on lives
     (its ``_parameters`` or ``_buffers`` dict and key), or, for a module without one (an
     activation), that of its nearest ancestor with one: what flows through the module follows
     that tensor's dtype and device when the backbone is moved."""
-    home = (split_span(path) or ("", path))[1]
-    parents = [*list(ancestors(home))[1:], ""] if home else []
+    parents = [*list(ancestors(target.end))[1:], ""] if target.end else []
     # lazily: the first module that has a floating-point tensor ends the search
-    for module in itertools.chain([target_module(target)], (backbone.get_submodule(p) for p in parents)):
+    for module in itertools.chain([target.module], (backbone.get_submodule(p) for p in parents)):
         for m in itertools.chain([module], (m for _, m in backbone_modules(module))):
             for tensors in (m._parameters, m._buffers):
                 for key, t in tensors.items():

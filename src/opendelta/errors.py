@@ -23,8 +23,13 @@ class NoMatchError(OpenDeltaError, KeyError):
         return str(self.args[0])
 
 
-class PatternError(OpenDeltaError, ValueError):
-    """A module pattern is malformed (empty, not a string, or an invalid regular expression)."""
+class DeltaConfigError(OpenDeltaError, ValueError):
+    """A delta configuration has unknown keys or invalid values."""
+
+
+class PatternError(DeltaConfigError):
+    """A module pattern is malformed (empty, not a string, or an invalid regular expression), or a list
+    of patterns is not a list; a DeltaConfigError, as the config layer reports the same mistakes."""
 
 
 class UnsupportedModuleError(OpenDeltaError, TypeError):
@@ -54,10 +59,6 @@ class MixedBatchError(OpenDeltaError, ValueError):
 
 class MergeError(OpenDeltaError, TypeError):
     """merge() was called on a delta whose method is not linear in the module's weight."""
-
-
-class DeltaConfigError(OpenDeltaError, ValueError):
-    """A delta configuration has unknown keys or invalid values."""
 
 
 class UnknownDeltaTypeError(OpenDeltaError, KeyError):

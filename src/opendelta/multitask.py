@@ -20,7 +20,7 @@ from torch import nn
 
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import LifecycleError, MixedBatchError
-from opendelta.routing import DATA_FLOW_LOCK, RowRouting, Site, mixing_here, site_of, start_mixing, target_module
+from opendelta.routing import DATA_FLOW_LOCK, RowRouting, Site, mixing_here, site_of, start_mixing
 
 
 def _row_tensor(rows: Sequence[int] | torch.Tensor, n_deltas: int) -> torch.Tensor:
@@ -126,7 +126,7 @@ def _plans(deltas: Sequence[DeltaBase], table: torch.Tensor) -> dict[Site, Any]:
     sites: dict[int, tuple[nn.Module, Site, torch.device]] = {}
     for delta in deltas:
         for path, target in delta.targets.items():
-            module = target_module(target)
+            module = target.module
             site = site_of(module)
             if site is not None and id(module) not in sites:
                 sites[id(module)] = (module, site, _site_device(module, delta, path))

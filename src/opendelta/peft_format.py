@@ -104,7 +104,7 @@ def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensor
             rank_pattern[re.escape(path)] = r
         if alpha != config.lora_alpha:
             alpha_pattern[re.escape(path)] = alpha
-        conv1d = conv1d or type(delta.targets[path]).__name__ == "Conv1D"
+        conv1d = conv1d or type(delta.targets[path].module).__name__ == "Conv1D"
     for name in delta.trained_backbone_tensors():
         tensors_out[PREFIX + name] = tensors[f"backbone.{name}"]
     modules_to_save = _modules_to_save(delta)

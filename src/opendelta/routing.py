@@ -378,11 +378,6 @@ def site_of(module: nn.Module) -> Site | None:
     return module.__dict__.get(_SITE_ATTR)
 
 
-def target_module(target: nn.Module | Span) -> nn.Module:
-    """The module whose site runs a delta placed on `target`: the module, or a span's end."""
-    return target.end if isinstance(target, Span) else target
-
-
 def add_delta(module: nn.Module | Span, name: str, layer: DeltaLayer, order: OrderKey = ()) -> None:
     """Make `layer` (a delta) act on `module` under child name `name`, by the layer's route, at its
     place among the module's deltas of that route: ascending `order` (a tuple), then `name`.

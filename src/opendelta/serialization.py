@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from opendelta.addressing import backbone_modules, split_span
 from opendelta.checkpoint import (
     CheckpointContents,
     delta_key,
@@ -39,6 +38,7 @@ from opendelta.errors import (
 )
 from opendelta.peft_format import check_peft_expressible, is_peft_folder, read_peft_checkpoint, write_peft_checkpoint
 from opendelta.runtime_init import model_device
+from opendelta.targets import targets_at
 
 if TYPE_CHECKING:
     from opendelta.delta_base import DeltaBase
@@ -124,15 +124,14 @@ def load_delta(
             f"{directory} holds a {delta_cls.delta_type!r} delta; load it with "
             f"{delta_cls.__name__}.from_finetuned or AutoDeltaModel.from_finetuned"
         )
-    present = {"", *(p for p, _ in backbone_modules(backbone_model))}  # "" is the root
-    missing = [p for p in contents.modules if any(side not in present for side in split_span(p) or (p,))]
+    targets, missing = targets_at(backbone_model, contents.modules)
     if missing:
         raise IncompatibleCheckpointError(
             f"the checkpoint was trained on a {contents.trained_on}; this {type(backbone_model).__name__} has no "
             f"module(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
     try:
-        delta = delta_cls.build_detached(backbone_model, contents.config, contents.modules, name=name, dummy_inputs=dummy_inputs)
+        delta = delta_cls.build_detached(backbone_model, contents.config, targets, name=name, dummy_inputs=dummy_inputs)
     except UnreachedModuleError:
         raise
     except UnsupportedModuleError as exc:

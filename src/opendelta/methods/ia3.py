@@ -16,14 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from opendelta.addressing import find_modules
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import PatternError, StructureError, UnsupportedModuleError
 from opendelta.linear_maps import fold_into_weight, linear_shape
 from opendelta.layer import DeltaLayer
 from opendelta.runtime_init import Observation
-from opendelta.structure import resolve_roles
+from opendelta.targets import resolve
 
 
 class IA3Layer(DeltaLayer):
@@ -112,9 +111,8 @@ class IA3Model(DeltaBase):
             if self.config.modified_modules is not None:
                 return []
             try:  # the defaults skip what a family lacks (Mixtral's experts have no down projection module)
-                return resolve_roles(self.backbone_model, ["ffn.down"])
+                return [t.path for t in resolve(self.backbone_model, ["ffn.down"], roles=True)]
             except StructureError:
                 return []
-        if self.config.common_structure:
-            return resolve_roles(self.backbone_model, names)
-        return find_modules(self.backbone_model, names, what="feedforward_modules")
+        targets = resolve(self.backbone_model, names, roles=self.config.common_structure, what="feedforward_modules")
+        return [t.path for t in targets]

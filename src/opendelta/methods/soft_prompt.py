@@ -22,13 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from opendelta.addressing import find_modules
 from opendelta.config import DeltaConfig, positive, size
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import MixedBatchError, OpenDeltaError, UnsupportedModuleError
 from opendelta.layer import COMBINED, DeltaLayer, as_keywords, combined_order, positional_names, prepend
 from opendelta.runtime_init import Observation
-from opendelta.structure import resolve_roles
+from opendelta.targets import Target, resolve_config
 
 CACHE_ARGS = ("cache", "past_key_values")
 
@@ -208,14 +207,18 @@ class SoftPromptModel(DeltaBase):
     default_modified_modules = ("embed",)
 
     @classmethod
-    def plan(cls, backbone_model: nn.Module, config: DeltaConfig | None = None, **config_values: Any) -> list[str]:
-        """The calls the prompt intercepts: ``""`` (the model), or the encoder and decoder stacks."""
+    def resolve_targets(
+        cls, backbone_model: nn.Module, config: DeltaConfig | None = None, **config_values: Any
+    ) -> list[Target]:
+        """The calls the prompt intercepts: the model (path ``""``), or the encoder and decoder stacks."""
         if config is None:
             config = cls.config_class.from_dict(config_values)
         _input_embedding(backbone_model, config)
+        stacks = [backbone_model]
         if getattr(getattr(backbone_model, "config", None), "is_encoder_decoder", False):
-            return [_path_to(backbone_model, backbone_model.get_encoder()), _path_to(backbone_model, backbone_model.get_decoder())]
-        return [""]
+            stacks = [backbone_model.get_encoder(), backbone_model.get_decoder()]
+        paths = [_path_to(backbone_model, stack) for stack in stacks]
+        return [Target(path, path, stack) for path, stack in zip(paths, stacks)]
 
     def prepare(self, observations: Mapping[str, Observation]) -> None:
         """Find the decoder of an encoder-decoder (it gets the cross-attention mask layer)."""
@@ -253,23 +256,22 @@ def _path_to(root: nn.Module, module: nn.Module) -> str:
 
 def _input_embedding(backbone: nn.Module, config: DeltaConfig) -> nn.Module:
     """The token embedding the prompt lives beside: addressed, by role, or the model's own."""
-    modules = dict(backbone.named_modules())
-    if config.modified_modules is not None:
-        paths = find_modules(backbone, config.modified_modules, what="modified_modules")
-    else:
-        try:
-            paths = resolve_roles(backbone, list(SoftPromptModel.default_modified_modules))
-        except OpenDeltaError:
-            getter = getattr(backbone, "get_input_embeddings", None)
-            found = getter() if callable(getter) else None
-            if not isinstance(found, nn.Embedding):
-                raise UnsupportedModuleError(
-                    f"SoftPromptModel needs the model's token embedding, but {type(backbone).__name__} has no "
-                    "'embed' role and no get_input_embeddings(); name it, e.g. modified_modules=['embed_tokens']."
-                ) from None
-            return found
+    try:
+        targets = resolve_config(backbone, config, SoftPromptModel.default_modified_modules, owner="SoftPromptModel")
+    except OpenDeltaError:
+        if config.modified_modules is not None:
+            raise
+        getter = getattr(backbone, "get_input_embeddings", None)
+        found = getter() if callable(getter) else None
+        if not isinstance(found, nn.Embedding):
+            raise UnsupportedModuleError(
+                f"SoftPromptModel needs the model's token embedding, but {type(backbone).__name__} has no "
+                "'embed' role and no get_input_embeddings(); name it, e.g. modified_modules=['embed_tokens']."
+            ) from None
+        return found
     # tied stacks (T5's shared, BART's encoder/decoder tables) count once
-    embeddings = {id(getattr(modules[p], "weight", modules[p])): modules[p] for p in paths}
+    embeddings = {id(getattr(t.module, "weight", t.module)): t.module for t in targets}
+    paths = [t.path for t in targets]
     if len(embeddings) != 1:
         raise UnsupportedModuleError(
             f"SoftPromptModel needs exactly one token embedding, but modified_modules name {len(embeddings)} "

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from opendelta.addressing import backbone_modules, find_modules, is_delta_module
+from opendelta.config import check_name_list
 from opendelta.errors import StructureError
 from opendelta.structure.families import FAMILIES, WHOLE_STACK, RoleTable
 from opendelta.structure.inference import infer_table
@@ -203,8 +204,7 @@ def resolve_roles(model: nn.Module, roles: Sequence[str], *, strict: bool = True
     it, roles a family lacks are skipped (method defaults like ``("attn", "ffn")`` on a model
     with no ``ffn`` block). Either way, nothing found at all is a StructureError.
     """
-    if isinstance(roles, str):
-        raise StructureError(f"roles must be a list of role names, got the string {roles!r}; write [{roles!r}].")
+    check_name_list(roles, "roles")
     for role in roles:
         split_role(role)
     backbones = find_backbones(model)

@@ -1,0 +1,174 @@
+"""Where a delta acts: the user's patterns resolved, once, into :class:`Target` values.
+
+A pattern is a module name, path or ``[r]`` regex (:mod:`opendelta.addressing`), or a
+common-structure role (:mod:`opendelta.structure`) when ``common_structure`` is on; a span
+``"start->end"`` has one such pattern per side. :func:`resolve` turns a pattern list into targets
+(aliases resolve to canonical paths), :func:`resolve_config` applies a method's config to it (its
+default positions, ``common_structure``, ``exclude_modules``), and :func:`targets_at` reads back
+the paths a checkpoint saved. Nothing after this module parses a pattern or a span string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from torch import nn
+
+from opendelta.addressing import (
+    SPAN_SEP,
+    backbone_modules,
+    excluded_paths,
+    find_modules,
+    is_under,
+    pair_spans,
+    span_path,
+    split_span,
+)
+from opendelta.config import DeltaConfig, check_name_list
+from opendelta.errors import OpenDeltaError, PatternError, UnsupportedModuleError
+from opendelta.routing import Span
+from opendelta.structure import resolve_roles
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One place a delta acts: a module, or a span from one module's input to a later module's output."""
+
+    start: str  #: the module's path, or the span's start module's path
+    end: str  #: the same path for a module; the span's end module's path (where its delta layer lives)
+    #: what routing places a delta layer on: the module, or the :class:`~opendelta.routing.Span` of the two
+    site: nn.Module | Span = dataclasses.field(compare=False, repr=False)
+
+    @property
+    def path(self) -> str:
+        """The module's path, or ``"start->end"``: the key of the delta's layer and checkpoint tensors."""
+        return span_path(self.start, self.end)
+
+    @property
+    def is_span(self) -> bool:
+        return self.start != self.end
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        """The paths of the modules involved: the module, or the span's start and end."""
+        return (self.start, self.end) if self.is_span else (self.start,)
+
+    @property
+    def module(self) -> nn.Module:
+        """The module the delta layer lives on: the module itself, or the span's end."""
+        return self.site.end if isinstance(self.site, Span) else self.site
+
+    @property
+    def modules(self) -> tuple[nn.Module, ...]:
+        """The modules involved, as :attr:`sides`."""
+        return (self.site.start, self.site.end) if isinstance(self.site, Span) else (self.site,)
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def _target(modules: dict[str, nn.Module], start: str, end: str) -> Target:
+    site = modules[start] if start == end else Span(modules[start], modules[end])
+    return Target(start, end, site)
+
+
+def resolve(
+    model: nn.Module, patterns: Sequence[str], *, roles: bool = False, strict: bool = True,
+    what: str = "modified_modules",
+) -> list[Target]:
+    """The targets `patterns` address in `model`, each once, in model order (a span by its start).
+
+    With `roles` each pattern (and each side of a span) is a common-structure role, else a module
+    name. With `strict` every pattern must address something (NoMatchError, StructureError or
+    PatternError otherwise); without, what does not resolve is skipped (a method's default wish list).
+    """
+    check_name_list(patterns, what)
+    index = {path: i for i, (path, _) in enumerate(backbone_modules(model))}
+
+    def find(names: list[str], strict: bool) -> list[str]:
+        if roles:
+            return resolve_roles(model, names, strict=strict)
+        return find_modules(model, names, what=what, strict=strict)
+
+    plain: list[str] = []
+    spans: list[tuple[str, tuple[str, str]]] = []
+    for text in patterns:
+        sides = split_span(text)
+        if sides is None:
+            plain.append(text)
+        else:
+            spans.append((text, sides))
+    pairs = [(path, path) for path in find(plain, strict)] if plain else []
+    for text, sides in spans:
+        try:
+            starts, ends = (find([side], strict) for side in sides)
+        except OpenDeltaError:
+            if strict:
+                raise
+            continue  # without strict, a span whose sides do not resolve is skipped
+        pairs.extend(pair_spans(text, starts, ends, index, strict=strict))
+    modules = dict(model.named_modules())
+    ordered = sorted(dict.fromkeys(pairs), key=lambda pair: index.get(pair[0], -1))
+    return [_target(modules, start, end) for start, end in ordered]
+
+
+def without_excluded(model: nn.Module, targets: Sequence[Target], exclude: Sequence[str] | None) -> list[Target]:
+    """`targets` without those a module matched by `exclude` is, or contains, a side of."""
+    gone = excluded_paths(model, exclude)
+    return [t for t in targets if not any(is_under(side, gone) for side in t.sides)]
+
+
+def resolve_config(
+    model: nn.Module, config: DeltaConfig, defaults: Sequence[str], *, owner: str, accepts_spans: bool = False
+) -> list[Target]:
+    """Where a method (named `owner`, with default positions `defaults`, given as roles) acts on
+    `model` under `config`: ``modified_modules`` read as names or, with ``common_structure``, roles,
+    or the defaults this family has; minus ``exclude_modules``. Touches nothing."""
+    if isinstance(config.modified_modules, (list, tuple)) and not config.modified_modules:
+        raise PatternError(
+            f"modified_modules is an empty list, so {owner} would modify nothing; name the modules to "
+            "modify, or pass modified_modules=None (or leave it out) for the method's default positions."
+        )
+    if config.modified_modules is None:  # defaults are the method's wish list: whichever this family has
+        targets = _without_covered_spans(resolve(model, defaults, roles=True, strict=False))
+    else:
+        targets = resolve(model, config.modified_modules, roles=config.common_structure)
+    span = next((t for t in targets if t.is_span), None)
+    if span is not None and not accepts_spans:
+        raise UnsupportedModuleError(
+            f"{owner} acts on one module at a time, but modified_modules addresses the span {span.path!r}; "
+            f"spans ('start{SPAN_SEP}end') are for methods that feed one module's input to another's output "
+            "(ParallelAdapterModel). Address single modules instead."
+        )
+    targets = without_excluded(model, targets, config.exclude_modules)
+    if not targets and config.exclude_modules:
+        raise PatternError(f"exclude_modules {config.exclude_modules} removed every module {owner} would modify.")
+    if not targets:  # only the defaults can resolve to nothing: user names that match nothing raise above
+        raise PatternError(
+            f"{type(model).__name__} has none of {owner}'s default positions "
+            f"({', '.join(defaults)}); name the modules with modified_modules=[...]."
+        )
+    return targets
+
+
+def _without_covered_spans(targets: list[Target]) -> list[Target]:
+    """Default positions without the spans that lie inside another default module (LLaMA's
+    up_proj->down_proj inside its mlp): a span stands in where no single module holds the block."""
+    modules = {t.path for t in targets if not t.is_span}
+    return [t for t in targets if not (t.is_span and all(is_under(side, modules) for side in t.sides))]
+
+
+def targets_at(model: nn.Module, paths: Sequence[str]) -> tuple[list[Target], list[str]]:
+    """The targets at `paths` as :attr:`Target.path` wrote them (a checkpoint's module list; ``""``
+    is the model itself), and the paths whose modules `model` lacks."""
+    modules = {"": model, **dict(backbone_modules(model))}
+    found: list[Target] = []
+    missing: list[str] = []
+    for path in paths:
+        start, end = split_span(path) or (path, path)
+        if start in modules and end in modules:
+            found.append(_target(modules, start, end))
+        else:
+            missing.append(path)
+    return found, missing
