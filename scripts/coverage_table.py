@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
-from family_zoo import FAMILIES, TINY_ARGS, check_defaults, fresh  # noqa: E402
+from support.family_zoo import FAMILIES, TINY_ARGS, check_defaults, fresh  # noqa: E402
 
 from opendelta import OpenDeltaError  # noqa: E402
 from opendelta.registry import known_delta_types  # noqa: E402

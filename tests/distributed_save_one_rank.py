@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import torch.distributed as dist
-from ecosystem_fixtures import tiny_bert
+from support.ecosystem_fixtures import tiny_bert
 
 from opendelta import DistributedSaveError, LoraModel
 

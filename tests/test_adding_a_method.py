@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ecosystem_fixtures import randomize_deltas, tiny_batch, tiny_bert
+from support.ecosystem_fixtures import randomize_deltas, tiny_batch, tiny_bert
 
 from opendelta import AutoDeltaConfig, AutoDeltaModel, DeltaBase, registry
 

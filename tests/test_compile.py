@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from ecosystem_fixtures import randomize_deltas, tiny_batch, tiny_bert
-from numerics import assert_changed
+from support.ecosystem_fixtures import randomize_deltas, tiny_batch, tiny_bert
+from support.numerics import assert_changed
 
 from opendelta import LoraModel
 

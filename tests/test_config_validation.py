@@ -19,7 +19,7 @@ from typing import Any
 import numpy
 import pytest
 import torch
-from tiny_families import fresh
+from support.tiny_families import fresh
 
 from opendelta import AutoDeltaConfig, AutoDeltaModel, DeltaConfigError, LoraModel, SoftPromptModel
 from opendelta.config import MAX_SIZE

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from ecosystem_fixtures import tiny_bert
-from numerics import assert_changed
+from support.ecosystem_fixtures import tiny_bert
+from support.numerics import assert_changed
 from safetensors.torch import load_file
 
 from opendelta import LoraModel

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_zoo import FAMILIES, check_defaults, fresh
+from support.family_zoo import FAMILIES, check_defaults, fresh
 
 from opendelta import AutoDeltaModel, OpenDeltaError
 from opendelta.registry import known_delta_types

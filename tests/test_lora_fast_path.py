@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from numerics import assert_within_noise, max_abs_diff
+from support.numerics import assert_within_noise, max_abs_diff
 from torch import nn
 
 from opendelta import LoraModel

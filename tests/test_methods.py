@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_families import FAMILIES, fresh, hidden
+from support.tiny_families import FAMILIES, fresh, hidden
 from torch import nn
 
 from opendelta import (

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 import torch
-from numerics import assert_changed
-from tiny_families import FAMILIES, Family, fresh, hidden
+from support.numerics import assert_changed
+from support.tiny_families import FAMILIES, Family, fresh, hidden
 
 from opendelta import (
     AdapterModel,

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
-from numerics import assert_within_noise, batching_noise, float32_noise
+from support.numerics import assert_within_noise, batching_noise, float32_noise
 
 from opendelta import (
     AdapterModel,
@@ -109,7 +109,7 @@ def test_mixed_batch_equals_each_row_alone(method: str, family: str) -> None:
 
 @pytest.mark.parametrize("name", ["DistilBERT", "ModernBERT", "BLOOM"])
 def test_prefix_mixed_batch_equals_each_row_alone_without_a_cache_or_with_layer_past(name: str) -> None:
-    from prompt_cases import build
+    from support.prompt_cases import build
 
     model = build(name)
     noise = bare_noise(model)

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 import torch
-from numerics import assert_within_noise, batching_noise, float32_noise, max_abs_diff, noise_bound
+from support.numerics import assert_within_noise, batching_noise, float32_noise, max_abs_diff, noise_bound
 
 from opendelta import IA3Model, LoraModel, mixed_batch
 

@@ -7,8 +7,8 @@ import json
 import peft
 import pytest
 import torch
-from ecosystem_fixtures import randomize_deltas, tiny_batch, tiny_bert
-from numerics import assert_within_noise, float32_noise
+from support.ecosystem_fixtures import randomize_deltas, tiny_batch, tiny_bert
+from support.numerics import assert_within_noise, float32_noise
 from transformers import GPT2Config, GPT2Model
 
 from opendelta import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ecosystem_fixtures import randomize_deltas, tiny_batch, tiny_bert
+from support.ecosystem_fixtures import randomize_deltas, tiny_batch, tiny_bert
 
 from opendelta import LoraModel
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from numerics import assert_changed, assert_within_noise, float32_noise, random_direction
-from prompt_cases import PREFIX_GENERATORS, PREFIX_NAMES, build, padded_pair, padding_noise, position_ids, run, token_ids
+from support.numerics import assert_changed, assert_within_noise, float32_noise, random_direction
+from support.prompt_cases import PREFIX_GENERATORS, PREFIX_NAMES, build, padded_pair, padding_noise, position_ids, run, token_ids
 
 from opendelta import LoraModel, PrefixModel
 from opendelta.errors import DeltaConfigError, RuntimeInitError, UnsupportedModuleError
@@ -329,7 +329,7 @@ def test_two_prefixes_on_the_same_attention_stack_and_detach_alone():
 
 @pytest.mark.real
 def test_real_minilm_prefix_training_lowers_the_loss():
-    from real_minilm import minilm_and_batch, train_steps
+    from support.real_minilm import minilm_and_batch, train_steps
 
     model, batch, labels = minilm_and_batch()
     delta = PrefixModel(model)

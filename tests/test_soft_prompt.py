@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from numerics import assert_changed, assert_within_noise, random_direction
-from prompt_cases import DECODERS, GENERATORS, NAMES, build, padded_pair, padding_noise, position_ids, run, token_ids
+from support.numerics import assert_changed, assert_within_noise, random_direction
+from support.prompt_cases import DECODERS, GENERATORS, NAMES, build, padded_pair, padding_noise, position_ids, run, token_ids
 from torch import nn
 
 from opendelta import LoraModel, PrefixModel, SoftPromptModel
@@ -223,7 +223,7 @@ def test_soft_prompt_prefix_and_lora_on_one_backbone_detach_alone():
 
 @pytest.mark.real
 def test_real_minilm_soft_prompt_training_lowers_the_loss():
-    from real_minilm import minilm_and_batch, train_steps
+    from support.real_minilm import minilm_and_batch, train_steps
 
     model, batch, labels = minilm_and_batch()
     delta = SoftPromptModel(model, soft_token_num=20)

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_families import FAMILIES, fresh, hidden
+from support.tiny_families import FAMILIES, fresh, hidden
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 

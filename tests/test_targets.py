@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_families import fresh
+from support.tiny_families import fresh
 
 from opendelta import IA3Model, LoraModel, ParallelAdapterModel, SoftPromptModel, find_modules
 from opendelta.config import DeltaConfig

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from family_zoo import BY_NAME
-from numerics import float32_noise, max_abs_diff
+from support.family_zoo import BY_NAME
+from support.numerics import float32_noise, max_abs_diff
 
 #: every family the sequence-level methods support, by tiny_families name
 NAMES = ["BERT", "RoBERTa", "GPT-2", "T5", "BART", "OPT", "LLaMA"]
