@@ -19,20 +19,18 @@ from typing import Any
 import numpy
 import pytest
 import torch
+from support.methods import METHODS as METHOD_TABLE
+from support.methods import builtin_delta_types
 from support.tiny_families import fresh
 
 from opendelta import AutoDeltaConfig, AutoDeltaModel, DeltaConfigError, LoraModel, SoftPromptModel
 from opendelta.config import MAX_SIZE
-from opendelta.registry import known_delta_types, lookup
+from opendelta.registry import lookup
 
 #: the methods opendelta ships (a test may register its own types; they are not ours to check)
-METHODS = [t for t in known_delta_types() if lookup(t)[1].__module__.startswith("opendelta.")]
-#: what a method needs to build on the tiny BERT (hidden size 32) quickly
-BUILD_ARGS: dict[str, dict[str, Any]] = {
-    "compacter": {"reduction_factor": 4},  # 32 // 16 = 2 is not a multiple of hypercomplex_division=4
-    "prefix": {"embed_dim": 8, "mid_dim": 8},
-    "soft_prompt": {"soft_token_num": 4},
-}
+METHODS = builtin_delta_types()
+#: what a method needs to build on the tiny BERT (hidden size 32) quickly: the method table's small arguments
+BUILD_ARGS: dict[str, dict[str, Any]] = {t: m.small for t, m in METHOD_TABLE.items()}
 #: values outside each number field's range (beyond NaN, infinity and wrong types, which every
 #: number field refuses); a field whose every finite value is valid lists []
 RANGE_BAD: dict[tuple[str, str], list[Any]] = {

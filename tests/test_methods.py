@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from support.methods import METHODS
 from support.tiny_families import FAMILIES, fresh, hidden
 from torch import nn
 
@@ -27,15 +28,9 @@ from opendelta.checkpoint import read_checkpoint
 from opendelta.methods.compacter import PHMLinear
 from opendelta.methods.ia3 import IA3InputLayer, IA3Layer
 
-# tiny models have hidden size 32: Compacter's default bottleneck (32 // 16 = 2) is not a multiple of n = 4
-DEFAULT_ARGS = {
-    AdapterModel: {},
-    BitFitModel: {},
-    CompacterModel: {"reduction_factor": 4},
-    LowRankAdapterModel: {},
-    ParallelAdapterModel: {},
-    IA3Model: {},
-}
+#: the module-level methods (not the sequence-level ones) with the method table's tiny arguments (hidden
+#: size 32: Compacter's default bottleneck, 32 // 16 = 2, is not a multiple of n = 4); default positions
+DEFAULT_ARGS = {m.model_class: m.tiny for m in METHODS.values() if not m.whole_batch}
 METHOD_IDS = [cls.__name__ for cls in DEFAULT_ARGS]
 TRANSFORMER_FAMILIES = [name for name, family in FAMILIES.items() if not family.plain]
 

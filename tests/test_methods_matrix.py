@@ -2,58 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import pytest
 import torch
+from support.methods import METHODS
 from support.numerics import assert_changed
 from support.tiny_families import FAMILIES, Family, fresh, hidden
 
-from opendelta import (
-    AdapterModel,
-    BitFitModel,
-    CompacterModel,
-    DeltaBase,
-    IA3Model,
-    LowRankAdapterModel,
-    ParallelAdapterModel,
-    PrefixModel,
-)
+from opendelta import DeltaBase
 
-
-@dataclass(frozen=True)
-class Method:
-    cls: type[DeltaBase]
-    position: str | None  # which of the family's positions it is tested at (None: the method's defaults)
-    args: tuple[tuple[str, Any], ...] = ()
-    fresh_is_identity: bool = True  # a fresh prefix already adds keys: it changes the output
-
-
-METHODS = {
-    "adapter": Method(AdapterModel, "out", (("bottleneck_dim", 6),)),
-    "bitfit": Method(BitFitModel, "out"),
-    "bitfit_norms": Method(BitFitModel, "norms"),
-    "compacter": Method(CompacterModel, "out", (("reduction_factor", 4),)),
-    "low_rank_adapter": Method(LowRankAdapterModel, "out", (("reduction_factor", 8), ("low_rank_rank", 2))),
-    "parallel_adapter": Method(ParallelAdapterModel, "blocks", (("bottleneck_dim", 6), ("scaled", 2.0))),
-    "ia3": Method(IA3Model, "kv"),
-    "ia3_input": Method(IA3Model, "down"),
-    "prefix": Method(PrefixModel, None, (("prefix_token_num", 3), ("embed_dim", 8), ("mid_dim", 8)), fresh_is_identity=False),
-}
-#: prefix tuning needs attention modules, which the plain model lacks
-CASES = [pytest.param(m, f, id=f"{m}-{f}") for m in METHODS for f in FAMILIES if not (m == "prefix" and f == "plain")]
+#: matrix id -> (method row, place) for every place the method table puts a method at
+PLACES = {at.id: (method, at) for method in METHODS.values() for at in method.matrix}
+CASES = [
+    pytest.param(m, f, id=f"{m}-{f}")
+    for m, (method, _) in PLACES.items()
+    for f in FAMILIES
+    if not (method.needs_transformer and FAMILIES[f].plain)
+]
 
 
 def attach(method: str, family: Family, model: torch.nn.Module) -> DeltaBase:
-    spec = METHODS[method]
-    args = dict(spec.args)
+    spec, at = PLACES[method]
+    args = dict(spec.small)
     if method == "ia3_input":
         args["feedforward_modules"] = family.positions["down"]
-    if family.plain and spec.cls.needs_runtime_init:
+    if family.plain and spec.model_class.needs_runtime_init:
         args["dummy_inputs"] = family.inputs()
-    positions = family.positions[spec.position] if spec.position is not None else None
-    return spec.cls(model, modified_modules=positions, **args)
+    positions = family.positions[at.position] if at.position is not None else None
+    return spec.model_class(model, modified_modules=positions, **args)
 
 
 def perturb(delta: DeltaBase, seed: int = 1) -> None:
@@ -70,7 +45,7 @@ def tuned(method: str, name: str) -> tuple[torch.nn.Module, DeltaBase, torch.Ten
     return model, delta, hidden(model, FAMILIES[name])
 
 
-@pytest.mark.parametrize("method,name", [c for c in CASES if METHODS[c.values[0]].fresh_is_identity])
+@pytest.mark.parametrize("method,name", [c for c in CASES if PLACES[c.values[0]][0].fresh_is_identity])
 def test_fresh_delta_changes_nothing(method: str, name: str) -> None:
     family = FAMILIES[name]
     model = fresh(name)
@@ -85,7 +60,7 @@ def test_perturbed_delta_changes_the_output(method: str, name: str) -> None:
     assert_changed(out, hidden(fresh(name), FAMILIES[name]))
 
 
-@pytest.mark.parametrize("method,name", [c for c in CASES if not METHODS[c.values[0]].fresh_is_identity])
+@pytest.mark.parametrize("method,name", [c for c in CASES if not PLACES[c.values[0]][0].fresh_is_identity])
 def test_a_fresh_prefix_already_changes_the_output(method: str, name: str) -> None:
     family = FAMILIES[name]
     model = fresh(name)

@@ -9,14 +9,7 @@ import os
 import pytest
 import torch
 
-from opendelta import (
-    AdapterModel,
-    BitFitModel,
-    CompacterModel,
-    IA3Model,
-    LowRankAdapterModel,
-    ParallelAdapterModel,
-)
+from support.methods import METHODS
 
 pytestmark = pytest.mark.real
 
@@ -50,7 +43,7 @@ def batch(minilm):
 
 
 @pytest.mark.parametrize(
-    "cls", [AdapterModel, BitFitModel, CompacterModel, LowRankAdapterModel, ParallelAdapterModel, IA3Model],
+    "cls", [m.model_class for m in METHODS.values() if m.real_training],
     ids=lambda c: c.__name__,
 )
 def test_five_steps_on_real_tweets_lower_the_loss_training_only_the_delta(cls, minilm, batch) -> None:

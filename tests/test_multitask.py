@@ -7,21 +7,18 @@ from typing import Any
 import pytest
 import torch
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
+from support.methods import METHODS as TABLE
 from support.numerics import assert_within_noise, batching_noise, float32_noise
 
 from opendelta import (
-    AdapterModel,
     BitFitModel,
-    CompacterModel,
     DeltaBase,
     IA3Model,
     LifecycleError,
     LoraModel,
-    LowRankAdapterModel,
     MergeError,
     MixedBatchError,
     MultiTask,
-    ParallelAdapterModel,
     PrefixModel,
     SoftPromptModel,
     mixed_batch,
@@ -30,20 +27,10 @@ from opendelta.routing import mixing_anywhere, site_of
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
-#: method -> (class, arguments); positions are each method's defaults
-METHODS: dict[str, tuple[type[DeltaBase], dict[str, Any]]] = {
-    "lora": (LoraModel, {}),
-    "ia3": (IA3Model, {}),
-    "adapter": (AdapterModel, {"bottleneck_dim": 6}),
-    "parallel_adapter": (ParallelAdapterModel, {"bottleneck_dim": 6}),
-    "bitfit": (BitFitModel, {}),
-    "low_rank_adapter": (LowRankAdapterModel, {"reduction_factor": 8}),
-    "compacter": (CompacterModel, {"reduction_factor": 4}),
-    "prefix": (PrefixModel, {"prefix_token_num": 3, "embed_dim": 8, "mid_dim": 8}),
-    "soft_prompt": (SoftPromptModel, {"soft_token_num": 4}),
-}
+#: method -> (class, arguments) from the method table; positions are each method's defaults
+METHODS: dict[str, tuple[type[DeltaBase], dict[str, Any]]] = {t: (m.model_class, m.small) for t, m in TABLE.items()}
 #: methods that change the sequence length: every row of a mixed batch needs one of them
-WHOLE_BATCH = {"prefix", "soft_prompt"}
+WHOLE_BATCH = {t for t, m in TABLE.items() if m.whole_batch}
 
 IDS = torch.randint(1, 99, (5, 7), generator=torch.Generator().manual_seed(3))
 MASK = torch.ones(5, 7, dtype=torch.long)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from support.methods import METHODS
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -162,11 +163,7 @@ def outputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Ten
 
 
 #: arguments that fit hidden-32 models (the defaults assume real sizes); positions stay the defaults
-TINY_ARGS: dict[str, dict[str, Any]] = {
-    "compacter": {"reduction_factor": 4},
-    "low_rank_adapter": {"reduction_factor": 4},
-    "soft_prompt": {"soft_token_num": 4},
-}
+TINY_ARGS: dict[str, dict[str, Any]] = {t: m.tiny for t, m in METHODS.items() if m.tiny}
 
 
 def check_defaults(
