@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import pytest
 import torch
 from support.family_zoo import FAMILIES, check_defaults, fresh
@@ -21,11 +24,17 @@ def test_lora_at_default_positions_trains_detaches_exactly_and_reloads(name, tmp
     assert paths
 
 
-@pytest.mark.parametrize("method", OTHER_METHODS)
-@pytest.mark.parametrize("name", NAMES)
-def test_each_method_at_default_positions_works_or_refuses_cleanly(method, name):
-    if (method, name) in KNOWN_GAPS:
-        pytest.xfail(KNOWN_GAPS[method, name])
+#: the fewest families a method must work on at its default positions. Today (docs/coverage.md) every
+#: method but three works on all 40 families; the lowest, soft_prompt, works on 34 (it needs token embeddings,
+#: which the vision and audio families lack). Three quarters of the families sits below that with room for a
+#: few more such families, yet fails a method that refuses most of them (today's sweep passed one refusing all).
+MIN_FAMILIES = math.ceil(0.75 * len(NAMES))
+
+
+@functools.cache
+def works(method: str, name: str) -> bool:
+    """Whether `method` works at its default positions on `name`; False is a typed refusal that left the
+    backbone as it was (anything else fails the calling test)."""
     model = fresh(name)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
@@ -34,6 +43,22 @@ def test_each_method_at_default_positions_works_or_refuses_cleanly(method, name)
         assert model.state_dict().keys() == state.keys()
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        return False
+    return True
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+@pytest.mark.parametrize("name", NAMES)
+def test_each_method_at_default_positions_works_or_refuses_cleanly(method, name):
+    if (method, name) in KNOWN_GAPS:
+        pytest.xfail(KNOWN_GAPS[method, name])
+    works(method, name)  # asserts inside: the check's promises when it works, a clean typed refusal when not
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_each_method_works_on_enough_families(method):
+    working = [name for name in NAMES if (method, name) not in KNOWN_GAPS and works(method, name)]
+    assert len(working) >= MIN_FAMILIES, f"{method} works on {len(working)} of {len(NAMES)} families: {working}"
 
 
 EXACT_LORA = {
