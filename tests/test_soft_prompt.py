@@ -228,5 +228,7 @@ def test_real_minilm_soft_prompt_training_lowers_the_loss():
     model, batch, labels = minilm_and_batch()
     delta = SoftPromptModel(model, soft_token_num=20)
     delta.freeze_module(exclude=["deltas"])
-    losses = train_steps(model, delta.delta_parameters(), batch, labels, lr=3e-2, steps=8)
+    # 16 steps: over 10 prompt initialisations the loss ratio was 0.14-0.36 after 16 steps, but 0.63-0.81
+    # after 8, where a random initialisation (the per-test seed) sat at the 0.8 bound
+    losses = train_steps(model, delta.delta_parameters(), batch, labels, lr=3e-2, steps=16)
     assert losses[-1] < 0.8 * losses[0]
