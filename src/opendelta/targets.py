@@ -29,6 +29,7 @@ from opendelta.config import DeltaConfig, check_name_list
 from opendelta.errors import OpenDeltaError, PatternError, UnsupportedModuleError
 from opendelta.routing import Span
 from opendelta.structure import resolve_roles
+from opendelta.structure.original_names import is_original_name, original_roles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +88,15 @@ def resolve(
     index = {path: i for i, (path, _) in enumerate(backbone_modules(model))}
 
     def find(names: list[str], strict: bool) -> list[str]:
-        if roles:
-            return resolve_roles(model, names, strict=strict)
-        return find_modules(model, names, what=what, strict=strict)
+        original = [n for n in names if is_original_name(n, roles=roles)]
+        names = [n for n in names if n not in original]
+        found = []
+        if names:
+            found = resolve_roles(model, names, strict=strict) if roles else find_modules(model, names, what=what, strict=strict)
+        for name in original:  # the original OpenDelta's "attn@.q@" names (structure/original_names.py)
+            meant = original_roles(name)
+            found += resolve_roles(model, meant, strict=strict and len(meant) == 1)
+        return found
 
     plain: list[str] = []
     spans: list[tuple[str, tuple[str, str]]] = []
