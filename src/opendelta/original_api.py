@@ -566,9 +566,46 @@ class OriginalAPI:
                         "opendelta saves the delta's own tensors: load the values into the model first, then save."
                     )
 
+    @classmethod
+    def from_config_and_state(
+        cls, delta_config: DeltaConfig | None, state_dict: Mapping[str, torch.Tensor] | None,
+        finetuned_delta_path: Any, backbone_model: nn.Module,
+    ) -> DeltaBase:
+        """The original's from_finetuned(delta_config=..., state_dict=...): build the delta from
+        `delta_config` (else the folder's config) and load `state_dict` (else the folder's tensors),
+        written either by opendelta (the backbone's state-dict keys) or by the original."""
+        from opendelta.auto import AutoDeltaConfig, AutoDeltaModel
+        from opendelta.original_format import original_keys_as_backbone_keys
+        from opendelta.registry import lookup
+
+        if delta_config is None:
+            delta_config = cls.config_class.from_finetuned(finetuned_delta_path)  # type: ignore[attr-defined]
+        elif state_dict is None:
+            saved = AutoDeltaConfig.from_finetuned(finetuned_delta_path)
+            if saved.to_dict() != delta_config.to_dict():
+                raise DeltaConfigError(
+                    f"delta_config differs from the config saved in {finetuned_delta_path!r} ({saved.to_dict()} vs "
+                    f"{delta_config.to_dict()}); the saved tensors belong to the saved config: leave delta_config out."
+                )
+            delta = AutoDeltaModel.from_finetuned(finetuned_delta_path, backbone_model)
+            return delta
+        _, model_cls = lookup(delta_config.delta_type)
+        delta = model_cls.from_config(delta_config, backbone_model)
+        if state_dict is None:
+            raise CheckpointError("from_finetuned(delta_config=...) without state_dict reads the folder's own config")
+        own = {k for k in backbone_model.state_dict(keep_vars=True)}
+        if not set(state_dict) <= own:  # keys as the original named its delta modules
+            state_dict = original_keys_as_backbone_keys(delta_config.delta_type, state_dict, delta.name)
+        result = backbone_model.load_state_dict(state_dict, strict=False)
+        if result.unexpected_keys:
+            delta.detach()
+            raise CheckpointError(f"state_dict holds tensors this delta and backbone do not have: {result.unexpected_keys[:5]}")
+        return delta
+
     @staticmethod
     def finetuned_folder(path: Any, cache_dir: Any, force_download: bool) -> Any:
         """The folder from_finetuned reads (see the original's cache_dir / DeltaCenter names)."""
         if isinstance(path, (str, os.PathLike)) and (cache_dir is not None or force_download or not Path(path).exists()):
             return _local_folder(path, cache_dir, force_download)
         return path
+

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,19 @@ def translate_state_dict(delta_type: str, state: dict[str, torch.Tensor], where:
     if not paths:
         raise CorruptCheckpointError(f"{where} holds no {delta_type} tensors (keys such as {pattern.pattern!r})")
     return paths, tensors, backbone
+
+
+def original_keys_as_backbone_keys(delta_type: str, state: Mapping[str, torch.Tensor], delta_name: str) -> dict[str, torch.Tensor]:
+    """An original state dict under the keys the backbone's ``state_dict()`` has with opendelta's
+    delta `delta_name` attached (for ``load_state_dict``)."""
+    if delta_type not in KEY_MAPS:
+        raise IncompatibleCheckpointError(f"opendelta translates the original's {', '.join(sorted(KEY_MAPS))} tensors, not {delta_type!r}")
+    pattern, layer_key = KEY_MAPS[delta_type]
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        match = pattern.fullmatch(name)
+        out[f"{match['path']}.{delta_name}.{layer_key(match)}" if match else name] = tensor
+    return out
 
 
 def original_config(directory: Path) -> Any:

@@ -27,10 +27,12 @@ merge hold :data:`DATA_FLOW_LOCK` and refuse) while any thread mixes on the back
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -51,6 +53,18 @@ _MIXING_HERE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("o
 DATA_FLOW_LOCK = threading.RLock()
 #: id(backbone) -> mixed batches open on it, over all threads; while it is empty the hooks skip the plan lookup
 _MIXING: dict[int, int] = {}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def changes_data_flow(method: F) -> F:
+    """Run a lifecycle method holding DATA_FLOW_LOCK, so no thread plans a mixed batch on a half-changed model."""
+
+    @functools.wraps(method)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with DATA_FLOW_LOCK:
+            return method(*args, **kwargs)
+
+    return locked  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
