@@ -153,6 +153,13 @@ class OriginalConfigAPI:
         return config
 
 
+def _looks_like_hub_id(path: Any) -> bool:
+    """Whether `path` is no local folder but reads like the original's DeltaCenter names ("owner/name")."""
+    text = os.fspath(path)
+    return isinstance(text, str) and not Path(text).exists() and not os.path.isabs(text) \
+        and text.count("/") == 1 and not text.startswith(".")
+
+
 def _local_folder(path: Any, cache_dir: Any = None, force_download: bool = False) -> Path:
     """The folder a from_finetuned argument names; a name that is no local folder was a DeltaCenter
     id in the original, and the DeltaCenter no longer exists."""
@@ -546,9 +553,9 @@ class OriginalAPI:
                              save_function: Any, push_to_dc: bool, delay_push: bool) -> None:
         """The original's save_finetuned arguments: DeltaCenter uploads are refused (it no longer
         exists); `state_dict` must hold what the delta saves anyway; the rest is accepted."""
-        if push_to_dc or delay_push:
+        if push_to_dc:  # delay_push only postponed that upload
             raise CheckpointError(
-                "push_to_dc / delay_push upload to the original OpenDelta's DeltaCenter, which no longer exists; save "
+                "push_to_dc uploads to the original OpenDelta's DeltaCenter, which no longer exists; save "
                 "locally (save_finetuned(path)) and share the folder (e.g. upload it to the Hugging Face Hub yourself)."
             )
         if not save_config:
@@ -605,7 +612,7 @@ class OriginalAPI:
     @staticmethod
     def finetuned_folder(path: Any, cache_dir: Any, force_download: bool) -> Any:
         """The folder from_finetuned reads (see the original's cache_dir / DeltaCenter names)."""
-        if isinstance(path, (str, os.PathLike)) and (cache_dir is not None or force_download or not Path(path).exists()):
+        if isinstance(path, (str, os.PathLike)) and (cache_dir is not None or force_download or _looks_like_hub_id(path)):
             return _local_folder(path, cache_dir, force_download)
         return path
 
