@@ -417,7 +417,10 @@ class OriginalAPI:
         class's defaults) addresses, minus exclude_modules."""
         from opendelta.targets import resolve_config
 
-        config = dataclasses.replace(self.config, modified_modules=None if modified_modules is None else list(modified_modules))  # type: ignore[attr-defined]
+        # the original's classes keep their arguments as attributes (set after DeltaBase.__init__): the config records them
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self.config) if f.name in vars(self)}  # type: ignore[attr-defined]
+        own.pop("modified_modules", None)
+        config = dataclasses.replace(self.config, **own, modified_modules=None if modified_modules is None else list(modified_modules))  # type: ignore[attr-defined]
         defaults = tuple(type(self).default_modified_modules)  # type: ignore[attr-defined]
         for target in resolve_config(backbone, config, defaults, owner=type(self).__name__):
             self.update_module(backbone, target.path)
