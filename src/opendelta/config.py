@@ -23,7 +23,7 @@ from typing import Any, ClassVar, TypeVar
 
 from opendelta.errors import DeltaConfigError, PatternError
 from opendelta.leniency import relax
-from opendelta.original_api import OriginalConfigAPI, take_original_fields
+from opendelta.original_config import OriginalConfigAPI, take_original_fields
 from opendelta.registry import RegisteredType
 
 C = TypeVar("C", bound="DeltaConfig")

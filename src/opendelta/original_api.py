@@ -23,159 +23,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from opendelta.errors import CheckpointError, CheckpointNotFoundError, DeltaConfigError, LifecycleError, PatternError
+from opendelta.errors import CheckpointError, DeltaConfigError, LifecycleError, PatternError
 from opendelta.layer import WHOLE_BATCH, DeltaLayer
 from opendelta.leniency import relax
 
 if TYPE_CHECKING:
     from opendelta.config import DeltaConfig
     from opendelta.delta_base import DeltaBase
-
-# ----------------------------------------------------------------- configs
-
-#: fields every config of the original has beyond the method's arguments, with their defaults
-ORIGINAL_CONFIG_FIELDS: dict[str, Any] = {
-    "backbone_class": None,
-    "backbone_checkpoint_name": None,
-    "backbone_hash": None,
-    "backend": "hf",
-}
-#: keys the original writes into a saved config.json and reads back without using
-_IGNORED_KEYS = ("opendelta_version", "transformers_version", "model_type")
-#: arguments of one original method that opendelta always honours in its own way: (what the
-#: original defaulted to, which values opendelta's behaviour equals, why)
-ORIGINAL_METHOD_ARGS: dict[str, dict[str, tuple[Any, Callable[[Any], bool], str]]] = {
-    "soft_prompt": {
-        "other_expand_ids": (
-            {"attention_mask": 1, "token_type_ids": 0},
-            lambda v: isinstance(v, Mapping) and dict(v).items() <= {"attention_mask": 1, "token_type_ids": 0}.items(),
-            "opendelta's soft prompt extends attention_mask with 1 and token_type_ids with 0 (and labels with -100) "
-            "by itself",
-        )
-    },
-}
-BMTRAIN_HELP = (
-    "backend='bmt' (BMTrain) is not supported: opendelta scales out on PyTorch's own engines. Build the delta "
-    "with backend='hf' (the default) and train with DDP, FSDP2 or DeepSpeed ZeRO-3 (docs/scaling_out.md)."
-)
-
-
-def check_backend(backend: Any) -> str:
-    """The original's ``backend`` argument: ``"hf"`` is what opendelta does; anything else is refused."""
-    if backend == "hf":
-        return backend
-    if backend == "bmt":
-        raise DeltaConfigError(BMTRAIN_HELP)
-    raise DeltaConfigError(f"backend must be 'hf' (the only backend), got {backend!r}.")
-
-
-def take_original_fields(config_cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Remove from `values` the keys the original's configs have and opendelta's do not; return
-    the ones a config keeps as attributes (``backbone_class``...). Called by DeltaConfig.from_dict."""
-    kept: dict[str, Any] = {}
-    for key in [k for k in values if k in ORIGINAL_CONFIG_FIELDS]:
-        kept[key] = values.pop(key)
-    if "backend" in kept:
-        check_backend(kept["backend"])
-    for key in _IGNORED_KEYS:
-        values.pop(key, None)
-    own_fields = {f.name for f in dataclasses.fields(config_cls)}
-    for key, (_, honoured, why) in ORIGINAL_METHOD_ARGS.get(getattr(config_cls, "delta_type", ""), {}).items():
-        if key in values and key not in own_fields:
-            value = values.pop(key)
-            if not honoured(value):
-                raise DeltaConfigError(f"{key}={value!r} is not supported: {why}; leave {key} out.")
-    return kept
-
-
-class OriginalConfigAPI:
-    """The original ``BaseDeltaConfig``'s fields and methods, for ``DeltaConfig``."""
-
-    backbone_class: str | None = None
-    backbone_checkpoint_name: str | None = None
-    backbone_hash: str | None = None
-    backend: str = "hf"
-
-    def to_diff_dict(self) -> dict[str, Any]:
-        """The config without the values that equal the class defaults (``delta_type`` always kept)."""
-        values = self.to_dict()  # type: ignore[attr-defined]
-        defaults = type(self)().to_dict()  # type: ignore[attr-defined]
-        diff = {k: v for k, v in values.items() if k == "delta_type" or defaults.get(k) != v}
-        diff.update({k: getattr(self, k) for k, d in ORIGINAL_CONFIG_FIELDS.items() if getattr(self, k) != d})
-        return diff
-
-    def to_json_string(self, use_diff: bool = True) -> str:
-        """The config as indented, key-sorted JSON (only what differs from the defaults if `use_diff`)."""
-        values = self.to_diff_dict() if use_diff else {
-            **self.to_dict(),  # type: ignore[attr-defined]
-            **{k: getattr(self, k) for k in ORIGINAL_CONFIG_FIELDS},
-        }
-        return json.dumps(values, indent=2, sort_keys=True) + "\n"
-
-    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
-        Path(json_file_path).write_text(self.to_json_string(use_diff=use_diff), encoding="utf-8")
-
-    def update(self, config_dict: Mapping[str, Any]) -> None:
-        """Set several fields at once; each value is validated as in the constructor."""
-        for key, value in config_dict.items():
-            if key == "backend":
-                check_backend(value)
-            if key not in ORIGINAL_CONFIG_FIELDS and key not in {f.name for f in dataclasses.fields(self)}:  # type: ignore[arg-type]
-                raise DeltaConfigError(f"{type(self).__name__} has no field {key!r}")
-            setattr(self, key, value)
-
-    def save_finetuned(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Write the config alone as ``config.json`` in `save_directory` (as the original's config did)."""
-        if os.path.isfile(save_directory):
-            raise CheckpointError(f"{save_directory!r} is a file; save_finetuned needs a folder")
-        os.makedirs(save_directory, exist_ok=True)
-        self.to_json_file(Path(save_directory) / "config.json")
-
-    @classmethod
-    def from_finetuned(cls, finetuned_delta_path: str | os.PathLike, **kwargs: Any) -> DeltaConfig:
-        """The config of a saved delta: an opendelta checkpoint, an original OpenDelta folder, or a
-        folder holding only a ``config.json`` written by :meth:`save_finetuned`."""
-        path = _local_folder(finetuned_delta_path, kwargs.get("cache_dir"), kwargs.get("force_download", False))
-        from opendelta.auto import AutoDeltaConfig
-
-        if (path / "config.json").is_file() and not (path / "delta_config.json").is_file():
-            from opendelta.checkpoint_files import read_json
-
-            values = read_json(path / "config.json", CheckpointError)
-            if not isinstance(values, dict):
-                raise DeltaConfigError(f"{path / 'config.json'} must hold a JSON object")
-            config = AutoDeltaConfig.from_dict(values)
-        else:
-            config = AutoDeltaConfig.from_finetuned(path)
-        own = getattr(cls, "delta_type", "")
-        if own and config.delta_type != own:
-            raise DeltaConfigError(f"{path} holds a {config.delta_type!r} config, not {own!r}; use AutoDeltaConfig")
-        return config
-
-
-def _looks_like_hub_id(path: Any) -> bool:
-    """Whether `path` is no local folder but reads like the original's DeltaCenter names ("owner/name")."""
-    text = os.fspath(path)
-    return isinstance(text, str) and not Path(text).exists() and not os.path.isabs(text) \
-        and text.count("/") == 1 and not text.startswith(".")
-
-
-def _local_folder(path: Any, cache_dir: Any = None, force_download: bool = False) -> Path:
-    """The folder a from_finetuned argument names; a name that is no local folder was a DeltaCenter
-    id in the original, and the DeltaCenter no longer exists."""
-    if not isinstance(path, (str, os.PathLike)):
-        from opendelta.checkpoint_files import checkpoint_path
-
-        return checkpoint_path(path, "from_finetuned")
-    folder = Path(cache_dir, path) if cache_dir is not None else Path(path)
-    if force_download or not folder.exists():
-        raise CheckpointNotFoundError(
-            f"{str(folder)!r} is not a local folder. The original OpenDelta downloaded such names from its "
-            "DeltaCenter, which no longer exists; download the checkpoint folder yourself and pass its path"
-            + (" (force_download=True asks for a download, which opendelta cannot do)." if force_download else ".")
-        )
-    return folder
-
 
 # ----------------------------------------------------------------- the extension interface's layers
 
@@ -382,9 +236,8 @@ class OriginalAPI:
     def builds_by_update_module(cls) -> bool:
         """Whether this class is written the original's way (``update_module`` calling insert_*)
         rather than opendelta's (``new_layer``)."""
-        from opendelta.delta_base import DeltaBase
-
-        return cls.new_layer is DeltaBase.new_layer and cls.update_module is not OriginalAPI.update_module  # type: ignore[attr-defined]
+        owner = next(k for k in cls.__mro__ if "new_layer" in k.__dict__)  # the engine's default raises
+        return owner.__module__ == "opendelta.delta_base" and cls.update_module is not OriginalAPI.update_module
 
     def start_original_style(
         self, backbone_model: nn.Module, modified_modules: Sequence[str] | None, exclude_modules: Sequence[str] | None,
@@ -584,21 +437,20 @@ class OriginalAPI:
         """The original's from_finetuned(delta_config=..., state_dict=...): build the delta from
         `delta_config` (else the folder's config) and load `state_dict` (else the folder's tensors),
         written either by opendelta (the backbone's state-dict keys) or by the original."""
-        from opendelta.auto import AutoDeltaConfig, AutoDeltaModel
+        from opendelta.original_config import read_saved_config
         from opendelta.original_format import original_keys_as_backbone_keys
         from opendelta.registry import lookup
 
         if delta_config is None:
             delta_config = cls.config_class.from_finetuned(finetuned_delta_path)  # type: ignore[attr-defined]
         elif state_dict is None:
-            saved = AutoDeltaConfig.from_finetuned(finetuned_delta_path)
+            saved = read_saved_config(finetuned_delta_path)
             if saved.to_dict() != delta_config.to_dict():
                 raise DeltaConfigError(
                     f"delta_config differs from the config saved in {finetuned_delta_path!r} ({saved.to_dict()} vs "
                     f"{delta_config.to_dict()}); the saved tensors belong to the saved config: leave delta_config out."
                 )
-            delta = AutoDeltaModel.from_finetuned(finetuned_delta_path, backbone_model)
-            return delta
+            return cls.from_finetuned(finetuned_delta_path, backbone_model)  # type: ignore[attr-defined]
         _, model_cls = lookup(delta_config.delta_type)
         delta = model_cls.from_config(delta_config, backbone_model)
         if state_dict is None:
@@ -615,7 +467,9 @@ class OriginalAPI:
     @staticmethod
     def finetuned_folder(path: Any, cache_dir: Any, force_download: bool) -> Any:
         """The folder from_finetuned reads (see the original's cache_dir / DeltaCenter names)."""
-        if isinstance(path, (str, os.PathLike)) and (cache_dir is not None or force_download or _looks_like_hub_id(path)):
-            return _local_folder(path, cache_dir, force_download)
+        from opendelta.original_config import local_folder, looks_like_hub_id
+
+        if isinstance(path, (str, os.PathLike)) and (cache_dir is not None or force_download or looks_like_hub_id(path)):
+            return local_folder(path, cache_dir, force_download)
         return path
 

@@ -25,9 +25,9 @@ from opendelta.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    DeltaConfigError,
     IncompatibleCheckpointError,
 )
+from opendelta.original_config import read_saved_config
 from opendelta.registry import lookup
 from opendelta.version import __version__
 
@@ -122,27 +122,13 @@ def original_keys_as_backbone_keys(delta_type: str, state: Mapping[str, torch.Te
     return out
 
 
-def original_config(directory: Path) -> Any:
-    """The opendelta config of an original folder's config.json (the original's extra fields kept,
-    keys opendelta's method does not take dropped with a warning)."""
-    values = read_json(directory / ORIGINAL_CONFIG, CorruptCheckpointError)
-    if not isinstance(values, dict) or not isinstance(values.get("delta_type"), str):
-        raise CorruptCheckpointError(f"{directory / ORIGINAL_CONFIG} must hold a JSON object with a 'delta_type'")
-    config_cls, _ = lookup(values["delta_type"])
-    try:
-        return config_cls.from_dict({k: v for k, v in values.items() if k != "modified_modules"} | {
-            "modified_modules": None})
-    except DeltaConfigError as exc:
-        raise DeltaConfigError(f"{directory / ORIGINAL_CONFIG}: {exc}") from exc
-
-
 def read_original_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -> CheckpointContents:
     """An original OpenDelta folder in opendelta's terms (it records no checksum, so `verify` has
     nothing to check; the tensors are read here, since a pickle has no header)."""
     folder = checkpoint_path(directory, "from_finetuned")
     if not (folder / ORIGINAL_WEIGHTS).is_file():
         raise CheckpointNotFoundError(f"{str(folder)!r} has no {ORIGINAL_WEIGHTS}")
-    config = original_config(folder)
+    config = read_saved_config(folder)
     state = load_state_dict_safely(folder / ORIGINAL_WEIGHTS)
     paths, tensors, backbone = translate_state_dict(config.delta_type, state, str(folder))
     _, delta_cls = lookup(config.delta_type)
