@@ -1,7 +1,8 @@
 """What one delta changes in its backbone besides adding its layers: the values of backbone tensors
 it trains (an unfrozen head, LayerNorms), the ``requires_grad`` flags its ``freeze_module`` chose,
-and the state-dict filter. Attach applies them, detach undoes them bit for bit; the claims
-(claims.py) keep two attached deltas from owning one tensor or flag.
+the state-dict filter, the input-gradient hook (input_grads.py) and the first-forward reach check
+(reachability.py). Attach applies them, detach undoes them bit for bit; the claims (claims.py)
+keep two attached deltas from owning one tensor or flag.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import nn
 from opendelta.addressing import backbone_modules, is_delta_module, match_names
 from opendelta.claims import check_value_free, claim_value, release_flag, release_value, set_flag
 from opendelta.errors import LifecycleError, PatternError
+from opendelta.input_grads import require_input_grads
+from opendelta.reachability import FirstForwardCheck
 
 if TYPE_CHECKING:
     from opendelta.delta_base import DeltaBase
@@ -23,8 +26,11 @@ if TYPE_CHECKING:
 class BackboneChanges:
     """The backbone tensors, flags and state-dict filter owned by one delta (`owner`)."""
 
-    def __init__(self, owner: DeltaBase) -> None:
+    def __init__(self, owner: DeltaBase, reach_check: FirstForwardCheck | None = None) -> None:
         self.owner = owner
+        #: where no dummy pass could prove each target is called: the check at the first real forward
+        self.reach_check = reach_check
+        self.input_grad_handle: Any = None
         self.originals: dict[str, torch.Tensor] = {}  # backbone tensors the delta trains: values before
         self.tuned: dict[str, torch.Tensor] = {}  # ... and their tuned values while detached
         self.flags: dict[str, bool] = {}  # backbone parameter -> requires_grad chosen by freeze_module
@@ -71,8 +77,9 @@ class BackboneChanges:
                     "change, attach the delta to another copy of the backbone."
                 )
 
-    def apply(self) -> None:
-        """Swap in the trained values, set the flags and install the state-dict filter; all or nothing."""
+    def apply(self, input_grad_handle: Any = None) -> None:
+        """Swap in the trained values and set the flags (all or nothing), then install the state-dict
+        filter, the input-gradient hook (or take over `input_grad_handle`) and the reach check."""
         params = dict(self.backbone.named_parameters()) if self.tuned or self.flags else {}
         swapped: list[str] = []
         try:
@@ -94,13 +101,25 @@ class BackboneChanges:
         self.tuned = {}
         if self.filter_state_dict:
             self._install_state_dict_filter()
+        self.input_grad_handle = require_input_grads(self.backbone) if input_grad_handle is None else input_grad_handle
+        if self.reach_check is not None:
+            self.reach_check.install()
 
-    def undo(self) -> None:
-        """Put back the backbone's own values and flags, keeping the trained values for the next apply()."""
+    def undo(self, keep_input_grads: bool = False) -> Any:
+        """Put back the backbone's own values and flags, keeping the trained values for the next apply(),
+        and remove the hooks; with `keep_input_grads`, hand back the input-gradient hook instead of
+        removing it (switch passes it to the next delta: it acts on the backbone, not on one delta)."""
         self.tuned = self._put_back(self.originals)
         if self._state_dict_handle is not None:
             self._state_dict_handle.remove()
             self._state_dict_handle = None
+        handle, self.input_grad_handle = self.input_grad_handle, None
+        if handle is not None and not keep_input_grads:
+            handle.remove()
+            handle = None
+        if self.reach_check is not None:
+            self.reach_check.remove()
+        return handle
 
     def _put_back(self, originals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Put back the flags this delta set and the `originals` of the tensors it trains; return

@@ -20,8 +20,7 @@ from opendelta import reporting, serialization
 from opendelta.backbone_changes import BackboneChanges
 from opendelta.config import DeltaConfig, check_delta_name, check_name_list
 from opendelta.distributed import ARRIVAL_TIMEOUT_S
-from opendelta.errors import LifecycleError, RuntimeInitError
-from opendelta.input_grads import require_input_grads
+from opendelta.errors import DeltaConfigError, LifecycleError, RuntimeInitError
 from opendelta.interactive import choose_modules
 from opendelta.layer import DeltaLayer
 from opendelta.merging import check_last_merged, merge_layers, unmerge_layers
@@ -37,7 +36,7 @@ from opendelta.routing import (
     changes_data_flow,
     mixing_anywhere,
     remove_delta,
-    swap_delta,
+    switch_deltas,
 )
 from opendelta.runtime_init import Observation, observe_targets
 from opendelta.targets import Target, check_hostable, free_name, resolve_config
@@ -90,7 +89,6 @@ class DeltaBase(OriginalAPI):
         order: float | None = None,
         **method_args: Any,
     ):
-        position = 0 if order is None else checked_position(order)
         if self.builds_by_update_module():  # a method written the original OpenDelta's way (original_api.py)
             return self.start_original_style(backbone_model, modified_modules, exclude_modules, unfrozen_modules,
                                              common_structure, interactive_modify, name, method_args)
@@ -106,9 +104,7 @@ class DeltaBase(OriginalAPI):
             },
             strict=True,
         )
-        self._setup(backbone_model, config, self.resolve_targets(backbone_model, config), name, dummy_inputs)
-        self._order = (position, self._order[1], "")
-        self.attach()
+        self._build(backbone_model, config, name, dummy_inputs, order)
 
     # ----------------------------------------------------------------- construction
 
@@ -119,15 +115,17 @@ class DeltaBase(OriginalAPI):
     ) -> D:
         """Build and attach a delta of this class from a config object or dict; `overrides` replace
         config values. (`check_hash` is the original's; a config holds no backbone hash here.)"""
-        position = 0 if order is None else checked_position(order)
         if isinstance(config, dict) or overrides:
             config = cls.config_class.from_dict({**(config if isinstance(config, dict) else config.to_dict()), **overrides})
-        obj = cls.build_detached(
-            backbone_model, config, cls.resolve_targets(backbone_model, config), name=name, dummy_inputs=dummy_inputs
-        )
-        obj._order = (position, obj._order[1], "")
-        obj.attach()
+        obj = cls.__new__(cls)
+        obj._build(backbone_model, config, name, dummy_inputs, order)
         return obj
+
+    def _build(self, backbone: nn.Module, config: DeltaConfig, name: str | None, dummy_inputs: Any, order: Any) -> None:
+        position = 0 if order is None else checked_position(order)  # checked before anything is built
+        self._setup(backbone, config, self.resolve_targets(backbone, config), name, dummy_inputs)
+        self._order = (position, self._order[1], "")
+        self.attach()
 
     @classmethod
     def build_detached(
@@ -178,15 +176,11 @@ class DeltaBase(OriginalAPI):
         self.name = free_name(targets, name, self.delta_type or "delta")
         self._order: tuple[float, int, str] = (0, creation_stamp(), "")  # see order_key
         self._attached = False
-        self._input_grad_handle: Any = None
-        self._changes = BackboneChanges(self)
+        self._changes = BackboneChanges(
+            self, FirstForwardCheck(backbone, {t.path: list(t.modules) for t in targets}) if unverified else None
+        )
         self._homes = LayerHomes(backbone, self._targets, self.layers)
         self._merged: dict[str, dict[str, torch.Tensor]] = {}  # path -> parameter values before merge()
-        self._reach_check = (
-            FirstForwardCheck(backbone, {t.path: list(t.modules) for t in targets})
-            if unverified
-            else None
-        )
 
     def _observe_targets(
         self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any
@@ -256,6 +250,9 @@ class DeltaBase(OriginalAPI):
     def is_merged(self) -> bool:
         return bool(self._merged)
 
+    def _placed(self) -> list[tuple[nn.Module | Span, DeltaLayer]]:
+        return [(self._targets[path].site, layer) for path, layer in self.layers.items()]
+
     def _check_free(self, action: str) -> None:
         """Refuse to change the data flow while a mixed batch (in any thread) has planned it."""
         if mixing_anywhere(self.backbone_model):
@@ -290,12 +287,7 @@ class DeltaBase(OriginalAPI):
 
     def _after_attach(self, input_grad_handle: Any = None) -> None:
         """Everything attach() does beyond the layers; on failure it undoes its own part and raises."""
-        self._changes.apply()
-        if input_grad_handle is None:
-            input_grad_handle = require_input_grads(self.backbone_model)
-        self._input_grad_handle = input_grad_handle
-        if self._reach_check is not None:
-            self._reach_check.install()
+        self._changes.apply(input_grad_handle)
         self._attached = True
 
     @changes_data_flow
@@ -318,15 +310,11 @@ class DeltaBase(OriginalAPI):
         self._after_detach()
         return self
 
-    def _after_detach(self) -> None:
+    def _after_detach(self, keep_input_grads: bool = False) -> Any:
         self._homes.record(self.layers)
-        self._changes.undo()
-        if self._input_grad_handle is not None:
-            self._input_grad_handle.remove()
-            self._input_grad_handle = None
-        if self._reach_check is not None:
-            self._reach_check.remove()
+        handle = self._changes.undo(keep_input_grads)
         self._attached = False
+        return handle
 
     @changes_data_flow
     def switch(self, to: DeltaBase) -> DeltaBase:
@@ -345,43 +333,12 @@ class DeltaBase(OriginalAPI):
             raise LifecycleError(f"delta {to.name!r} is already attached; switch to a detached delta")
         to._changes.check_can_apply("switch to", leaving=self._changes)
         to._homes.follow()
-        old_by_module = {id(self._targets[p].site): p for p in self.layers}
-        new_paths = {id(to._targets[p].site) for p in to.layers}
-        done: list[tuple[str, str | None]] = []  # (new path, old path swapped out there)
-
-        def undo_swaps() -> None:
-            for path, old in reversed(done):
-                module = to._targets[path].site
-                if old is None:
-                    remove_delta(module, to.name)
-                else:
-                    swap_delta(module, to.name, self.name, self.layers[old], self.order_key)
-
-        try:
-            for path, layer in to.layers.items():
-                module = to._targets[path].site
-                old = old_by_module.get(id(module))
-                if old is None:
-                    add_delta(module, to.name, layer, to.order_key)
-                else:
-                    swap_delta(module, self.name, to.name, layer, to.order_key)
-                done.append((path, old))
-        except Exception:
-            undo_swaps()
-            raise
-        for path in reversed(list(self.layers)):
-            if id(self._targets[path].site) not in new_paths:
-                remove_delta(self._targets[path].site, self.name)
-        # the input-grad hook acts on the backbone, not on one delta: hand it over instead of re-registering
-        handle, self._input_grad_handle = self._input_grad_handle, None
-        self._after_detach()
+        put_back = switch_deltas(self.name, self.order_key, self._placed(), to.name, to.order_key, to._placed())
+        handle = self._after_detach(keep_input_grads=True)  # the input-grad hook acts on the backbone: hand it over
         try:
             to._after_attach(input_grad_handle=handle)
         except Exception:  # put self back exactly: its layers, then its tensors, flags and hooks
-            for path in self.layers:
-                if id(self._targets[path].site) not in new_paths:
-                    add_delta(self._targets[path].site, self.name, self.layers[path], self.order_key)
-            undo_swaps()
+            put_back()
             self._homes.forget()
             self._after_attach(input_grad_handle=handle)
             raise
