@@ -4,8 +4,8 @@ Scripts written for the original call helpers that opendelta's own API does not 
 (``trainable_parameters_names``, ``find_module``...), pass arguments it does not have
 (``log(delta_ratio=...)``, ``attach(module=...)``, ``backend="hf"``, ``save_finetuned(push_to_dc=...)``)
 and extend ``DeltaBase`` by inserting their own modules (``insert_sequential_module``,
-``insert_parallel_module``, ``replace_module``). :class:`OriginalAPI` gives ``DeltaBase`` all of it;
-:class:`OriginalConfigAPI` gives ``DeltaConfig`` the original config's fields and methods. Every
+``insert_parallel_module``, ``replace_module``). :class:`OriginalAPI` gives ``DeltaBase`` all of it
+(opendelta.original_config does the same for configs). Every
 call lands on the engine: an inserted module becomes a delta layer on the engine's routes
 (sequential = *after*, parallel, replace), so it attaches, detaches bit for bit, saves and loads
 like a built-in method. Differences are listed in docs/migrating_from_opendelta.md.
@@ -14,10 +14,8 @@ like a built-in method. Differences are listed in docs/migrating_from_opendelta.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch

@@ -1,7 +1,5 @@
 """The original DeltaBase's helpers and arguments, with what each returned in the original."""
 
-import warnings
-
 import pytest
 import torch
 from compat_models import IDS, bert, outputs, train_a_little

@@ -11,8 +11,6 @@ delta modules' under the name the original inserted them as (``...query.lora.lor
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

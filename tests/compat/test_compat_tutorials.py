@@ -1,22 +1,20 @@
 """Ports of the original's examples/tutorial/0_basic.py, 0_regex.py, 0_interactive.py and
 examples/unittest/user_defined.py. Only model loading changed (tiny models from configs)."""
 
+import json
 import re
 import threading
 import time
 import urllib.request
-import warnings
 from urllib.parse import parse_qs, urlsplit
 
-import json
 import pytest
 import torch
 import torch.nn as nn
-from compat_models import IDS, bart_classifier, bert, bert_masked_lm, outputs, roberta_classifier
+from compat_models import bart_classifier, bert, bert_masked_lm, roberta_classifier
 
-from opendelta.errors import UnsupportedModuleError
+from opendelta.errors import NoMatchError, UnsupportedModuleError
 from opendelta.leniency import OriginalBehaviourWarning, strict_mode
-from opendelta.errors import NoMatchError
 
 
 def test_0_basic_bart():
