@@ -33,6 +33,7 @@ from opendelta.leniency import OriginalBehaviourWarning, is_strict
 from opendelta.routing import Span, site_of
 from opendelta.structure import resolve_roles
 from opendelta.structure.original_names import VOCABULARY, is_original_name, original_roles
+from opendelta.structure.renamed import current_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +94,8 @@ def resolve(
     def find(names: list[str], strict: bool) -> list[str]:
         original = [n for n in names if is_original_name(n, roles=roles) or _original_vocabulary(model, n, roles, what)]
         names = [n for n in names if n not in original]
+        if not roles:
+            names = [_renamed(model, n, what) for n in names]
         found = []
         if names:
             found = resolve_roles(model, names, strict=strict) if roles else find_modules(model, names, what=what, strict=strict)
@@ -231,3 +234,18 @@ def _original_vocabulary(model: nn.Module, name: str, roles: bool, what: str) ->
         f"({', '.join(VOCABULARY[name])})", OriginalBehaviourWarning, stacklevel=4,
     )
     return True
+
+
+def _renamed(model: nn.Module, name: str, what: str) -> str:
+    """`name`, or today's name of that module where transformers 5 renamed it and `name` matches
+    nothing (with a warning; NoMatchError in strict mode): see structure/renamed.py."""
+    if find_modules(model, [name], strict=False):
+        return name
+    new = current_name(model, name)
+    if new is None:
+        return name
+    if is_strict():
+        raise NoMatchError(name, [new], what)
+    warnings.warn(f"{what} {name!r} names no module; transformers 5 calls it {new!r} in this family, which is used",
+                  OriginalBehaviourWarning, stacklevel=4)
+    return new

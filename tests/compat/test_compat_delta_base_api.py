@@ -164,3 +164,17 @@ def test_original_common_structure_names_as_modified_modules():
     from opendelta import CommonStructureMap
 
     assert CommonStructureMap(model).transform("encoder.layer.0.attention.self.query")[0] == "attn@.q@"
+
+
+def test_a_module_name_transformers_5_renamed_is_used_under_its_new_name_with_a_warning():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.BeitModel(tf.BeitConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                                       image_size=16, patch_size=8))
+    with pytest.warns(OriginalBehaviourWarning, match="'query' names no module; transformers 5 calls it 'q_proj'"):
+        assert LoraModel.plan(model, modified_modules=["query"]) == ["layers.0.attention.q_proj"]
+    from opendelta.errors import NoMatchError
+
+    with strict_mode(), pytest.raises(NoMatchError, match="'query'.*q_proj"):
+        LoraModel.plan(model, modified_modules=["query"])

@@ -95,7 +95,6 @@ def delta_arguments(values: dict) -> dict:
 #: configs that do not run yet, and why (listed in docs/migrating_from_opendelta.md)
 NOT_YET = {
     "adapter_vit-large-patch16-224-in21k/beans": "transformers 5 renamed ViT's modules: no module is named 'output' any more",
-    "lora_beit-large-patch16-224/cifar10": "transformers 5 renamed BEiT's modules: no module is named 'query' any more",
     "bitfit_t5-large/rte": "the original's BitFit on a block ('attn', 'ff') biased every linear layer inside; ours refuses blocks",
 }
 
