@@ -45,3 +45,20 @@ def test_module_paths_of_base_config_auto_and_utils():
     assert endswith_in("encoder.layer.0.attention.self.query", ["query"])
     assert not endswith_in("encoder.layer.0.attention.self.query", ["uery"])
     assert get_arg_names(opendelta.LoraModel.__init__)[:2] == ["backbone_model", "modified_modules"]
+
+
+def test_structure_graph_takes_the_original_keywords(capsys):
+    from compat_models import bert
+
+    from opendelta import Visualization
+
+    tree = Visualization(bert()).structure_graph(rootname="bert", expand_params=True, keep_non_params=True,
+                                                 common_structure=True, mapping=None, only_common=True, printTree=False)
+    assert capsys.readouterr().out == ""
+    from rich.console import Console
+
+    console = Console(width=200, record=True, color_system=None)
+    console.print(tree)
+    text = console.export_text()
+    assert text.startswith("bert (BertModel)") and "@attn.q" in text and "weight:[32,32]" in text
+    assert "pooler" not in text  # only_common: modules without a role (and no role below) are left out
