@@ -20,10 +20,11 @@ def _seeded(build):
 
 
 @_seeded
-def t5(d_model: int = H, decoder_layers: int = 2) -> nn.Module:
-    """Stands in for ``AutoModelForSeq2SeqLM.from_pretrained("t5-large")`` (a 24-layer decoder like
-    t5-large's with ``decoder_layers=24``, where a script addresses decoder layers by index)."""
-    return tf.T5ForConditionalGeneration(tf.T5Config(d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=decoder_layers,
+def t5(d_model: int = H, layers: int = 2) -> nn.Module:
+    """Stands in for ``AutoModelForSeq2SeqLM.from_pretrained("t5-large")`` (24 layers like t5-large
+    with ``layers=24``, where a script addresses decoder layers by index; generate() needs the
+    encoder and decoder to have as many layers)."""
+    return tf.T5ForConditionalGeneration(tf.T5Config(d_model=d_model, d_kv=8, d_ff=37, num_layers=layers, num_decoder_layers=layers,
                                                      num_heads=4, vocab_size=99, decoder_start_token_id=0))
 
 

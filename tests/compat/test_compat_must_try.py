@@ -1,6 +1,6 @@
 """Port of the original README's "Must Try" (examples/unittest/must_try.py) and of
-examples/unittest/test_parallel_adapter.py. Only model loading changed (tiny T5 from a config, a
-24-layer decoder like t5-large's); every opendelta call is the original's. ``transformers.AdamW`` no longer
+examples/unittest/test_parallel_adapter.py. Only model loading changed (tiny T5 from a config, 24
+layers like t5-large); every opendelta call is the original's. ``transformers.AdamW`` no longer
 exists in transformers 5, so the optimizer is torch's AdamW."""
 
 import os
@@ -36,7 +36,7 @@ def test_must_try_spelling_correction_checkpoint_from_the_deltacenter():
 
 def test_must_try(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    t5_model = t5(decoder_layers=24)
+    t5_model = t5(layers=24)
     inputs = seq2seq_inputs()
     bare = outputs(t5_model, inputs)
     t5_model.generate(IDS[:1], max_new_tokens=3)
@@ -52,7 +52,7 @@ def test_must_try(tmp_path, monkeypatch):
     delta.save_finetuned(".tmp")
     assert "delta_config.json" in os.listdir(".tmp")
 
-    t5_model = t5(decoder_layers=24)
+    t5_model = t5(layers=24)
     delta1 = AutoDeltaModel.from_finetuned(".tmp", backbone_model=t5_model)
     shutil.rmtree(".tmp")
     assert all(torch.equal(a, b) for a, b in zip(outputs(t5_model, inputs), tuned))
