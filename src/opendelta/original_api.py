@@ -209,7 +209,11 @@ class OriginalAPI:
         ``freeze_module(set_state_dict=True)`` does."""
         if module is not self.backbone_model:  # type: ignore[attr-defined]
             raise LifecycleError("set_active_state_dict works on the delta's backbone model; pass delta.backbone_model")
-        self.freeze_module(exclude=self.trainable_parameters_names(), set_state_dict=True)  # type: ignore[attr-defined]
+        from opendelta.addressing import is_delta_module
+
+        in_deltas = {id(p) for m in module.modules() if is_delta_module(m) for p in m.parameters()}
+        kept = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in in_deltas]
+        self.freeze_module(exclude=["deltas", *kept], set_state_dict=True)  # type: ignore[attr-defined]
 
     def create_config_from_model(self) -> DeltaConfig:
         """The delta's config (opendelta keeps one from construction on)."""

@@ -178,3 +178,14 @@ def test_a_module_name_transformers_5_renamed_is_used_under_its_new_name_with_a_
 
     with strict_mode(), pytest.raises(NoMatchError, match="'query'.*q_proj"):
         LoraModel.plan(model, modified_modules=["query"])
+
+
+def test_set_active_state_dict_keeps_only_trainable_tensors():
+    model = bert()
+    delta = LoraModel(backbone_model=model, modified_modules=["query"])
+    delta.freeze_module(exclude=["deltas"], set_state_dict=False)
+    assert len(model.state_dict()) > len(delta.trainable_parameters_names())
+    delta.set_active_state_dict(model)
+    assert sorted(model.state_dict()) == sorted(delta.trainable_parameters_names())
+    delta.detach()
+    assert len(model.state_dict()) == len(bert().state_dict())
