@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from opendelta.errors import StructureError
 from opendelta.structure import find_backbones
 
 _ATTENTION = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
@@ -19,7 +20,11 @@ RENAMED: dict[str, dict[str, str]] = {"vit": _ATTENTION, "beit": _ATTENTION}
 
 def current_name(model: nn.Module, name: str) -> str | None:
     """Today's name of the module `name` addressed in `model`'s family before transformers 5, if it was renamed."""
-    for backbone in find_backbones(model):
+    try:
+        backbones = find_backbones(model)
+    except StructureError:  # a model with no recognisable family renamed nothing
+        return None
+    for backbone in backbones:
         renamed = RENAMED.get(backbone.model_type or "", {}).get(name)
         if renamed is not None:
             return renamed
