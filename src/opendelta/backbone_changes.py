@@ -169,7 +169,7 @@ class BackboneChanges:
         if names:
             module_paths = [p for p, _ in backbone_modules(root)]
             param_paths = [n for n, p in params.items() if id(p) not in delta_ids]
-            for path in match_names(module_paths + param_paths, names, "freeze_module exclude"):
+            for path in match_names(module_paths + param_paths, names, "freeze_module exclude", strict=None):
                 if path in params:
                     trainable.add(id(params[path]))
                 else:
