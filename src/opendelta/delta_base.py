@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from opendelta import reporting, serialization
+from opendelta import export, reporting, serialization
 from opendelta.addressing import ancestors, backbone_modules, is_delta_module, match_names
 from opendelta.claims import check_value_free, claim_value, release_flag, release_value, set_flag
 from opendelta.config import DeltaConfig, check_delta_name, check_name_list, is_finite_number
@@ -234,6 +234,7 @@ class DeltaBase:
         self._homes: dict[str, tuple[torch.dtype, torch.device] | None] = {}  # path -> dtype, device at detach
         self._home_slots: dict[str, tuple[dict, str] | None] = {}  # path -> where _home() looks
         self._merged: dict[str, dict[str, torch.Tensor]] = {}  # path -> parameter values before merge()
+        self._unloaded = False  # merge_and_unload() folded it into the weights for good
         self._reach_check = (
             FirstForwardCheck(backbone, {t.path: list(t.modules) for t in targets})
             if unverified
@@ -350,6 +351,11 @@ class DeltaBase:
         chose back into the backbone; the layers first follow any ``.to()`` move it made meanwhile."""
         if self._attached:
             raise LifecycleError(f"delta {self.name!r} is already attached; detach() it first")
+        if self._unloaded:
+            raise LifecycleError(
+                f"delta {self.name!r} was merged into the weights by merge_and_unload(), so attaching it would apply it "
+                "twice; load its checkpoint onto a fresh backbone instead."
+            )
         self._check_free("attach")
         self._check_backbone_tensors("attach")
         self._follow_backbone()
@@ -631,6 +637,18 @@ class DeltaBase:
         self._merged = {}
         return self
 
+    def merge_and_unload(self) -> nn.Module:
+        """Fold this delta into the weights for good and take it out (PEFT's name); returns the backbone,
+        now a plain model. See :func:`opendelta.export.merge_and_unload`."""
+        export.merge_and_unload(self)
+        self._unloaded = True
+        return self.backbone_model
+
+    def export_merged(self, directory: str | os.PathLike, *, max_shard_size: int | str = "50GB") -> str:
+        """Write the backbone with this delta merged to `directory` (``from_pretrained`` loads it); the model in
+        memory is left as it was. See :func:`opendelta.export.export_merged`."""
+        return export.export_merged(self, directory, max_shard_size=max_shard_size)
+
     # ----------------------------------------------------------------- freezing
 
     def delta_parameters(self) -> list[nn.Parameter]:
@@ -644,7 +662,8 @@ class DeltaBase:
         """Freeze every parameter except those `exclude` names (``"deltas"`` = all delta parameters).
 
         Names follow the addressing syntax and match module or parameter paths. With
-        `set_state_dict`, ``backbone.state_dict()`` holds only trainable tensors from now on.
+        `set_state_dict`, ``backbone.state_dict()`` holds only trainable tensors from now on, except
+        while this delta is merged: then the weights hold it and the state dict is the whole model.
         The flags belong to this delta: detach() puts the backbone's own back, attach() re-applies
         them; on a detached delta they are recorded and take effect at attach(). Backbone tensors
         left trainable become this delta's (saved with it, restored by detach) and stay so.
@@ -699,6 +718,8 @@ class DeltaBase:
 
     def _install_state_dict_filter(self) -> None:
         def trainable_only(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+            if self._merged:  # the weights hold this delta: the state dict is a whole model, never a part of one
+                return
             keep = {prefix + n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
             for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:
                 del state_dict[key]
