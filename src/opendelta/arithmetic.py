@@ -1,7 +1,7 @@
 """Delta arithmetic: several LoRA deltas of one backbone combined, with weights, into a new LoRA delta.
 
 The combinations are PEFT's ``add_weighted_adapter`` set, computed the way PEFT computes them so
-results agree (DARE draws its masks in PEFT's order, so one seed gives the same masks):
+results agree (DARE draws its masks in PEFT's order, so one random stream gives the same masks):
 
 - ``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` combine the A factors
   and the B factors separately (equal ranks needed per module), delta i weighted by
@@ -89,11 +89,11 @@ def _prune_magnitude(t: torch.Tensor, density: float) -> torch.Tensor:
     return t * keep.view(t.shape)
 
 
-def _prune_random(t: torch.Tensor, density: float) -> torch.Tensor:
-    """DARE: each entry kept with probability `density` (drawn from torch's global generator) and rescaled."""
+def _prune_random(t: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+    """DARE: each entry kept with probability `density` (drawn from `generator`, else torch's global one) and rescaled."""
     if density >= 1:
         return t
-    return t * torch.bernoulli(torch.full_like(t, density)) / density
+    return t * torch.bernoulli(torch.full_like(t, density), generator=generator) / density
 
 
 def _weighted(tensors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -108,8 +108,13 @@ def _sign_elect(pruned: torch.Tensor, weights: torch.Tensor, method: str) -> tor
     return (_weighted(pruned, weights) * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1.0)
 
 
-def _rule(combination_type: str, density: float | None, majority_sign_method: str) -> Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]:
+def _rule(
+    combination_type: str, density: float | None, majority_sign_method: str, generator: torch.Generator | None
+) -> Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]:
     """The rule that mixes one factor of several deltas with per-delta weights."""
+
+    def prune_random(t: torch.Tensor, density: float) -> torch.Tensor:
+        return _prune_random(t, density, generator)
 
     def mix(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
         if combination_type == "linear":
@@ -117,8 +122,8 @@ def _rule(combination_type: str, density: float | None, majority_sign_method: st
         if combination_type == "magnitude_prune":
             return _weighted(torch.stack([_prune_magnitude(t, density) for t in tensors]), weights).sum(dim=0)
         if combination_type == "dare_linear":
-            return _weighted(torch.stack([_prune_random(t, density) for t in tensors]), weights).sum(dim=0)
-        prune = _prune_magnitude if combination_type == "ties" else _prune_random
+            return _weighted(torch.stack([prune_random(t, density) for t in tensors]), weights).sum(dim=0)
+        prune = _prune_magnitude if combination_type == "ties" else prune_random
         return _sign_elect(torch.stack([prune(t, density) for t in tensors]), weights, majority_sign_method)
 
     return mix
@@ -136,6 +141,7 @@ def combine(
     majority_sign_method: str = "total",
     svd_rank: int | None = None,
     svd_clamp: float | None = None,
+    generator: torch.Generator | None = None,
     name: str | None = None,
 ) -> DeltaBase:
     """A new LoRA delta (detached) that combines `deltas` with `weights` (see the module docstring).
@@ -143,7 +149,11 @@ def combine(
     Modules only some deltas modify combine those deltas. ``density`` (ties, dare_*,
     magnitude_prune): the fraction of entries kept; ``majority_sign_method`` (ties, dare_ties):
     "total" or "frequency"; ``svd_rank`` (svd; default: the largest rank) and ``svd_clamp`` (a
-    quantile to clamp the factors at). Seed torch (``torch.manual_seed``) for reproducible DARE.
+    quantile to clamp the factors at). DARE draws its masks from `generator` (default: torch's
+    global one) module by module in the backbone's order, A factors then B factors, delta by delta:
+    PEFT's order, so the same random stream gives PEFT's masks. (PEFT's ``add_weighted_adapter`` first
+    draws its new adapter's initial weights from the global stream; pass a seeded `generator` for
+    reproducible masks.)
     """
     _check(deltas, weights, combination_type, density, majority_sign_method, svd_rank)
     backbone = deltas[0].backbone_model
@@ -172,7 +182,7 @@ def combine(
         alphas[path] = reference_alpha if r == reference_r else first[path].layers[path].scaling * (math.sqrt(r) if rslora else r)
     # built before the factors are mixed, as PEFT does: DARE then draws from the same random stream after the same inits
     result = _new_lora(backbone, paths, ranks, alphas, rslora, name)
-    mix = _rule(combination_type, density, majority_sign_method)
+    mix = _rule(combination_type, density, majority_sign_method, generator)
     with torch.no_grad():
         for path in paths:
             present = [(d.layers[path], float(w)) for d, w in zip(deltas, weights) if path in d.layers]
