@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from opendelta import export, reporting, serialization
+from opendelta import export, reporting, scaling, serialization
 from opendelta.addressing import ancestors, backbone_modules, is_delta_module, match_names
 from opendelta.claims import check_value_free, claim_value, release_flag, release_value, set_flag
 from opendelta.config import DeltaConfig, check_delta_name, check_name_list, is_finite_number
@@ -581,6 +581,7 @@ class DeltaBase:
             raise LifecycleError(f"delta {self.name!r} is detached; attach() it before merging")
         if self._merged:
             raise LifecycleError(f"delta {self.name!r} is already merged")
+        scaling.check_unscaled(self, "merge")
         self._check_free("merge")
         folded: dict[str, dict[str, torch.Tensor]] = {}
         with torch.no_grad():
@@ -636,6 +637,16 @@ class DeltaBase:
                 add_delta(module, self.name, self.layers[path], self.order_key)
         self._merged = {}
         return self
+
+    def scale(self, value: float) -> scaling.ScaleHandle:
+        """Run this delta as ``h + value * m(h)`` until the returned handle is removed (``with delta.scale(0.5):``
+        scales one block); 1.0 is the trained delta bit for bit. See :mod:`opendelta.scaling`."""
+        return scaling.set_scale(self, value)
+
+    @property
+    def scale_factor(self) -> float:
+        """The scale this delta runs with (see :meth:`scale`)."""
+        return scaling.scale_of(self)
 
     def merge_and_unload(self) -> nn.Module:
         """Fold this delta into the weights for good and take it out (PEFT's name); returns the backbone,
