@@ -3,6 +3,7 @@
 from opendelta.version import __version__
 
 from opendelta.addressing import find_modules
+from opendelta.arithmetic import combine, negate
 from opendelta.auto import AutoDeltaConfig, AutoDeltaModel
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
@@ -118,6 +119,8 @@ __all__ = [
     "UnknownDeltaTypeError",
     "UnreachedModuleError",
     "UnsupportedModuleError",
+    "combine",
     "find_modules",
     "mixed_batch",
+    "negate",
 ]

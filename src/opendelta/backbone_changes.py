@@ -201,6 +201,8 @@ class BackboneChanges:
 
     def _install_state_dict_filter(self) -> None:
         def trainable_only(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+            if self.owner.is_merged:  # the weights hold the delta: the state dict is a whole model, never a part of one
+                return
             keep = {prefix + n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
             for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:
                 del state_dict[key]

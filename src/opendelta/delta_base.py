@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from opendelta import reporting, serialization
+from opendelta import export, reporting, scaling, serialization
 from opendelta.backbone_changes import BackboneChanges
 from opendelta.config import DeltaConfig, check_delta_name, check_name_list
 from opendelta.distributed import ARRIVAL_TIMEOUT_S
@@ -178,6 +178,7 @@ class DeltaBase(OriginalAPI):
         self.name = free_name(targets, name, self.delta_type or "delta")
         self._order: tuple[float, int, str] = (0, creation_stamp(), "")  # see order_key
         self._attached = False
+        self._unloaded = False  # merge_and_unload() folded it into the weights for good
         self._changes = BackboneChanges(
             self, FirstForwardCheck(backbone, {t.path: list(t.modules) for t in targets}) if unverified else None
         )
@@ -272,6 +273,11 @@ class DeltaBase(OriginalAPI):
             return self.attach_part(module)  # type: ignore[return-value]
         if self._attached:
             raise LifecycleError(f"delta {self.name!r} is already attached; detach() it first")
+        if self._unloaded:
+            raise LifecycleError(
+                f"delta {self.name!r} was merged into the weights by merge_and_unload(), so attaching it would apply it "
+                "twice; load its checkpoint onto a fresh backbone instead."
+            )
         self._check_free("attach")
         self._changes.check_can_apply("attach")
         self._homes.follow()
@@ -360,6 +366,7 @@ class DeltaBase(OriginalAPI):
             raise LifecycleError(f"delta {self.name!r} is detached; attach() it before merging")
         if self._merged:
             raise LifecycleError(f"delta {self.name!r} is already merged")
+        scaling.check_unscaled(self, "merge")
         self._check_free("merge")
         self._merged = merge_layers(self.backbone_model, self._targets, self.layers, self.name)
         self._homes.record(self._merged)  # the layers out of the model follow it on unmerge
@@ -377,6 +384,28 @@ class DeltaBase(OriginalAPI):
         self._merged = {}
         return self
 
+    def scale(self, value: float) -> scaling.ScaleHandle:
+        """Run this delta as ``h + value * m(h)`` until the returned handle is removed (``with delta.scale(0.5):``
+        scales one block); 1.0 is the trained delta bit for bit. See :mod:`opendelta.scaling`."""
+        return scaling.set_scale(self, value)
+
+    @property
+    def scale_factor(self) -> float:
+        """The scale this delta runs with (see :meth:`scale`)."""
+        return scaling.scale_of(self)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold this delta into the weights for good and take it out (PEFT's name); returns the backbone,
+        now a plain model. See :func:`opendelta.export.merge_and_unload`."""
+        export.merge_and_unload(self)
+        self._unloaded = True
+        return self.backbone_model
+
+    def export_merged(self, directory: str | os.PathLike, *, max_shard_size: int | str = "50GB") -> str:
+        """Write the backbone with this delta merged to `directory` (``from_pretrained`` loads it); the model in
+        memory is left as it was. See :func:`opendelta.export.export_merged`."""
+        return export.export_merged(self, directory, max_shard_size=max_shard_size)
+
     # ----------------------------------------------------------------- freezing
 
     def delta_parameters(self) -> list[nn.Parameter]:
@@ -390,7 +419,8 @@ class DeltaBase(OriginalAPI):
         """Freeze every parameter except those `exclude` names (``"deltas"`` = all delta parameters).
 
         Names follow the addressing syntax and match module or parameter paths. With
-        `set_state_dict`, ``backbone.state_dict()`` holds only trainable tensors from now on.
+        `set_state_dict`, ``backbone.state_dict()`` holds only trainable tensors from now on, except
+        while this delta is merged: then the weights hold it and the state dict is the whole model.
         The flags belong to this delta: detach() puts the backbone's own back, attach() re-applies
         them; on a detached delta they are recorded and take effect at attach(). Backbone tensors
         left trainable become this delta's (saved with it, restored by detach) and stay so.

@@ -56,6 +56,24 @@ class DeltaLayer(nn.Module):
                 "mixed_rows = COMBINED (and implement combine_rows) or WHOLE_BATCH"
             )
 
+    #: the factor on this layer's change at run time (DeltaBase.scale): ``h + scale * m(h)``; 1.0 runs the
+    #: layer's own route, bit for bit as trained
+    change_scale: float = 1.0
+
+    @classmethod
+    def scalable(cls) -> bool:
+        """Whether the change can be scaled: a layer that adds ``m(h)`` through a plain route (not a
+        rewritten call, like a prefix or prompt)."""
+        return cls.route in ("before", "after", "parallel") and cls.route_call is DeltaLayer.route_call
+
+    def scaled_change(self, h: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        """``scale * m(h)``; a tensor `scale` holds one factor per batch row."""
+        change = self(h)
+        if isinstance(scale, torch.Tensor):
+            # rows lead h's dimensions (a bias-like change may have fewer; it broadcasts over them)
+            scale = scale.to(change.dtype).view(-1, *([1] * (max(h.dim(), change.dim()) - 1)))
+        return change * scale
+
     def route_input(self, h: torch.Tensor) -> torch.Tensor:
         return h + self(h)
 

@@ -84,7 +84,9 @@ def _site_device(module: nn.Module, delta: DeltaBase, path: str) -> torch.device
 
 
 @contextmanager
-def mixed_batch(deltas: Sequence[DeltaBase], rows: Sequence[int] | torch.Tensor) -> Iterator[None]:
+def mixed_batch(
+    deltas: Sequence[DeltaBase], rows: Sequence[int] | torch.Tensor, scales: Sequence[float] | torch.Tensor | None = None
+) -> Iterator[None]:
     """Inside the block, row i of every forward (and of generate()) goes through ``deltas[rows[i]]``.
 
     ``-1`` is the bare backbone (with whatever deltas outside the mix are attached). The deltas
@@ -98,30 +100,51 @@ def mixed_batch(deltas: Sequence[DeltaBase], rows: Sequence[int] | torch.Tensor)
     block are routed, so other threads' forwards on the backbone are untouched, and several
     threads can each run their own mixed batch on it at once. While any thread is inside a mixed
     batch, attaching, detaching, switching or merging a delta of that backbone raises LifecycleError.
+
+    `scales` (one number per row) scales each row's delta change, ``h + scale * m(h)``, on top of
+    the delta's own :meth:`~opendelta.DeltaBase.scale`; rows at 1.0 run exactly as without it.
     """
     with DATA_FLOW_LOCK:  # another thread's attach/detach cannot interleave with the checks and the plans
         backbone = _check_deltas(deltas)
-        handle = start_mixing(backbone, _plans(deltas, _row_tensor(rows, len(deltas))))
+        table = _row_tensor(rows, len(deltas))
+        handle = start_mixing(backbone, _plans(deltas, table, _scale_tensor(scales, table.numel())))
     try:
         yield
     finally:
         handle.remove()
 
 
-def _plans(deltas: Sequence[DeltaBase], table: torch.Tensor) -> dict[Site, Any]:
-    """Each site's plan for routing row i through ``deltas[table[i]]``."""
+def _scale_tensor(scales: Sequence[float] | torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """`scales` as a CPU float64 tensor of one finite number per row, or None."""
+    if scales is None:
+        return None
+    try:
+        table = torch.as_tensor(scales, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise MixedBatchError(f"scales must be one number per batch row, got {scales!r}") from exc
+    if table.dim() != 1 or table.numel() != batch or not bool(torch.isfinite(table).all()):
+        raise MixedBatchError(f"scales must be {batch} finite numbers, one per batch row (as rows), got {scales!r}")
+    return table
+
+
+def _plans(deltas: Sequence[DeltaBase], table: torch.Tensor, scales: torch.Tensor | None = None) -> dict[Site, Any]:
+    """Each site's plan for routing row i through ``deltas[table[i]]``, its change scaled by ``scales[i]``."""
     batch = table.numel()
     names = frozenset(d.name for d in deltas)
     if len(names) != len(deltas):
         raise MixedBatchError("two deltas of the mix share a name; give each delta its own name=")
     selected: dict[str, torch.Tensor] = {}
+    scaled: dict[str, torch.Tensor] = {}  # delta name -> its rows' scales, where one is not 1.0
     idle: set[str] = set()
     for i, delta in enumerate(deltas):
         index = (table == i).nonzero().flatten()
         if index.numel() == 0:
             idle.add(delta.name)
-        elif index.numel() < batch:
+            continue
+        if index.numel() < batch:
             selected[delta.name] = index
+        if scales is not None and bool((scales[index] != 1.0).any()):
+            scaled[delta.name] = scales[index]
     on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
     sites: dict[int, tuple[nn.Module, Site, torch.device]] = {}
     for delta in deltas:
@@ -137,7 +160,8 @@ def _plans(deltas: Sequence[DeltaBase], table: torch.Tensor) -> dict[Site, Any]:
             if (name, device) not in on_device:
                 on_device[(name, device)] = index.to(device)
             rows_here[name] = on_device[(name, device)]
-        plans[site] = site.plan_mix(module, RowRouting(batch, names, rows_here, frozenset(idle)))
+        scales_here = {name: factors.to(device) for name, factors in scaled.items()}
+        plans[site] = site.plan_mix(module, RowRouting(batch, names, rows_here, frozenset(idle), scales_here))
     return plans
 
 

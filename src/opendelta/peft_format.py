@@ -1,10 +1,18 @@
-"""The PEFT adapter format: write folders ``peft.PeftModel.from_pretrained`` loads, read PEFT's (LoRA today).
+"""The PEFT adapter format: write folders ``peft.PeftModel.from_pretrained`` loads, and read PEFT's.
 
-A PEFT LoRA folder is ``adapter_config.json`` plus ``adapter_model.safetensors`` whose keys are
-``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (and, for
-``modules_to_save``, ``base_model.model.<parameter path>``). opendelta's LoRA stores the same
-factors (A: r x in, B: out x r, scaling alpha/r or alpha/sqrt(r)), so conversion only renames
-keys and translates the config; no pickle is read (``adapter_model.bin`` is refused).
+A PEFT folder is ``adapter_config.json`` plus ``adapter_model.safetensors``; backbone modules the
+adapter trains whole (``modules_to_save``) are stored as ``base_model.model.<parameter path>``.
+Each method PEFT shares with opendelta is one :class:`PeftMethod` row of :data:`PEFT_METHODS`,
+which turns a delta's tensors into PEFT's and back:
+
+- LoRA: ``<path>.lora_A.weight`` / ``.lora_B.weight``, the same factors (A: r x in, B: out x r);
+- IA3: ``<path>.ia3_l``, the scaling vector as (out, 1), or (1, in) for ``feedforward_modules``;
+- soft prompt (PEFT's prompt tuning, encoder-only and decoder-only models): ``prompt_embeddings``,
+  the prompt (tokens x hidden); a sequence classifier's head goes with it, as PEFT's always does.
+
+PEFT's prefix tuning is not converted: see :data:`UNREADABLE`.
+
+No pickle is read (``adapter_model.bin`` is refused).
 """
 
 from __future__ import annotations
@@ -13,10 +21,13 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from opendelta.checkpoint import CheckpointContents, StoredCheckpoint, config_from_meta, delta_key, is_checkpoint_folder
 from opendelta.checkpoint_files import (
@@ -38,9 +49,12 @@ if TYPE_CHECKING:
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-#: PEFT's peft_type -> the opendelta delta_type with the same tensors (found through the registry)
-PEFT_TYPES = {"LORA": "lora"}
+#: the same for prompt methods, whose PEFT model holds the backbone directly
+PROMPT_PREFIX = "base_model."
+#: the key of a prompt-learning adapter's one tensor
+PROMPT_KEY = "prompt_embeddings"
 _FACTOR = re.compile(r"(?P<path>.+)\.lora_(?P<factor>[AB])\.weight")
+_IA3 = re.compile(r"(?P<path>.+)\.ia3_l")
 #: PEFT LoRA options that change the computation in ways opendelta's LoRA does not implement
 _UNSUPPORTED_OPTIONS = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
@@ -52,6 +66,45 @@ _UNSUPPORTED_OPTIONS = {
     "trainable_token_indices": "trainable tokens",
     "use_bdlora": "block-diagonal LoRA",
 }
+#: the head modules PEFT's sequence classification model trains and saves with any adapter
+_SEQ_CLS_HEADS = ("classifier", "score")
+#: transformers head-class name endings -> PEFT task_type (prompt methods need one to insert their prompt)
+_TASK_TYPES = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("Model", "FEATURE_EXTRACTION"),
+)
+
+
+@dataclass
+class PeftTensors:
+    """A PEFT folder's method tensors in opendelta's terms: the delta config values, the module paths,
+    the opendelta checkpoint keys with their shapes, and how the stored tensors (by stored name,
+    PREFIX stripped) become them. Stored names it does not claim are backbone tensors."""
+
+    config: dict[str, Any]
+    modules: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    claimed: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class PeftMethod:
+    """One method PEFT shares with opendelta: its peft_type, and the two directions of conversion."""
+
+    peft_type: str
+    delta_type: str
+    #: (delta, its checkpoint tensors) -> (PEFT tensors by stored name without `prefix`, PEFT config fields)
+    write: Callable[[DeltaBase, dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+    #: (PEFT config, stored shapes by name without `prefix`, config path) -> PeftTensors
+    read: Callable[[dict[str, Any], dict[str, tuple[int, ...]], Path], PeftTensors]
+    #: what PEFT puts in front of a backbone path: a tuner model wraps it twice, a prompt model once
+    prefix: str = PREFIX
+    #: (the config read, the tensors, the weights file) -> raise where they disagree, before any layer is built
+    check_read: Callable[[Any, PeftTensors, Path], None] = lambda config, tensors, where: None
 
 
 def is_peft_folder(directory: str | os.PathLike) -> bool:
@@ -61,13 +114,21 @@ def is_peft_folder(directory: str | os.PathLike) -> bool:
 
 
 def check_peft_expressible(delta: DeltaBase) -> None:
-    """Raise PeftFormatError unless PEFT has `delta`'s method and its extra trained tensors are whole modules."""
-    if delta.delta_type not in PEFT_TYPES.values():
+    """Raise PeftFormatError unless PEFT has `delta`'s method in a form it can load and its extra
+    trained tensors are whole modules."""
+    method = _by_delta_type(delta.delta_type)
+    if method is None:
+        why = UNREADABLE.get(_UNCONVERTED.get(delta.delta_type, ""), "")
         raise PeftFormatError(
-            f"format='peft' writes {', '.join(map(repr, PEFT_TYPES.values()))} deltas only; this is a "
-            f"{delta.delta_type!r} delta. Save it with the default format='opendelta'."
+            f"format='peft' writes {', '.join(repr(m.delta_type) for m in PEFT_METHODS.values())} deltas only; this is a "
+            f"{delta.delta_type!r} delta. {why}Save it with the default format='opendelta'."
         )
+    _CHECKS.get(method.peft_type, lambda d: None)(delta)
     _modules_to_save(delta)
+
+
+def _by_delta_type(delta_type: str) -> PeftMethod | None:
+    return next((m for m in PEFT_METHODS.values() if m.delta_type == delta_type), None)
 
 
 def _modules_to_save(delta: DeltaBase) -> list[str]:
@@ -89,30 +150,27 @@ def _modules_to_save(delta: DeltaBase) -> list[str]:
     return sorted(owners)
 
 
-def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write `delta` (a LoRA; `tensors` from its checkpoint, gathered) as a PEFT adapter folder."""
+def _is_conv1d(delta: DeltaBase) -> bool:
+    return any(type(delta.targets[path].module).__name__ == "Conv1D" for path in delta.layers)
+
+
+# ----------------------------------------------------------------- LoRA
+
+
+def _write_lora(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     config = delta.config
-    tensors_out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
-    conv1d = False
     for path in delta.layers:
-        tensors_out[f"{PREFIX}{path}.lora_A.weight"] = tensors[delta_key(path, "lora_A")]
-        tensors_out[f"{PREFIX}{path}.lora_B.weight"] = tensors[delta_key(path, "lora_B")]
+        out[f"{path}.lora_A.weight"] = tensors[delta_key(path, "lora_A")]
+        out[f"{path}.lora_B.weight"] = tensors[delta_key(path, "lora_B")]
         r, alpha = config.rank_and_alpha(path)
         if r != config.lora_r:
             rank_pattern[re.escape(path)] = r
         if alpha != config.lora_alpha:
             alpha_pattern[re.escape(path)] = alpha
-        conv1d = conv1d or type(delta.targets[path].module).__name__ == "Conv1D"
-    for name in delta.trained_backbone_tensors():
-        tensors_out[PREFIX + name] = tensors[f"backbone.{name}"]
-    modules_to_save = _modules_to_save(delta)
-    backbone_config = getattr(delta.backbone_model, "config", None)
-    peft_config: dict[str, Any] = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": getattr(backbone_config, "_name_or_path", None) or None,
+    fields = {
         "r": config.lora_r,
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,
@@ -120,10 +178,268 @@ def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensor
         "target_modules": sorted(delta.layers),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": conv1d,
-        "modules_to_save": modules_to_save or None,
+        "fan_in_fan_out": _is_conv1d(delta),
         "bias": "none",
         "init_lora_weights": True,
+    }
+    return out, fields
+
+
+def _pattern_map(peft: dict[str, Any], key: str, kinds: tuple[type, ...], expected: str, path: Path) -> dict[str, Any] | None:
+    """PEFT's rank_pattern / alpha_pattern (regex -> value) as opendelta regex patterns."""
+    patterns = _field(peft, key, (dict, type(None)), f"an object of regex -> {expected}", None, path) or {}
+    for value in patterns.values():
+        _field({key: value}, key, kinds, f"an object of regex -> {expected}", None, path)
+    return {"[r]" + k: v for k, v in patterns.items()} or None
+
+
+def _check_names(peft: dict[str, Any], path: Path, *keys: str) -> None:
+    """Fields not used for loading (the tensors say where) but typed: a string, a list of strings or null."""
+    for key in keys:
+        value = peft.get(key)
+        if not (value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise PeftFormatError(f"{path}: {key!r} must be a string, a list of strings or null, got {value!r}.")
+
+
+def _read_lora(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: Path) -> PeftTensors:
+    """opendelta's LoRA for a PEFT LoRA: the types of PEFT's fields are checked here (the one place
+    that translates them), their values by the config class itself."""
+    for option, meaning in _UNSUPPORTED_OPTIONS.items():
+        if peft.get(option):
+            raise PeftFormatError(
+                f"{str(path.parent)!r} is a PEFT LoRA with {option}={peft[option]!r} ({meaning}), which opendelta's LoRA "
+                "does not implement; load it with peft.PeftModel.from_pretrained."
+            )
+    keys: dict[str, str] = {}
+    paths: list[str] = []
+    for name in stored:
+        factor = _FACTOR.fullmatch(name)
+        if factor is not None:
+            if factor["path"] not in paths:
+                paths.append(factor["path"])
+            keys[name] = delta_key(factor["path"], f"lora_{factor['factor']}")
+        elif "lora_" in name:
+            raise PeftFormatError(
+                f"{path.parent / PEFT_WEIGHTS_NAME} holds {name!r}, a LoRA tensor opendelta does not implement (LoRA on "
+                "embeddings or convolutions, DoRA magnitudes); load it with peft.PeftModel.from_pretrained."
+            )
+    if not paths:
+        raise PeftFormatError(
+            f"{path.parent / PEFT_WEIGHTS_NAME} holds no LoRA tensors (no '<module>.lora_A.weight'); it is not a LoRA adapter."
+        )
+    _check_names(peft, path, "target_modules", "modules_to_save")
+    _field(peft, "fan_in_fan_out", (bool,), "true or false", False, path)
+    values = {
+        "modified_modules": paths,
+        "lora_r": _field(peft, "r", (int,), "a positive integer", 8, path),
+        "lora_alpha": _field(peft, "lora_alpha", (int, float), "a number", 8, path),
+        "lora_dropout": _field(peft, "lora_dropout", (int, float), "a number in [0, 1)", 0.0, path),
+        "use_rslora": _field(peft, "use_rslora", (bool,), "true or false", False, path),
+        "rank_pattern": _pattern_map(peft, "rank_pattern", (int,), "integer ranks", path),
+        "alpha_pattern": _pattern_map(peft, "alpha_pattern", (int, float), "numbers", path),
+    }
+    return PeftTensors(values, paths, {keys[n]: stored[n] for n in keys}, lambda t: {keys[n]: t[n] for n in keys}, set(keys))
+
+
+def _check_lora_ranks(config: DeltaConfig, tensors: PeftTensors, where: Path) -> None:
+    """Before any layer is built: a wrong r must not allocate an r-sized layer first."""
+    for path in tensors.modules:
+        factor = tensors.shapes.get(delta_key(path, "lora_A"))
+        if factor is not None and len(factor) == 2 and factor[0] != config.rank_and_alpha(path)[0]:
+            raise CorruptCheckpointError(
+                f"{where}: {path}.lora_A has rank {factor[0]}, but {PEFT_CONFIG_NAME} gives it "
+                f"r={config.rank_and_alpha(path)[0]} (r and rank_pattern); the folder is damaged or was edited."
+            )
+
+
+# ----------------------------------------------------------------- IA3
+
+
+def _write_ia3(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    out: dict[str, torch.Tensor] = {}
+    feedforward: list[str] = []
+    for path, layer in delta.layers.items():
+        scale = tensors[delta_key(path, "scale")]
+        if layer.route == "before":  # an input scale: PEFT's feedforward layer, its vector a row
+            feedforward.append(path)
+            out[f"{path}.ia3_l"] = scale.reshape(1, -1)
+        else:
+            out[f"{path}.ia3_l"] = scale.reshape(-1, 1)
+    fields = {
+        "target_modules": sorted(delta.layers),
+        "feedforward_modules": sorted(feedforward),
+        "fan_in_fan_out": _is_conv1d(delta),
+        "init_ia3_weights": True,
+    }
+    return out, fields
+
+
+def _read_ia3(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: Path) -> PeftTensors:
+    _check_names(peft, path, "target_modules", "feedforward_modules", "modules_to_save")
+    _field(peft, "fan_in_fan_out", (bool,), "true or false", False, path)
+    listed = peft.get("feedforward_modules") or []
+    keys: dict[str, str] = {}
+    paths: list[str] = []
+    feedforward: list[str] = []
+    for name, shape in stored.items():
+        found = _IA3.fullmatch(name)
+        if found is None:
+            continue
+        module = found["path"]
+        if len(shape) != 2 or 1 not in shape:
+            raise CorruptCheckpointError(f"{path.parent / PEFT_WEIGHTS_NAME}: {name} has shape {list(shape)}; IA3 stores (n, 1) or (1, n).")
+        # PEFT's (1, in) vector scales the input: shape tells, unless it is (1, 1)
+        if shape[0] == 1 and (shape[1] != 1 or _named_in(module, listed)):
+            feedforward.append(module)
+        paths.append(module)
+        keys[name] = delta_key(module, "scale")
+    if not paths:
+        raise PeftFormatError(f"{path.parent / PEFT_WEIGHTS_NAME} holds no IA3 tensors (no '<module>.ia3_l'); it is not an IA3 adapter.")
+    values = {"modified_modules": paths, "feedforward_modules": feedforward or None}
+    shapes = {keys[n]: (max(stored[n]),) for n in keys}
+    return PeftTensors(values, paths, shapes, lambda t: {keys[n]: t[n].reshape(-1) for n in keys}, set(keys))
+
+
+def _named_in(path: str, names: str | list[str]) -> bool:
+    """PEFT's target matching: a string is a regex over the whole path, a list names path tails."""
+    if isinstance(names, str):
+        return re.fullmatch(names, path) is not None
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+# ----------------------------------------------------------------- prompt tuning and prefix tuning
+
+
+def _task_type(backbone: nn.Module) -> str:
+    name = type(backbone).__name__
+    found = next((task for ending, task in _TASK_TYPES if name.endswith(ending)), None)
+    if found is None:
+        raise PeftFormatError(
+            f"PEFT inserts prompts only through its task classes (causal LM, sequence or token classification, question "
+            f"answering, feature extraction), and a {name} is none of them; save with format='opendelta'."
+        )
+    return found
+
+
+def _is_encoder_decoder(backbone: nn.Module) -> bool:
+    return bool(getattr(getattr(backbone, "config", None), "is_encoder_decoder", False))
+
+
+def _text_config(backbone: nn.Module) -> dict[str, Any]:
+    config = getattr(backbone, "config", None)
+    if config is None:
+        raise PeftFormatError(
+            f"PEFT's prompt methods need a transformers model (its config gives layers and heads); a "
+            f"{type(backbone).__name__} has none. Save with format='opendelta'."
+        )
+    return (config.get_text_config() if hasattr(config, "get_text_config") else config).to_dict()
+
+
+def _check_soft_prompt(delta: DeltaBase) -> None:
+    if _is_encoder_decoder(delta.backbone_model):
+        raise PeftFormatError(
+            "PEFT's prompt tuning on an encoder-decoder also prompts the decoder, which opendelta's soft prompt does not; "
+            "save this delta with format='opendelta'."
+        )
+    _task_type(delta.backbone_model)
+    _text_config(delta.backbone_model)
+
+
+def _prompt_fields(backbone: nn.Module, tokens: int, token_dim: int, heads: int) -> dict[str, Any]:
+    config = _text_config(backbone)
+    return {
+        "task_type": _task_type(backbone),
+        "num_virtual_tokens": tokens,
+        "token_dim": token_dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": heads,
+        "num_layers": config.get("num_hidden_layers"),
+    }
+
+
+def _write_soft_prompt(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    (path,) = delta.layers
+    prompt = tensors[delta_key(path, "soft_embeds")]
+    heads = _text_config(delta.backbone_model).get("num_attention_heads")
+    fields = {
+        **_prompt_fields(delta.backbone_model, prompt.shape[0], prompt.shape[1], heads),
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+    }
+    return {PROMPT_KEY: prompt}, fields
+
+
+def _prompt_shape(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: Path) -> tuple[int, int]:
+    if PROMPT_KEY not in stored or len(stored[PROMPT_KEY]) != 2:
+        raise PeftFormatError(f"{path.parent / PEFT_WEIGHTS_NAME} holds no 2-D {PROMPT_KEY!r} tensor; it is not a prompt adapter.")
+    tokens = _field(peft, "num_virtual_tokens", (int,), "a positive integer", None, path)
+    submodules = _field(peft, "num_transformer_submodules", (int, type(None)), "1", 1, path)
+    if submodules not in (None, 1):
+        raise PeftFormatError(
+            f"{path}: num_transformer_submodules={submodules} (an encoder-decoder prompt); opendelta reads the prompts of "
+            "encoder-only and decoder-only models. Load it with peft.PeftModel.from_pretrained."
+        )
+    if stored[PROMPT_KEY][0] != tokens:
+        raise CorruptCheckpointError(
+            f"{path.parent / PEFT_WEIGHTS_NAME}: {PROMPT_KEY} has {stored[PROMPT_KEY][0]} rows, but num_virtual_tokens is "
+            f"{tokens}; the folder is damaged or was edited."
+        )
+    return tokens, stored[PROMPT_KEY][1]
+
+
+def _read_soft_prompt(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: Path) -> PeftTensors:
+    tokens, width = _prompt_shape(peft, stored, path)
+    key = delta_key("", "soft_embeds")
+    values = {"soft_token_num": tokens}
+    return PeftTensors(values, [""], {key: (tokens, width)}, lambda t: {key: t[PROMPT_KEY]}, {PROMPT_KEY})
+
+
+#: PEFT's peft_type -> how opendelta's method with the same tensors converts
+PEFT_METHODS: dict[str, PeftMethod] = {
+    "LORA": PeftMethod("LORA", "lora", _write_lora, _read_lora, check_read=_check_lora_ranks),
+    "IA3": PeftMethod("IA3", "ia3", _write_ia3, _read_ia3),
+    "PROMPT_TUNING": PeftMethod("PROMPT_TUNING", "soft_prompt", _write_soft_prompt, _read_soft_prompt, PROMPT_PREFIX),
+}
+#: PEFT methods opendelta has but cannot convert exactly, and why
+UNREADABLE = {
+    "PREFIX_TUNING": "PEFT's prefix tuning passes the prefix as a KV cache, so the real tokens take positions "
+    "num_virtual_tokens.. (RoPE and position embeddings see them shifted), while opendelta's prefix keeps them at 0.., "
+    "so the same keys and values give other outputs. ",
+}
+#: opendelta delta_type -> the PEFT method of that name it cannot be converted to
+_UNCONVERTED = {"prefix": "PREFIX_TUNING"}
+#: peft_type -> the check a delta must pass before any rank gathers tensors
+_CHECKS: dict[str, Callable[[DeltaBase], Any]] = {"PROMPT_TUNING": _check_soft_prompt}
+#: PEFT's peft_type -> the opendelta delta_type with the same tensors (found through the registry)
+PEFT_TYPES = {m.peft_type: m.delta_type for m in PEFT_METHODS.values()}
+
+
+# ----------------------------------------------------------------- the folder
+
+
+def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write `delta` (`tensors` from its checkpoint, gathered) as a PEFT adapter folder."""
+    method = _by_delta_type(delta.delta_type)
+    assert method is not None  # check_peft_expressible ran first
+    own, fields = method.write(delta, tensors)
+    tensors_out = {name if name == PROMPT_KEY else method.prefix + name: t for name, t in own.items()}
+    for name in delta.trained_backbone_tensors():
+        tensors_out[method.prefix + name] = tensors[f"backbone.{name}"]
+    modules_to_save = _modules_to_save(delta)
+    if fields.get("task_type") == "SEQ_CLS":  # PEFT's classifier model always trains (so saves and loads) the head
+        heads = [p for p, m in delta.backbone_model.named_modules() if p.rpartition(".")[2] in _SEQ_CLS_HEADS]
+        for path in heads:
+            for name, param in delta.backbone_model.get_submodule(path).named_parameters():
+                tensors_out.setdefault(f"{method.prefix}{path}.{name}", param.detach())
+        modules_to_save = sorted({*modules_to_save, *heads})
+    backbone_config = getattr(delta.backbone_model, "config", None)
+    peft_config: dict[str, Any] = {
+        "peft_type": method.peft_type,
+        "task_type": None,
+        "base_model_name_or_path": getattr(backbone_config, "_name_or_path", None) or None,
+        **fields,
+        "modules_to_save": modules_to_save or None,
         "inference_mode": True,
         "auto_mapping": {"base_model_class": type(delta.backbone_model).__name__, "producer": "opendelta"},
     }
@@ -153,59 +469,26 @@ def _field(peft: dict[str, Any], key: str, kinds: tuple[type, ...], expected: st
     return value
 
 
-def _pattern_map(peft: dict[str, Any], key: str, kinds: tuple[type, ...], expected: str, path: Path) -> dict[str, Any] | None:
-    """PEFT's rank_pattern / alpha_pattern (regex -> value) as opendelta regex patterns."""
-    patterns = _field(peft, key, (dict, type(None)), f"an object of regex -> {expected}", None, path) or {}
-    for value in patterns.values():
-        _field({key: value}, key, kinds, f"an object of regex -> {expected}", None, path)
-    return {"[r]" + k: v for k, v in patterns.items()} or None
-
-
-def _lora_config(peft: dict[str, Any], paths: list[str], path: Path, config_cls: type[DeltaConfig]) -> DeltaConfig:
-    """opendelta's LoRA config (`config_cls`) for PEFT's config: the types of PEFT's fields are
-    checked here (the one place that translates them), their values by the config class itself."""
-    r = _field(peft, "r", (int,), "a positive integer", 8, path)
-    values = {
-        "modified_modules": paths,
-        "lora_r": r,
-        "lora_alpha": _field(peft, "lora_alpha", (int, float), "a number", 8, path),
-        "lora_dropout": _field(peft, "lora_dropout", (int, float), "a number in [0, 1)", 0.0, path),
-        "use_rslora": _field(peft, "use_rslora", (bool,), "true or false", False, path),
-        "rank_pattern": _pattern_map(peft, "rank_pattern", (int,), "integer ranks", path),
-        "alpha_pattern": _pattern_map(peft, "alpha_pattern", (int, float), "numbers", path),
-    }
-    for key in ("target_modules", "modules_to_save"):  # not used for loading (the tensors say where), but typed
-        value = peft.get(key)
-        if not (value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
-            raise PeftFormatError(f"{path}: {key!r} must be a string, a list of strings or null, got {value!r}.")
-    _field(peft, "fan_in_fan_out", (bool,), "true or false", False, path)
-    return config_from_meta({"delta_type": config_cls.delta_type, "config": values}, config_cls)
-
-
 def read_peft_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -> CheckpointContents:
-    """Translate a PEFT LoRA folder into opendelta's terms, reading only its config and its
+    """Translate a PEFT adapter folder into opendelta's terms, reading only its config and its
     tensors' header; the tensor data is read by the returned checkpoint's ``stored.load``.
 
-    Other PEFT methods and LoRA variants opendelta does not implement raise PeftFormatError naming
-    them. The checksum opendelta records when it writes a PEFT folder is verified unless verify=False.
+    Other PEFT methods and variants opendelta does not implement raise PeftFormatError naming
+    them (prefix tuning: see :data:`UNREADABLE`). The checksum
+    opendelta records when it writes a PEFT folder is verified unless verify=False.
     """
     directory = checkpoint_path(directory, "from_finetuned")
     config_path = directory / PEFT_CONFIG_NAME
     peft = read_json(config_path, PeftFormatError)
     if not isinstance(peft, dict):
         raise PeftFormatError(f"{config_path} must hold a JSON object (PEFT's adapter config), got {type(peft).__name__}.")
-    method = peft.get("peft_type")
-    if not isinstance(method, str) or method not in PEFT_TYPES:
+    name = peft.get("peft_type")
+    method = PEFT_METHODS.get(name) if isinstance(name, str) else None
+    if method is None:
         raise PeftFormatError(
-            f"{str(directory)!r} holds a PEFT {method!r} adapter; opendelta reads PEFT LoRA adapters only. "
+            f"{str(directory)!r} holds a PEFT {name!r} adapter; {UNREADABLE.get(name, '')} opendelta reads PEFT {', '.join(PEFT_METHODS)} adapters. "
             "Load it with peft.PeftModel.from_pretrained, or train the method with opendelta's own class."
         )
-    for option, meaning in _UNSUPPORTED_OPTIONS.items():
-        if peft.get(option):
-            raise PeftFormatError(
-                f"{str(directory)!r} is a PEFT LoRA with {option}={peft[option]!r} ({meaning}), which opendelta's LoRA "
-                "does not implement; load it with peft.PeftModel.from_pretrained."
-            )
     mapping = _field(peft, "auto_mapping", (dict, type(None)), "an object or null", None, config_path) or {}
     trained_on = mapping.get("base_model_class") or "PEFT base model"
     # PEFT records no checksum; a folder opendelta wrote carries one (see write_peft_checkpoint)
@@ -219,48 +502,28 @@ def read_peft_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -
             "unpickling runs code); re-save the adapter with safe_serialization=True."
         )
     stored, size = read_safetensors_header(weights)
-
-    keys: dict[str, str] = {}  # stored name -> opendelta checkpoint key
-    paths: list[str] = []
-    backbone_names: dict[str, Any] = {}
-    for stored_name, shape in stored.items():
-        name = stored_name[len(PREFIX) :] if stored_name.startswith(PREFIX) else stored_name
-        factor = _FACTOR.fullmatch(name)
-        if factor is not None:
-            if factor["path"] not in paths:
-                paths.append(factor["path"])
-            key = delta_key(factor["path"], f"lora_{factor['factor']}")
-        elif "lora_" in name:
-            raise PeftFormatError(
-                f"{weights} holds {stored_name!r}, a LoRA tensor opendelta does not implement (LoRA on embeddings or "
-                "convolutions, DoRA magnitudes); load it with peft.PeftModel.from_pretrained."
-            )
-        else:
-            key = f"backbone.{name}"
-            backbone_names[name] = list(shape)
-        if key in keys.values():
-            raise CorruptCheckpointError(f"{weights} holds the tensor {name!r} twice (with and without {PREFIX!r}).")
-        keys[stored_name] = key
-    if not paths:
-        raise PeftFormatError(f"{weights} holds no LoRA tensors (no '<module>.lora_A.weight'); it is not a LoRA adapter.")
-    config_cls, delta_cls = lookup(PEFT_TYPES[method])
-    config = _lora_config(peft, paths, config_path, config_cls)
-    shapes = {keys[k]: shape for k, shape in stored.items()}
-    for path in paths:  # before any layer is built: a wrong r must not allocate an r-sized layer first
-        factor = shapes.get(delta_key(path, "lora_A"))
-        if factor is not None and len(factor) == 2 and factor[0] != config.rank_and_alpha(path)[0]:
-            raise CorruptCheckpointError(
-                f"{weights}: {path}.lora_A has rank {factor[0]}, but {PEFT_CONFIG_NAME} gives it "
-                f"r={config.rank_and_alpha(path)[0]} (r and rank_pattern); the folder is damaged or was edited."
-            )
+    names: dict[str, str] = {}  # stored name -> the name without the method's prefix
+    for stored_name in stored:
+        short = stored_name[len(method.prefix) :] if stored_name.startswith(method.prefix) else stored_name
+        if short in names.values():
+            raise CorruptCheckpointError(f"{weights} holds the tensor {short!r} twice (with and without {method.prefix!r}).")
+        names[stored_name] = short
+    shapes_by_name = {names[k]: tuple(v) for k, v in stored.items()}
+    own = method.read(peft, shapes_by_name, config_path)
+    backbone_names = {n: list(shape) for n, shape in shapes_by_name.items() if n not in own.claimed}
+    config_cls, delta_cls = lookup(method.delta_type)
+    config = config_from_meta({"delta_type": method.delta_type, "config": own.config}, config_cls)
+    method.check_read(config, own, weights)
+    shapes = {**own.shapes, **{f"backbone.{n}": tuple(shape) for n, shape in backbone_names.items()}}
 
     def load(device: torch.device | str) -> dict[str, torch.Tensor]:
-        return {keys[k]: v for k, v in read_safetensors(weights, size, sha256, device).items()}
+        by_name = {names[k]: v for k, v in read_safetensors(weights, size, sha256, device).items()}
+        return {**own.convert(by_name), **{f"backbone.{n}": by_name[n] for n in backbone_names}}
 
     return CheckpointContents(
         delta_class=delta_cls,
         config=config,
-        modules=paths,
+        modules=own.modules,
         stored=StoredCheckpoint(meta=peft, shapes=shapes, load=load),
         backbone_tensors=backbone_names,
         trained_on=trained_on,

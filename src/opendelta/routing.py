@@ -30,6 +30,7 @@ import contextvars
 import functools
 import threading
 import types
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -80,6 +81,9 @@ class RowRouting:
     names: frozenset[str]
     rows: dict[str, torch.Tensor]
     idle: frozenset[str] = frozenset()
+    #: delta name -> the scale of each of its rows (in row order; every row where `rows` has none), for
+    #: the deltas of a mix given per-row scales
+    scales: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 class MixPlan:
@@ -91,6 +95,15 @@ class MixPlan:
         self.parallel: list[tuple[str, torch.Tensor | None]] = []
         self.after: list[tuple[str, torch.Tensor | None]] = []
         self.checks_output = False
+        self.scales: dict[str, torch.Tensor] = {}  # delta name -> its rows' scales (see RowRouting.scales)
+
+    def scale_of(self, name: str, layer: DeltaLayer) -> float | torch.Tensor | None:
+        """The scale delta `name` runs with here: its rows' scales times its own, or its own if not
+        1.0, or None (its own route, unscaled)."""
+        rows = self.scales.get(name)
+        if rows is not None:
+            return rows * layer.change_scale if layer.change_scale != 1.0 else rows
+        return None if layer.change_scale == 1.0 else layer.change_scale
 
     def check(self, h: torch.Tensor) -> None:
         if h.shape[0] != self.batch_size:
@@ -211,27 +224,38 @@ class Site:
             args, kwargs = self._mixed_pre(mix, mods, args, kwargs, input_name)
         else:
             for name in self.before:
-                args, kwargs = mods[name].route_call(args, kwargs, input_name)
+                layer = mods[name]
+                if layer.change_scale == 1.0:
+                    args, kwargs = layer.route_call(args, kwargs, input_name)
+                else:
+                    args, kwargs = self._with_input(args, kwargs, lambda h: h + layer.scaled_change(h, layer.change_scale))
         if self.span_starts:
             h = self._input(args, kwargs)
             for span in self.span_starts.values():
                 span.put(h)
         return args, kwargs
 
+    def _with_input(self, args: tuple, kwargs: dict, change: Any) -> tuple[tuple, dict]:
+        """The call with its input tensor `h` replaced by ``change(h)``."""
+        h = change(self._input(args, kwargs))
+        if args:
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, self._keyword_input_name(): h}
+
     def _mixed_pre(self, mix: MixPlan, mods: dict, args: tuple, kwargs: dict, input_name: str | None) -> tuple[tuple, dict]:
         for step, rows in mix.before:
             if not isinstance(step, str):  # layers combined for this batch
                 args, kwargs = step.route_call(args, kwargs, input_name)
-            elif rows is None:
-                args, kwargs = mods[step].route_call(args, kwargs, input_name)
+                continue
+            layer, scale = mods[step], mix.scale_of(step, mods[step])
+            if rows is None and scale is None:
+                args, kwargs = layer.route_call(args, kwargs, input_name)
+                continue
+            mix.check(self._input(args, kwargs))  # a row-wise delta of the mix; a combined one checks for itself
+            if scale is None:
+                args, kwargs = self._with_input(args, kwargs, lambda h: layer.route_input_rows(h, rows))
             else:
-                h = self._input(args, kwargs)
-                mix.check(h)  # a row-wise delta of the mix; a combined one checks for itself
-                h = mods[step].route_input_rows(h, rows)
-                if args:
-                    args = (h, *args[1:])
-                else:
-                    kwargs = {**kwargs, self._keyword_input_name(): h}
+                args, kwargs = self._with_input(args, kwargs, lambda h: _add_scaled(layer, h, h, rows, scale))
         return args, kwargs
 
     def _mixed_post(self, mix: MixPlan, mods: dict, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -239,13 +263,19 @@ class Site:
         if mix.checks_output:
             mix.check(h)
         for name, rows in mix.parallel:
-            layer, h_in = mods[name], self._parallel_input(name, args, kwargs)
-            h = layer.route_parallel(h_in, h) if rows is None else layer.route_parallel_rows(h_in, h, rows)
+            layer, h_in, scale = mods[name], self._parallel_input(name, args, kwargs), mix.scale_of(name, mods[name])
+            if scale is not None:
+                h = _add_scaled(layer, h_in, h, rows, scale)
+            else:
+                h = layer.route_parallel(h_in, h) if rows is None else layer.route_parallel_rows(h_in, h, rows)
         for name in self.span_inputs.keys() - {name for name, _ in mix.parallel}:
             self.span_inputs[name].discard()  # an idle span: drop its start's input
         for name, rows in mix.after:
-            layer = mods[name]
-            h = layer.route_output(h) if rows is None else layer.route_output_rows(h, rows)
+            layer, scale = mods[name], mix.scale_of(name, mods[name])
+            if scale is not None:
+                h = _add_scaled(layer, h, h, rows, scale)
+            else:
+                h = layer.route_output(h) if rows is None else layer.route_output_rows(h, rows)
         return with_first_tensor(output, h)
 
     def plan_mix(self, module: nn.Module, routing: RowRouting) -> MixPlan:
@@ -281,6 +311,14 @@ class Site:
                         raise whole_batch_only(type(mods[name]))
                     planned.append((name, rows))
         mix.checks_output = any(name in routing.names for name in (*self.parallel, *self.after))
+        for name, scales in routing.scales.items():
+            if name in mods and name not in routing.idle:
+                if not mods[name].scalable():
+                    raise MixedBatchError(
+                        f"delta {name!r} rewrites the call of {type(module).__name__} (a prefix or prompt), so it has no "
+                        "change to scale; give its rows scale 1.0."
+                    )
+                mix.scales[name] = scales
         return mix
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -292,12 +330,18 @@ class Site:
         if self.parallel:
             h_out = first_tensor(output)
             for name in self.parallel:
-                h_out = mods[name].route_parallel(self._parallel_input(name, args, kwargs), h_out)
+                layer = mods[name]
+                h_in = self._parallel_input(name, args, kwargs)
+                if layer.change_scale == 1.0:
+                    h_out = layer.route_parallel(h_in, h_out)
+                else:
+                    h_out = h_out + layer.scaled_change(h_in, layer.change_scale)
             output = with_first_tensor(output, h_out)
         if self.after:
             h = first_tensor(output)
             for name in self.after:
-                h = mods[name].route_output(h)
+                layer = mods[name]
+                h = layer.route_output(h) if layer.change_scale == 1.0 else h + layer.scaled_change(h, layer.change_scale)
             output = with_first_tensor(output, h)
         return output
 
@@ -557,3 +601,12 @@ def remove_delta(module: nn.Module | Span, name: str) -> DeltaLayer:
         if site.empty:
             del module.__dict__[_SITE_ATTR]
     return layer  # type: ignore[return-value]
+
+
+def _add_scaled(
+    layer: DeltaLayer, h_in: torch.Tensor, h: torch.Tensor, rows: torch.Tensor | None, scale: float | torch.Tensor
+) -> torch.Tensor:
+    """`h` plus ``scale * m(h_in)`` on `rows` (None: every row); a tensor `scale` has one factor per row of `rows`."""
+    if rows is None:
+        return h + layer.scaled_change(h_in, scale)
+    return h.index_add(0, rows, layer.scaled_change(h_in.index_select(0, rows), scale))

@@ -35,7 +35,9 @@ def extend_mask(mask: Any, n: int, hidden: torch.Tensor, past: int, causal: bool
     keys = torch.arange(past + queries, device=hidden.device)
     queries_at = torch.arange(past, past + queries, device=hidden.device)
     dtype = hidden.dtype if hidden.is_floating_point() else torch.float32
-    real = torch.where(keys[None, :] <= queries_at[:, None], 0.0, torch.finfo(dtype).min).to(dtype)
+    # filled in `dtype` itself: a float64 minimum does not fit the float32 a Python scalar would make
+    real = torch.zeros(queries, past + queries, dtype=dtype, device=hidden.device)
+    real.masked_fill_(keys[None, :] > queries_at[:, None], torch.finfo(dtype).min)
     return prepend(real, n, 0)[None, None]
 
 

@@ -1,0 +1,191 @@
+"""``python -m benchmarks.shipping [--smoke]``: shipping a tuned delta, opendelta vs PEFT, on SmolLM2-135M.
+
+- export: ``export_merged(dir)`` vs PEFT's ``merge_and_unload()`` + ``save_pretrained(dir)`` (time, folder size);
+- ties: combining 8 LoRA deltas with ``combine(..., "ties")`` vs PEFT's ``add_weighted_adapter``;
+- scaling: a forward at ``delta.scale(0.5)`` vs at 1.0 (the default route);
+- hot-swap: ``LoraSlot.load`` in a ``torch.compile``d model (backend aot_eager: inductor compiles take
+  minutes on a 2-core CPU) vs ``switch()`` in eager mode, and the recompiles over 20 swaps.
+
+Figures are medians of a few rounds on a shared machine: indicative, compare the ratios. ``--smoke``
+uses a tiny LLaMA instead of SmolLM2 (no download, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import peft  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from opendelta import LoraModel, combine  # noqa: E402
+
+
+def _base(smoke: bool) -> torch.nn.Module:
+    if smoke:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2)
+        return LlamaForCausalLM(config).eval()
+    from opendelta.demo.assets import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config.to_dict()
+    config.pop("quantization_config")  # a GGUF-loaded model refuses save_pretrained: rebuild it as a plain one
+    model = type(loaded)(type(loaded.config).from_dict(config))
+    model.load_state_dict(loaded.state_dict())
+    return model.eval()
+
+
+def _median_s(run: Callable[[], Any], rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def _randomize(params: Any, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def bench_export(base: torch.nn.Module, rounds: int) -> dict[str, float]:
+    targets = ["q_proj", "v_proj"]
+    ours_model = copy.deepcopy(base)
+    delta = LoraModel(ours_model, modified_modules=targets, lora_r=8, lora_alpha=16)
+    _randomize(delta.delta_parameters(), 0)
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out["opendelta_export_s"] = _median_s(lambda: delta.export_merged(Path(tmp) / "ours"), rounds)
+        out["opendelta_export_mb"] = _folder_mb(Path(tmp) / "ours")
+
+        def peft_export() -> None:
+            tuned = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+            _randomize([p for n, p in tuned.named_parameters() if "lora_" in n], 0)
+            start = time.perf_counter()
+            tuned.merge_and_unload().save_pretrained(Path(tmp) / "peft")
+            peft_times.append(time.perf_counter() - start)
+
+        peft_times: list[float] = []
+        for _ in range(rounds):
+            peft_export()
+        out["peft_merge_and_save_s"] = statistics.median(peft_times)
+        out["peft_export_mb"] = _folder_mb(Path(tmp) / "peft")
+    return out
+
+
+def bench_ties(base: torch.nn.Module, rounds: int, n: int = 8) -> dict[str, float]:
+    targets = ["q_proj", "v_proj"]
+    tuned = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets), adapter_name="t0")
+    for i in range(1, n):
+        tuned.add_adapter(f"t{i}", peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    _randomize([p for name, p in tuned.named_parameters() if "lora_" in name], 1)
+    ours_model = copy.deepcopy(base)
+    deltas = [LoraModel(ours_model, modified_modules=targets, lora_r=8, lora_alpha=16, name=f"t{i}") for i in range(n)]
+    for i, d in enumerate(deltas):
+        _randomize(d.delta_parameters(), 10 + i)
+    weights = [1.0 / n] * n
+    counter = iter(range(10**6))
+    peft_s = _median_s(
+        lambda: tuned.add_weighted_adapter([f"t{i}" for i in range(n)], weights, f"m{next(counter)}", combination_type="ties", density=0.5),
+        rounds,
+    )
+    ours_s = _median_s(lambda: combine(deltas, weights, "ties", density=0.5), rounds)
+    return {"opendelta_ties_8_s": ours_s, "peft_ties_8_s": peft_s}
+
+
+def bench_scaling(base: torch.nn.Module, rounds: int, smoke: bool) -> dict[str, float]:
+    model = copy.deepcopy(base)
+    delta = LoraModel(model, modified_modules=["q_proj", "v_proj"], lora_r=8)
+    _randomize(delta.delta_parameters(), 2)
+    ids = torch.randint(1, 90, (4, 16 if smoke else 128), generator=torch.Generator().manual_seed(0))
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(ids)
+
+    forward()
+    unscaled = _median_s(forward, rounds)
+    with delta.scale(0.5):
+        scaled = _median_s(forward, rounds)
+    return {"forward_scale_1_s": unscaled, "forward_scale_0.5_s": scaled}
+
+
+def bench_hotswap(base: torch.nn.Module, rounds: int, smoke: bool) -> dict[str, float]:
+    from opendelta.hotswap import LoraSlot
+
+    targets = ["q_proj", "v_proj"]
+    model = copy.deepcopy(base)
+    slot = LoraSlot(model, targets, max_rank=16, name="slot")
+    donor = copy.deepcopy(base)
+    tasks = [LoraModel(donor, modified_modules=targets, lora_r=8 * (1 + i % 2), name=f"h{i}") for i in range(4)]
+    for i, t in enumerate(tasks):
+        _randomize(t.delta_parameters(), 20 + i)
+        t.detach()
+    compiles = [0]
+
+    def backend(gm: Any, example_inputs: Any) -> Any:
+        compiles[0] += 1
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    ids = torch.randint(1, 90, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        compiled(ids)
+    first = compiles[0]
+    counter = iter(range(10**6))
+    swap_s = _median_s(lambda: slot.load(tasks[next(counter) % 4]), max(rounds, 20))
+    for i in range(20):
+        slot.load(tasks[i % 4])
+        with torch.no_grad():
+            compiled(ids)
+    eager_model = copy.deepcopy(base)
+    eager = [LoraModel(eager_model, modified_modules=targets, lora_r=8, name=f"e{i}") for i in range(2)]
+    eager[1].detach()
+    state = {"on": 0}
+
+    def switch() -> None:
+        eager[state["on"]].switch(eager[1 - state["on"]])
+        state["on"] = 1 - state["on"]
+
+    switch_s = _median_s(switch, max(rounds, 20))
+    return {"hotswap_load_compiled_s": swap_s, "eager_switch_s": switch_s, "recompiles_over_20_swaps": compiles[0] - first}
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.shipping", description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a tiny LLaMA instead of SmolLM2, one round")
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (1 if args.smoke else 3)
+    torch.set_num_threads(1 if args.smoke else 2)
+    base = _base(args.smoke)
+    results = {**bench_export(base, rounds), **bench_ties(base, rounds), **bench_scaling(base, rounds, args.smoke),
+               **bench_hotswap(base, rounds, args.smoke)}
+    for key, value in results.items():
+        print(f"{key:28s} {value:10.4f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Delta arithmetic: several LoRA deltas of one backbone combined, with weights, into a new LoRA delta.
+
+The combinations are PEFT's ``add_weighted_adapter`` set, computed the way PEFT computes them so
+results agree (DARE draws its masks in PEFT's order, so one random stream gives the same masks):
+
+- ``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` combine the A factors
+  and the B factors separately (equal ranks needed per module), delta i weighted by
+  ``sign(w_i) sqrt(|w_i| s_i)`` in A and ``sqrt(|w_i| s_i)`` in B;
+- ``cat`` stacks the factors (the rank is the sum), A_i weighted by ``w_i s_i``;
+- ``svd`` sums ``w_i s_i B_i A_i`` and keeps the top ``svd_rank`` singular directions.
+
+Where PEFT fixes the result's scaling to 1 (and so, with rsLoRA, gets it wrong: its ``alpha = r``
+then scales by ``sqrt(r)``), the result here keeps the first delta's scaling per module and the
+weights are divided by it, so combining one delta with weight 1.0 (``linear`` or ``cat``) gives
+back its factors and scaling bit for bit, and ``negate`` is exact (B, -A). The result is built
+detached: the deltas combined stay as they are until you ``switch`` or ``attach``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from opendelta.config import is_finite_number
+from opendelta.errors import DeltaConfigError, UnsupportedModuleError
+from opendelta.registry import lookup
+from opendelta.targets import targets_at
+
+if TYPE_CHECKING:
+    from opendelta.delta_base import DeltaBase
+
+#: combinations that mix the A and B factors separately, with a per-delta weight for each
+FACTORWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+COMBINATIONS = (*FACTORWISE, "cat", "svd")
+#: the tensors of a LoRA layer that arithmetic knows how to combine
+_FACTORS = {"lora_A", "lora_B"}
+
+
+def _check(deltas: Sequence[DeltaBase], weights: Sequence[float], combination_type: str, density: float | None,
+           majority_sign_method: str, svd_rank: int | None) -> None:
+    if not isinstance(deltas, (list, tuple)) or not deltas:
+        raise DeltaConfigError(f"combine() needs a non-empty list of LoRA deltas, got {deltas!r}")
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(deltas) or not all(is_finite_number(w) for w in weights):
+        raise DeltaConfigError(
+            f"combine() needs one finite number per delta as weights ({len(deltas)} deltas), got {weights!r}"
+        )
+    if combination_type not in COMBINATIONS:
+        close = difflib.get_close_matches(str(combination_type), COMBINATIONS, n=2)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise DeltaConfigError(f"unknown combination_type {combination_type!r}; expected one of {COMBINATIONS}.{hint}")
+    backbone = deltas[0].backbone_model
+    for delta in deltas:
+        if delta.delta_type != "lora" or delta.backbone_model is not backbone:
+            raise DeltaConfigError(
+                f"combine() combines LoRA deltas of one backbone; {delta.name!r} is a {delta.delta_type!r} delta"
+                + ("" if delta.backbone_model is backbone else " on another backbone")
+                + ". Combine deltas of one method trained on the same model."
+            )
+        for path, layer in delta.layers.items():
+            extra = sorted({n for n, _ in layer.named_parameters()} - _FACTORS)
+            if extra:
+                raise UnsupportedModuleError(
+                    f"the LoRA of {delta.name!r} at {path!r} also has {extra}, which combine() does not know how to mix; "
+                    "combine plain LoRA deltas (A and B factors only)."
+                )
+    if combination_type in ("ties", "dare_linear", "dare_ties", "magnitude_prune"):
+        if not is_finite_number(density) or not 0 <= density <= 1:
+            raise DeltaConfigError(f"combination_type={combination_type!r} needs density, a number in [0, 1]; got {density!r}")
+    if majority_sign_method not in ("total", "frequency"):
+        raise DeltaConfigError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
+    if svd_rank is not None and (not isinstance(svd_rank, int) or isinstance(svd_rank, bool) or svd_rank < 1):
+        raise DeltaConfigError(f"svd_rank must be a positive integer or None, got {svd_rank!r}")
+
+
+# ----------------------------------------------------------------- the merge rules (PEFT's semantics)
+
+
+def _prune_magnitude(t: torch.Tensor, density: float) -> torch.Tensor:
+    """`t` with all but its ``int(density * numel)`` largest-magnitude entries set to zero."""
+    if density >= 1:
+        return t
+    keep = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
+    keep[torch.topk(t.abs().reshape(-1), k=int(density * t.numel())).indices] = 1
+    return t * keep.view(t.shape)
+
+
+def _prune_random(t: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+    """DARE: each entry kept with probability `density` (drawn from `generator`, else torch's global one) and rescaled."""
+    if density >= 1:
+        return t
+    return t * torch.bernoulli(torch.full_like(t, density), generator=generator) / density
+
+
+def _weighted(tensors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return tensors * weights.view(-1, *([1] * (tensors.dim() - 1)))
+
+
+def _sign_elect(pruned: torch.Tensor, weights: torch.Tensor, method: str) -> torch.Tensor:
+    """TIES: keep each entry's values that agree with the elected sign, and average them."""
+    signs = pruned.sign()
+    elected = torch.where((pruned if method == "total" else signs).sum(dim=0) >= 0, 1, -1)
+    agree = signs == elected
+    return (_weighted(pruned, weights) * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1.0)
+
+
+def _rule(
+    combination_type: str, density: float | None, majority_sign_method: str, generator: torch.Generator | None
+) -> Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """The rule that mixes one factor of several deltas with per-delta weights."""
+
+    def prune_random(t: torch.Tensor, density: float) -> torch.Tensor:
+        return _prune_random(t, density, generator)
+
+    def mix(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        if combination_type == "linear":
+            return _weighted(torch.stack(tensors), weights).sum(dim=0)
+        if combination_type == "magnitude_prune":
+            return _weighted(torch.stack([_prune_magnitude(t, density) for t in tensors]), weights).sum(dim=0)
+        if combination_type == "dare_linear":
+            return _weighted(torch.stack([prune_random(t, density) for t in tensors]), weights).sum(dim=0)
+        prune = _prune_magnitude if combination_type == "ties" else prune_random
+        return _sign_elect(torch.stack([prune(t, density) for t in tensors]), weights, majority_sign_method)
+
+    return mix
+
+
+# ----------------------------------------------------------------- combining
+
+
+def combine(
+    deltas: Sequence[DeltaBase],
+    weights: Sequence[float],
+    combination_type: str = "linear",
+    *,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    generator: torch.Generator | None = None,
+    name: str | None = None,
+) -> DeltaBase:
+    """A new LoRA delta (detached) that combines `deltas` with `weights` (see the module docstring).
+
+    Modules only some deltas modify combine those deltas. ``density`` (ties, dare_*,
+    magnitude_prune): the fraction of entries kept; ``majority_sign_method`` (ties, dare_ties):
+    "total" or "frequency"; ``svd_rank`` (svd; default: the largest rank) and ``svd_clamp`` (a
+    quantile to clamp the factors at). DARE draws its masks from `generator` (default: torch's
+    global one) module by module in the backbone's order, A factors then B factors, delta by delta:
+    PEFT's order, so the same random stream gives PEFT's masks. (PEFT's ``add_weighted_adapter`` first
+    draws its new adapter's initial weights from the global stream; pass a seeded `generator` for
+    reproducible masks.)
+    """
+    _check(deltas, weights, combination_type, density, majority_sign_method, svd_rank)
+    backbone = deltas[0].backbone_model
+    order = {path: i for i, (path, _) in enumerate(backbone.named_modules())}
+    paths = sorted({p for d in deltas for p in d.layers}, key=lambda p: (order.get(p.split("->")[-1], -1), p))
+    first = {p: next(d for d in deltas if p in d.layers) for p in paths}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    rslora = first[paths[0]].config.use_rslora
+    for path in paths:
+        layers = [d.layers[path] for d in deltas if path in d.layers]
+        reference_r, reference_alpha = first[path].config.rank_and_alpha(path)
+        if combination_type in FACTORWISE:
+            if len({layer.lora_A.shape[0] for layer in layers}) != 1:
+                raise DeltaConfigError(
+                    f"combination_type={combination_type!r} mixes A and B factors entry by entry, so the deltas need "
+                    f"one rank at {path!r}, got {[layer.lora_A.shape[0] for layer in layers]}; use 'cat' or 'svd'."
+                )
+            r = reference_r
+        elif combination_type == "cat":
+            r = sum(layer.lora_A.shape[0] for layer in layers)
+        else:
+            r = svd_rank or max(layer.lora_A.shape[0] for layer in layers)
+        # the result keeps the first delta's scaling (its alpha at its rank, or the same scaling at another rank)
+        ranks[path] = r
+        alphas[path] = reference_alpha if r == reference_r else first[path].layers[path].scaling * (math.sqrt(r) if rslora else r)
+    # built before the factors are mixed, as PEFT does: DARE then draws from the same random stream after the same inits
+    result = _new_lora(backbone, paths, ranks, alphas, rslora, name)
+    mix = _rule(combination_type, density, majority_sign_method, generator)
+    with torch.no_grad():
+        for path in paths:
+            present = [(d.layers[path], float(w)) for d, w in zip(deltas, weights) if path in d.layers]
+            layers = [layer for layer, _ in present]
+            scaled = [w * layer.scaling for layer, w in present]  # w_i s_i
+            target = result.layers[path]
+            scaling = target.scaling
+            if combination_type in FACTORWISE:
+                root = math.sqrt(scaling)
+                magnitudes = [math.sqrt(abs(ws)) / root for ws in scaled]
+                like = layers[0].lora_A
+                a_weights = torch.tensor([m if ws >= 0 else -m for m, ws in zip(magnitudes, scaled)], dtype=like.dtype, device=like.device)
+                b_weights = torch.tensor(magnitudes, dtype=like.dtype, device=like.device)
+                a = mix([layer.lora_A for layer in layers], a_weights)
+                b = mix([layer.lora_B for layer in layers], b_weights)
+            elif combination_type == "cat":
+                a = torch.cat([layer.lora_A * (ws / scaling) for layer, ws in zip(layers, scaled)])
+                b = torch.cat([layer.lora_B for layer in layers], dim=1)
+            else:
+                a, b = _svd(layers, scaled, ranks[path], scaling, svd_clamp)
+            target.lora_A.copy_(a)
+            target.lora_B.copy_(b)
+    return result
+
+
+def _svd(layers: list[Any], weights: list[float], r: int, scaling: float, clamp: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-`r` factors (A, B) of ``sum w_i B_i A_i / scaling``, as PEFT's svd combination computes them."""
+    like = layers[0].lora_A
+    update = sum(w * (layer.lora_B @ layer.lora_A) for layer, w in zip(layers, weights))
+    u, s, vh = torch.linalg.svd(update, full_matrices=True)
+    b, a = u[:, :r] @ torch.diag(s[:r]), vh[:r, :]
+    if clamp is not None:
+        high = torch.quantile(torch.cat([b.flatten(), a.flatten()]), clamp)
+        b, a = b.clamp(-high, high), a.clamp(-high, high)
+    return (a / scaling).to(like.dtype), b.to(like.dtype)
+
+
+def _new_lora(backbone: Any, paths: list[str], ranks: dict[str, int], alphas: dict[str, float], rslora: bool,
+              name: str | None) -> DeltaBase:
+    """A detached LoRA delta on `paths` with the given ranks and alphas (its factors freshly initialised)."""
+    config_cls, delta_cls = lookup("lora")
+    r0, alpha0 = ranks[paths[0]], alphas[paths[0]]
+    config = config_cls.from_dict({
+        "modified_modules": paths,
+        "lora_r": r0,
+        "lora_alpha": alpha0,
+        "use_rslora": rslora,
+        # full paths as regex patterns: first match wins, so each module gets exactly its own
+        "rank_pattern": {_exact(p): r for p, r in ranks.items() if r != r0} or None,
+        "alpha_pattern": {_exact(p): a for p, a in alphas.items() if a != alpha0} or None,
+    })
+    targets, _ = targets_at(backbone, paths)
+    return delta_cls.build_detached(backbone, config, targets, name=name)
+
+
+def _exact(path: str) -> str:
+    """A pattern that matches the module at `path` only (a regex for the whole path)."""
+    return "[r]" + re.escape(path)
+
+
+def negate(delta: DeltaBase, *, name: str | None = None) -> DeltaBase:
+    """The LoRA delta that subtracts what `delta` adds (task arithmetic's negation), exactly: its A negated."""
+    return combine([delta], [-1.0], "linear", name=name)

@@ -1,0 +1,142 @@
+"""Shipping a tuned delta as a plain model: fold it into the weights for good, or write the merged model.
+
+:func:`merge_and_unload` (PEFT's name) leaves the backbone holding the merged weights and no
+delta at all: no hooks, no delta children, no state-dict filter; the delta object is spent.
+:func:`export_merged` writes the merged model to a folder without changing the model in memory:
+a transformers model as ``save_pretrained`` does (``from_pretrained(dir)`` loads it), any other
+``nn.Module`` as one ``model.safetensors`` state dict. Only methods linear in a module's weights
+merge (LoRA, IA3, BitFit on modules with a bias); the others raise MergeError naming what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from opendelta.addressing import is_delta_module
+from opendelta.checkpoint_files import checkpoint_path, safetensors_bytes, save_folder, write_files
+from opendelta.errors import LifecycleError, MergeError
+
+if TYPE_CHECKING:
+    from opendelta.delta_base import DeltaBase
+
+#: the file a plain nn.Module's merged state dict is written to (transformers' own name for it)
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _merge_or_explain(delta: DeltaBase) -> None:
+    """delta.merge(), with a MergeError that says how to ship a delta that cannot merge."""
+    try:
+        delta.merge()
+    except MergeError as exc:
+        raise MergeError(
+            f"delta {delta.name!r} ({delta.delta_type}) cannot be folded into the backbone's weights: {exc} "
+            "To ship it, save the delta with save_finetuned() and load it onto the backbone with from_finetuned() "
+            "(or format='peft' where PEFT has the method)."
+        ) from exc
+
+
+def _unmerged_deltas(delta: DeltaBase) -> list[str]:
+    """Paths of the delta layers inside the backbone that are not `delta`'s (other deltas, attached unmerged)."""
+    own = {id(layer) for layer in delta.layers.values()}
+    return [
+        path for path, module in delta.backbone_model.named_modules()
+        if is_delta_module(module) and id(module) not in own
+    ]
+
+
+def merge_and_unload(delta: DeltaBase) -> None:
+    """Fold `delta` into the backbone's weights and take every trace of it out, keeping the merged
+    weights and the trained values of the backbone tensors it trained (an unfrozen head).
+
+    Afterwards the backbone is a plain model (its own ``requires_grad`` flags back, full
+    ``state_dict()``); the original weights are not kept, so this cannot be undone. A delta that
+    cannot merge raises MergeError and nothing changes.
+    """
+    if not delta.is_attached:
+        raise LifecycleError(f"delta {delta.name!r} is detached; attach() it before merge_and_unload()")
+    if not delta.is_merged:
+        _merge_or_explain(delta)
+    with torch.no_grad():
+        merged = {
+            (path, key): param.detach().clone()
+            for path, target in delta.targets.items()
+            for key, param in target.site.named_parameters(recurse=False)
+        }
+        trained = {name: t.detach().clone() for name, t in delta.trained_backbone_tensors().items()}
+    delta.detach()  # puts the originals back, removes layers, hooks, flags and the state-dict filter
+    params = dict(delta.backbone_model.named_parameters())
+    with torch.no_grad():
+        for (path, key), value in merged.items():
+            getattr(delta.targets[path].site, key).copy_(value)
+        for name, value in trained.items():
+            params[name].copy_(value)
+
+
+def export_merged(delta: DeltaBase, directory: str | os.PathLike, *, max_shard_size: int | str = "50GB") -> str:
+    """Write the backbone with `delta` merged into `directory`; the model in memory stays as it was.
+
+    A transformers model is written with ``save_pretrained`` (config and safetensors weights,
+    loadable with ``from_pretrained(directory)``); any other module as ``model.safetensors``
+    (``module.load_state_dict(safetensors.torch.load_file(...))`` loads it). Every other delta on
+    the backbone must be merged or detached first, since the folder could not hold it.
+    """
+    if not delta.is_attached:
+        raise LifecycleError(f"delta {delta.name!r} is detached; attach() it before export_merged()")
+    directory = checkpoint_path(directory, "export_merged")
+    others = _unmerged_deltas(delta)
+    if others:
+        raise LifecycleError(
+            f"the backbone also carries delta layers that are not merged ({others[:3]}); a merged model cannot hold "
+            "them. Merge those deltas too, or detach them, before export_merged()."
+        )
+    save_folder(directory, create=False)  # a bad path fails before the model changes
+    was_merged = delta.is_merged
+    if not was_merged:
+        _merge_or_explain(delta)
+    try:
+        state = _whole_state_dict(delta.backbone_model)
+        if hasattr(delta.backbone_model, "save_pretrained") and hasattr(delta.backbone_model, "config"):
+            delta.backbone_model.save_pretrained(directory, state_dict=state, max_shard_size=max_shard_size)
+        else:
+            data, _ = safetensors_bytes(_unshared(state))
+            write_files(save_folder(directory), [(WEIGHTS_NAME, data)])
+    finally:
+        if not was_merged:
+            delta.unmerge()
+    return str(directory)
+
+
+def _whole_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()``, checked to hold every parameter and persistent buffer: a state-dict
+    filter still installed (another delta's, the user's) must not make a partial model."""
+    state = model.state_dict()
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    names += [
+        f"{path}.{key}" if path else key
+        for path, module in model.named_modules(remove_duplicate=False)
+        for key, buffer in module._buffers.items()
+        if buffer is not None and key not in module._non_persistent_buffers_set
+    ]
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise LifecycleError(
+            f"the backbone's state_dict() leaves out {len(missing)} of its tensors (e.g. {missing[:3]}): a state-dict "
+            "hook filters it. Remove that hook (or detach the delta that installed it) before export_merged()."
+        )
+    return state
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with tensors that share memory (tied weights) copied apart, as safetensors needs."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        t = tensor.detach()
+        storage = t.untyped_storage().data_ptr()
+        out[key] = t.clone(memory_format=torch.contiguous_format) if storage in seen or not t.is_contiguous() else t
+        seen.add(storage)
+    return out
