@@ -1,6 +1,7 @@
 """The paper's Figure 4: one backbone, one small delta per task, switched by attach / detach.
 
-Two toy tasks on a causal LM, "seven" and "thirteen" (always answer token 7, or 13), learnt by
+Two toy tasks on a causal LM, "seven" and "thirteen" (always answer the token " seven", or
+" thirteen"; on the tiny model, whose vocabulary is numbers, token 7 or 13), learnt by
 LoRA and by BitFit. Each answers with its own delta attached (the script checks it: the next token
 of every probe is the task's token); detached, the backbone is the original bit for bit. The real
 thing on SmolLM2 and tweets: ``opendelta demo multitask``.
@@ -19,18 +20,23 @@ from opendelta import BitFitModel, LoraModel
 
 
 def load(tiny: bool):
+    """The model and the two answer tokens."""
     torch.manual_seed(0)
     if tiny:
         config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=99)
-        return LlamaForCausalLM(config).eval()
+        return LlamaForCausalLM(config).eval(), 7, 13
     from opendelta.demo.multitask import DEFAULT_CACHE, load_backbone
 
-    return load_backbone(DEFAULT_CACHE, Console(stderr=True))[0].eval()
+    model, tokenizer, _ = load_backbone(DEFAULT_CACHE, Console(stderr=True))
+    # real words: SmolLM2's ids 7 and 13 are unused special tokens whose output embeddings differ by
+    # at most 0.001 (norm 3.3), so no delta can make the model prefer one to the other
+    seven, thirteen = (tokenizer.encode(word) for word in (" seven", " thirteen"))
+    assert len(seven) == len(thirteen) == 1
+    return model.eval(), seven[0], thirteen[0]
 
 
-# Real size: rates at which each delta learns its token within the step limit (at 3e-2, the
-# tiny model's rate, BitFit on SmolLM2 overshoots and answers one unrelated token for every input).
+# real size: 3e-3 for both is a first choice, not yet measured on these tokens (on ids 7 and 13 it could not be)
 LORA_LR, BITFIT_LR = 3e-3, 3e-3
 
 
@@ -53,16 +59,16 @@ def train(model, delta, token: int, lr: float, max_steps: int = 60) -> None:
 parser = argparse.ArgumentParser()
 parser.add_argument("--tiny", action="store_true")
 tiny = parser.parse_args().tiny
-model = load(tiny)
+model, SEVEN, THIRTEEN = load(tiny)
 probe = torch.tensor([[11, 42, 5, 63, 20], [8, 31, 77, 2, 50]])
 with torch.no_grad():
     bare = model(input_ids=probe).logits
 
 seven = LoraModel(model, name="seven")           # default positions: attention q and v
-train(model, seven, 7, lr=3e-2 if tiny else LORA_LR)
+train(model, seven, SEVEN, lr=3e-2 if tiny else LORA_LR)
 seven.detach()                                   # off while the next task trains
 thirteen = BitFitModel(model, name="thirteen")   # default positions: projections and norms
-train(model, thirteen, 13, lr=3e-2 if tiny else BITFIT_LR)
+train(model, thirteen, THIRTEEN, lr=3e-2 if tiny else BITFIT_LR)
 thirteen.detach()
 
 
@@ -71,7 +77,7 @@ def next_tokens() -> list[int]:
     return model(input_ids=probe).logits[:, -1].argmax(-1).tolist()
 
 
-for task, token in ((seven, 7), (thirteen, 13)):
+for task, token in ((seven, SEVEN), (thirteen, THIRTEEN)):
     task.attach()
     answers = next_tokens()
     print(f"{task.name:>8} attached: next tokens {answers}")
