@@ -15,7 +15,7 @@ from opendelta.delta_base import DeltaBase
 from opendelta.errors import UnsupportedModuleError
 from opendelta.layer import DeltaLayer
 from opendelta.runtime_init import Observation
-from opendelta.linear_maps import fold_into_weight, linear_shape
+from opendelta.linear_maps import fold_into_weight, linear_shape, weight_like
 
 
 @dataclass
@@ -130,4 +130,4 @@ class LoraModel(DeltaBase):
                 f"LoRA needs a linear layer (nn.Linear or Conv1D), but {path!r} is a {type(module).__name__}; "
                 "address the linear projections inside it instead."
             )
-        return LoraLayer(*shape, self.config, module.weight, path)
+        return LoraLayer(*shape, self.config, weight_like(module), path)
