@@ -36,7 +36,7 @@ def load(tiny: bool):
     return model.eval(), seven[0], thirteen[0]
 
 
-# real size: 3e-3 for both is a first choice, not yet measured on these tokens (on ids 7 and 13 it could not be)
+# real size: at 3e-3 both reached their tokens within the 60 steps (measured once, seed 0)
 LORA_LR, BITFIT_LR = 3e-3, 3e-3
 
 
