@@ -69,11 +69,3 @@ def misspell(word: str, rng: random.Random) -> str:
         return word[:at] + word[at] + word[at:]
     return word[:at] + word[at + 1 :]
 
-
-def add_typos(text: str, rng: random.Random, count: int = 2) -> str:
-    """`text` with `count` words of four letters or more misspelt (see `misspell`)."""
-    words = text.split(" ")
-    candidates = [i for i, w in enumerate(words) if len(w) >= 4 and w.isalpha()]
-    for i in rng.sample(candidates, min(count, len(candidates))):
-        words[i] = misspell(words[i], rng)
-    return " ".join(words)
