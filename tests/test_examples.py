@@ -72,3 +72,17 @@ def test_every_runnable_marker_sits_right_above_a_python_fence(doc):
 def test_marker_convention_finds_exactly_the_marked_blocks():
     text = "```python\nskipped()\n```\n<!-- runnable -->\n```python\nx = 1\n```\n<!-- runnable -->\n```python\ny = x\n```\n"
     assert runnable_blocks(text) == ["x = 1", "y = x"]
+
+
+@pytest.mark.real
+def test_multitask_example_at_real_size_answers_each_task_with_its_own_delta(tmp_path):
+    """The Figure 4 example on SmolLM2 (its docstring's promise): each delta answers its own token.
+
+    Uses the backbone cache the demo keeps (~/.cache/opendelta/smollm2), as a user's run would;
+    the first run dequantises the GGUF and fills it.
+    """
+    done = python([str(ROOT / "examples" / "multitask_attach_detach.py")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "   seven attached: next tokens [4962, 4962]" in done.stdout  # " seven" in SmolLM2's vocabulary
+    assert "thirteen attached: next tokens [22063, 22063]" in done.stdout  # " thirteen"
+    assert "bit for bit the original" in done.stdout

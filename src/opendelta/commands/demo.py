@@ -31,11 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-tree", action="store_true", help="do not print the model tree")
     modes = parser.add_subparsers(dest="mode", metavar="{multitask}", help="another demo (default: the single task above)")
     multitask = modes.add_parser(
-        "multitask", help="one SmolLM2 backbone, one delta per task: attach -> generate -> detach"
+        "multitask", help="one SmolLM2 backbone, one delta per task: attach -> answer -> detach"
     )
-    multitask.add_argument("--steps", type=int, default=12, help="training steps per task (default 12)")
+    multitask.add_argument("--steps", type=int, default=None,
+                           help="training steps per task (default: each task's own, tuned by a sweep)")
     multitask.add_argument("--batch-size", type=int, default=8)
-    multitask.add_argument("--examples", type=int, default=3, help="held-out inputs answered per task (default 3)")
+    multitask.add_argument("--examples", type=int, default=40,
+                           help="held-out inputs scored per task, delta vs bare backbone (default 40)")
     multitask.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens per answer")
     multitask.add_argument("--seed", type=int, default=0)
     multitask.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

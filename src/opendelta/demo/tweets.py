@@ -43,33 +43,29 @@ def sentiment_splits(train_size: int, test_size: int, seed: int) -> tuple[Split,
 
 
 def short_tweets(max_words: int, seed: int) -> list[tuple[str, str]]:
-    """Every (text, sentiment) of at most `max_words` plain ASCII words without links, shuffled with `seed`.
+    """Every distinct (text, sentiment) of at most `max_words` plain ASCII words without links, shuffled with `seed`.
 
-    Short plain tweets keep a causal LM's sequences short, so a demo trains in seconds per step.
+    Short plain tweets keep a causal LM's sequences short, so a demo trains in seconds per step. A text
+    that occurs twice (retweets) is kept once, so a split of the result never shares a text.
     """
-    rows = []
+    rows, seen = [], set()
     with open(tweets_csv(), newline="", encoding="utf-8", errors="replace") as handle:
         for row in csv.DictReader(handle):
             text = " ".join(row["text"].split())
-            if text.isascii() and "http" not in text and 3 <= len(text.split()) <= max_words:
+            if text.isascii() and "http" not in text and 3 <= len(text.split()) <= max_words and text not in seen:
+                seen.add(text)
                 rows.append((text, row["sentiment"]))
     random.Random(seed).shuffle(rows)
     return rows
 
 
-def add_typos(text: str, rng: random.Random, count: int = 2) -> str:
-    """`text` with `count` words of four letters or more misspelt (two letters swapped, one dropped or doubled)."""
-    words = text.split(" ")
-    candidates = [i for i, w in enumerate(words) if len(w) >= 4 and w.isalpha()]
-    for i in rng.sample(candidates, min(count, len(candidates))):
-        word = words[i]
-        at = rng.randrange(1, len(word) - 1)
-        kind = rng.choice(("swap", "drop", "double"))
-        if kind == "swap" and word[at] != word[at + 1]:
-            word = word[:at] + word[at + 1] + word[at] + word[at + 2 :]
-        elif kind == "double":
-            word = word[:at] + word[at] + word[at:]
-        else:
-            word = word[:at] + word[at + 1 :]
-        words[i] = word
-    return " ".join(words)
+def misspell(word: str, rng: random.Random) -> str:
+    """`word` (four letters or more) with one typo: two neighbouring letters swapped, one dropped or one doubled."""
+    at = rng.randrange(1, len(word) - 1)
+    kind = rng.choice(("swap", "drop", "double"))
+    if kind == "swap" and word[at] != word[at + 1]:
+        return word[:at] + word[at + 1] + word[at] + word[at + 2 :]
+    if kind == "double":
+        return word[:at] + word[at] + word[at:]
+    return word[:at] + word[at + 1 :]
+
