@@ -19,6 +19,11 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """A linear map's weight seen as (out, in): the ``nn.Linear`` weight itself, a view of a ``Conv1D``'s."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
 def fold_into_weight(module: nn.Module, change: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """`change` applied to a linear map's weight seen as (out, in), returned in the module's own layout."""
     weight = module.weight

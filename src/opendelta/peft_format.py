@@ -4,7 +4,8 @@ A PEFT LoRA folder is ``adapter_config.json`` plus ``adapter_model.safetensors``
 ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (and, for
 ``modules_to_save``, ``base_model.model.<parameter path>``). opendelta's LoRA stores the same
 factors (A: r x in, B: out x r, scaling alpha/r or alpha/sqrt(r)), so conversion only renames
-keys and translates the config; no pickle is read (``adapter_model.bin`` is refused).
+keys and translates the config; DoRA's magnitudes (``use_dora``) are PEFT's ``lora_magnitude_vector``.
+No pickle is read (``adapter_model.bin`` is refused).
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 #: PEFT's peft_type -> the opendelta delta_type with the same tensors (found through the registry)
 PEFT_TYPES = {"LORA": "lora"}
-_FACTOR = re.compile(r"(?P<path>.+)\.lora_(?P<factor>[AB])\.weight")
+#: the end of a PEFT LoRA tensor's name -> the name of the same tensor in opendelta's LoRA layer
+_LAYER_TENSORS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "magnitude"}
+_FACTOR = re.compile(r"(?P<path>.+)\.(?P<tensor>" + "|".join(map(re.escape, _LAYER_TENSORS)) + ")")
 #: PEFT LoRA options that change the computation in ways opendelta's LoRA does not implement
 _UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a trainable bias on lora_B",
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on nn.Parameter targets",
@@ -96,9 +98,10 @@ def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensor
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     conv1d = False
-    for path in delta.layers:
-        tensors_out[f"{PREFIX}{path}.lora_A.weight"] = tensors[delta_key(path, "lora_A")]
-        tensors_out[f"{PREFIX}{path}.lora_B.weight"] = tensors[delta_key(path, "lora_B")]
+    for path, layer in delta.layers.items():
+        for peft_name, name in _LAYER_TENSORS.items():
+            if name in layer.state_dict():
+                tensors_out[f"{PREFIX}{path}.{peft_name}"] = tensors[delta_key(path, name)]
         r, alpha = config.rank_and_alpha(path)
         if r != config.lora_r:
             rank_pattern[re.escape(path)] = r
@@ -117,6 +120,7 @@ def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensor
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         "target_modules": sorted(delta.layers),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -171,6 +175,7 @@ def _lora_config(peft: dict[str, Any], paths: list[str], path: Path, config_cls:
         "lora_alpha": _field(peft, "lora_alpha", (int, float), "a number", 8, path),
         "lora_dropout": _field(peft, "lora_dropout", (int, float), "a number in [0, 1)", 0.0, path),
         "use_rslora": _field(peft, "use_rslora", (bool,), "true or false", False, path),
+        "use_dora": _field(peft, "use_dora", (bool,), "true or false", False, path),
         "rank_pattern": _pattern_map(peft, "rank_pattern", (int,), "integer ranks", path),
         "alpha_pattern": _pattern_map(peft, "alpha_pattern", (int, float), "numbers", path),
     }
@@ -229,11 +234,11 @@ def read_peft_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -
         if factor is not None:
             if factor["path"] not in paths:
                 paths.append(factor["path"])
-            key = delta_key(factor["path"], f"lora_{factor['factor']}")
+            key = delta_key(factor["path"], _LAYER_TENSORS[factor["tensor"]])
         elif "lora_" in name:
             raise PeftFormatError(
                 f"{weights} holds {stored_name!r}, a LoRA tensor opendelta does not implement (LoRA on embeddings or "
-                "convolutions, DoRA magnitudes); load it with peft.PeftModel.from_pretrained."
+                "convolutions); load it with peft.PeftModel.from_pretrained."
             )
         else:
             key = f"backbone.{name}"

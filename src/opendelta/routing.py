@@ -220,13 +220,18 @@ class Site:
                     kwargs = {**kwargs, self._keyword_input_name(): h}
         return args, kwargs
 
-    def _mixed_post(self, mix: MixPlan, mods: dict, args: tuple, kwargs: dict, output: Any) -> Any:
+    def _mixed_post(self, mix: MixPlan, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        mods = module._modules
         h = first_tensor(output)
         if mix.checks_output:
             mix.check(h)
         for name, rows in mix.parallel:
             layer, h_in = mods[name], self._parallel_input(name, args, kwargs)
-            h = layer.route_parallel(h_in, h) if rows is None else layer.route_parallel_rows(h_in, h, rows)
+            context = {"module": module} if layer.reads_module else {}
+            if rows is None:
+                h = layer.route_parallel(h_in, h, **context)
+            else:
+                h = layer.route_parallel_rows(h_in, h, rows, **context)
         for name in self.span_inputs.keys() - {name for name, _ in mix.parallel}:
             self.span_inputs[name].discard()  # an idle span: drop its start's input
         for name, rows in mix.after:
@@ -274,11 +279,15 @@ class Site:
         plans = _PLANS.get() if _MIXING else None
         mix = plans.get(self) if plans else None
         if mix is not None:
-            return self._mixed_post(mix, mods, args, kwargs, output)
+            return self._mixed_post(mix, module, args, kwargs, output)
         if self.parallel:
             h_out = first_tensor(output)
             for name in self.parallel:
-                h_out = mods[name].route_parallel(self._parallel_input(name, args, kwargs), h_out)
+                layer, h_in = mods[name], self._parallel_input(name, args, kwargs)
+                if layer.reads_module:
+                    h_out = layer.route_parallel(h_in, h_out, module=module)
+                else:
+                    h_out = layer.route_parallel(h_in, h_out)
             output = with_first_tensor(output, h_out)
         if self.after:
             h = first_tensor(output)
