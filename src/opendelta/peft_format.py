@@ -98,14 +98,24 @@ def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensor
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     conv1d = False
+    from opendelta.methods.lora import lora_factors  # here: the methods import the engine, which imports this
+
+    # a LoRA started from the weight (PiSSA, OLoRA) is written as PEFT writes one converted with
+    # path_initial_model_for_weight_conversion: a plain LoRA of rank 2r on the original weights
+    factor = 2 if config.data_aware_init else 1
+    rank, default_alpha = factor * config.lora_r, _alpha_for(config, factor)
     for path, layer in delta.layers.items():
-        for peft_name, name in _LAYER_TENSORS.items():
-            if name in layer.state_dict():
-                tensors_out[f"{PREFIX}{path}.{peft_name}"] = tensors[delta_key(path, name)]
-        r, alpha = config.rank_and_alpha(path)
-        if r != config.lora_r:
-            rank_pattern[re.escape(path)] = r
-        if alpha != config.lora_alpha:
+        stored = {name: tensors[delta_key(path, name)] for name in layer.state_dict()}
+        lora_A, lora_B = lora_factors(stored["lora_A"], stored["lora_B"], stored.get("lora_A0"), stored.get("lora_B0"))
+        tensors_out[f"{PREFIX}{path}.lora_A.weight"] = lora_A.contiguous()
+        tensors_out[f"{PREFIX}{path}.lora_B.weight"] = lora_B.contiguous()
+        if "magnitude" in stored:
+            tensors_out[f"{PREFIX}{path}.lora_magnitude_vector"] = stored["magnitude"]
+        r, _ = config.rank_and_alpha(path)
+        alpha = _alpha_for(config, factor, path)
+        if factor * r != rank:
+            rank_pattern[re.escape(path)] = factor * r
+        if alpha != default_alpha:
             alpha_pattern[re.escape(path)] = alpha
         conv1d = conv1d or type(delta.targets[path].module).__name__ == "Conv1D"
     for name in delta.trained_backbone_tensors():
@@ -116,8 +126,8 @@ def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensor
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": getattr(backbone_config, "_name_or_path", None) or None,
-        "r": config.lora_r,
-        "lora_alpha": config.lora_alpha,
+        "r": rank,
+        "lora_alpha": default_alpha,
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
@@ -139,6 +149,15 @@ def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensor
     directory = save_folder(directory)
     write_files(directory, [(PEFT_WEIGHTS_NAME, data), (PEFT_CONFIG_NAME, config)])
     return directory
+
+
+def _alpha_for(config: Any, factor: int, path: str | None = None) -> float:
+    """PEFT's lora_alpha that keeps the scaling of the LoRA at `path` (default: of the config's
+    defaults) when its rank is multiplied by `factor`."""
+    alpha = config.lora_alpha if path is None else config.rank_and_alpha(path)[1]
+    if factor == 1:
+        return alpha
+    return alpha * (math.sqrt(factor) if config.use_rslora else factor)
 
 
 def _field(peft: dict[str, Any], key: str, kinds: tuple[type, ...], expected: str, default: Any, path: Path) -> Any:
@@ -169,6 +188,16 @@ def _lora_config(peft: dict[str, Any], paths: list[str], path: Path, config_cls:
     """opendelta's LoRA config (`config_cls`) for PEFT's config: the types of PEFT's fields are
     checked here (the one place that translates them), their values by the config class itself."""
     r = _field(peft, "r", (int,), "a positive integer", 8, path)
+    init = _field(peft, "init_lora_weights", (bool, str), "true, false or an initialisation's name", True, path)
+    if isinstance(init, str) and init != "gaussian":
+        # PEFT rebuilds such a base weight at load (PiSSA, OLoRA, LoftQ...: the folder holds the factors trained
+        # on a rewritten weight); loaded as a plain LoRA on the original weight its outputs would be wrong
+        raise PeftFormatError(
+            f"{path}: this PEFT LoRA was initialised with init_lora_weights={init!r}, so its factors belong to a "
+            "rewritten base weight that PEFT recomputes when it loads it. Convert it in PEFT to a plain LoRA on the "
+            "original weights, `model.save_pretrained(dir, path_initial_model_for_weight_conversion=initial_dir)`, "
+            "and load that folder."
+        )
     values = {
         "modified_modules": paths,
         "lora_r": r,
@@ -176,6 +205,7 @@ def _lora_config(peft: dict[str, Any], paths: list[str], path: Path, config_cls:
         "lora_dropout": _field(peft, "lora_dropout", (int, float), "a number in [0, 1)", 0.0, path),
         "use_rslora": _field(peft, "use_rslora", (bool,), "true or false", False, path),
         "use_dora": _field(peft, "use_dora", (bool,), "true or false", False, path),
+        "init_lora_weights": init,
         "rank_pattern": _pattern_map(peft, "rank_pattern", (int,), "integer ranks", path),
         "alpha_pattern": _pattern_map(peft, "alpha_pattern", (int, float), "numbers", path),
     }

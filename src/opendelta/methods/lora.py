@@ -2,12 +2,24 @@
 
 With ``use_dora=True``, DoRA (Liu et al., 2024): the updated weight split into a trained magnitude
 per output feature and a direction, ``W' = m * (W + s B A) / ||W + s B A||``.
+
+``init_lora_weights`` picks the starting factors as PEFT does: ``True`` (A random, B zero),
+``"gaussian"``, ``False`` (both random: a fresh delta changes the outputs), or data-aware starts from
+the module's weight, ``"pissa"`` / ``"pissa_niter_K"`` (principal singular vectors, Meng et al.,
+2024) and ``"olora"`` (QR factors, Büyükakyüz, 2024). Those train the principal part of W and keep
+the rest, the residual ``W - s B0 A0``, frozen. The weight itself is never rewritten: the layer
+adds ``s (B A - B0 A0)`` with the starting factors B0, A0 kept as buffers, which equals PEFT's
+residual weight plus ``s B A`` in exact arithmetic, leaves the backbone's tensors untouched (so
+detach, stacking and mixed batches stay exact), and saves with the delta what rebuilds the
+residual from the original backbone.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import weakref
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -15,12 +27,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from opendelta.addressing import matches
-from opendelta.config import DeltaConfig, number, positive, size
+from opendelta.config import DeltaConfig, choice, number, positive, size
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import UnsupportedModuleError
+from opendelta.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta.layer import DeltaLayer
 from opendelta.runtime_init import Observation
 from opendelta.linear_maps import fold_into_weight, linear_shape, linear_weight
+
+
+class InitNames(Collection):
+    """The named values of ``init_lora_weights``: these, with any iteration count K >= 0 in ``pissa_niter_K``."""
+
+    NAMES = ("gaussian", "pissa", "pissa_niter_<K>", "olora")
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, str) and (value in self.NAMES[:2] + self.NAMES[3:] or _NITER.fullmatch(value) is not None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.NAMES)
+
+    def __len__(self) -> int:
+        return len(self.NAMES)
+
+
+_NITER = re.compile(r"pissa_niter_(?P<niter>[0-9]{1,3})")
+#: initialisations that start from the module's weight and keep the starting factors (see the module docstring)
+DATA_AWARE = ("pissa", "olora")
 
 
 @dataclass
@@ -35,6 +67,13 @@ class LoraConfig(DeltaConfig):
     alpha_pattern: dict[str, float] | None = positive(None)
     #: DoRA (Liu et al., 2024): also train a magnitude per output feature of the weight
     use_dora: bool = False
+    #: the starting factors: True, False, "gaussian", "pissa", "pissa_niter_K" or "olora" (as in PEFT)
+    init_lora_weights: bool | str = choice(True, InitNames())
+
+    @property
+    def data_aware_init(self) -> bool:
+        """Whether the factors start from the module's weight (PiSSA, OLoRA) and the layer keeps them."""
+        return isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith(DATA_AWARE)
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """The rank r and alpha of the LoRA at module `path` (the first matching pattern, else the defaults)."""
@@ -49,33 +88,64 @@ class LoraConfig(DeltaConfig):
 
 
 class LoraLayer(DeltaLayer):
-    """m(h) = s * h A^T B^T with A: (r, in), B: (out, r) zero-initialised, s = alpha / r.
+    """m(h) = s * h A^T B^T with A: (r, in), B: (out, r), s = alpha / r; by default B starts at zero.
 
-    The factors take the dtype and device of the weight they sit beside.
+    The factors take the dtype and device of the weight they sit beside. A layer started from the
+    weight (PiSSA, OLoRA) also keeps the starting factors A0, B0 as buffers and computes
+    ``m(h) = s * h (B A - B0 A0)^T``: see :meth:`factors`.
     """
 
     route = "parallel"
 
-    def __init__(self, in_features: int, out_features: int, config: LoraConfig, weight: torch.Tensor, path: str = ""):
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig, module: nn.Module, path: str = ""):
         super().__init__()
         r, self.scaling = config.rank_and_scaling(path)
+        weight = module.weight
         factory = {"dtype": weight.dtype, "device": weight.device}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
-        if weight.device.type != "meta":  # a skeleton has no values to initialise
+        init = config.init_lora_weights
+        if config.data_aware_init:
+            if r > min(in_features, out_features):
+                raise DeltaConfigError(
+                    f"init_lora_weights={init!r} takes r principal directions of {path!r}'s {out_features} x "
+                    f"{in_features} weight, but r={r}; choose lora_r (or its rank_pattern) <= {min(in_features, out_features)}."
+                )
+            self.register_buffer("lora_A0", torch.empty(r, in_features, **factory))
+            self.register_buffer("lora_B0", torch.empty(out_features, r, **factory))
+        if weight.device.type == "meta":  # a skeleton has no values to initialise
+            pass
+        elif config.data_aware_init:
+            with torch.no_grad():
+                a0, b0 = _weight_factors(linear_weight(module), r, self.scaling, init)
+                for target, value in ((self.lora_A, a0), (self.lora_B, b0), (self.lora_A0, a0), (self.lora_B0, b0)):
+                    target.copy_(value)
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / r)
+        else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if init is False:  # PEFT's False: both factors random, so a fresh delta changes the outputs
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else None
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) whose product s B A is the change of the weight: the trained factors, or for a layer
+        started from the weight ``([A; A - A0], [B - B0, B0])`` (rank 2r), since
+        ``B A - B0 A0 = (B - B0) A + B0 (A - A0)``: exactly zero while A, B are still A0, B0."""
+        return lora_factors(self.lora_A, self.lora_B, self._buffers.get("lora_A0"), self._buffers.get("lora_B0"))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
             h = self.dropout(h)
+        lora_A, lora_B = self.factors()
         # scaling the rank-r intermediate costs r/out of scaling the output
-        return F.linear(F.linear(h, self.lora_A) * self.scaling, self.lora_B)
+        return F.linear(F.linear(h, lora_A) * self.scaling, lora_B)
 
     def route_parallel(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
         h = self.dropout(h_in) if self.dropout is not None else h_in
-        low = F.linear(h, self.lora_A).reshape(-1, self.lora_A.shape[0]).to(h_out.dtype)
-        lora_B = self.lora_B.to(h_out.dtype)  # a no-op unless autocast made the output lower precision
+        lora_A, lora_B = self.factors()
+        low = F.linear(h, lora_A).reshape(-1, lora_A.shape[0]).to(h_out.dtype)
+        lora_B = lora_B.to(h_out.dtype)  # a no-op unless autocast made the output lower precision
         # one GEMM adds s * low B^T onto the output (scaling and sum fused, no output-sized temporary),
         # and taking B^T as the second factor makes autograd compute B's gradient as (low^T g)^T,
         # several times faster on CPU than the g^T low of a linear layer's weight gradient
@@ -91,7 +161,8 @@ class LoraLayer(DeltaLayer):
 
     def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """W + s B A (transposed for Conv1D)."""
-        update = (self.lora_B @ self.lora_A) * self.scaling
+        lora_A, lora_B = self.factors()
+        update = (lora_B @ lora_A) * self.scaling
         return {"weight": fold_into_weight(module, lambda w: w + update.to(w.dtype))}
 
 
@@ -107,7 +178,7 @@ class DoraLayer(LoraLayer):
     route_parallel_rows = DeltaLayer.route_parallel_rows  # not additive: LoRA's scatter-add does not apply
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig, module: nn.Module, path: str = ""):
-        super().__init__(in_features, out_features, config, module.weight, path)
+        super().__init__(in_features, out_features, config, module, path)
         self._squared_rows: tuple[weakref.ref, tuple, torch.Tensor] | None = None
         self.magnitude = nn.Parameter(torch.empty(out_features, dtype=module.weight.dtype, device=module.weight.device))
         if module.weight.device.type != "meta":
@@ -123,8 +194,9 @@ class DoraLayer(LoraLayer):
         computed once for as long as the weight is unchanged (see :meth:`_squared_row_norms`)."""
         with torch.no_grad():
             weight = linear_weight(module)
-            a, b = self.lora_A.float(), self.lora_B.float()
-            cross = (b * (weight @ self.lora_A.t().to(weight.dtype)).float()).sum(1)
+            lora_A, lora_B = self.factors()
+            a, b = lora_A.float(), lora_B.float()
+            cross = (b * (weight @ lora_A.t().to(weight.dtype)).float()).sum(1)
             square = ((b @ (a @ a.t())) * b).sum(1)
             s = self.scaling
             return (self._squared_row_norms(module) + (2 * s) * cross + (s * s) * square).clamp_min(0).sqrt()
@@ -157,8 +229,9 @@ class DoraLayer(LoraLayer):
             bias = getattr(module, "bias", None)
             # k h_out + (1 - k) b = h_out + (k - 1)(h_out - b): one pass, and exactly h_out while k is 1
             out = h_out * k if bias is None else torch.addcmul(bias.to(dtype) * (1 - k), h_out, k)
-        low = F.linear(h, self.lora_A).reshape(-1, self.lora_A.shape[0]).to(dtype)
-        scaled_b = (self.lora_B * scale.unsqueeze(1)).to(dtype)  # k B: out x r, cheaper than k on the output
+        lora_A, lora_B = self.factors()
+        low = F.linear(h, lora_A).reshape(-1, lora_A.shape[0]).to(dtype)
+        scaled_b = (lora_B * scale.unsqueeze(1)).to(dtype)  # k B: out x r, cheaper than k on the output
         if out.is_contiguous():  # a fresh tensor that nothing keeps for backward: add in place
             out.view(-1, out.shape[-1]).addmm_(low, scaled_b.t(), alpha=self.scaling)
             return out
@@ -167,8 +240,37 @@ class DoraLayer(LoraLayer):
     def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """``m * (W + s B A) / ||W + s B A||`` (transposed for Conv1D); the bias is unchanged."""
         k = (self.magnitude.float() / self.weight_norm(module)).unsqueeze(1)
-        update = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        lora_A, lora_B = self.factors()
+        update = (lora_B.float() @ lora_A.float()) * self.scaling
         return {"weight": fold_into_weight(module, lambda w: ((w.float() + update) * k).to(w.dtype))}
+
+
+def lora_factors(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, lora_A0: torch.Tensor | None = None, lora_B0: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of a LoRA layer's weight change s B A, from its tensors (:meth:`LoraLayer.factors`)."""
+    if lora_A0 is None or lora_B0 is None:
+        return lora_A, lora_B
+    return torch.cat([lora_A, lora_A - lora_A0]), torch.cat([lora_B - lora_B0, lora_B0], 1)
+
+
+def _weight_factors(weight: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Starting factors (A0: r x in, B0: out x r) from a weight (out x in), computed in float32 as PEFT does:
+    PiSSA ``s B0 A0`` = the top-r singular part of W (exact SVD, or randomized with ``pissa_niter_K``);
+    OLoRA ``B0, A0`` = the first r columns of Q and rows of R in ``W = Q R``."""
+    w = weight.float()
+    if init == "olora":
+        q, upper = torch.linalg.qr(w)
+        return upper[:r].contiguous(), q[:, :r].contiguous()
+    niter = _NITER.fullmatch(init)
+    if niter is None:
+        u, singular, vh = torch.linalg.svd(w, full_matrices=False)
+        u, singular, vh = u[:, :r], singular[:r], vh[:r]
+    else:
+        u, singular, v = torch.svd_lowrank(w, q=r, niter=int(niter["niter"]))
+        vh = v.t()
+    root = (singular / scaling).sqrt()
+    return (root.unsqueeze(1) * vh).contiguous(), (u * root).contiguous()
 
 
 def _accumulator(h_out: torch.Tensor) -> torch.Tensor | None:
@@ -199,7 +301,8 @@ class LoraModel(DeltaBase):
 
     Arguments: ``lora_r=8, lora_alpha=16, lora_dropout=0.0``, ``use_rslora=False``,
     ``rank_pattern`` / ``alpha_pattern`` (per-module overrides), ``use_dora=False`` (DoRA: a
-    trained magnitude per output feature); default positions: attention query and value.
+    trained magnitude per output feature), ``init_lora_weights=True`` (or ``"gaussian"``, ``False``,
+    ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``); default positions: attention query and value.
     """
 
     config_class = LoraConfig
@@ -215,4 +318,4 @@ class LoraModel(DeltaBase):
             )
         if self.config.use_dora:
             return DoraLayer(*shape, self.config, module, path)
-        return LoraLayer(*shape, self.config, module.weight, path)
+        return LoraLayer(*shape, self.config, module, path)
