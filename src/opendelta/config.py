@@ -196,7 +196,7 @@ def _checked(owner: str, name: str, value: Any, kind: Any, rule: Rule, f: datacl
         optional = len(args) < len(typing.get_args(kind))
         if len(args) == 1:
             kind = args[0]
-        elif set(args) == {bool, str} and value is not None:  # a switch or a named variant: checked as either
+        elif set(args) == {bool, str}:  # a switch or a named variant: checked as either
             kind = bool if isinstance(value, bool) else str
         else:
             kind = Any  # a union of other types: no type check

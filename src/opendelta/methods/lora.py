@@ -217,25 +217,27 @@ class DoraLayer(LoraLayer):
 
     def route_parallel(self, h_in: torch.Tensor, h_out: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
         assert module is not None, "the engine passes the module to layers with reads_module"
-        dtype = h_out.dtype
+        dtype, features = h_out.dtype, h_out.shape[-1]
         scale = self.magnitude / self.weight_norm(module).to(self.magnitude.dtype)  # k, trained through m only
         k = scale.to(dtype)
+        flat_out = h_out.reshape(-1, features)
         if self.dropout is not None and self.training:
             # the magnitude rescales W applied to the dropped-out input, as PEFT does, so W h is recomputed
             h = self.dropout(h_in)
-            out = torch.addcmul(h_out, F.linear(h, linear_weight(module).to(dtype)), k - 1)
+            base = F.linear(h, linear_weight(module).to(dtype)).reshape(-1, features)
+            out = torch.addcmul(flat_out, base, k - 1)
         else:
             h = h_in
             bias = getattr(module, "bias", None)
             # k h_out + (1 - k) b = h_out + (k - 1)(h_out - b): one pass, and exactly h_out while k is 1
-            out = h_out * k if bias is None else torch.addcmul(bias.to(dtype) * (1 - k), h_out, k)
+            out = flat_out * k if bias is None else torch.addcmul(bias.to(dtype) * (1 - k), flat_out, k)
         lora_A, lora_B = self.factors()
         low = F.linear(h, lora_A).reshape(-1, lora_A.shape[0]).to(dtype)
         scaled_b = (lora_B * scale.unsqueeze(1)).to(dtype)  # k B: out x r, cheaper than k on the output
-        if out.is_contiguous():  # a fresh tensor that nothing keeps for backward: add in place
-            out.view(-1, out.shape[-1]).addmm_(low, scaled_b.t(), alpha=self.scaling)
-            return out
-        return out + (low @ scaled_b.t()).view(out.shape) * self.scaling
+        # `out` is a fresh 2-D tensor that nothing keeps for backward: adding in place (not into a view,
+        # which would cost a gradient copy in backward) spares an output-sized temporary
+        out.addmm_(low, scaled_b.t(), alpha=self.scaling)
+        return out.view(h_out.shape)
 
     def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """``m * (W + s B A) / ||W + s B A||`` (transposed for Conv1D); the bias is unchanged."""
