@@ -30,6 +30,7 @@ from opendelta.checkpoint_files import (
     write_files,
 )
 from opendelta.errors import CorruptCheckpointError, PeftFormatError
+from opendelta.linear_maps import update_factors
 from opendelta.registry import lookup
 
 if TYPE_CHECKING:
@@ -98,15 +99,13 @@ def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensor
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     conv1d = False
-    from opendelta.methods.lora import lora_factors  # here: the methods import the engine, which imports this
-
     # a LoRA started from the weight (PiSSA, OLoRA) is written as PEFT writes one converted with
     # path_initial_model_for_weight_conversion: a plain LoRA of rank 2r on the original weights
     factor = 2 if config.data_aware_init else 1
     rank, default_alpha = factor * config.lora_r, _alpha_for(config, factor)
     for path, layer in delta.layers.items():
         stored = {name: tensors[delta_key(path, name)] for name in layer.state_dict()}
-        lora_A, lora_B = lora_factors(stored["lora_A"], stored["lora_B"], stored.get("lora_A0"), stored.get("lora_B0"))
+        lora_A, lora_B = update_factors(stored["lora_A"], stored["lora_B"], stored.get("lora_A0"), stored.get("lora_B0"))
         tensors_out[f"{PREFIX}{path}.lora_A.weight"] = lora_A.contiguous()
         tensors_out[f"{PREFIX}{path}.lora_B.weight"] = lora_B.contiguous()
         if "magnitude" in stored:

@@ -32,7 +32,7 @@ from opendelta.delta_base import DeltaBase
 from opendelta.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta.layer import DeltaLayer
 from opendelta.runtime_init import Observation
-from opendelta.linear_maps import fold_into_weight, linear_shape, linear_weight
+from opendelta.linear_maps import fold_into_weight, linear_shape, linear_weight, update_factors
 
 
 class InitNames(Collection):
@@ -132,7 +132,7 @@ class LoraLayer(DeltaLayer):
         """(A, B) whose product s B A is the change of the weight: the trained factors, or for a layer
         started from the weight ``([A; A - A0], [B - B0, B0])`` (rank 2r), since
         ``B A - B0 A0 = (B - B0) A + B0 (A - A0)``: exactly zero while A, B are still A0, B0."""
-        return lora_factors(self.lora_A, self.lora_B, self._buffers.get("lora_A0"), self._buffers.get("lora_B0"))
+        return update_factors(self.lora_A, self.lora_B, self._buffers.get("lora_A0"), self._buffers.get("lora_B0"))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
@@ -245,15 +245,6 @@ class DoraLayer(LoraLayer):
         lora_A, lora_B = self.factors()
         update = (lora_B.float() @ lora_A.float()) * self.scaling
         return {"weight": fold_into_weight(module, lambda w: ((w.float() + update) * k).to(w.dtype))}
-
-
-def lora_factors(
-    lora_A: torch.Tensor, lora_B: torch.Tensor, lora_A0: torch.Tensor | None = None, lora_B0: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors of a LoRA layer's weight change s B A, from its tensors (:meth:`LoraLayer.factors`)."""
-    if lora_A0 is None or lora_B0 is None:
-        return lora_A, lora_B
-    return torch.cat([lora_A, lora_A - lora_A0]), torch.cat([lora_B - lora_B0, lora_B0], 1)
 
 
 def _weight_factors(weight: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
