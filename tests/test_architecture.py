@@ -240,7 +240,7 @@ def test_the_check_finds_private_engine_reads_and_dict_writes():
 
 def test_the_engine_private_names_include_its_state_and_helpers():
     names = engine_private_names()
-    assert {"_targets", "_originals", "_setup"} <= names
+    assert {"_targets", "_changes", "_homes", "_setup"} <= names
 
 
 @pytest.mark.parametrize("path", method_sources(), ids=lambda p: str(p.relative_to(METHODS_DIR)))

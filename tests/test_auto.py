@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from support.family_zoo import fresh
+from support.families import fresh
 from torch import nn
 
 from opendelta import AutoDeltaConfig, AutoDeltaModel, DeltaBase, DeltaConfig, DeltaLayer, LoraConfig, LoraModel

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from support.numerics import assert_within_noise, float32_noise
-from support.tiny_families import FAMILIES, fresh, hidden
+from support.families import MATRIX as FAMILIES, fresh, hidden
 from torch import nn
 
 from opendelta import CompacterModel, DeltaConfigError, UnsupportedModuleError

@@ -21,7 +21,7 @@ import pytest
 import torch
 from support.methods import METHODS as METHOD_TABLE
 from support.methods import builtin_delta_types
-from support.tiny_families import fresh
+from support.families import fresh
 
 from opendelta import AutoDeltaConfig, AutoDeltaModel, DeltaConfigError, LoraModel, SoftPromptModel
 from opendelta.config import MAX_SIZE
@@ -210,16 +210,17 @@ def test_a_delta_name_that_is_not_an_identifier_is_a_config_error(name) -> None:
 
 
 def test_a_soft_prompt_longer_than_the_backbone_has_positions_is_a_config_error() -> None:
-    model = fresh("gpt2")  # the tiny GPT-2 has n_positions=16 (max_position_embeddings)
+    model = fresh("gpt2")
+    n = model.config.max_position_embeddings  # the tiny GPT-2's n_positions
     before = snapshot(model)
-    with pytest.raises(DeltaConfigError, match=r"soft_token_num=20.*max_position_embeddings=16") as info:
-        SoftPromptModel(model, soft_token_num=20)
+    with pytest.raises(DeltaConfigError, match=rf"soft_token_num={n + 4}.*max_position_embeddings={n}") as info:
+        SoftPromptModel(model, soft_token_num=n + 4)
     assert_unchanged(model, before)
-    with pytest.raises(DeltaConfigError, match=r"soft_token_num=16.*max_position_embeddings=16"):
-        SoftPromptModel(model, soft_token_num=16)  # no position would be left for the input
+    with pytest.raises(DeltaConfigError, match=rf"soft_token_num={n}.*max_position_embeddings={n}"):
+        SoftPromptModel(model, soft_token_num=n)  # no position would be left for the input
     assert_unchanged(model, before)
-    assert "soft_token_num < 16" in str(info.value)
-    assert SoftPromptModel(model, soft_token_num=15).layers[""].soft_token_num == 15
+    assert f"soft_token_num < {n}" in str(info.value)
+    assert SoftPromptModel(model, soft_token_num=n - 1).layers[""].soft_token_num == n - 1
 
 
 # ------------------------------------------------------------------ good values

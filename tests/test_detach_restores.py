@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import opendelta.delta_base
+import opendelta.backbone_changes
 from opendelta import AdapterModel, IA3Model, LifecycleError, LoraModel, RuntimeInitError
 
 from conftest import PlainNet, hidden, inputs_for, perturb, tiny_bert
@@ -143,8 +143,8 @@ def test_an_attach_that_fails_half_way_changes_nothing(monkeypatch):
             raise RuntimeError("injected")
         real_set_flag(param, owner, flag)
 
-    real_set_flag = opendelta.delta_base.set_flag
-    monkeypatch.setattr(opendelta.delta_base, "set_flag", fails_on_the_third)
+    real_set_flag = opendelta.backbone_changes.set_flag
+    monkeypatch.setattr(opendelta.backbone_changes, "set_flag", fails_on_the_third)
     with pytest.raises(RuntimeError, match="injected"):
         delta.attach()
     assert_unchanged(model, detached)

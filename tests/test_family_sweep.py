@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from support.family_zoo import FAMILIES, check_defaults, fresh
+from support.families import FAMILIES, fresh
+from support.family_zoo import check_defaults
 
 from opendelta import AutoDeltaModel, OpenDeltaError
 from opendelta.registry import known_delta_types

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from support.methods import METHODS
-from support.tiny_families import FAMILIES, fresh, hidden
+from support.families import MATRIX as FAMILIES, fresh, fresh_base, hidden
 from torch import nn
 
 from opendelta import (
@@ -69,7 +69,7 @@ def test_adapter_defaults_to_the_attention_output_and_ffn_down_projections_of_be
 
 
 def test_bitfit_defaults_cover_projections_and_norms_including_bias_free_llama_ones() -> None:
-    paths = BitFitModel.plan(fresh("llama"))
+    paths = BitFitModel.plan(fresh_base("llama"))
     assert tails(paths) >= {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                             "mlp.up_proj", "mlp.gate_proj", "mlp.down_proj", "0.input_layernorm",
                             "0.post_attention_layernorm"}
@@ -88,10 +88,11 @@ def test_parallel_adapter_on_bert_spans_the_ffn_from_its_up_to_its_down_projecti
 
 
 def test_ia3_scales_key_and_value_outputs_and_the_ffn_down_projection_input() -> None:
-    delta = IA3Model(fresh("llama"))
+    model = fresh_base("llama")
+    delta = IA3Model(model)
     kinds = {path.split(".")[-1]: type(layer) for path, layer in delta.layers.items()}
     assert kinds == {"k_proj": IA3Layer, "v_proj": IA3Layer, "down_proj": IA3InputLayer}
-    assert delta.layers["layers.0.mlp.down_proj"].scale.shape == (37,)  # the intermediate size
+    assert delta.layers["layers.0.mlp.down_proj"].scale.shape == (model.config.intermediate_size,)
 
 
 # ------------------------------------------------------------------ formulas

@@ -6,7 +6,7 @@ import pytest
 import torch
 from support.methods import METHODS
 from support.numerics import assert_changed
-from support.tiny_families import FAMILIES, Family, fresh, hidden
+from support.families import MATRIX as FAMILIES, Family, fresh, hidden
 
 from opendelta import DeltaBase
 

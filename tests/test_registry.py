@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from support.family_zoo import fresh
+from support.families import fresh
 
 from opendelta import AutoDeltaModel, DeltaBase, DeltaConfig, DuplicateDeltaTypeError, LoraConfig, LoraModel
 from opendelta.errors import DeltaConfigError

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from support.tiny_families import FAMILIES, fresh, hidden
+from support.families import MATRIX as FAMILIES, fresh_base, hidden
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -126,7 +126,7 @@ def test_only_a_parallel_delta_can_span_and_a_refused_one_leaves_the_modules_alo
 FFN_POSITIONS = {
     "bert": ["encoder.layer.0.intermediate.dense->encoder.layer.0.output.dense",
              "encoder.layer.1.intermediate.dense->encoder.layer.1.output.dense"],
-    "bart": ["encoder.layers.0.fc1->encoder.layers.0.fc2", "decoder.layers.0.fc1->decoder.layers.0.fc2"],
+    "bart": [f"{side}.layers.{i}.fc1->{side}.layers.{i}.fc2" for side in ("encoder", "decoder") for i in (0, 1)],
     "opt": ["decoder.layers.0.fc1->decoder.layers.0.fc2", "decoder.layers.1.fc1->decoder.layers.1.fc2"],
     "llama": ["layers.0.mlp", "layers.1.mlp"],
 }
@@ -148,13 +148,13 @@ def ffn_adapter(name: str, model: nn.Module, **args) -> ParallelAdapterModel:
 
 @pytest.mark.parametrize("name", FFN_POSITIONS)
 def test_default_ffn_positions_are_the_ffn_module_or_the_span_of_its_two_projections(name: str) -> None:
-    paths = ParallelAdapterModel.plan(fresh(name))
+    paths = ParallelAdapterModel.plan(fresh_base(name))
     assert [p for p in paths if "attn" not in p and "attention" not in p] == FFN_POSITIONS[name]
 
 
 @pytest.mark.parametrize("name", FFN_POSITIONS)
 def test_the_ffn_output_changes_by_exactly_s_times_the_adapter_of_the_ffn_input(name: str) -> None:
-    model = fresh(name)
+    model = fresh_base(name)
     delta = ffn_adapter(name, model, scaled=2.5)
     perturb(delta)
     path = FFN_POSITIONS[name][0]
@@ -186,7 +186,7 @@ def test_the_ffn_output_changes_by_exactly_s_times_the_adapter_of_the_ffn_input(
 
 @pytest.mark.parametrize("name", FFN_POSITIONS)
 def test_detach_restores_the_backbone_bit_for_bit_and_attach_brings_the_tuned_output_back(name: str) -> None:
-    model = fresh(name)
+    model = fresh_base(name)
     family = FAMILIES[name]
     original, before = hidden(model, family), state(model)
     delta = ParallelAdapterModel(model, bottleneck_dim=6)
@@ -201,12 +201,12 @@ def test_detach_restores_the_backbone_bit_for_bit_and_attach_brings_the_tuned_ou
 
 @pytest.mark.parametrize("name", FFN_POSITIONS)
 def test_save_then_load_reproduces_the_output_with_readable_keys(name: str, tmp_path) -> None:
-    model = fresh(name)
+    model = fresh_base(name)
     delta = ParallelAdapterModel(model, bottleneck_dim=6)
     perturb(delta)
     tuned = hidden(model, FAMILIES[name])
     delta.save_finetuned(tmp_path)
-    other = fresh(name)
+    other = fresh_base(name)
     loaded = ParallelAdapterModel.from_finetuned(tmp_path, other)
     assert list(loaded.layers) == list(delta.layers)
     assert torch.equal(hidden(other, FAMILIES[name]), tuned)
@@ -215,7 +215,7 @@ def test_save_then_load_reproduces_the_output_with_readable_keys(name: str, tmp_
 
 
 def test_a_span_layer_lives_under_its_end_module_in_the_backbone() -> None:
-    model = fresh("bert")
+    model = fresh_base("bert")
     ParallelAdapterModel(model, bottleneck_dim=6)
     keys = [k for k in model.state_dict() if "parallel_adapter" in k and "intermediate" not in k]
     assert "encoder.layer.0.output.dense.parallel_adapter.down.weight" in keys
@@ -227,7 +227,7 @@ def test_a_span_layer_lives_under_its_end_module_in_the_backbone() -> None:
 def test_gradient_checkpointing_gives_span_adapters_the_same_gradients(name: str, use_reentrant: bool) -> None:
     grads = []
     for checkpointing in (False, True):
-        model = fresh(name).train()
+        model = fresh_base(name).train()
         if checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
         delta = ffn_adapter(name, model)
@@ -245,7 +245,7 @@ def test_gradient_checkpointing_gives_span_adapters_the_same_gradients(name: str
 
 
 def test_mixed_batch_runs_each_rows_own_span_adapter() -> None:
-    model, family = fresh("bert"), FAMILIES["bert"]
+    model, family = fresh_base("bert"), FAMILIES["bert"]
     deltas = [ParallelAdapterModel(model, bottleneck_dim=6, name=f"task{i}") for i in range(2)]
     for i, delta in enumerate(deltas):
         perturb(delta, seed=i + 1)
@@ -260,7 +260,7 @@ def test_mixed_batch_runs_each_rows_own_span_adapter() -> None:
 
 
 def test_a_deepcopied_backbone_runs_its_own_span_adapters() -> None:
-    model, family = fresh("opt"), FAMILIES["opt"]
+    model, family = fresh_base("opt"), FAMILIES["opt"]
     original = hidden(model, family)
     delta = ParallelAdapterModel(model, bottleneck_dim=6)
     perturb(delta)
@@ -275,34 +275,34 @@ def test_a_deepcopied_backbone_runs_its_own_span_adapters() -> None:
 
 
 def test_a_span_is_addressed_by_name_or_by_role_and_pairs_within_each_layer() -> None:
-    model = fresh("bert")
+    model = fresh_base("bert")
     by_name = ParallelAdapterModel.plan(model, modified_modules=["intermediate.dense->output.dense"])
     by_role = ParallelAdapterModel.plan(model, modified_modules=["ffn.up->ffn.down"], common_structure=True)
     assert by_name == by_role == FFN_POSITIONS["bert"]
 
 
 def test_a_span_from_a_module_to_itself_is_that_module() -> None:
-    assert ParallelAdapterModel.plan(fresh("llama"), modified_modules=["mlp->mlp"]) == FFN_POSITIONS["llama"]
+    assert ParallelAdapterModel.plan(fresh_base("llama"), modified_modules=["mlp->mlp"]) == FFN_POSITIONS["llama"]
 
 
 def test_exclude_modules_removes_a_span_whose_start_or_end_it_names() -> None:
-    paths = ParallelAdapterModel.plan(fresh("bert"), modified_modules=["intermediate.dense->output.dense"],
+    paths = ParallelAdapterModel.plan(fresh_base("bert"), modified_modules=["intermediate.dense->output.dense"],
                                       exclude_modules=["encoder.layer.1.output"])
     assert paths == FFN_POSITIONS["bert"][:1]
 
 
 def test_a_span_whose_start_has_no_end_after_it_in_its_block_is_a_pattern_error() -> None:
     with pytest.raises(PatternError, match="no end after it"):
-        ParallelAdapterModel(fresh("bert"), modified_modules=["output.dense->intermediate.dense"])
+        ParallelAdapterModel(fresh_base("bert"), modified_modules=["output.dense->intermediate.dense"])
 
 
 def test_a_span_side_that_matches_nothing_names_it() -> None:
     with pytest.raises(NoMatchError, match="fc3"):
-        ParallelAdapterModel(fresh("opt"), modified_modules=["fc1->fc3"])
+        ParallelAdapterModel(fresh_base("opt"), modified_modules=["fc1->fc3"])
 
 
 def test_a_method_that_acts_on_one_module_refuses_a_span_and_leaves_the_model_alone() -> None:
-    model = fresh("bert")
+    model = fresh_base("bert")
     before = state(model)
     with pytest.raises(UnsupportedModuleError, match="span"):
         LoraModel(model, modified_modules=["intermediate.dense->output.dense"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.family_zoo import fresh
+from support.families import fresh
 from torch import nn
 
 from opendelta import LoraModel

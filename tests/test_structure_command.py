@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from support.family_zoo import BY_NAME
+from support.families import BY_NAME
 from transformers import AutoConfig
 
 from opendelta import structure

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.tiny_families import fresh
+from support.families import fresh, fresh_base
 
 from opendelta import IA3Model, LoraModel, ParallelAdapterModel, SoftPromptModel, find_modules
 from opendelta.config import DeltaConfig
@@ -43,7 +43,7 @@ def test_a_span_target_holds_its_start_and_end_paths_and_modules() -> None:
 
 
 def test_a_module_target_is_one_module_and_a_span_to_itself_is_that_module() -> None:
-    model = fresh("llama")
+    model = fresh_base("llama")
     (by_name,) = resolve(model, ["layers.0.mlp"])
     (by_span,) = resolve(model, ["layers.0.mlp->layers.0.mlp"])
     assert by_name == by_span and not by_span.is_span and by_span.sides == ("layers.0.mlp",)

@@ -7,14 +7,9 @@ and loading in serialization.py, parameter counts and log() in reporting.py, beh
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import itertools
 import os
-import threading
-import time
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -22,73 +17,30 @@ from rich.console import Console
 from torch import nn
 
 from opendelta import reporting, serialization
-from opendelta.addressing import ancestors, backbone_modules, is_delta_module, match_names
-from opendelta.claims import check_value_free, claim_value, release_flag, release_value, set_flag
-from opendelta.config import DeltaConfig, check_delta_name, check_name_list, is_finite_number
+from opendelta.backbone_changes import BackboneChanges
+from opendelta.config import DeltaConfig, check_delta_name, check_name_list
 from opendelta.distributed import ARRIVAL_TIMEOUT_S
-from opendelta.errors import (
-    DeltaConfigError,
-    LifecycleError,
-    MergeError,
-    PatternError,
-    RuntimeInitError,
-    UnreachedModuleError,
-    UnsupportedModuleError,
-)
-from opendelta.input_grads import require_input_grads
+from opendelta.errors import DeltaConfigError, LifecycleError, RuntimeInitError
 from opendelta.interactive import choose_modules
 from opendelta.layer import DeltaLayer
+from opendelta.merging import check_last_merged, merge_layers, unmerge_layers
+from opendelta.ordering import checked_position, creation_stamp
+from opendelta.placement import LayerHomes
 from opendelta.reachability import FirstForwardCheck
 from opendelta.registry import RegisteredConfig, RegisteredType, register
 from opendelta.routing import (
-    DATA_FLOW_LOCK,
     OrderKey,
     Span,
     add_delta,
+    changes_data_flow,
     mixing_anywhere,
     remove_delta,
-    site_of,
-    swap_delta,
+    switch_deltas,
 )
-from opendelta.runtime_init import Observation, observe
-from opendelta.targets import Target, resolve_config
+from opendelta.runtime_init import Observation, observe_targets
+from opendelta.targets import Target, check_hostable, free_name, resolve_config
 
 D = TypeVar("D", bound="DeltaBase")
-F = TypeVar("F", bound=Callable[..., Any])
-#: in a module's __dict__: names of the deltas merged into its weights, in merge order
-_MERGED_ATTR = "_opendelta_merged"
-
-_stamp_lock = threading.Lock()
-_last_stamp = 0
-
-
-def _creation_stamp() -> int:
-    """Nanoseconds since the epoch, strictly increasing within this process, so a delta created
-    later gets a larger stamp (across processes too, as far as their clocks agree)."""
-    global _last_stamp
-    with _stamp_lock:
-        _last_stamp = max(time.time_ns(), _last_stamp + 1)
-        return _last_stamp
-
-
-def _checked_position(order: Any) -> float:
-    if not is_finite_number(order):
-        raise DeltaConfigError(
-            f"order must be a finite number, got {order!r}: a negative order runs the delta before the deltas "
-            "of the default order 0 on the modules it shares with them, a positive one after them."
-        )
-    return order
-
-
-def _changes_data_flow(method: F) -> F:
-    """Run a lifecycle method holding DATA_FLOW_LOCK, so no thread plans a mixed batch on a half-changed model."""
-
-    @functools.wraps(method)
-    def locked(*args: Any, **kwargs: Any) -> Any:
-        with DATA_FLOW_LOCK:
-            return method(*args, **kwargs)
-
-    return locked  # type: ignore[return-value]
 
 
 class DeltaBase:
@@ -136,7 +88,6 @@ class DeltaBase:
         order: float | None = None,
         **method_args: Any,
     ):
-        position = 0 if order is None else _checked_position(order)
         if interactive_modify:
             modified_modules = choose_modules(backbone_model, interactive_modify)
         config = self.config_class.from_dict(
@@ -148,9 +99,7 @@ class DeltaBase:
                 **method_args,
             }
         )
-        self._setup(backbone_model, config, self.resolve_targets(backbone_model, config), name, dummy_inputs)
-        self._order = (position, self._order[1], "")
-        self.attach()
+        self._build(backbone_model, config, name, dummy_inputs, order)
 
     # ----------------------------------------------------------------- construction
 
@@ -160,15 +109,17 @@ class DeltaBase:
         dummy_inputs: Any = None, order: float | None = None,
     ) -> D:
         """Build and attach a delta of this class from a config object or dict."""
-        position = 0 if order is None else _checked_position(order)
         if isinstance(config, dict):
             config = cls.config_class.from_dict(config)
-        obj = cls.build_detached(
-            backbone_model, config, cls.resolve_targets(backbone_model, config), name=name, dummy_inputs=dummy_inputs
-        )
-        obj._order = (position, obj._order[1], "")
-        obj.attach()
+        obj = cls.__new__(cls)
+        obj._build(backbone_model, config, name, dummy_inputs, order)
         return obj
+
+    def _build(self, backbone: nn.Module, config: DeltaConfig, name: str | None, dummy_inputs: Any, order: Any) -> None:
+        position = 0 if order is None else checked_position(order)  # checked before anything is built
+        self._setup(backbone, config, self.resolve_targets(backbone, config), name, dummy_inputs)
+        self._order = (position, self._order[1], "")
+        self.attach()
 
     @classmethod
     def build_detached(
@@ -205,12 +156,7 @@ class DeltaBase:
     ) -> None:
         """Build every delta layer without touching the backbone."""
         check_delta_name(name)
-        for target in targets:
-            if isinstance(target.module, nn.Sequential):  # its forward would run the delta layer as a stage
-                raise UnsupportedModuleError(
-                    f"{target.end!r} is an nn.Sequential, which runs every child module in turn, so a delta layer "
-                    "cannot live inside it; address the module that contains it, or the modules inside it, instead."
-                )
+        check_hostable(targets)
         paths = [target.path for target in targets]
         self._targets: dict[str, Target] = {target.path: target for target in targets}
         observations, unverified = self._observe_targets(backbone, paths, dummy_inputs)
@@ -221,24 +167,14 @@ class DeltaBase:
             self.layers: dict[str, DeltaLayer] = {
                 t.path: self.new_layer(t.path, t.site, observations.get(t.path)) for t in targets
             }
-        self.name = self._free_name(name)
-        self._order: tuple[float, int, str] = (0, _creation_stamp(), "")  # see order_key
+        self.name = free_name(targets, name, self.delta_type or "delta")
+        self._order: tuple[float, int, str] = (0, creation_stamp(), "")  # see order_key
         self._attached = False
-        self._set_state_dict = False
-        self._state_dict_handle: Any = None
-        self._input_grad_handle: Any = None
-        self._originals: dict[str, torch.Tensor] = {}  # backbone tensors this delta trains: values before
-        self._tuned: dict[str, torch.Tensor] = {}  # ... and their tuned values while detached
-        self._flags: dict[str, bool] = {}  # backbone parameter -> requires_grad chosen by freeze_module
-        self._flagged: dict[int, nn.Parameter] = {}  # the parameters whose flags it set while attached
-        self._homes: dict[str, tuple[torch.dtype, torch.device] | None] = {}  # path -> dtype, device at detach
-        self._home_slots: dict[str, tuple[dict, str] | None] = {}  # path -> where _home() looks
-        self._merged: dict[str, dict[str, torch.Tensor]] = {}  # path -> parameter values before merge()
-        self._reach_check = (
-            FirstForwardCheck(backbone, {t.path: list(t.modules) for t in targets})
-            if unverified
-            else None
+        self._changes = BackboneChanges(
+            self, FirstForwardCheck(backbone, {t.path: list(t.modules) for t in targets}) if unverified else None
         )
+        self._homes = LayerHomes(backbone, self._targets, self.layers)
+        self._merged: dict[str, dict[str, torch.Tensor]] = {}  # path -> parameter values before merge()
 
     def _observe_targets(
         self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any
@@ -262,14 +198,7 @@ class DeltaBase:
 
         A span's observation is its start's input and its end's output.
         """
-        targets = [self._targets[p] for p in paths]
-        seen = observe(backbone, list(dict.fromkeys(side for t in targets for side in t.sides)), dummy_inputs)
-        for t in targets:
-            if t.is_span:
-                seen[t.path] = dataclasses.replace(
-                    seen[t.end], input_shape=seen[t.start].input_shape, input_dtype=seen[t.start].input_dtype
-                )
-        return seen
+        return observe_targets(backbone, [self._targets[p] for p in paths], dummy_inputs)
 
     def prepare(self, observations: Mapping[str, Observation]) -> None:
         """The build step before :meth:`new_layer`: where a method keeps state for one build (whatever
@@ -282,26 +211,6 @@ class DeltaBase:
         """The delta layer for the module (or span, see `accepts_spans`) at `path`; raise
         UnsupportedModuleError if it cannot act there."""
         raise NotImplementedError(f"{type(self).__name__} must implement new_layer()")
-
-    def _free_name(self, requested: str | None) -> str:
-        def taken(candidate: str) -> bool:
-            for target in self._targets.values():
-                module = target.module
-                if candidate in module._modules or hasattr(module, candidate):
-                    return True
-                if target.is_span and candidate in getattr(site_of(target.modules[0]), "span_starts", {}):
-                    return True
-            return False
-
-        if requested is not None:
-            if taken(requested):
-                raise LifecycleError(f"a delta or attribute named {requested!r} already exists on a target module; pick another name")
-            return requested
-        candidate, n = self.delta_type or "delta", 0
-        while taken(candidate):
-            n += 1
-            candidate = f"{self.delta_type or 'delta'}_{n}"
-        return candidate
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -317,8 +226,7 @@ class DeltaBase:
     def trained_backbone_tensors(self) -> dict[str, torch.Tensor]:
         """The backbone tensors this delta trains (an unfrozen head, ...) by name, with its values:
         the live parameters while attached, the values detach() took out while detached."""
-        params = dict(self.backbone_model.named_parameters()) if self._attached and self._originals else {}
-        return {n: params[n] if self._attached else self._tuned[n] for n in self._originals}
+        return self._changes.trained_tensors(self._attached)
 
     @property
     def order(self) -> float:
@@ -336,6 +244,9 @@ class DeltaBase:
     def is_merged(self) -> bool:
         return bool(self._merged)
 
+    def _placed(self) -> list[tuple[nn.Module | Span, DeltaLayer]]:
+        return [(self._targets[path].site, layer) for path, layer in self.layers.items()]
+
     def _check_free(self, action: str) -> None:
         """Refuse to change the data flow while a mixed batch (in any thread) has planned it."""
         if mixing_anywhere(self.backbone_model):
@@ -344,15 +255,15 @@ class DeltaBase:
                 "backbone; leave the block first (in another thread: let its batch end)"
             )
 
-    @_changes_data_flow
+    @changes_data_flow
     def attach(self) -> DeltaBase:
         """Put the delta layers, the trained backbone tensors and the requires_grad flags freeze_module
         chose back into the backbone; the layers first follow any ``.to()`` move it made meanwhile."""
         if self._attached:
             raise LifecycleError(f"delta {self.name!r} is already attached; detach() it first")
         self._check_free("attach")
-        self._check_backbone_tensors("attach")
-        self._follow_backbone()
+        self._changes.check_can_apply("attach")
+        self._homes.follow()
         done: list[str] = []
         try:
             for path, layer in self.layers.items():
@@ -367,85 +278,10 @@ class DeltaBase:
 
     def _after_attach(self, input_grad_handle: Any = None) -> None:
         """Everything attach() does beyond the layers; on failure it undoes its own part and raises."""
-        self._apply_backbone_changes()
-        if input_grad_handle is None:
-            input_grad_handle = require_input_grads(self.backbone_model)
-        self._input_grad_handle = input_grad_handle
-        if self._reach_check is not None:
-            self._reach_check.install()
+        self._changes.apply(input_grad_handle)
         self._attached = True
-        if self._set_state_dict:
-            self._install_state_dict_filter()
 
-    def _check_backbone_tensors(self, action: str, leaving: DeltaBase | None = None) -> None:
-        """Before a detached delta attaches: raise LifecycleError if another attached delta owns a
-        backbone tensor it trains, or if that tensor changed since detach (attach would overwrite
-        the change). `leaving` is a delta that detaches in the same step (switch)."""
-        params = dict(self.backbone_model.named_parameters()) if self._tuned else {}
-        for name, tuned in self._tuned.items():
-            param = params.get(name)
-            if param is None or param.shape != tuned.shape:
-                raise LifecycleError(
-                    f"cannot {action} delta {self.name!r}: the backbone tensor {name!r} it trains is "
-                    f"{'gone' if param is None else f'now of shape {tuple(param.shape)}, not {tuple(tuned.shape)}'}; "
-                    "attach it to the backbone it was trained on."
-                )
-            owner = leaving if leaving is not None and name in leaving._originals else None
-            check_value_free(param, name, self, f"{action} delta {self.name!r}", also_free=owner)
-            current = owner._originals[name] if owner is not None else param.detach()
-            if param.is_meta:
-                continue
-            left = self._originals[name].to(param.device, param.dtype)  # what detach() left, moved as the backbone
-            if not torch.equal(current.to(param.device, param.dtype), left):
-                raise LifecycleError(
-                    f"cannot {action} delta {self.name!r}: the backbone tensor {name!r} changed while the delta was "
-                    f"detached, and {self.name!r} trains that tensor, so attaching would overwrite the change with its "
-                    "trained value (and a later detach() would not bring the change back). Put back the value detach() "
-                    "left there (the backbone's own, e.g. from a freshly loaded copy) and attach again; to keep your "
-                    "change, attach the delta to another copy of the backbone."
-                )
-
-    def _apply_backbone_changes(self) -> None:
-        """Swap in the trained values of the backbone tensors this delta owns and set the flags its
-        freeze_module chose; all or nothing."""
-        params = dict(self.backbone_model.named_parameters()) if self._tuned or self._flags else {}
-        swapped: list[str] = []
-        try:
-            with torch.no_grad():
-                for name, tuned in self._tuned.items():
-                    param = params[name]
-                    # what the backbone holds now: the original, moved along with any .to() since detach
-                    self._originals[name] = param.detach().clone()
-                    param.copy_(tuned)
-                    claim_value(param, self)
-                    swapped.append(name)
-            for name, flag in self._flags.items():
-                if name in params:  # another delta's parameter is here only while that delta is attached
-                    set_flag(params[name], self, flag)
-                    self._flagged[id(params[name])] = params[name]
-        except Exception:
-            self._undo_backbone_changes({n: self._originals[n] for n in swapped})
-            raise
-        self._tuned = {}
-
-    def _undo_backbone_changes(self, originals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Put back the flags this delta set and the `originals` of the tensors it trains; return
-        the values those tensors held (the trained ones)."""
-        for param in reversed(self._flagged.values()):
-            release_flag(param, self)
-        self._flagged = {}
-        params = dict(self.backbone_model.named_parameters()) if originals else {}
-        tuned: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for name, original in originals.items():
-                param = params[name]
-                tuned[name] = param.detach().clone()
-                self._originals[name] = original.to(param.device, param.dtype)  # the stash follows .to() moves
-                param.copy_(self._originals[name])
-                release_value(param, self)
-        return tuned
-
-    @_changes_data_flow
+    @changes_data_flow
     def detach(self) -> DeltaBase:
         """Take the delta out; the backbone computes exactly what it computed before the delta came.
 
@@ -461,48 +297,13 @@ class DeltaBase:
         self._after_detach()
         return self
 
-    def _after_detach(self) -> None:
-        self._homes = {path: self._home(path) for path in self.layers}
-        self._tuned = self._undo_backbone_changes(self._originals)
-        if self._state_dict_handle is not None:
-            self._state_dict_handle.remove()
-            self._state_dict_handle = None
-        if self._input_grad_handle is not None:
-            self._input_grad_handle.remove()
-            self._input_grad_handle = None
-        if self._reach_check is not None:
-            self._reach_check.remove()
+    def _after_detach(self, keep_input_grads: bool = False) -> Any:
+        self._homes.record(self.layers)
+        handle = self._changes.undo(keep_input_grads)
         self._attached = False
+        return handle
 
-    def _follow_backbone(self) -> None:
-        """Move each (detached) layer as the backbone's ``.to()`` moved its module since detach, as
-        if the layer had stayed attached: same device, and the new dtype if the dtype changed."""
-        if not self._homes:
-            return
-        with torch.inference_mode(False):  # a conversion under inference_mode would make untrainable tensors
-            for path, layer in self.layers.items():
-                before = self._homes.get(path)
-                now = self._home(path)
-                if before is None or now is None or before == now:
-                    continue
-                if now[1] != before[1]:
-                    layer.to(device=now[1])
-                if now[0] != before[0]:
-                    layer.to(dtype=now[0])
-        self._homes = {}
-
-    def _home(self, path: str) -> tuple[torch.dtype, torch.device] | None:
-        """The dtype and device the layer at `path` follows (see :func:`_home_slot`; looked up once)."""
-        slot = self._home_slots.get(path)
-        t = slot[0].get(slot[1]) if slot is not None else None
-        if t is None or not t.is_floating_point():
-            slot = self._home_slots[path] = _home_slot(self.backbone_model, self._targets[path])
-            if slot is None:
-                return None
-            t = slot[0][slot[1]]
-        return t.dtype, t.device
-
-    @_changes_data_flow
+    @changes_data_flow
     def switch(self, to: DeltaBase) -> DeltaBase:
         """Detach this delta and attach `to` in one step; returns `to`.
 
@@ -517,53 +318,22 @@ class DeltaBase:
             raise LifecycleError(f"switch() starts from an attached, unmerged delta; {self.name!r} is not")
         if to._attached:
             raise LifecycleError(f"delta {to.name!r} is already attached; switch to a detached delta")
-        to._check_backbone_tensors("switch to", leaving=self)
-        to._follow_backbone()
-        old_by_module = {id(self._targets[p].site): p for p in self.layers}
-        new_paths = {id(to._targets[p].site) for p in to.layers}
-        done: list[tuple[str, str | None]] = []  # (new path, old path swapped out there)
-
-        def undo_swaps() -> None:
-            for path, old in reversed(done):
-                module = to._targets[path].site
-                if old is None:
-                    remove_delta(module, to.name)
-                else:
-                    swap_delta(module, to.name, self.name, self.layers[old], self.order_key)
-
-        try:
-            for path, layer in to.layers.items():
-                module = to._targets[path].site
-                old = old_by_module.get(id(module))
-                if old is None:
-                    add_delta(module, to.name, layer, to.order_key)
-                else:
-                    swap_delta(module, self.name, to.name, layer, to.order_key)
-                done.append((path, old))
-        except Exception:
-            undo_swaps()
-            raise
-        for path in reversed(list(self.layers)):
-            if id(self._targets[path].site) not in new_paths:
-                remove_delta(self._targets[path].site, self.name)
-        # the input-grad hook acts on the backbone, not on one delta: hand it over instead of re-registering
-        handle, self._input_grad_handle = self._input_grad_handle, None
-        self._after_detach()
+        to._changes.check_can_apply("switch to", leaving=self._changes)
+        to._homes.follow()
+        put_back = switch_deltas(self.name, self.order_key, self._placed(), to.name, to.order_key, to._placed())
+        handle = self._after_detach(keep_input_grads=True)  # the input-grad hook acts on the backbone: hand it over
         try:
             to._after_attach(input_grad_handle=handle)
         except Exception:  # put self back exactly: its layers, then its tensors, flags and hooks
-            for path in self.layers:
-                if id(self._targets[path].site) not in new_paths:
-                    add_delta(self._targets[path].site, self.name, self.layers[path], self.order_key)
-            undo_swaps()
-            self._homes = {}
+            put_back()
+            self._homes.forget()
             self._after_attach(input_grad_handle=handle)
             raise
         return to
 
     # ----------------------------------------------------------------- merging
 
-    @_changes_data_flow
+    @changes_data_flow
     def merge(self) -> DeltaBase:
         """Fold this delta into the weights of the modules it modifies, for zero-overhead inference.
 
@@ -576,58 +346,19 @@ class DeltaBase:
         if self._merged:
             raise LifecycleError(f"delta {self.name!r} is already merged")
         self._check_free("merge")
-        folded: dict[str, dict[str, torch.Tensor]] = {}
-        with torch.no_grad():
-            for path, layer in self.layers.items():
-                folded[path] = layer.merged_parameters(self._targets[path].site)
-        seen: dict[int, int] = {}
-        for _, p in self.backbone_model.named_parameters(remove_duplicate=False):
-            seen[id(p)] = seen.get(id(p), 0) + 1
-        for path, values in folded.items():
-            shared = [key for key in values if seen.get(id(getattr(self._targets[path].site, key)), 0) > 1]
-            if shared:
-                raise MergeError(
-                    f"{path}.{shared[0]} is tied to another module's parameter (e.g. an LM head tied to the input "
-                    "embeddings), so merging would change that module too; keep this delta unmerged there."
-                )
-        saved: dict[str, dict[str, torch.Tensor]] = {}
-        with torch.no_grad():
-            for path, values in folded.items():
-                module = self._targets[path].site
-                remove_delta(module, self.name)
-                saved[path] = {}
-                for key, value in values.items():
-                    param = getattr(module, key)
-                    saved[path][key] = param.detach().clone()
-                    param.copy_(value)
-                module.__dict__.setdefault(_MERGED_ATTR, []).append(self.name)
-        self._merged = saved
-        self._homes = {path: self._home(path) for path in saved}  # the layers out of the model follow it on unmerge
+        self._merged = merge_layers(self.backbone_model, self._targets, self.layers, self.name)
+        self._homes.record(self._merged)  # the layers out of the model follow it on unmerge
         return self
 
-    @_changes_data_flow
+    @changes_data_flow
     def unmerge(self) -> DeltaBase:
         """Undo merge(): the original weights come back bit for bit and the delta runs as layers again."""
         if not self._merged:
             raise LifecycleError(f"delta {self.name!r} is not merged")
         self._check_free("unmerge")
-        for path in self._merged:
-            stack = self._targets[path].site.__dict__[_MERGED_ATTR]
-            if stack[-1] != self.name:
-                raise LifecycleError(
-                    f"delta {stack[-1]!r} merged into {path} after {self.name!r}; unmerge {stack[-1]!r} first"
-                )
-        self._follow_backbone()
-        with torch.no_grad():
-            for path, entry in self._merged.items():
-                module = self._targets[path].site
-                for key, original in entry.items():
-                    getattr(module, key).copy_(original)
-                stack = module.__dict__[_MERGED_ATTR]
-                stack.pop()
-                if not stack:
-                    del module.__dict__[_MERGED_ATTR]
-                add_delta(module, self.name, self.layers[path], self.order_key)
+        check_last_merged(self._targets, self._merged, self.name)
+        self._homes.follow()
+        unmerge_layers(self._targets, self.layers, self._merged, self.name, self.order_key)
         self._merged = {}
         return self
 
@@ -652,58 +383,7 @@ class DeltaBase:
         if exclude is None:
             exclude = self.config.unfrozen_modules or ["deltas"]
         check_name_list(exclude, "freeze_module exclude", "exclude")
-        root = self.backbone_model if module is None else module
-        prefix = _path_of(self.backbone_model, root)
-        inside = {id(m) for m in root.modules()}  # this delta's layers are not in there while it is detached
-        own = {
-            id(p): p for path, layer in self.layers.items() if id(self._targets[path].module) in inside
-            for p in layer.parameters()
-        }
-        own_ids = set(own)
-        delta_ids = {id(p) for m in root.modules() if is_delta_module(m) for p in m.parameters()} | own_ids
-        params = dict(root.named_parameters())
-        trainable: set[int] = set(delta_ids) if "deltas" in exclude else set()
-        names = [e for e in exclude if e != "deltas"]
-        if names:
-            module_paths = [p for p, _ in backbone_modules(root)]
-            param_paths = [n for n, p in params.items() if id(p) not in delta_ids]
-            for path in match_names(module_paths + param_paths, names, "freeze_module exclude"):
-                if path in params:
-                    trainable.add(id(params[path]))
-                else:
-                    trainable.update(id(p) for p in root.get_submodule(path).parameters() if id(p) not in delta_ids)
-        flags = {prefix + n: id(p) in trainable for n, p in params.items() if id(p) not in own_ids}
-        trained = {prefix + n: p for n, p in params.items() if id(p) in trainable and id(p) not in delta_ids}
-        for name, param in trained.items():  # refuse before changing anything
-            check_value_free(param, name, self, f"let delta {self.name!r} train {name!r}")
-        with torch.no_grad():
-            for name, param in trained.items():
-                if name not in self._originals:
-                    self._originals[name] = param.detach().clone()
-                    if self._attached:
-                        claim_value(param, self)
-                    else:  # not trained yet: attach() puts the same value in
-                        self._tuned[name] = param.detach().clone()
-        for p in own.values():
-            p.requires_grad_(id(p) in trainable)
-        self._flags.update(flags)
-        if self._attached:
-            by_name = {prefix + n: p for n, p in params.items()}
-            for name, flag in flags.items():
-                set_flag(by_name[name], self, flag)
-                self._flagged[id(by_name[name])] = by_name[name]
-        if set_state_dict:
-            self._set_state_dict = True
-            if self._attached and self._state_dict_handle is None:
-                self._install_state_dict_filter()
-
-    def _install_state_dict_filter(self) -> None:
-        def trainable_only(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-            keep = {prefix + n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
-            for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:
-                del state_dict[key]
-
-        self._state_dict_handle = self.backbone_model.register_state_dict_post_hook(trainable_only)
+        self._changes.freeze(module, exclude, set_state_dict, self._attached)
 
     # ----------------------------------------------------------------- reporting
 
@@ -765,7 +445,7 @@ class DeltaBase:
             name=name,
             dummy_inputs=dummy_inputs,
             verify=verify,
-            position=None if order is None else _checked_position(order),
+            position=None if order is None else checked_position(order),
         )
 
     def load_trained_state(
@@ -783,35 +463,6 @@ class DeltaBase:
             raise LifecycleError(f"delta {self.name!r} is attached; load_trained_state() fills a newly built delta")
         for path, layer in self.layers.items():
             layer.load_state_dict(dict(layer_states[path]))
-        params = dict(self.backbone_model.named_parameters())
-        with torch.no_grad():  # as if detached after training: attach() checks ownership and swaps the values in
-            for n, value in backbone_tensors.items():
-                self._originals[n] = params[n].detach().clone()
-                self._tuned[n] = value
+        self._changes.load(backbone_tensors)  # as if detached after training: attach() swaps the values in
         self._order = order
         return self.attach()
-
-
-def _home_slot(backbone: nn.Module, target: Target) -> tuple[dict, str] | None:
-    """Where the first floating-point backbone tensor of the module a delta at `target` acts on lives
-    (its ``_parameters`` or ``_buffers`` dict and key), or, for a module without one (an
-    activation), that of its nearest ancestor with one: what flows through the module follows
-    that tensor's dtype and device when the backbone is moved."""
-    parents = [*list(ancestors(target.end))[1:], ""] if target.end else []
-    # lazily: the first module that has a floating-point tensor ends the search
-    for module in itertools.chain([target.module], (backbone.get_submodule(p) for p in parents)):
-        for m in itertools.chain([module], (m for _, m in backbone_modules(module))):
-            for tensors in (m._parameters, m._buffers):
-                for key, t in tensors.items():
-                    if t is not None and t.is_floating_point():
-                        return tensors, key
-    return None
-
-
-def _path_of(root: nn.Module, module: nn.Module) -> str:
-    if module is root:
-        return ""
-    for path, candidate in root.named_modules():
-        if candidate is module:
-            return path + "."
-    raise PatternError("freeze_module(module=...) must be a sub-module of the backbone")

@@ -27,10 +27,12 @@ merge hold :data:`DATA_FLOW_LOCK` and refuse) while any thread mixes on the back
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 import types
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -51,6 +53,18 @@ _MIXING_HERE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("o
 DATA_FLOW_LOCK = threading.RLock()
 #: id(backbone) -> mixed batches open on it, over all threads; while it is empty the hooks skip the plan lookup
 _MIXING: dict[int, int] = {}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def changes_data_flow(method: F) -> F:
+    """Run a lifecycle method holding DATA_FLOW_LOCK, so no thread plans a mixed batch on a half-changed model."""
+
+    @functools.wraps(method)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with DATA_FLOW_LOCK:
+            return method(*args, **kwargs)
+
+    return locked  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -485,6 +499,49 @@ def swap_delta(module: nn.Module | Span, old: str, new: str, layer: DeltaLayer, 
     layer.on_add(module)
     site.place(layer.route, new, order)
     site.refresh(module)
+
+
+#: a delta's layers where they act: (module or span, layer) pairs
+Placed = Sequence[tuple["nn.Module | Span", DeltaLayer]]
+
+
+def switch_deltas(old: str, old_order: OrderKey, old_layers: Placed, new: str, new_order: OrderKey, new_layers: Placed) -> Callable[[], None]:
+    """Take delta `old` out of its modules and add delta `new` to its own in one step: where both act
+    on one module the layer is swapped with :func:`swap_delta`, so the hooks stay. All or nothing;
+    returns a function that puts `old` back exactly."""
+    old_at = {id(site): layer for site, layer in old_layers}
+    new_ids = {id(site) for site, _ in new_layers}
+    done: list[tuple[nn.Module | Span, DeltaLayer | None]] = []  # (module, the old layer swapped out there)
+
+    def undo_new() -> None:
+        for site, old_layer in reversed(done):
+            if old_layer is None:
+                remove_delta(site, new)
+            else:
+                swap_delta(site, new, old, old_layer, old_order)
+
+    try:
+        for site, layer in new_layers:
+            previous = old_at.get(id(site))
+            if previous is None:
+                add_delta(site, new, layer, new_order)
+            else:
+                swap_delta(site, old, new, layer, new_order)
+            done.append((site, previous))
+    except Exception:
+        undo_new()
+        raise
+    for site, _ in reversed(old_layers):
+        if id(site) not in new_ids:
+            remove_delta(site, old)
+
+    def put_back() -> None:
+        for site, layer in old_layers:
+            if id(site) not in new_ids:
+                add_delta(site, old, layer, old_order)
+        undo_new()
+
+    return put_back
 
 
 def remove_delta(module: nn.Module | Span, name: str) -> DeltaLayer:

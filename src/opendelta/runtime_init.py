@@ -6,10 +6,11 @@ The pass can run on the ``meta`` device, so even a huge skeleton costs nothing t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from opendelta.errors import RuntimeInitError
 from opendelta.layer import first_tensor
 from opendelta.reachability import ParameterReads, unreached_error
+
+if TYPE_CHECKING:
+    from opendelta.targets import Target
 
 
 @dataclass(frozen=True)
@@ -267,4 +271,15 @@ def observe(
     missing = [p for p in paths if p not in seen]
     if missing:
         raise unreached_error(model, missing, reads.read)
+    return seen
+
+
+def observe_targets(model: nn.Module, targets: Sequence[Target], dummy_inputs: Any = None) -> dict[str, Observation]:
+    """:func:`observe` at each target's path; a span's observation is its start's input and its end's output."""
+    seen = observe(model, list(dict.fromkeys(side for t in targets for side in t.sides)), dummy_inputs)
+    for t in targets:
+        if t.is_span:
+            seen[t.path] = dataclasses.replace(
+                seen[t.end], input_shape=seen[t.start].input_shape, input_dtype=seen[t.start].input_dtype
+            )
     return seen

@@ -26,8 +26,8 @@ from opendelta.addressing import (
     split_span,
 )
 from opendelta.config import DeltaConfig, check_name_list
-from opendelta.errors import OpenDeltaError, PatternError, UnsupportedModuleError
-from opendelta.routing import Span
+from opendelta.errors import LifecycleError, OpenDeltaError, PatternError, UnsupportedModuleError
+from opendelta.routing import Span, site_of
 from opendelta.structure import resolve_roles
 
 
@@ -172,3 +172,37 @@ def targets_at(model: nn.Module, paths: Sequence[str]) -> tuple[list[Target], li
         else:
             missing.append(path)
     return found, missing
+
+
+def check_hostable(targets: Sequence[Target]) -> None:
+    """Raise UnsupportedModuleError for a target a delta layer cannot live in."""
+    for target in targets:
+        if isinstance(target.module, nn.Sequential):  # its forward would run the delta layer as a stage
+            raise UnsupportedModuleError(
+                f"{target.end!r} is an nn.Sequential, which runs every child module in turn, so a delta layer "
+                "cannot live inside it; address the module that contains it, or the modules inside it, instead."
+            )
+
+
+def free_name(targets: Sequence[Target], requested: str | None, stem: str) -> str:
+    """A delta name no module of `targets` uses yet: `requested` (LifecycleError if taken), else
+    `stem`, ``stem_1``, ..."""
+
+    def taken(candidate: str) -> bool:
+        for target in targets:
+            module = target.module
+            if candidate in module._modules or hasattr(module, candidate):
+                return True
+            if target.is_span and candidate in getattr(site_of(target.modules[0]), "span_starts", {}):
+                return True
+        return False
+
+    if requested is not None:
+        if taken(requested):
+            raise LifecycleError(f"a delta or attribute named {requested!r} already exists on a target module; pick another name")
+        return requested
+    candidate, n = stem, 0
+    while taken(candidate):
+        n += 1
+        candidate = f"{stem}_{n}"
+    return candidate

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from support.family_zoo import BY_NAME
+from support.families import BY_NAME
 from support.numerics import float32_noise, max_abs_diff
 
-#: every family the sequence-level methods support, by tiny_families name
+#: every family the sequence-level methods support, by display name (tests/support/families.py)
 NAMES = ["BERT", "RoBERTa", "GPT-2", "T5", "BART", "OPT", "LLaMA"]
 DECODERS = {"GPT-2", "OPT", "LLaMA", "GPT-Neo", "GPT-NeoX", "BLOOM", "Falcon"}
 GENERATORS = ["GPT-2", "OPT", "LLaMA", "T5", "BART"]

@@ -1,0 +1,77 @@
+"""Folding a delta into the weights of the modules it modifies (merge) and taking it out again
+(unmerge), keeping the weights before the merge so unmerge restores them bit for bit."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from opendelta.errors import LifecycleError, MergeError
+from opendelta.layer import DeltaLayer
+from opendelta.routing import OrderKey, add_delta, remove_delta
+from opendelta.targets import Target
+
+#: in a module's __dict__: names of the deltas merged into its weights, in merge order
+MERGED_ATTR = "_opendelta_merged"
+#: module path -> parameter name -> its value before the merge
+Saved = dict[str, dict[str, torch.Tensor]]
+
+
+def merge_layers(
+    backbone: nn.Module, targets: Mapping[str, Target], layers: Mapping[str, DeltaLayer], name: str
+) -> Saved:
+    """Fold each layer into its module's weights and take the layer out of the data flow; return
+    the weights before. Raises MergeError (nothing changed) for a layer that cannot merge or a
+    weight tied to another module."""
+    folded: Saved = {}
+    with torch.no_grad():
+        for path, layer in layers.items():
+            folded[path] = layer.merged_parameters(targets[path].site)
+    seen: dict[int, int] = {}
+    for _, p in backbone.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    for path, values in folded.items():
+        shared = [key for key in values if seen.get(id(getattr(targets[path].site, key)), 0) > 1]
+        if shared:
+            raise MergeError(
+                f"{path}.{shared[0]} is tied to another module's parameter (e.g. an LM head tied to the input "
+                "embeddings), so merging would change that module too; keep this delta unmerged there."
+            )
+    saved: Saved = {}
+    with torch.no_grad():
+        for path, values in folded.items():
+            module = targets[path].site
+            remove_delta(module, name)
+            saved[path] = {}
+            for key, value in values.items():
+                param = getattr(module, key)
+                saved[path][key] = param.detach().clone()
+                param.copy_(value)
+            module.__dict__.setdefault(MERGED_ATTR, []).append(name)
+    return saved
+
+
+def check_last_merged(targets: Mapping[str, Target], saved: Saved, name: str) -> None:
+    """Raise LifecycleError unless delta `name` is the last one merged into each of its modules."""
+    for path in saved:
+        stack = targets[path].site.__dict__[MERGED_ATTR]
+        if stack[-1] != name:
+            raise LifecycleError(f"delta {stack[-1]!r} merged into {path} after {name!r}; unmerge {stack[-1]!r} first")
+
+
+def unmerge_layers(
+    targets: Mapping[str, Target], layers: Mapping[str, DeltaLayer], saved: Saved, name: str, order: OrderKey
+) -> None:
+    """Put the `saved` weights back and the layers into the data flow again (check_last_merged first)."""
+    with torch.no_grad():
+        for path, entry in saved.items():
+            module = targets[path].site
+            for key, original in entry.items():
+                getattr(module, key).copy_(original)
+            stack = module.__dict__[MERGED_ATTR]
+            stack.pop()
+            if not stack:
+                del module.__dict__[MERGED_ATTR]
+            add_delta(module, name, layers[path], order)
