@@ -38,10 +38,11 @@ from opendelta.linear_maps import fold_into_weight, linear_shape, linear_weight,
 class InitNames(Collection):
     """The named values of ``init_lora_weights``: these, with any iteration count K >= 0 in ``pissa_niter_K``."""
 
-    NAMES = ("gaussian", "pissa", "pissa_niter_<K>", "olora")
+    NAMES = ("gaussian", "pissa", "pissa_niter_<K>", "olora")  # as error messages list them
+    FIXED = ("gaussian", "pissa", "olora")
 
     def __contains__(self, value: object) -> bool:
-        return isinstance(value, str) and (value in self.NAMES[:2] + self.NAMES[3:] or _NITER.fullmatch(value) is not None)
+        return isinstance(value, str) and (value in self.FIXED or _NITER.fullmatch(value) is not None)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.NAMES)
@@ -113,16 +114,15 @@ class LoraLayer(DeltaLayer):
                 )
             self.register_buffer("lora_A0", torch.empty(r, in_features, **factory))
             self.register_buffer("lora_B0", torch.empty(out_features, r, **factory))
-        if weight.device.type == "meta":  # a skeleton has no values to initialise
-            pass
-        elif config.data_aware_init:
+        skeleton = weight.device.type == "meta"  # a skeleton has no values to initialise
+        if config.data_aware_init and not skeleton:
             with torch.no_grad():
                 a0, b0 = _weight_factors(linear_weight(module), r, self.scaling, init)
                 for target, value in ((self.lora_A, a0), (self.lora_B, b0), (self.lora_A0, a0), (self.lora_B0, b0)):
                     target.copy_(value)
-        elif init == "gaussian":
+        elif init == "gaussian" and not skeleton:
             nn.init.normal_(self.lora_A, std=1 / r)
-        else:
+        elif not skeleton:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             if init is False:  # PEFT's False: both factors random, so a fresh delta changes the outputs
                 nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
