@@ -251,3 +251,14 @@ def test_an_unconverted_peft_pissa_folder_is_refused_naming_the_conversion(init,
     with pytest.raises(PeftFormatError, match="path_initial_model_for_weight_conversion"):
         AutoDeltaModel.from_finetuned(tmp_path, model)
     assert torch.equal(out(model), before)
+
+
+def test_pissa_with_dora_saved_as_peft_loads_in_peft_with_equal_outputs(tmp_path):
+    model = tiny_llama()
+    delta = LoraModel(model, modified_modules=PLACES["llama"], lora_r=4, use_dora=True, init_lora_weights="pissa")
+    train_a_little(delta)
+    expected = out(model)
+    delta.save_finetuned(tmp_path, format="peft")
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.peft_config["default"].use_dora and loaded.peft_config["default"].r == 8
+    assert_within_noise(out(loaded), expected, float32_noise(loaded, lambda m, _: out(m)))
