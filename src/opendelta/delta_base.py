@@ -26,6 +26,7 @@ from opendelta.layer import DeltaLayer
 from opendelta.merging import check_last_merged, merge_layers, unmerge_layers
 from opendelta.ordering import checked_position, creation_stamp
 from opendelta.placement import LayerHomes
+from opendelta.quantized import guard_cpu_repack
 from opendelta.reachability import FirstForwardCheck
 from opendelta.registry import RegisteredConfig, RegisteredType, register
 from opendelta.routing import (
@@ -159,6 +160,7 @@ class DeltaBase:
         check_hostable(targets)
         paths = [target.path for target in targets]
         self._targets: dict[str, Target] = {target.path: target for target in targets}
+        guard_cpu_repack(backbone)  # before any forward of ours: a repacked 4-bit weight breaks backward
         observations, unverified = self._observe_targets(backbone, paths, dummy_inputs)
         self.backbone_model = backbone
         self.config = config

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from opendelta import quantized
+
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(in_features, out_features) of an ``nn.Linear`` or a transformers ``Conv1D`` (transposed
@@ -24,8 +26,19 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
 
 
+def weight_like(module: nn.Module) -> torch.Tensor:
+    """A tensor with the dtype and device a delta beside this linear map takes: its weight, or for a
+    quantized layer (quantized.py) an empty tensor in the dtype it computes in."""
+    if quantized.is_quantized(module):
+        return torch.empty(0, dtype=quantized.compute_dtype(module), device=module.weight.device)
+    return module.weight
+
+
 def fold_into_weight(module: nn.Module, change: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """`change` applied to a linear map's weight seen as (out, in), returned in the module's own layout."""
+    """`change` applied to a linear map's weight seen as (out, in), returned in the module's own
+    layout (a quantized layer's: dequantized; writing it back re-quantizes, see merging.py)."""
+    if quantized.is_quantized(module):
+        return change(quantized.dequantized_weight(module))
     weight = module.weight
     if isinstance(module, nn.Linear):
         return change(weight)

@@ -4,19 +4,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from opendelta.errors import LifecycleError, MergeError
 from opendelta.layer import DeltaLayer
+from opendelta.quantized import check_writable, is_quantized, restore_weight, write_weight
 from opendelta.routing import OrderKey, add_delta, remove_delta
 from opendelta.targets import Target
 
 #: in a module's __dict__: names of the deltas merged into its weights, in merge order
 MERGED_ATTR = "_opendelta_merged"
-#: module path -> parameter name -> its value before the merge
-Saved = dict[str, dict[str, torch.Tensor]]
+#: module path -> parameter name -> its value before the merge (a quantized weight: its packed bytes)
+Saved = dict[str, dict[str, Any]]
 
 
 def merge_layers(
@@ -33,6 +35,8 @@ def merge_layers(
     for _, p in backbone.named_parameters(remove_duplicate=False):
         seen[id(p)] = seen.get(id(p), 0) + 1
     for path, values in folded.items():
+        if "weight" in values and is_quantized(targets[path].site):
+            check_writable(targets[path].site)
         shared = [key for key in values if seen.get(id(getattr(targets[path].site, key)), 0) > 1]
         if shared:
             raise MergeError(
@@ -46,11 +50,26 @@ def merge_layers(
             remove_delta(module, name)
             saved[path] = {}
             for key, value in values.items():
-                param = getattr(module, key)
-                saved[path][key] = param.detach().clone()
-                param.copy_(value)
+                saved[path][key] = _write(module, key, value)
             module.__dict__.setdefault(MERGED_ATTR, []).append(name)
     return saved
+
+
+def _write(module: nn.Module, key: str, value: torch.Tensor) -> Any:
+    """Write a merged value into the module's parameter `key`; return what _restore needs."""
+    if key == "weight" and is_quantized(module):
+        return write_weight(module, value)
+    param = getattr(module, key)
+    before = param.detach().clone()
+    param.copy_(value)
+    return before
+
+
+def _restore(module: nn.Module, key: str, before: Any) -> None:
+    if key == "weight" and is_quantized(module):
+        restore_weight(module, before)
+    else:
+        getattr(module, key).copy_(before)
 
 
 def check_last_merged(targets: Mapping[str, Target], saved: Saved, name: str) -> None:
@@ -69,7 +88,7 @@ def unmerge_layers(
         for path, entry in saved.items():
             module = targets[path].site
             for key, original in entry.items():
-                getattr(module, key).copy_(original)
+                _restore(module, key, original)
             stack = module.__dict__[MERGED_ATTR]
             stack.pop()
             if not stack:

@@ -15,7 +15,7 @@ from torch import nn
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import MergeError, UnsupportedModuleError
-from opendelta.linear_maps import linear_shape
+from opendelta.linear_maps import linear_shape, weight_like
 from opendelta.layer import DeltaLayer
 from opendelta.runtime_init import Observation
 
@@ -30,7 +30,7 @@ def output_features(module: nn.Module) -> tuple[int, torch.Tensor | None] | None
     one-dimensional ``normalized_shape``), else None."""
     shape = linear_shape(module)
     if shape is not None:
-        return shape[1], module.weight
+        return shape[1], weight_like(module)
     if isinstance(module, _CHANNEL_FIRST):
         return None
     weight = getattr(module, "weight", None)

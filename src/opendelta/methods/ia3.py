@@ -19,7 +19,7 @@ from torch import nn
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import PatternError, StructureError, UnsupportedModuleError
-from opendelta.linear_maps import fold_into_weight, linear_shape
+from opendelta.linear_maps import fold_into_weight, linear_shape, weight_like
 from opendelta.layer import DeltaLayer
 from opendelta.runtime_init import Observation
 from opendelta.targets import resolve
@@ -103,8 +103,8 @@ class IA3Model(DeltaBase):
                 "address the key, value and feed-forward projections inside it instead."
             )
         if path in self.input_scaled_paths:
-            return IA3InputLayer(shape[0], module.weight)
-        return IA3Layer(shape[1], module.weight)
+            return IA3InputLayer(shape[0], weight_like(module))
+        return IA3Layer(shape[1], weight_like(module))
 
     def _feedforward_paths(self, names: Sequence[str] | None) -> list[str]:
         if names is None:

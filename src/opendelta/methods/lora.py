@@ -32,7 +32,8 @@ from opendelta.delta_base import DeltaBase
 from opendelta.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta.layer import DeltaLayer
 from opendelta.runtime_init import Observation
-from opendelta.linear_maps import fold_into_weight, linear_shape, linear_weight, update_factors
+from opendelta.linear_maps import fold_into_weight, linear_shape, linear_weight, update_factors, weight_like
+from opendelta.quantized import is_quantized
 
 
 class InitNames(Collection):
@@ -101,7 +102,7 @@ class LoraLayer(DeltaLayer):
     def __init__(self, in_features: int, out_features: int, config: LoraConfig, module: nn.Module, path: str = ""):
         super().__init__()
         r, self.scaling = config.rank_and_scaling(path)
-        weight = module.weight
+        weight = weight_like(module)
         factory = {"dtype": weight.dtype, "device": weight.device}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
@@ -308,6 +309,13 @@ class LoraModel(DeltaBase):
             raise UnsupportedModuleError(
                 f"LoRA needs a linear layer (nn.Linear or Conv1D), but {path!r} is a {type(module).__name__}; "
                 "address the linear projections inside it instead."
+            )
+        if is_quantized(module) and (self.config.use_dora or self.config.data_aware_init):
+            raise UnsupportedModuleError(
+                f"{path!r} is a quantized {type(module).__name__}; DoRA and the initialisations from the weight "
+                f"(init_lora_weights={self.config.init_lora_weights!r}) read its weight in full precision, which "
+                "opendelta does not do on quantized layers yet. Use plain LoRA there (use_dora=False, "
+                "init_lora_weights=True or 'gaussian')."
             )
         if self.config.use_dora:
             return DoraLayer(*shape, self.config, module, path)
