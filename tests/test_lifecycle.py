@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from opendelta import LifecycleError, LoraModel, NoMatchError
+from opendelta.leniency import OriginalBehaviourWarning, strict_mode
 
 from conftest import FACTORIES, PlainNet, hidden, inputs_for, perturb, tiny_bert
 
@@ -98,9 +99,16 @@ def test_freeze_module_leaves_only_what_exclude_names_trainable():
     assert trainable == {n for n, _ in model.named_parameters() if ".lora." in n or n.startswith("pooler.")}
 
 
-def test_freeze_module_unknown_exclude_name_is_an_error():
+def test_freeze_module_unknown_exclude_name_is_an_error_in_strict_mode():
     delta = LoraModel(tiny_bert())
-    with pytest.raises(NoMatchError, match="poler"):
+    with strict_mode(), pytest.raises(NoMatchError, match="poler"):
+        delta.freeze_module(exclude=["deltas", "poler"])
+
+
+def test_freeze_module_unknown_exclude_name_warns_naming_the_close_one_by_default():
+    """As the original OpenDelta ignored it (tutorial lists are written for several families)."""
+    delta = LoraModel(tiny_bert())
+    with pytest.warns(OriginalBehaviourWarning, match="'poler'.*Did you mean: 'pooler'"):
         delta.freeze_module(exclude=["deltas", "poler"])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections.abc import Mapping
@@ -55,10 +56,45 @@ class Visualization:
             max_depth=self.max_depth,
         )
 
-    def structure_graph(self, *, print_tree: bool = True) -> Tree:
-        """Print the tree (plain text when not a terminal or ``NO_COLOR`` is set) and return it."""
-        tree = render_tree(self.collapsed(), expand_params=self.expand_params)
-        if print_tree:
+    def structure_graph(
+        self,
+        rootname: str = "root",
+        expand_params: bool | None = None,
+        keep_non_params: bool | None = None,
+        common_structure: bool = False,
+        mapping: Mapping[str, str] | None = None,
+        only_common: bool = False,
+        printTree: bool = True,  # noqa: N803 - the original bigmodelvis keyword
+        *,
+        print_tree: bool | None = None,
+    ) -> Tree:
+        """Print the tree (plain text when not a terminal or ``NO_COLOR`` is set) and return it.
+
+        The keywords are the original bigmodelvis's: `rootname` labels the root, `expand_params` and
+        `keep_non_params` override the constructor's options for this call, `common_structure`
+        shows each module's common-structure role (``mapping``: your own ``{path: role}``; roles
+        come from opendelta, which must be installed, when no mapping is given), `only_common`
+        keeps only modules that play a role and their ancestors; `printTree` / `print_tree`
+        (False) only returns the tree.
+        """
+        roles = self.roles
+        if common_structure or mapping is not None or only_common:
+            if mapping is None:
+                from opendelta.structure import role_map  # roles are opendelta's knowledge, not this package's
+
+                mapping = role_map(self.model)
+            roles = dict(mapping)
+        node = collapse(
+            summarize(self.model),
+            keep_non_params=self.keep_non_params if keep_non_params is None else keep_non_params,
+            roles=roles,
+            max_depth=self.max_depth,
+            root_name=rootname,
+        )
+        if only_common:
+            node = _only_roles(node) or node
+        tree = render_tree(node, expand_params=self.expand_params if expand_params is None else expand_params)
+        if printTree if print_tree is None else print_tree:
             (self.console or _default_console()).print(tree)
         return tree
 
@@ -115,3 +151,11 @@ def _default_console() -> Console:
 def _tree_width(tree: Tree, depth: int = 0) -> int:
     own = depth * _GUIDE_WIDTH + cell_len(str(tree.label)) + 1
     return max([own] + [_tree_width(child, depth + 1) for child in tree.children])
+
+
+def _only_roles(node: VisNode) -> VisNode | None:
+    """`node` pruned to the nodes that play a role and their ancestors (None if none does)."""
+    kept = [c for c in (_only_roles(child) for child in node.children) if c is not None]
+    if not kept and not node.roles:
+        return None
+    return dataclasses.replace(node, children=kept)

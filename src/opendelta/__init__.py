@@ -54,9 +54,23 @@ from opendelta.methods import (
     SoftPromptModel,
 )
 from opendelta.multitask import MultiTask, mixed_batch
+from opendelta.leniency import OriginalBehaviourWarning, set_strict, strict_mode
+
+# the original OpenDelta's top-level names (docs/migrating_from_opendelta.md)
+from bigmodelvis import Visualization
+from opendelta.delta_configs import BaseDeltaConfig
+from opendelta.utils.saving_loading_utils import SaveLoadMixin
+from opendelta.utils.structure_mapping import CommonStructureMap
 
 __all__ = [
     "AdapterConfig",
+    "BaseDeltaConfig",
+    "CommonStructureMap",
+    "OriginalBehaviourWarning",
+    "SaveLoadMixin",
+    "Visualization",
+    "set_strict",
+    "strict_mode",
     "AdapterModel",
     "AutoDeltaConfig",
     "AutoDeltaModel",

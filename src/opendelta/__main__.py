@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # each module in opendelta.commands exposes register(subparsers) and run(args) -> int
-COMMANDS = ("demo", "inspect", "select", "structure")
+COMMANDS = ("convert", "demo", "inspect", "select", "structure")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from torch import nn
 
 from opendelta.config import check_name_list
 from opendelta.errors import NoMatchError, PatternError
+from opendelta.leniency import relax
 
 REGEX_PREFIX = "[r]"
 SPAN_SEP = "->"
@@ -243,11 +244,13 @@ def pair_spans(
     return list(pairs.items())
 
 
-def match_names(names: Sequence[str], patterns: Sequence[str], what: str) -> list[str]:
-    """The `names` (module or parameter paths) that `patterns` address; every pattern must match."""
+def match_names(names: Sequence[str], patterns: Sequence[str], what: str, *, strict: bool | None = True) -> list[str]:
+    """The `names` (module or parameter paths) that `patterns` address; a pattern that matches
+    nothing raises NoMatchError if `strict`, else (``False``, or ``None`` outside
+    :func:`opendelta.leniency.is_strict` mode) warns naming it and its close candidates."""
     matched, unused = _match(names, patterns, what)
-    if unused:
-        raise NoMatchError(unused[0], suggest(unused[0], names), what)
+    for pattern in unused:
+        relax(NoMatchError(pattern, suggest(pattern, names), what), strict)
     return matched
 
 

@@ -7,6 +7,7 @@ keep two attached deltas from owning one tensor or flag.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,9 @@ class BackboneChanges:
     """The backbone tensors, flags and state-dict filter owned by one delta (`owner`)."""
 
     def __init__(self, owner: DeltaBase, reach_check: FirstForwardCheck | None = None) -> None:
-        self.owner = owner
+        # weakly: a delta the user drops goes away at once (no reference cycle), and with it its claims
+        self._owner = weakref.ref(owner)
+        self.backbone = owner.backbone_model
         #: where no dummy pass could prove each target is called: the check at the first real forward
         self.reach_check = reach_check
         self.input_grad_handle: Any = None
@@ -39,8 +42,10 @@ class BackboneChanges:
         self._state_dict_handle: Any = None
 
     @property
-    def backbone(self) -> nn.Module:
-        return self.owner.backbone_model
+    def owner(self) -> DeltaBase:
+        owner = self._owner()
+        assert owner is not None, "a delta's backbone changes outlived the delta"
+        return owner
 
     def trained_tensors(self, attached: bool) -> dict[str, torch.Tensor]:
         """The trained tensors by name: the live parameters while `attached`, else the values detach took out."""
@@ -164,7 +169,7 @@ class BackboneChanges:
         if names:
             module_paths = [p for p, _ in backbone_modules(root)]
             param_paths = [n for n, p in params.items() if id(p) not in delta_ids]
-            for path in match_names(module_paths + param_paths, names, "freeze_module exclude"):
+            for path in match_names(module_paths + param_paths, names, "freeze_module exclude", strict=None):
                 if path in params:
                     trainable.add(id(params[path]))
                 else:

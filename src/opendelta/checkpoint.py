@@ -320,7 +320,7 @@ def config_from_meta(meta: dict[str, Any], config_cls: type[Any]) -> Any:
     """The method's config from a checkpoint's "config" object: the config layer validates the
     values, and whatever it raises comes out as DeltaConfigError."""
     try:
-        return config_cls.from_dict(meta["config"])
+        return config_cls.from_dict(meta["config"], strict=True)
     except OpenDeltaError:
         raise
     except Exception as exc:  # a value the method's own checks did not expect (an unhashable, a nested object)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from opendelta.errors import DeltaConfigError, PatternError
+from opendelta.leniency import relax
+from opendelta.original_config import OriginalConfigAPI, take_original_fields
 from opendelta.registry import RegisteredType
 
 C = TypeVar("C", bound="DeltaConfig")
@@ -31,6 +33,7 @@ C = TypeVar("C", bound="DeltaConfig")
 MAX_SIZE = 65_536
 _RULE = "opendelta_rule"  # key of a field's Rule in its dataclass metadata
 _KEEP_NONE = object()  # Rule.none_means when None is not replaced
+_TYPO = 0.8  # an unknown key this similar to an argument name is a misspelling of it
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def choice(default: str | bool, choices: Collection[str]) -> Any:
 
 
 @dataclass
-class DeltaConfig:
+class DeltaConfig(OriginalConfigAPI):
     """Arguments every delta method takes; a method's config subclasses it and adds its own."""
 
     #: the type this config class is registered under (see registry.py)
@@ -85,8 +88,12 @@ class DeltaConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls: type[C], values: Mapping[str, Any]) -> C:
-        """Build the config; a key the method does not take is an error naming the close ones."""
+    def from_dict(cls: type[C], values: Mapping[str, Any], *, strict: bool | None = None) -> C:
+        """Build the config. A key the method does not take that looks like one of its arguments
+        (a typo) is an error naming the close ones; other keys (training arguments in a dict the
+        original OpenDelta's scripts pass) are dropped with a warning, or refused when `strict`
+        (default: :func:`opendelta.leniency.is_strict`). The original's own fields
+        (``backbone_class``, ``backend``...) are accepted (see opendelta.original_api)."""
         owner = cls.delta_type or cls.__name__
         if not isinstance(values, Mapping):
             raise DeltaConfigError(
@@ -97,14 +104,22 @@ class DeltaConfig:
         given_type = values.pop("delta_type", cls.delta_type)
         if cls.delta_type and given_type != cls.delta_type:
             raise DeltaConfigError(f"{cls.__name__} is for delta_type {cls.delta_type!r}, got {given_type!r}")
+        original = take_original_fields(cls, values)
         names = cls.field_names()
-        for key in values:
+        for key in list(values):
             if key not in names:
                 close = difflib.get_close_matches(str(key), names, n=3)
                 hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-                raise DeltaConfigError(f"{owner} takes no argument {key!r}.{hint} It takes: {', '.join(names)}.")
+                error = DeltaConfigError(f"{owner} takes no argument {key!r}.{hint} It takes: {', '.join(names)}.")
+                if difflib.get_close_matches(str(key), names, n=1, cutoff=_TYPO):
+                    raise error  # a misspelt argument would silently build a different delta
+                relax(error, strict)
+                del values[key]
         try:
-            return cls(**values)
+            config = cls(**values)
+            for key, value in original.items():
+                setattr(config, key, value)
+            return config
         except DeltaConfigError:
             raise
         except (TypeError, ValueError) as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -25,6 +25,7 @@ from opendelta.interactive import choose_modules
 from opendelta.layer import DeltaLayer
 from opendelta.merging import check_last_merged, merge_layers, unmerge_layers
 from opendelta.ordering import checked_position, creation_stamp
+from opendelta.original_api import OriginalAPI
 from opendelta.placement import LayerHomes
 from opendelta.quantized import guard_cpu_repack
 from opendelta.reachability import FirstForwardCheck
@@ -44,7 +45,7 @@ from opendelta.targets import Target, check_hostable, free_name, resolve_config
 D = TypeVar("D", bound="DeltaBase")
 
 
-class DeltaBase:
+class DeltaBase(OriginalAPI):
     """A set of delta layers placed on a backbone, attachable and detachable as one.
 
     Constructing attaches. ``detach()`` restores the backbone bit for bit (forwards, hooks,
@@ -89,6 +90,9 @@ class DeltaBase:
         order: float | None = None,
         **method_args: Any,
     ):
+        if self.builds_by_update_module():  # a method written the original OpenDelta's way (original_api.py)
+            return self.start_original_style(backbone_model, modified_modules, exclude_modules, unfrozen_modules,
+                                             common_structure, interactive_modify, name, method_args)
         if interactive_modify:
             modified_modules = choose_modules(backbone_model, interactive_modify)
         config = self.config_class.from_dict(
@@ -98,7 +102,8 @@ class DeltaBase:
                 "unfrozen_modules": unfrozen_modules,
                 "common_structure": common_structure,
                 **method_args,
-            }
+            },
+            strict=True,
         )
         self._build(backbone_model, config, name, dummy_inputs, order)
 
@@ -106,12 +111,13 @@ class DeltaBase:
 
     @classmethod
     def from_config(
-        cls: type[D], config: DeltaConfig | dict, backbone_model: nn.Module, *, name: str | None = None,
-        dummy_inputs: Any = None, order: float | None = None,
+        cls: type[D], config: DeltaConfig | dict, backbone_model: nn.Module, check_hash: bool = True, *,
+        name: str | None = None, dummy_inputs: Any = None, order: float | None = None, **overrides: Any,
     ) -> D:
-        """Build and attach a delta of this class from a config object or dict."""
-        if isinstance(config, dict):
-            config = cls.config_class.from_dict(config)
+        """Build and attach a delta of this class from a config object or dict; `overrides` replace
+        config values. (`check_hash` is the original's; a config holds no backbone hash here.)"""
+        if isinstance(config, dict) or overrides:
+            config = cls.config_class.from_dict({**(config if isinstance(config, dict) else config.to_dict()), **overrides})
         obj = cls.__new__(cls)
         obj._build(backbone_model, config, name, dummy_inputs, order)
         return obj
@@ -212,7 +218,7 @@ class DeltaBase:
     def new_layer(self, path: str, module: nn.Module | Span, observation: Observation | None) -> DeltaLayer:
         """The delta layer for the module (or span, see `accepts_spans`) at `path`; raise
         UnsupportedModuleError if it cannot act there."""
-        raise NotImplementedError(f"{type(self).__name__} must implement new_layer()")
+        return self.layer_by_update_module(path, module)  # an original-style class, else NotImplementedError
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -258,9 +264,12 @@ class DeltaBase:
             )
 
     @changes_data_flow
-    def attach(self) -> DeltaBase:
+    def attach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> DeltaBase:
         """Put the delta layers, the trained backbone tensors and the requires_grad flags freeze_module
-        chose back into the backbone; the layers first follow any ``.to()`` move it made meanwhile."""
+        chose back into the backbone; the layers first follow any ``.to()`` move it made meanwhile.
+        With `module` (a sub-module), only the layers inside it (see OriginalAPI.attach_part)."""
+        if module is not None and module is not self.backbone_model:
+            return self.attach_part(module)  # type: ignore[return-value]
         if self._attached:
             raise LifecycleError(f"delta {self.name!r} is already attached; detach() it first")
         self._check_free("attach")
@@ -284,13 +293,17 @@ class DeltaBase:
         self._attached = True
 
     @changes_data_flow
-    def detach(self) -> DeltaBase:
+    def detach(self, module: nn.Module | None = None, reset_state_dict: bool = True) -> DeltaBase:
         """Take the delta out; the backbone computes exactly what it computed before the delta came.
 
         A merged delta is unmerged first, so its modules get their original weights back bit for bit.
+        With `module` (a sub-module), only the layers inside it leave (see OriginalAPI.detach_part).
         """
+        if module is not None and module is not self.backbone_model:
+            return self.detach_part(module)  # type: ignore[return-value]
         if not self._attached:
             raise LifecycleError(f"delta {self.name!r} is not attached")
+        self.all_parts_back()
         self._check_free("detach")
         if self._merged:
             self.unmerge()
@@ -393,9 +406,11 @@ class DeltaBase:
         """Numbers of parameters: ``total`` (backbone + deltas), ``trainable``, ``delta`` (this delta's)."""
         return reporting.parameter_counts(self)
 
-    def log(self, console: Console | None = None) -> None:
-        """Print where this delta sits and the trainable / delta parameter counts and ratios."""
-        reporting.log(self, console)
+    def log(self, module: nn.Module | None = None, delta_ratio: bool = True, trainable_ratio: bool = True,
+            visualization: bool = True, cuda_memory: bool = True, *, console: Console | None = None) -> None:
+        """Print the tree of `module` (default: the backbone; ``visualization=False`` skips it), where
+        this delta sits, and the trainable / delta parameter counts and ratios."""
+        reporting.log(self, console, module=module, visualization=visualization, cuda_memory=cuda_memory)
 
     def __repr__(self) -> str:
         state = ("merged" if self._merged else "attached") if self._attached else "detached"
@@ -406,9 +421,15 @@ class DeltaBase:
     def save_finetuned(
         self,
         finetuned_delta_path: str | os.PathLike = "./delta_checkpoint",
+        save_config: bool = True,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        save_function: Callable[..., Any] | None = torch.save,
+        push_to_dc: bool = False,
         *,
         format: str = "opendelta",
         arrival_timeout_s: float = ARRIVAL_TIMEOUT_S,
+        delay_push: bool = False,
+        **center_args: Any,
     ) -> str:
         """Save this delta (and the backbone tensors it trains, e.g. an unfrozen head).
 
@@ -417,6 +438,8 @@ class DeltaBase:
         rank: the ranks gather the (possibly sharded) delta tensors and rank 0 writes. A rank that
         does not arrive within `arrival_timeout_s` makes it raise DistributedSaveError (gloo).
         """
+        # the original's arguments (save_config, state_dict, DeltaCenter ones in center_args): see original_api.py
+        self.check_save_arguments(self, state_dict, save_config, save_function, push_to_dc, delay_push)
         return serialization.save_delta(self, finetuned_delta_path, format, arrival_timeout_s)
 
     @classmethod
@@ -424,11 +447,17 @@ class DeltaBase:
         cls: type[D],
         finetuned_delta_path: str | os.PathLike,
         backbone_model: nn.Module,
+        delta_config: DeltaConfig | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
         *,
         name: str | None = None,
         dummy_inputs: Any = None,
         verify: bool = True,
         order: float | None = None,
+        force_download: bool = False,
+        check_hash: bool = True,
+        local_files_only: bool = False,
     ) -> D:
         """Load a checkpoint written by save_finetuned() (or a PEFT LoRA adapter folder) onto
         `backbone_model` and attach it.
@@ -440,8 +469,10 @@ class DeltaBase:
         The delta keeps the place among other deltas its checkpoint records; `order` overrides its
         position.
         """
+        if delta_config is not None or state_dict is not None:  # the original's other ways in (original_api.py)
+            return cls.from_config_and_state(delta_config, state_dict, finetuned_delta_path, backbone_model)  # type: ignore[return-value]
         return serialization.load_delta(  # type: ignore[return-value]
-            finetuned_delta_path,
+            cls.finetuned_folder(finetuned_delta_path, cache_dir, force_download),
             backbone_model,
             expected=None if cls is DeltaBase else cls,
             name=name,

@@ -222,6 +222,10 @@ def observe(
     for methods that must measure what only appears inside a module's call (e.g. key/value shapes).
     A module of `paths` the pass never calls is an UnreachedModuleError saying why.
     """
+    if dummy_inputs is None and _default_inputs_or_none(model) is None:
+        parts = _inner_models(model, paths)
+        if parts:
+            return _observe_inner(model, parts, paths, pre_hooks or {})
     modules = dict(model.named_modules())
     seen: dict[str, Observation] = {}
     handles = []
@@ -272,6 +276,54 @@ def observe(
     if missing:
         raise unreached_error(model, missing, reads.read)
     return seen
+
+
+def _default_inputs_or_none(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    try:
+        return default_dummy_inputs(model)
+    except RuntimeInitError:
+        return None
+
+
+def _inner_models(model: nn.Module, paths: Sequence[str]) -> dict[str, list[str]] | None:
+    """For a wrapper with no usable dummy input (a user's module holding one or two pretrained
+    models, a forward taking ``*args``): the outermost sub-modules that have one, each with the
+    target `paths` inside it; None unless every target lies in one of them."""
+    found: dict[str, list[str]] = {}
+    remaining = list(paths)
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            inside = [p for p in remaining if p == path or p.startswith(path + ".")]
+            if not inside:
+                continue
+            if path not in inside and _default_inputs_or_none(child) is not None:
+                found[path] = inside
+                for p in inside:
+                    remaining.remove(p)
+            else:
+                visit(path + ".", child)
+
+    visit("", model)
+    return found if found and not remaining else None
+
+
+def _observe_inner(
+    model: nn.Module,
+    parts: Mapping[str, list[str]],
+    paths: Sequence[str],
+    pre_hooks: Mapping[str, Callable[[nn.Module, tuple, dict], Any]],
+) -> dict[str, Observation]:
+    """observe() on each inner model of `parts` with its own dummy input, as the original OpenDelta
+    did for wrappers; shapes are the ones the wrapper would pass through to it."""
+    seen: dict[str, Observation] = {}
+    for root, inside in parts.items():
+        cut = len(root) + 1
+        hooks = {p[cut:]: hook for p, hook in pre_hooks.items() if p.startswith(root + ".")}
+        observed = observe(model.get_submodule(root), [p[cut:] for p in inside], None, pre_hooks=hooks)
+        seen.update({f"{root}.{p}": o for p, o in observed.items()})
+    return {p: seen[p] for p in paths}
 
 
 def observe_targets(model: nn.Module, targets: Sequence[Target], dummy_inputs: Any = None) -> dict[str, Observation]:

@@ -36,6 +36,7 @@ from opendelta.errors import (
     UnreachedModuleError,
     UnsupportedModuleError,
 )
+from opendelta.original_format import is_original_folder, read_original_checkpoint, refuse_saving
 from opendelta.peft_format import check_peft_expressible, is_peft_folder, read_peft_checkpoint, write_peft_checkpoint
 from opendelta.runtime_init import model_device
 from opendelta.targets import targets_at
@@ -67,6 +68,10 @@ FORMATS: dict[str, CheckpointFormat] = {
     "peft": CheckpointFormat(
         holds=is_peft_folder, check_savable=check_peft_expressible, write=write_peft_checkpoint,
         read=read_peft_checkpoint,
+    ),
+    # the original OpenDelta's config.json + pytorch_model.bin: read only (original_format.py)
+    "original": CheckpointFormat(
+        holds=is_original_folder, check_savable=refuse_saving, write=refuse_saving, read=read_original_checkpoint,
     ),
 }
 #: the format that explains a folder holding none (its reader names what is missing)

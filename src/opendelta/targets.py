@@ -11,6 +11,7 @@ the paths a checkpoint saved. Nothing after this module parses a pattern or a sp
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -24,11 +25,15 @@ from opendelta.addressing import (
     pair_spans,
     span_path,
     split_span,
+    suggest,
 )
 from opendelta.config import DeltaConfig, check_name_list
-from opendelta.errors import LifecycleError, OpenDeltaError, PatternError, UnsupportedModuleError
+from opendelta.errors import LifecycleError, NoMatchError, OpenDeltaError, PatternError, UnsupportedModuleError
+from opendelta.leniency import OriginalBehaviourWarning, is_strict
 from opendelta.routing import Span, site_of
 from opendelta.structure import resolve_roles
+from opendelta.structure.original_names import VOCABULARY, is_original_name, original_roles
+from opendelta.structure.renamed import current_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +92,17 @@ def resolve(
     index = {path: i for i, (path, _) in enumerate(backbone_modules(model))}
 
     def find(names: list[str], strict: bool) -> list[str]:
-        if roles:
-            return resolve_roles(model, names, strict=strict)
-        return find_modules(model, names, what=what, strict=strict)
+        original = [n for n in names if is_original_name(n, roles=roles) or _original_vocabulary(model, n, roles, what)]
+        names = [n for n in names if n not in original]
+        if not roles:
+            names = [_renamed(model, n, what) for n in names]
+        found = []
+        if names:
+            found = resolve_roles(model, names, strict=strict) if roles else find_modules(model, names, what=what, strict=strict)
+        for name in original:  # the original OpenDelta's "attn@.q@" names (structure/original_names.py)
+            meant = original_roles(name)
+            found += resolve_roles(model, meant, strict=strict and len(meant) == 1)
+        return found
 
     plain: list[str] = []
     spans: list[tuple[str, tuple[str, str]]] = []
@@ -206,3 +219,33 @@ def free_name(targets: Sequence[Target], requested: str | None, stem: str) -> st
         n += 1
         candidate = f"{stem}_{n}"
     return candidate
+
+
+def _original_vocabulary(model: nn.Module, name: str, roles: bool, what: str) -> bool:
+    """Whether the module name `name`, which matches no module, is read as the original OpenDelta's
+    common-structure name (``attn``, ``ff``, ``layer_norm``...), as its example configs wrote them
+    for every family; a warning says so (NoMatchError in strict mode)."""
+    if roles or name not in VOCABULARY or find_modules(model, [name], strict=False):
+        return False
+    if is_strict():
+        raise NoMatchError(name, suggest(name, [p for p, _ in backbone_modules(model)]), what)
+    warnings.warn(
+        f"{what} {name!r} names no module; read as the original OpenDelta's common-structure name "
+        f"({', '.join(VOCABULARY[name])})", OriginalBehaviourWarning, stacklevel=4,
+    )
+    return True
+
+
+def _renamed(model: nn.Module, name: str, what: str) -> str:
+    """`name`, or today's name of that module where transformers 5 renamed it and `name` matches
+    nothing (with a warning; NoMatchError in strict mode): see structure/renamed.py."""
+    if find_modules(model, [name], strict=False):
+        return name
+    new = current_name(model, name)
+    if new is None:
+        return name
+    if is_strict():
+        raise NoMatchError(name, [new], what)
+    warnings.warn(f"{what} {name!r} names no module; transformers 5 calls it {new!r} in this family, which is used",
+                  OriginalBehaviourWarning, stacklevel=4)
+    return new

@@ -1,0 +1,180 @@
+"""The original OpenDelta's (0.3.2) config API for opendelta's configs: its extra fields
+(``backbone_class``, ``backend``...), its methods (``to_json_string``, ``to_diff_dict``, ``update``,
+``save_finetuned``, ``from_finetuned``) and the keys its configs and scripts pass that opendelta's do
+not take. Kept apart from original_api.py (the DeltaBase side) because the config layer imports
+it: it depends on nothing above the config layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opendelta.checkpoint_files import checkpoint_path, read_json
+from opendelta.errors import CheckpointError, CheckpointNotFoundError, DeltaConfigError
+from opendelta.registry import lookup
+
+if TYPE_CHECKING:
+    from opendelta.config import DeltaConfig
+
+#: fields every config of the original has beyond the method's arguments, with their defaults
+ORIGINAL_CONFIG_FIELDS: dict[str, Any] = {
+    "backbone_class": None,
+    "backbone_checkpoint_name": None,
+    "backbone_hash": None,
+    "backend": "hf",
+}
+#: keys the original writes into a saved config.json and reads back without using
+_IGNORED_KEYS = ("opendelta_version", "transformers_version", "model_type")
+#: arguments of one original method that opendelta always honours in its own way: (what the
+#: original defaulted to, which values opendelta's behaviour equals, why)
+ORIGINAL_METHOD_ARGS: dict[str, dict[str, tuple[Any, Callable[[Any], bool], str]]] = {
+    "soft_prompt": {
+        "other_expand_ids": (
+            {"attention_mask": 1, "token_type_ids": 0},
+            lambda v: isinstance(v, Mapping) and dict(v).items() <= {"attention_mask": 1, "token_type_ids": 0}.items(),
+            "opendelta's soft prompt extends attention_mask with 1 and token_type_ids with 0 (and labels with -100) "
+            "by itself",
+        )
+    },
+}
+BMTRAIN_HELP = (
+    "backend='bmt' (BMTrain) is not supported: opendelta scales out on PyTorch's own engines. Build the delta "
+    "with backend='hf' (the default) and train with DDP, FSDP2 or DeepSpeed ZeRO-3 (docs/scaling_out.md)."
+)
+
+
+def check_backend(backend: Any) -> str:
+    """The original's ``backend`` argument: ``"hf"`` is what opendelta does; anything else is refused."""
+    if backend == "hf":
+        return backend
+    if backend == "bmt":
+        raise DeltaConfigError(BMTRAIN_HELP)
+    raise DeltaConfigError(f"backend must be 'hf' (the only backend), got {backend!r}.")
+
+
+def take_original_fields(config_cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Remove from `values` the keys the original's configs have and opendelta's do not; return
+    the ones a config keeps as attributes (``backbone_class``...). Called by DeltaConfig.from_dict."""
+    kept: dict[str, Any] = {}
+    for key in [k for k in values if k in ORIGINAL_CONFIG_FIELDS]:
+        kept[key] = values.pop(key)
+    if "backend" in kept:
+        check_backend(kept["backend"])
+    for key in _IGNORED_KEYS:
+        values.pop(key, None)
+    own_fields = {f.name for f in dataclasses.fields(config_cls)}
+    for key, (_, honoured, why) in ORIGINAL_METHOD_ARGS.get(getattr(config_cls, "delta_type", ""), {}).items():
+        if key in values and key not in own_fields:
+            value = values.pop(key)
+            if not honoured(value):
+                raise DeltaConfigError(f"{key}={value!r} is not supported: {why}; leave {key} out.")
+    return kept
+
+
+class OriginalConfigAPI:
+    """The original ``BaseDeltaConfig``'s fields and methods, for ``DeltaConfig``."""
+
+    backbone_class: str | None = None
+    backbone_checkpoint_name: str | None = None
+    backbone_hash: str | None = None
+    backend: str = "hf"
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """The config without the values that equal the class defaults (``delta_type`` always kept)."""
+        values = self.to_dict()  # type: ignore[attr-defined]
+        defaults = type(self)().to_dict()  # type: ignore[attr-defined]
+        diff = {k: v for k, v in values.items() if k == "delta_type" or defaults.get(k) != v}
+        diff.update({k: getattr(self, k) for k, d in ORIGINAL_CONFIG_FIELDS.items() if getattr(self, k) != d})
+        return diff
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """The config as indented, key-sorted JSON (only what differs from the defaults if `use_diff`)."""
+        values = self.to_diff_dict() if use_diff else {
+            **self.to_dict(),  # type: ignore[attr-defined]
+            **{k: getattr(self, k) for k in ORIGINAL_CONFIG_FIELDS},
+        }
+        return json.dumps(values, indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        Path(json_file_path).write_text(self.to_json_string(use_diff=use_diff), encoding="utf-8")
+
+    def update(self, config_dict: Mapping[str, Any]) -> None:
+        """Set several fields at once; each value is validated as in the constructor."""
+        for key, value in config_dict.items():
+            if key == "backend":
+                check_backend(value)
+            if key not in ORIGINAL_CONFIG_FIELDS and key not in {f.name for f in dataclasses.fields(self)}:  # type: ignore[arg-type]
+                raise DeltaConfigError(f"{type(self).__name__} has no field {key!r}")
+            setattr(self, key, value)
+
+    def save_finetuned(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write the config alone as ``config.json`` in `save_directory` (as the original's config did)."""
+        if os.path.isfile(save_directory):
+            raise CheckpointError(f"{save_directory!r} is a file; save_finetuned needs a folder")
+        os.makedirs(save_directory, exist_ok=True)
+        self.to_json_file(Path(save_directory) / "config.json")
+
+    @classmethod
+    def from_finetuned(cls, finetuned_delta_path: str | os.PathLike, **kwargs: Any) -> DeltaConfig:
+        """The config of a saved delta: an opendelta checkpoint, an original OpenDelta folder, or a
+        folder holding only a ``config.json`` written by :meth:`save_finetuned`."""
+        path = local_folder(finetuned_delta_path, kwargs.get("cache_dir"), kwargs.get("force_download", False))
+        config = read_saved_config(path)
+        own = getattr(cls, "delta_type", "")
+        if own and config.delta_type != own:
+            raise DeltaConfigError(f"{path} holds a {config.delta_type!r} config, not {own!r}; use AutoDeltaConfig")
+        return config
+
+
+def _looks_like_hub_id(path: Any) -> bool:
+    """Whether `path` is no local folder but reads like the original's DeltaCenter names ("owner/name")."""
+    text = os.fspath(path)
+    return isinstance(text, str) and not Path(text).exists() and not os.path.isabs(text) \
+        and text.count("/") == 1 and not text.startswith(".")
+
+
+def looks_like_hub_id(path: Any) -> bool:
+    """Whether `path` is no local folder but reads like the original's DeltaCenter names ("owner/name")."""
+    text = os.fspath(path)
+    return isinstance(text, str) and not Path(text).exists() and not os.path.isabs(text) \
+        and text.count("/") == 1 and not text.startswith(".")
+
+
+def local_folder(path: Any, cache_dir: Any = None, force_download: bool = False) -> Path:
+    """The folder a from_finetuned argument names; a name that is no local folder was a DeltaCenter
+    id in the original, and the DeltaCenter no longer exists."""
+    if not isinstance(path, (str, os.PathLike)):
+        return checkpoint_path(path, "from_finetuned")
+    folder = Path(cache_dir, path) if cache_dir is not None else Path(path)
+    if force_download or not folder.exists():
+        raise CheckpointNotFoundError(
+            f"{str(folder)!r} is not a local folder. The original OpenDelta downloaded such names from its "
+            "DeltaCenter, which no longer exists; download the checkpoint folder yourself and pass its path"
+            + (" (force_download=True asks for a download, which opendelta cannot do)." if force_download else ".")
+        )
+    return folder
+
+
+def read_saved_config(folder: str | os.PathLike) -> DeltaConfig:
+    """The config in a saved folder without reading its tensors: opendelta's ``delta_config.json``
+    (strictly, as a checkpoint), or the original's ``config.json`` (leniently, as the original)."""
+    path = checkpoint_path(folder, "from_finetuned")
+    ours, original = path / "delta_config.json", path / "config.json"
+    if ours.is_file():
+        meta = read_json(ours, CheckpointError)
+        values, strict = (meta.get("config"), True) if isinstance(meta, dict) else (None, True)
+        delta_type = meta.get("delta_type") if isinstance(meta, dict) else None
+    elif original.is_file():
+        values, strict = read_json(original, CheckpointError), None
+        delta_type = values.get("delta_type") if isinstance(values, dict) else None
+    else:
+        raise CheckpointNotFoundError(f"{str(path)!r} holds no delta config (delta_config.json or config.json)")
+    if not isinstance(values, dict) or not isinstance(delta_type, str):
+        raise DeltaConfigError(f"{path}: the saved config must be a JSON object with a 'delta_type'")
+    config_cls, _ = lookup(delta_type)
+    return config_cls.from_dict({k: v for k, v in values.items() if k != "delta_type"}, strict=strict)
