@@ -45,7 +45,16 @@ def _peft_lora(targets: list[str]) -> Any:
     return peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
 
 
+def _peft_dora(targets: list[str]) -> Any:
+    import peft
+
+    return peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, use_dora=True)
+
+
 register_method("lora", MethodSpec("lora", ("attn.q", "attn.v"), {"lora_r": 8, "lora_alpha": 16}, _peft_lora))
+register_method(
+    "dora", MethodSpec("lora", ("attn.q", "attn.v"), {"lora_r": 8, "lora_alpha": 16, "use_dora": True}, _peft_dora)
+)
 for _name in ("adapter", "bitfit", "parallel_adapter", "low_rank_adapter", "compacter", "prefix", "soft_prompt", "ia3"):
     register_method(_name, MethodSpec(_name, None))
 

@@ -53,6 +53,10 @@ def shown(value: Any) -> str:
         return "-bit number>"
 
 
+#: the annotation ``bool | str``: True, False or one of the field's named choices (LoRA's init_lora_weights)
+SWITCH_OR_NAME = "bool | str"
+
+
 def fields_of(delta_type: str) -> list[tuple[str, Any, bool]]:
     """(name, annotation without None, whether None is allowed) of each field of the method's config."""
     config_cls = lookup(delta_type)[0]
@@ -63,7 +67,8 @@ def fields_of(delta_type: str) -> list[tuple[str, Any, bool]]:
         optional = False
         if typing.get_origin(kind) in (typing.Union, types.UnionType):
             args = [a for a in typing.get_args(kind) if a is not type(None)]
-            optional, (kind,) = True, args
+            optional = len(args) < len(typing.get_args(kind))
+            kind = args[0] if len(args) == 1 else SWITCH_OR_NAME if set(args) == {bool, str} else kind
         out.append((f.name, kind, optional or f.name in NONE_MEANS_FALSE))
     return out
 
@@ -78,6 +83,8 @@ def scalar_bad(delta_type: str, name: str, kind: Any) -> list[Any]:
         return ["16", "abc", True, [1.0], math.nan, math.inf, -math.inf, 10**400, *RANGE_BAD[(delta_type, name)]]
     if kind is str:
         return [5, True, ["gelu"], "", "no-such-choice"]
+    if kind == SWITCH_OR_NAME:
+        return [5, 1.0, "true", "", "no-such-choice", ["gaussian"]]
     raise AssertionError(f"{delta_type}.{name}: add bad values for fields of type {kind}")
 
 

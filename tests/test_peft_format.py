@@ -134,8 +134,8 @@ def test_peft_folder_of_another_method_is_refused_naming_it(tmp_path):
 
 
 def test_peft_lora_variant_opendelta_lacks_is_refused_naming_the_option(tmp_path):
-    _peft_lora(tiny_bert(), r=2, target_modules=["query"], use_dora=True).save_pretrained(tmp_path)
-    with pytest.raises(PeftFormatError, match="use_dora"):
+    _peft_lora(tiny_bert(), r=2, target_modules=["query"], lora_bias=True).save_pretrained(tmp_path)
+    with pytest.raises(PeftFormatError, match="lora_bias"):
         AutoDeltaModel.from_finetuned(tmp_path, tiny_bert())
 
 

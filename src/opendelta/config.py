@@ -64,8 +64,9 @@ def positive(default: float | None) -> Any:
     return number(default, low=0, low_open=True)
 
 
-def choice(default: str, choices: Collection[str]) -> Any:
-    """A field holding one of `choices` (looked up at validation time, so a registry may grow)."""
+def choice(default: str | bool, choices: Collection[str]) -> Any:
+    """A field holding one of `choices` (looked up at validation time, so a registry may grow); a
+    field annotated ``bool | str`` holds True, False or one of them (a switch or a named variant)."""
     return dataclasses.field(default=default, metadata={_RULE: Rule(choices=choices)})
 
 
@@ -208,7 +209,12 @@ def _checked(owner: str, name: str, value: Any, kind: Any, rule: Rule, f: datacl
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         optional = len(args) < len(typing.get_args(kind))
-        kind = args[0] if len(args) == 1 else Any  # a union of several types: no type check
+        if len(args) == 1:
+            kind = args[0]
+        elif set(args) == {bool, str}:  # a switch or a named variant: checked as either
+            kind = bool if isinstance(value, bool) else str
+        else:
+            kind = Any  # a union of other types: no type check
     if value is None:
         if rule.none_means is not _KEEP_NONE:
             return rule.none_means

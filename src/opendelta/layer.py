@@ -43,6 +43,10 @@ class DeltaLayer(nn.Module):
     #: COMBINED (the layers of this class on one module become one call: :meth:`combine_rows`) or
     #: WHOLE_BATCH (refused). A class that overrides ``route_call`` must declare it.
     mixed_rows: ClassVar[str] = ROW_WISE
+    #: whether a parallel layer's delta depends on the module's own tensors (DoRA rescales by its weight's
+    #: norm): the engine then passes the module it acts on as ``module=`` to ``route_parallel`` and
+    #: ``route_parallel_rows``. A reference kept by the layer would miss copies (deepcopy, data-parallel replicas).
+    reads_module: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -63,8 +67,9 @@ class DeltaLayer(nn.Module):
     @classmethod
     def scalable(cls) -> bool:
         """Whether the change can be scaled: a layer that adds ``m(h)`` through a plain route (not a
-        rewritten call, like a prefix or prompt)."""
-        return cls.route in ("before", "after", "parallel") and cls.route_call is DeltaLayer.route_call
+        rewritten call, like a prefix or prompt, nor one that reads its module's weights, like DoRA)."""
+        # a layer that reads its module (DoRA) changes the output by more than a function of h
+        return cls.route in ("before", "after", "parallel") and cls.route_call is DeltaLayer.route_call and not cls.reads_module
 
     def scaled_change(self, h: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
         """``scale * m(h)``; a tensor `scale` holds one factor per batch row."""
@@ -115,9 +120,11 @@ class DeltaLayer(nn.Module):
         """:meth:`route_output` on the batch rows `rows` only."""
         return h.index_copy(0, rows, self.route_output(h.index_select(0, rows)))
 
-    def route_parallel_rows(self, h_in: torch.Tensor, h_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """:meth:`route_parallel` on the batch rows `rows` only."""
-        part = self.route_parallel(h_in.index_select(0, rows), h_out.index_select(0, rows))
+    def route_parallel_rows(
+        self, h_in: torch.Tensor, h_out: torch.Tensor, rows: torch.Tensor, **context: nn.Module
+    ) -> torch.Tensor:
+        """:meth:`route_parallel` on the batch rows `rows` only (`context`: ``module=`` for `reads_module` layers)."""
+        part = self.route_parallel(h_in.index_select(0, rows), h_out.index_select(0, rows), **context)
         return h_out.index_copy(0, rows, part)
 
     def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:

@@ -21,6 +21,11 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """A linear map's weight seen as (out, in): the ``nn.Linear`` weight itself, a view of a ``Conv1D``'s."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
 def weight_like(module: nn.Module) -> torch.Tensor:
     """A tensor with the dtype and device a delta beside this linear map takes: its weight, or for a
     quantized layer (quantized.py) an empty tensor in the dtype it computes in."""
@@ -38,3 +43,14 @@ def fold_into_weight(module: nn.Module, change: Callable[[torch.Tensor], torch.T
     if isinstance(module, nn.Linear):
         return change(weight)
     return change(weight.t()).t()  # Conv1D stores (in, out)
+
+
+def update_factors(
+    a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor | None = None, b0: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (A', B') of a low-rank change ``B' A'`` to a weight: ``B A``, or ``B A - B0 A0`` when the
+    factors started at (A0, B0) (PiSSA, OLoRA), as ``[A; A - A0]``, ``[B - B0, B0]`` (rank 2r), since
+    ``B A - B0 A0 = (B - B0) A + B0 (A - A0)``: exactly zero while A, B are still A0, B0."""
+    if a0 is None or b0 is None:
+        return a, b
+    return torch.cat([a, a - a0]), torch.cat([b - b0, b0], 1)

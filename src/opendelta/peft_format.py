@@ -6,6 +6,8 @@ Each method PEFT shares with opendelta is one :class:`PeftMethod` row of :data:`
 which turns a delta's tensors into PEFT's and back:
 
 - LoRA: ``<path>.lora_A.weight`` / ``.lora_B.weight``, the same factors (A: r x in, B: out x r);
+  DoRA's magnitudes (``use_dora``) are PEFT's ``<path>.lora_magnitude_vector``; a PiSSA/OLoRA-started
+  LoRA is written as PEFT's own converted rank-2r LoRA on the original weights;
 - IA3: ``<path>.ia3_l``, the scaling vector as (out, 1), or (1, in) for ``feedforward_modules``;
 - soft prompt (PEFT's prompt tuning, encoder-only and decoder-only models): ``prompt_embeddings``,
   the prompt (tokens x hidden); a sequence classifier's head goes with it, as PEFT's always does.
@@ -40,6 +42,7 @@ from opendelta.checkpoint_files import (
     write_files,
 )
 from opendelta.errors import CorruptCheckpointError, PeftFormatError
+from opendelta.linear_maps import update_factors
 from opendelta.registry import lookup
 
 if TYPE_CHECKING:
@@ -53,11 +56,12 @@ PREFIX = "base_model.model."
 PROMPT_PREFIX = "base_model."
 #: the key of a prompt-learning adapter's one tensor
 PROMPT_KEY = "prompt_embeddings"
-_FACTOR = re.compile(r"(?P<path>.+)\.lora_(?P<factor>[AB])\.weight")
+#: the end of a PEFT LoRA tensor's name -> the name of the same tensor in opendelta's LoRA layer
+_LAYER_TENSORS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "magnitude"}
+_FACTOR = re.compile(r"(?P<path>.+)\.(?P<tensor>" + "|".join(map(re.escape, _LAYER_TENSORS)) + ")")
 _IA3 = re.compile(r"(?P<path>.+)\.ia3_l")
 #: PEFT LoRA options that change the computation in ways opendelta's LoRA does not implement
 _UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a trainable bias on lora_B",
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on nn.Parameter targets",
@@ -162,19 +166,29 @@ def _write_lora(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dic
     out: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
-    for path in delta.layers:
-        out[f"{path}.lora_A.weight"] = tensors[delta_key(path, "lora_A")]
-        out[f"{path}.lora_B.weight"] = tensors[delta_key(path, "lora_B")]
-        r, alpha = config.rank_and_alpha(path)
-        if r != config.lora_r:
-            rank_pattern[re.escape(path)] = r
-        if alpha != config.lora_alpha:
+    # a LoRA started from the weight (PiSSA, OLoRA) is written as PEFT writes one converted with
+    # path_initial_model_for_weight_conversion: a plain LoRA of rank 2r on the original weights
+    factor = 2 if config.data_aware_init else 1
+    rank, default_alpha = factor * config.lora_r, _alpha_for(config, factor)
+    for path, layer in delta.layers.items():
+        stored = {name: tensors[delta_key(path, name)] for name in layer.state_dict()}
+        lora_A, lora_B = update_factors(stored["lora_A"], stored["lora_B"], stored.get("lora_A0"), stored.get("lora_B0"))
+        out[f"{path}.lora_A.weight"] = lora_A.contiguous()
+        out[f"{path}.lora_B.weight"] = lora_B.contiguous()
+        if "magnitude" in stored:
+            out[f"{path}.lora_magnitude_vector"] = stored["magnitude"]
+        r, _ = config.rank_and_alpha(path)
+        alpha = _alpha_for(config, factor, path)
+        if factor * r != rank:
+            rank_pattern[re.escape(path)] = factor * r
+        if alpha != default_alpha:
             alpha_pattern[re.escape(path)] = alpha
     fields = {
-        "r": config.lora_r,
-        "lora_alpha": config.lora_alpha,
+        "r": rank,
+        "lora_alpha": default_alpha,
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         "target_modules": sorted(delta.layers),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -183,6 +197,15 @@ def _write_lora(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dic
         "init_lora_weights": True,
     }
     return out, fields
+
+
+def _alpha_for(config: Any, factor: int, path: str | None = None) -> float:
+    """PEFT's lora_alpha that keeps the scaling of the LoRA at `path` (default: of the config's
+    defaults) when its rank is multiplied by `factor`."""
+    alpha = config.lora_alpha if path is None else config.rank_and_alpha(path)[1]
+    if factor == 1:
+        return alpha
+    return alpha * (math.sqrt(factor) if config.use_rslora else factor)
 
 
 def _pattern_map(peft: dict[str, Any], key: str, kinds: tuple[type, ...], expected: str, path: Path) -> dict[str, Any] | None:
@@ -217,11 +240,11 @@ def _read_lora(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: P
         if factor is not None:
             if factor["path"] not in paths:
                 paths.append(factor["path"])
-            keys[name] = delta_key(factor["path"], f"lora_{factor['factor']}")
+            keys[name] = delta_key(factor["path"], _LAYER_TENSORS[factor["tensor"]])
         elif "lora_" in name:
             raise PeftFormatError(
                 f"{path.parent / PEFT_WEIGHTS_NAME} holds {name!r}, a LoRA tensor opendelta does not implement (LoRA on "
-                "embeddings or convolutions, DoRA magnitudes); load it with peft.PeftModel.from_pretrained."
+                "embeddings or convolutions); load it with peft.PeftModel.from_pretrained."
             )
     if not paths:
         raise PeftFormatError(
@@ -229,6 +252,16 @@ def _read_lora(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: P
         )
     _check_names(peft, path, "target_modules", "modules_to_save")
     _field(peft, "fan_in_fan_out", (bool,), "true or false", False, path)
+    init = _field(peft, "init_lora_weights", (bool, str), "true, false or an initialisation's name", True, path)
+    if isinstance(init, str) and init != "gaussian":
+        # PEFT rebuilds such a base weight at load (PiSSA, OLoRA, LoftQ...: the folder holds the factors trained
+        # on a rewritten weight); loaded as a plain LoRA on the original weight its outputs would be wrong
+        raise PeftFormatError(
+            f"{path}: this PEFT LoRA was initialised with init_lora_weights={init!r}, so its factors belong to a "
+            "rewritten base weight that PEFT recomputes when it loads it. Convert it in PEFT to a plain LoRA on the "
+            "original weights, `model.save_pretrained(dir, path_initial_model_for_weight_conversion=initial_dir)`, "
+            "and load that folder."
+        )
     values = {
         "modified_modules": paths,
         "lora_r": _field(peft, "r", (int,), "a positive integer", 8, path),
@@ -237,6 +270,8 @@ def _read_lora(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: P
         "use_rslora": _field(peft, "use_rslora", (bool,), "true or false", False, path),
         "rank_pattern": _pattern_map(peft, "rank_pattern", (int,), "integer ranks", path),
         "alpha_pattern": _pattern_map(peft, "alpha_pattern", (int, float), "numbers", path),
+        "use_dora": _field(peft, "use_dora", (bool,), "true or false", False, path),
+        "init_lora_weights": init,
     }
     return PeftTensors(values, paths, {keys[n]: stored[n] for n in keys}, lambda t: {keys[n]: t[n] for n in keys}, set(keys))
 

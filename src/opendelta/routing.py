@@ -258,16 +258,21 @@ class Site:
                 args, kwargs = self._with_input(args, kwargs, lambda h: _add_scaled(layer, h, h, rows, scale))
         return args, kwargs
 
-    def _mixed_post(self, mix: MixPlan, mods: dict, args: tuple, kwargs: dict, output: Any) -> Any:
+    def _mixed_post(self, mix: MixPlan, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        mods = module._modules
         h = first_tensor(output)
         if mix.checks_output:
             mix.check(h)
         for name, rows in mix.parallel:
             layer, h_in, scale = mods[name], self._parallel_input(name, args, kwargs), mix.scale_of(name, mods[name])
-            if scale is not None:
+            if scale is not None:  # never a reads_module layer: those are not scalable
                 h = _add_scaled(layer, h_in, h, rows, scale)
             else:
-                h = layer.route_parallel(h_in, h) if rows is None else layer.route_parallel_rows(h_in, h, rows)
+                context = {"module": module} if layer.reads_module else {}
+                if rows is None:
+                    h = layer.route_parallel(h_in, h, **context)
+                else:
+                    h = layer.route_parallel_rows(h_in, h, rows, **context)
         for name in self.span_inputs.keys() - {name for name, _ in mix.parallel}:
             self.span_inputs[name].discard()  # an idle span: drop its start's input
         for name, rows in mix.after:
@@ -326,16 +331,17 @@ class Site:
         plans = _PLANS.get() if _MIXING else None
         mix = plans.get(self) if plans else None
         if mix is not None:
-            return self._mixed_post(mix, mods, args, kwargs, output)
+            return self._mixed_post(mix, module, args, kwargs, output)
         if self.parallel:
             h_out = first_tensor(output)
             for name in self.parallel:
-                layer = mods[name]
-                h_in = self._parallel_input(name, args, kwargs)
-                if layer.change_scale == 1.0:
-                    h_out = layer.route_parallel(h_in, h_out)
-                else:
+                layer, h_in = mods[name], self._parallel_input(name, args, kwargs)
+                if layer.change_scale != 1.0:
                     h_out = h_out + layer.scaled_change(h_in, layer.change_scale)
+                elif layer.reads_module:
+                    h_out = layer.route_parallel(h_in, h_out, module=module)
+                else:
+                    h_out = layer.route_parallel(h_in, h_out)
             output = with_first_tensor(output, h_out)
         if self.after:
             h = first_tensor(output)

@@ -1,8 +1,25 @@
-"""LoRA (Hu et al., 2021): a low-rank update beside a linear map, ``h_out += s * h_in A^T B^T``."""
+"""LoRA (Hu et al., 2021): a low-rank update beside a linear map, ``h_out += s * h_in A^T B^T``.
+
+With ``use_dora=True``, DoRA (Liu et al., 2024): the updated weight split into a trained magnitude
+per output feature and a direction, ``W' = m * (W + s B A) / ||W + s B A||``.
+
+``init_lora_weights`` picks the starting factors as PEFT does: ``True`` (A random, B zero),
+``"gaussian"``, ``False`` (both random: a fresh delta changes the outputs), or data-aware starts from
+the module's weight, ``"pissa"`` / ``"pissa_niter_K"`` (principal singular vectors, Meng et al.,
+2024) and ``"olora"`` (QR factors, Büyükakyüz, 2024). Those train the principal part of W and keep
+the rest, the residual ``W - s B0 A0``, frozen. The weight itself is never rewritten: the layer
+adds ``s (B A - B0 A0)`` with the starting factors B0, A0 kept as buffers, which equals PEFT's
+residual weight plus ``s B A`` in exact arithmetic, leaves the backbone's tensors untouched (so
+detach, stacking and mixed batches stay exact), and saves with the delta what rebuilds the
+residual from the original backbone.
+"""
 
 from __future__ import annotations
 
 import math
+import re
+import weakref
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -10,12 +27,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from opendelta.addressing import matches
-from opendelta.config import DeltaConfig, number, positive, size
+from opendelta.config import DeltaConfig, choice, number, positive, size
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import UnsupportedModuleError
+from opendelta.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta.layer import DeltaLayer
 from opendelta.runtime_init import Observation
-from opendelta.linear_maps import fold_into_weight, linear_shape, weight_like
+from opendelta.linear_maps import fold_into_weight, linear_shape, linear_weight, update_factors, weight_like
+from opendelta.quantized import is_quantized
+
+
+class InitNames(Collection):
+    """The named values of ``init_lora_weights``: these, with any iteration count K >= 0 in ``pissa_niter_K``."""
+
+    NAMES = ("gaussian", "pissa", "pissa_niter_<K>", "olora")  # as error messages list them
+    FIXED = ("gaussian", "pissa", "olora")
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, str) and (value in self.FIXED or _NITER.fullmatch(value) is not None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.NAMES)
+
+    def __len__(self) -> int:
+        return len(self.NAMES)
+
+
+_NITER = re.compile(r"pissa_niter_(?P<niter>[0-9]{1,3})")
+#: initialisations that start from the module's weight and keep the starting factors (see the module docstring)
+DATA_AWARE = ("pissa", "olora")
 
 
 @dataclass
@@ -28,6 +67,15 @@ class LoraConfig(DeltaConfig):
     #: per-module r and alpha, ``{module pattern: value}`` in the addressing syntax; first match wins
     rank_pattern: dict[str, int] | None = size(None)
     alpha_pattern: dict[str, float] | None = positive(None)
+    #: DoRA (Liu et al., 2024): also train a magnitude per output feature of the weight
+    use_dora: bool = False
+    #: the starting factors: True, False, "gaussian", "pissa", "pissa_niter_K" or "olora" (as in PEFT)
+    init_lora_weights: bool | str = choice(True, InitNames())
+
+    @property
+    def data_aware_init(self) -> bool:
+        """Whether the factors start from the module's weight (PiSSA, OLoRA) and the layer keeps them."""
+        return isinstance(self.init_lora_weights, str) and self.init_lora_weights.startswith(DATA_AWARE)
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """The rank r and alpha of the LoRA at module `path` (the first matching pattern, else the defaults)."""
@@ -42,33 +90,63 @@ class LoraConfig(DeltaConfig):
 
 
 class LoraLayer(DeltaLayer):
-    """m(h) = s * h A^T B^T with A: (r, in), B: (out, r) zero-initialised, s = alpha / r.
+    """m(h) = s * h A^T B^T with A: (r, in), B: (out, r), s = alpha / r; by default B starts at zero.
 
-    The factors take the dtype and device of the weight they sit beside.
+    The factors take the dtype and device of the weight they sit beside. A layer started from the
+    weight (PiSSA, OLoRA) also keeps the starting factors A0, B0 as buffers and computes
+    ``m(h) = s * h (B A - B0 A0)^T``: see :meth:`factors`.
     """
 
     route = "parallel"
 
-    def __init__(self, in_features: int, out_features: int, config: LoraConfig, weight: torch.Tensor, path: str = ""):
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig, module: nn.Module, path: str = ""):
         super().__init__()
         r, self.scaling = config.rank_and_scaling(path)
+        weight = weight_like(module)
         factory = {"dtype": weight.dtype, "device": weight.device}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
-        if weight.device.type != "meta":  # a skeleton has no values to initialise
+        init = config.init_lora_weights
+        if config.data_aware_init:
+            if r > min(in_features, out_features):
+                raise DeltaConfigError(
+                    f"init_lora_weights={init!r} takes r principal directions of {path!r}'s {out_features} x "
+                    f"{in_features} weight, but r={r}; choose lora_r (or its rank_pattern) <= {min(in_features, out_features)}."
+                )
+            self.register_buffer("lora_A0", torch.empty(r, in_features, **factory))
+            self.register_buffer("lora_B0", torch.empty(out_features, r, **factory))
+        skeleton = weight.device.type == "meta"  # a skeleton has no values to initialise
+        if config.data_aware_init and not skeleton:
+            with torch.no_grad():
+                a0, b0 = _weight_factors(linear_weight(module), r, self.scaling, init)
+                for target, value in ((self.lora_A, a0), (self.lora_B, b0), (self.lora_A0, a0), (self.lora_B0, b0)):
+                    target.copy_(value)
+        elif init == "gaussian" and not skeleton:
+            nn.init.normal_(self.lora_A, std=1 / r)
+        elif not skeleton:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if init is False:  # PEFT's False: both factors random, so a fresh delta changes the outputs
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else None
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) whose product s B A is the change of the weight: the trained factors, or for a layer
+        started from the weight ``([A; A - A0], [B - B0, B0])`` (rank 2r), since
+        ``B A - B0 A0 = (B - B0) A + B0 (A - A0)``: exactly zero while A, B are still A0, B0."""
+        return update_factors(self.lora_A, self.lora_B, self._buffers.get("lora_A0"), self._buffers.get("lora_B0"))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
             h = self.dropout(h)
+        lora_A, lora_B = self.factors()
         # scaling the rank-r intermediate costs r/out of scaling the output
-        return F.linear(F.linear(h, self.lora_A) * self.scaling, self.lora_B)
+        return F.linear(F.linear(h, lora_A) * self.scaling, lora_B)
 
     def route_parallel(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
         h = self.dropout(h_in) if self.dropout is not None else h_in
-        low = F.linear(h, self.lora_A).reshape(-1, self.lora_A.shape[0]).to(h_out.dtype)
-        lora_B = self.lora_B.to(h_out.dtype)  # a no-op unless autocast made the output lower precision
+        lora_A, lora_B = self.factors()
+        low = F.linear(h, lora_A).reshape(-1, lora_A.shape[0]).to(h_out.dtype)
+        lora_B = lora_B.to(h_out.dtype)  # a no-op unless autocast made the output lower precision
         # one GEMM adds s * low B^T onto the output (scaling and sum fused, no output-sized temporary),
         # and taking B^T as the second factor makes autograd compute B's gradient as (low^T g)^T,
         # several times faster on CPU than the g^T low of a linear layer's weight gradient
@@ -84,8 +162,109 @@ class LoraLayer(DeltaLayer):
 
     def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """W + s B A (transposed for Conv1D)."""
-        update = (self.lora_B @ self.lora_A) * self.scaling
+        lora_A, lora_B = self.factors()
+        update = (lora_B @ lora_A) * self.scaling
         return {"weight": fold_into_weight(module, lambda w: w + update.to(w.dtype))}
+
+
+class DoraLayer(LoraLayer):
+    """DoRA: the module's weight becomes ``W' = m * (W + s B A) / ||W + s B A||``, norms per output feature.
+
+    As a delta on the module's output ``h_out = W h + b``: ``h_out + (k - 1) W h + k s h A^T B^T`` with
+    ``k = m / ||W + s B A||``. The norm is a constant for backward (the paper's section 4.3, as in PEFT).
+    The magnitude m starts at ``||W + s B A||``, so k starts at exactly 1 and a fresh layer changes nothing.
+    """
+
+    reads_module = True
+    route_parallel_rows = DeltaLayer.route_parallel_rows  # not additive: LoRA's scatter-add does not apply
+
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig, module: nn.Module, path: str = ""):
+        super().__init__(in_features, out_features, config, module, path)
+        self._squared_rows: tuple[weakref.ref, tuple, torch.Tensor] | None = None
+        self.magnitude = nn.Parameter(torch.empty(out_features, dtype=module.weight.dtype, device=module.weight.device))
+        if module.weight.device.type != "meta":
+            with torch.no_grad():
+                self.magnitude.copy_(self.weight_norm(module))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a DoRA layer's change depends on its module's weight: it runs through route_parallel(module=...)")
+
+    def weight_norm(self, module: nn.Module) -> torch.Tensor:
+        """``||W + s B A||`` per output feature, in float32, without gradient and without forming
+        ``W + s B A``: ``||W||^2 + 2 s <W, B A> + s^2 ||B A||^2`` per row, where ``||W||^2`` is
+        computed once for as long as the weight is unchanged (see :meth:`_squared_row_norms`)."""
+        with torch.no_grad():
+            weight = linear_weight(module)
+            lora_A, lora_B = self.factors()
+            a, b = lora_A.float(), lora_B.float()
+            cross = (b * (weight @ lora_A.t().to(weight.dtype)).float()).sum(1)
+            square = ((b @ (a @ a.t())) * b).sum(1)
+            s = self.scaling
+            return (self._squared_row_norms(module) + (2 * s) * cross + (s * s) * square).clamp_min(0).sqrt()
+
+    def _squared_row_norms(self, module: nn.Module) -> torch.Tensor:
+        """``||W||^2`` per output feature in float32, kept while the weight is the same tensor with the
+        same values: an in-place change (an optimizer step, merge(), copy_) bumps its version counter and
+        a move (``.to()``) changes its storage, either of which recomputes it. A change written through
+        ``weight.data`` escapes the version counter; write through the parameter itself (under no_grad)."""
+        weight = module.weight
+        if weight.is_inference() or torch.compiler.is_compiling():  # no version counter to trust
+            return linear_weight(module).float().square().sum(1)
+        stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.device, weight.shape)
+        kept = self._squared_rows
+        if kept is None or kept[0]() is not weight or kept[1] != stamp:
+            kept = self._squared_rows = (weakref.ref(weight), stamp, linear_weight(module).float().square().sum(1))
+        return kept[2]
+
+    def route_parallel(self, h_in: torch.Tensor, h_out: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+        assert module is not None, "the engine passes the module to layers with reads_module"
+        dtype, features = h_out.dtype, h_out.shape[-1]
+        scale = self.magnitude / self.weight_norm(module).to(self.magnitude.dtype)  # k, trained through m only
+        k = scale.to(dtype)
+        flat_out = h_out.reshape(-1, features)
+        if self.dropout is not None and self.training:
+            # the magnitude rescales W applied to the dropped-out input, as PEFT does, so W h is recomputed
+            h = self.dropout(h_in)
+            base = F.linear(h, linear_weight(module).to(dtype)).reshape(-1, features)
+            out = torch.addcmul(flat_out, base, k - 1)
+        else:
+            h = h_in
+            bias = getattr(module, "bias", None)
+            # k h_out + (1 - k) b = h_out + (k - 1)(h_out - b): one pass, and exactly h_out while k is 1
+            out = flat_out * k if bias is None else torch.addcmul(bias.to(dtype) * (1 - k), flat_out, k)
+        lora_A, lora_B = self.factors()
+        low = F.linear(h, lora_A).reshape(-1, lora_A.shape[0]).to(dtype)
+        scaled_b = (lora_B * scale.unsqueeze(1)).to(dtype)  # k B: out x r, cheaper than k on the output
+        # `out` is a fresh 2-D tensor that nothing keeps for backward: adding in place (not into a view,
+        # which would cost a gradient copy in backward) spares an output-sized temporary
+        out.addmm_(low, scaled_b.t(), alpha=self.scaling)
+        return out.view(h_out.shape)
+
+    def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``m * (W + s B A) / ||W + s B A||`` (transposed for Conv1D); the bias is unchanged."""
+        k = (self.magnitude.float() / self.weight_norm(module)).unsqueeze(1)
+        lora_A, lora_B = self.factors()
+        update = (lora_B.float() @ lora_A.float()) * self.scaling
+        return {"weight": fold_into_weight(module, lambda w: ((w.float() + update) * k).to(w.dtype))}
+
+
+def _weight_factors(weight: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Starting factors (A0: r x in, B0: out x r) from a weight (out x in), computed in float32 as PEFT does:
+    PiSSA ``s B0 A0`` = the top-r singular part of W (exact SVD, or randomized with ``pissa_niter_K``);
+    OLoRA ``B0, A0`` = the first r columns of Q and rows of R in ``W = Q R``."""
+    w = weight.float()
+    if init == "olora":
+        q, upper = torch.linalg.qr(w)
+        return upper[:r].contiguous(), q[:, :r].contiguous()
+    niter = _NITER.fullmatch(init)
+    if niter is None:
+        u, singular, vh = torch.linalg.svd(w, full_matrices=False)
+        u, singular, vh = u[:, :r], singular[:r], vh[:r]
+    else:
+        u, singular, v = torch.svd_lowrank(w, q=r, niter=int(niter["niter"]))
+        vh = v.t()
+    root = (singular / scaling).sqrt()
+    return (root.unsqueeze(1) * vh).contiguous(), (u * root).contiguous()
 
 
 def _accumulator(h_out: torch.Tensor) -> torch.Tensor | None:
@@ -115,8 +294,9 @@ class LoraModel(DeltaBase):
     """LoRA on every addressed linear layer (``nn.Linear`` or GPT-2's ``Conv1D``).
 
     Arguments: ``lora_r=8, lora_alpha=16, lora_dropout=0.0``, ``use_rslora=False``,
-    ``rank_pattern`` / ``alpha_pattern`` (per-module overrides); default positions: attention
-    query and value.
+    ``rank_pattern`` / ``alpha_pattern`` (per-module overrides), ``use_dora=False`` (DoRA: a
+    trained magnitude per output feature), ``init_lora_weights=True`` (or ``"gaussian"``, ``False``,
+    ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``); default positions: attention query and value.
     """
 
     config_class = LoraConfig
@@ -130,4 +310,13 @@ class LoraModel(DeltaBase):
                 f"LoRA needs a linear layer (nn.Linear or Conv1D), but {path!r} is a {type(module).__name__}; "
                 "address the linear projections inside it instead."
             )
-        return LoraLayer(*shape, self.config, weight_like(module), path)
+        if is_quantized(module) and (self.config.use_dora or self.config.data_aware_init):
+            raise UnsupportedModuleError(
+                f"{path!r} is a quantized {type(module).__name__}; DoRA and the initialisations from the weight "
+                f"(init_lora_weights={self.config.init_lora_weights!r}) read its weight in full precision, which "
+                "opendelta does not do on quantized layers yet. Use plain LoRA there (use_dora=False, "
+                "init_lora_weights=True or 'gaussian')."
+            )
+        if self.config.use_dora:
+            return DoraLayer(*shape, self.config, module, path)
+        return LoraLayer(*shape, self.config, module, path)
