@@ -520,8 +520,9 @@ def read_peft_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -
     name = peft.get("peft_type")
     method = PEFT_METHODS.get(name) if isinstance(name, str) else None
     if method is None:
+        why = UNREADABLE.get(name, "") if isinstance(name, str) else ""  # an edited file may hold any JSON there
         raise PeftFormatError(
-            f"{str(directory)!r} holds a PEFT {name!r} adapter; {UNREADABLE.get(name, '')} opendelta reads PEFT {', '.join(PEFT_METHODS)} adapters. "
+            f"{str(directory)!r} holds a PEFT {name!r} adapter; {why} opendelta reads PEFT {', '.join(PEFT_METHODS)} adapters. "
             "Load it with peft.PeftModel.from_pretrained, or train the method with opendelta's own class."
         )
     mapping = _field(peft, "auto_mapping", (dict, type(None)), "an object or null", None, config_path) or {}
