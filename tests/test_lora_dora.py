@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from support.ecosystem_fixtures import randomize_deltas, tiny_batch
 from support.ecosystem_fixtures import tiny_bert as tiny_bert_classifier
 from support.numerics import assert_within_noise, batching_noise, float32_noise
+from support.rows import each_row_alone
 from torch import nn
 
 from opendelta import AutoDeltaModel, LoraModel, mixed_batch
@@ -134,17 +135,8 @@ def test_dora_mixed_batch_equals_each_row_alone(family):
     rows = [0, 1, -1, 0]
     with torch.no_grad(), mixed_batch(deltas, rows):
         mixed = out(model)
-    alone = []
-    for d in deltas:
-        d.detach()
-    for i, r in enumerate(rows):
-        if r >= 0:
-            deltas[r].attach()
-        with torch.no_grad():
-            alone.append(out(model, IDS[i : i + 1]))
-        if r >= 0:
-            deltas[r].detach()
-    assert_within_noise(mixed, torch.cat(alone), *bare)
+    alone = each_row_alone(deltas, rows, lambda i: out(model, IDS[i : i + 1]))
+    assert_within_noise(mixed, alone, *bare)
 
 
 def test_weight_norm_follows_in_place_changes_and_moves_of_the_base_weight():

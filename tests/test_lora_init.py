@@ -8,6 +8,7 @@ import peft
 import pytest
 import torch
 from support.numerics import assert_within_noise, float32_noise
+from support.rows import each_row_alone
 from torch import nn
 
 from opendelta import AutoDeltaModel, DeltaConfigError, LoraModel, PeftFormatError, mixed_batch
@@ -142,17 +143,8 @@ def test_data_aware_lora_in_a_mixed_batch_equals_each_row_alone(init):
     rows = [0, -1, 1, 0]
     with torch.no_grad(), mixed_batch(deltas, rows):
         mixed = out(model)
-    for d in deltas:
-        d.detach()
-    alone = []
-    for i, r in enumerate(rows):
-        if r >= 0:
-            deltas[r].attach()
-        with torch.no_grad():
-            alone.append(out(model, IDS[i : i + 1]))
-        if r >= 0:
-            deltas[r].detach()
-    assert_within_noise(mixed, torch.cat(alone), *noise)
+    alone = each_row_alone(deltas, rows, lambda i: out(model, IDS[i : i + 1]))
+    assert_within_noise(mixed, alone, *noise)
 
 
 def test_pissa_with_dora_starts_as_the_identity_and_detaches_exactly():

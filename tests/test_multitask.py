@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from support.methods import METHODS as TABLE
 from support.numerics import assert_within_noise, batching_noise, float32_noise
+from support.rows import each_row_alone
 
 from opendelta import (
     BitFitModel,
@@ -67,17 +68,7 @@ def bare_noise(model: torch.nn.Module) -> tuple[float, float]:
 
 def one_at_a_time(model: torch.nn.Module, deltas: list[DeltaBase], rows: list[int]) -> torch.Tensor:
     """Each row alone (a batch of one), with only its own delta attached."""
-    for d in deltas:
-        if d.is_attached:
-            d.detach()
-    results = []
-    for i, r in enumerate(rows):
-        if r >= 0:
-            deltas[r].attach()
-        results.append(out(model, IDS[i : i + 1], MASK[i : i + 1]))
-        if r >= 0:
-            deltas[r].detach()
-    return torch.cat(results)
+    return each_row_alone(deltas, rows, lambda i: out(model, IDS[i : i + 1], MASK[i : i + 1]))
 
 
 @pytest.mark.parametrize("family", BUILDERS)
