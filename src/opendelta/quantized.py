@@ -65,8 +65,8 @@ def guard_cpu_repack(backbone: nn.Module) -> None:
     through the layer is silently wrong (LoRA gradients off, merges wrong). Setting the layers'
     ``support_avx512bf16_for_cpu`` to False changes nothing they compute (it stays False after
     detach). A weight already repacked is an UnsupportedModuleError: see unpack_cpu_repacked()."""
-    layers = [m for m in backbone.modules() if is_4bit(m)]
-    repacked = [name for name, m in backbone.named_modules() if is_4bit(m) and _repacked(m)]
+    layers = {name: m for name, m in backbone.named_modules() if is_4bit(m)}
+    repacked = [name for name, m in layers.items() if _repacked(m)]
     if repacked:
         raise UnsupportedModuleError(
             f"bitsandbytes has repacked {len(repacked)} 4-bit weight(s) (e.g. {repacked[0]!r}) for its AVX512-BF16 "
@@ -75,7 +75,7 @@ def guard_cpu_repack(backbone: nn.Module) -> None:
             "opendelta.quantized.unpack_cpu_repacked(model) (bitsandbytes rounded their block scales to bfloat16 "
             "when it repacked them, so the model now computes slightly differently from a fresh load)."
         )
-    for module in layers:
+    for module in layers.values():
         module.support_avx512bf16_for_cpu = False
 
 
