@@ -102,7 +102,7 @@ def resolve(
         original = [n for n in names if is_original_name(n, roles=roles) or _original_vocabulary(model, n, roles, what)]
         names = [n for n in names if n not in original]
         if not roles:
-            names = [_renamed(model, n, what) for n in names]
+            names = [renamed for n in names for renamed in _renamed(model, n, what)]
         found = []
         if names:
             found = resolve_roles(model, names, strict=strict) if roles else find_modules(model, names, what=what, strict=strict)
@@ -260,16 +260,17 @@ def _original_vocabulary(model: nn.Module, name: str, roles: bool, what: str) ->
     return True
 
 
-def _renamed(model: nn.Module, name: str, what: str) -> str:
-    """`name`, or today's name of that module where transformers 5 renamed it and `name` matches
-    nothing (with a warning; NoMatchError in strict mode): see structure/renamed.py."""
+def _renamed(model: nn.Module, name: str, what: str) -> list[str]:
+    """`name`, or today's names of the modules it addressed where transformers 5 renamed them and
+    `name` matches nothing (with a warning; NoMatchError in strict mode): see structure/renamed.py."""
     if find_modules(model, [name], strict=False):
-        return name
+        return [name]
     new = current_name(model, name)
     if new is None:
-        return name
+        return [name]
     if is_strict():
-        raise NoMatchError(name, [new], what)
-    warnings.warn(f"{what} {name!r} names no module; transformers 5 calls it {new!r} in this family, which is used",
+        raise NoMatchError(name, list(new), what)
+    shown = " and ".join(repr(n) for n in new)
+    warnings.warn(f"{what} {name!r} names no module; transformers 5 calls it {shown} in this family, which is used",
                   OriginalBehaviourWarning, stacklevel=4)
-    return new
+    return list(new)
