@@ -148,6 +148,8 @@ LAYOUTS: dict[str, OriginalLayout] = {
     # unfroze or added to linear layers keep their backbone names (placed with the backbone: _place_bitfit)
     "bitfit": OriginalLayout(re.compile(r"(?P<path>.+)\.bitfit(?:_\d+)?\.(?P<key>bias)"), lambda m: m["key"]),
 }
+
+
 @dataclass
 class Translated:
     """An original state dict in opendelta's terms: each delta layer's tensors by module path (in
@@ -267,7 +269,10 @@ def original_pairs(model: nn.Module, patterns: Sequence[str], common_structure: 
 def _place_parallel_adapter(model: nn.Module, config: DeltaConfig, translated: Translated, where: str) -> Translated:
     from opendelta.addressing import span_path
 
-    pairs = original_pairs(model, list(config.modified_modules or ()), bool(config.common_structure))
+    if config.modified_modules is None:  # the original's default_modified_modules, on its common structure
+        pairs = original_pairs(model, ["attn@", "attn@", "ff@.w1@", "ff@.w2@"], True)
+    else:
+        pairs = original_pairs(model, list(config.modified_modules), bool(config.common_structure))
     layers = translated.layers
     moves: dict[str, str | None] = {}
     for start, end in pairs:
@@ -308,9 +313,8 @@ def _place_soft_prompt(model: nn.Module, config: DeltaConfig, translated: Transl
     # soft_prompt.py, update_module: on the model, or its encoder for an encoder-decoder; opendelta's
     # prompt sits there too, and on an encoder-decoder's decoder a layer extends the cross-attention
     # mask (which the original did by extending the shared attention_mask tensor in place)
-    from opendelta.methods.soft_prompt import SoftPromptModel
-
-    targets = [t.path for t in SoftPromptModel.resolve_targets(model, config)]
+    _, soft_prompt = lookup(config.delta_type)
+    targets = [t.path for t in soft_prompt.resolve_targets(model, config)]
     if list(translated.layers) != targets[:1]:
         raise IncompatibleCheckpointError(
             f"{where}: the original's soft prompt sits at {list(translated.layers)}, but on this {type(model).__name__} "
