@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from opendelta.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
 )
-from opendelta.leniency import OriginalBehaviourWarning
+from opendelta.original_config import read_saved_config
 from opendelta.registry import lookup
 from opendelta.version import __version__
 
@@ -348,33 +347,6 @@ def original_keys_as_backbone_keys(delta_type: str, state: Mapping[str, torch.Te
     return out
 
 
-def _read_original_config(folder: Path) -> DeltaConfig:
-    """The folder's config.json as the original's model used it: the fields its models never read
-    take the value they used (see :data:`IGNORED_BY_ORIGINAL`; a warning where the file says otherwise)."""
-    values = read_json(folder / ORIGINAL_CONFIG, CorruptCheckpointError)
-    if not isinstance(values, dict) or not isinstance(values.get("delta_type"), str):
-        raise CorruptCheckpointError(f"{folder / ORIGINAL_CONFIG} must be a JSON object with a 'delta_type'")
-    config_cls, _ = lookup(values["delta_type"])
-    for key, (used, written, why) in IGNORED_BY_ORIGINAL.get(values["delta_type"], {}).items():
-        if key in values and values[key] not in (written, used):
-            warnings.warn(f"{folder}: {key}={values[key]!r} is loaded as {key}={used!r}: {why}",
-                          OriginalBehaviourWarning, stacklevel=4)
-        values[key] = used
-    return config_cls.from_dict({k: v for k, v in values.items() if k != "delta_type"}, strict=False)
-
-
-#: delta_type -> {config field the original's model never read: (the value it used, the value the
-#: original wrote into config.json, why)}
-IGNORED_BY_ORIGINAL: dict[str, dict[str, tuple[Any, Any, str]]] = {
-    # parallel_adapter.py: ParallelAdapterModel.__init__ takes no `scaled` (create_config_from_model
-    # then saves None), and new_module_like builds ParallelAdapterLayer without it (default 1)
-    "parallel_adapter": {"scaled": (1.0, None, "the original's ParallelAdapterModel never passed `scaled` to its layers (they used 1)")},
-    # soft_prompt.py: SoftPromptModel.__init__ passes modified_modules=["root"] whatever it is given,
-    # and puts the prompt on the model (or its encoder): opendelta's default place
-    "soft_prompt": {"modified_modules": (None, ["root"], "the original's SoftPromptModel ignored modified_modules")},
-}
-
-
 def read_original_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -> CheckpointContents:
     """An original OpenDelta folder in opendelta's terms (it records no checksum, so `verify` has
     nothing to check; the tensors are read here, since a pickle has no header). For the methods
@@ -382,7 +354,7 @@ def read_original_checkpoint(directory: str | os.PathLike, *, verify: bool = Tru
     folder = checkpoint_path(directory, "from_finetuned")
     if not (folder / ORIGINAL_WEIGHTS).is_file():
         raise CheckpointNotFoundError(f"{str(folder)!r} has no {ORIGINAL_WEIGHTS}")
-    config = _read_original_config(folder)
+    config = read_saved_config(folder)
     state = load_state_dict_safely(folder / ORIGINAL_WEIGHTS)
     translated = translate_state_dict(config, state, str(folder))
     return _contents(config, translated, str(folder))

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from opendelta import AutoDeltaModel
 from opendelta.__main__ import main as opendelta_cli
 from opendelta.errors import IncompatibleCheckpointError
-from opendelta.leniency import OriginalBehaviourWarning
+from opendelta.leniency import OriginalBehaviourWarning, strict_mode
 from opendelta.original_format import convert
 
 FOLDERS = Path(__file__).parent / "original_checkpoints"
@@ -37,8 +37,8 @@ def check_like_the_original(name: str, build, inputs) -> None:
     # the backbone alone differs across transformers versions by this much (kernels, op order)
     budget = (bare - expected["bare"]).abs().max().item() + 1e-12 * expected["delta"].abs().max().item()
     model = build()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", OriginalBehaviourWarning)
+    with warnings.catch_warnings(), strict_mode():  # a real original checkpoint loads cleanly, even strictly
+        warnings.simplefilter("error", OriginalBehaviourWarning)
         delta = AutoDeltaModel.from_finetuned(FOLDERS / name, backbone_model=model)
     assert delta.delta_type == name.split("_t5")[0]
     ours = logits(model.double(), inputs)
