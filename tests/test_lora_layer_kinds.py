@@ -189,8 +189,8 @@ def test_attention_lora_changes_in_proj_and_out_proj_as_w_plus_s_b_a():
     assert layer.parameter_names == ("in_proj_weight", "out_proj.weight")
     x = torch.randn(2, 5, 16)
     got = attention(x, x, x, need_weights=False)[0]
-    reference = copy.deepcopy(attention)
     delta.detach()
+    reference = copy.deepcopy(attention)
     with torch.no_grad():
         reference.in_proj_weight += 2.0 * layer.lora_B["0"] @ layer.lora_A["0"]
         reference.out_proj.weight += 2.0 * layer.lora_B["1"] @ layer.lora_A["1"]

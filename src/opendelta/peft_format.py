@@ -636,7 +636,9 @@ def read_peft_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -
         names[stored_name] = short
     shapes_by_name = {names[k]: tuple(v) for k, v in stored.items()}
     own = method.read(peft, shapes_by_name, config_path)
-    backbone_names = {n: list(shape) for n, shape in shapes_by_name.items() if n not in own.claimed}
+    # PEFT saves a LoRA embedding's whole base weight (for a resized vocabulary) inside its wrapper
+    unwrapped = {n: n.replace(".base_layer.", ".") for n in shapes_by_name if n not in own.claimed}
+    backbone_names = {unwrapped[n]: list(shapes_by_name[n]) for n in unwrapped}
     config_cls, delta_cls = lookup(method.delta_type)
     config = config_from_meta({"delta_type": method.delta_type, "config": own.config}, config_cls)
     method.check_read(config, own, weights)
@@ -644,7 +646,7 @@ def read_peft_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -
 
     def load(device: torch.device | str) -> dict[str, torch.Tensor]:
         by_name = {names[k]: v for k, v in read_safetensors(weights, size, sha256, device).items()}
-        return {**own.convert(by_name), **{f"backbone.{n}": by_name[n] for n in backbone_names}}
+        return {**own.convert(by_name), **{f"backbone.{ours}": by_name[n] for n, ours in unwrapped.items()}}
 
     return CheckpointContents(
         delta_class=delta_cls,
