@@ -61,6 +61,40 @@ def described(kinds: Callable[[str], bool] | tuple[str, ...] | list[str] | dict)
     return ", ".join(BY_NAME[name].described for name in kinds)
 
 
+@dataclass(frozen=True)
+class Channels:
+    """Where a layer's features lie, for deltas that scale or shift them (IA3, BitFit)."""
+
+    in_features: int | None  #: None where the input holds no features (an embedding's token ids)
+    out_features: int
+    #: the dimension of the features in the module's input and output: -1 (last), or 1 (channel-first convolutions)
+    hidden_dim: int
+    #: the axes of the output and input features in the weight, as linear_maps.fold_into_weight sees it
+    weight_axes: tuple[int, int | None]
+
+
+def channels(module: nn.Module) -> Channels | None:
+    """The :class:`Channels` of a linear map, an embedding or a convolution, else None."""
+    kind = layer_kind(module)
+    if kind == "linear":
+        in_features, out_features = linear_shape(module)  # type: ignore[misc]
+        return Channels(in_features, out_features, -1, (0, 1))
+    if kind == "embedding":
+        return Channels(None, module.embedding_dim, -1, (1, None))
+    if kind == "conv" and module.groups == 1:  # a grouped kernel holds in/groups input channels
+        return Channels(module.in_channels, module.out_channels, 1, (0, 1))
+    return None
+
+
+def along(vector: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    """`vector` shaped to broadcast along dimension `dim` of a tensor with `ndim` dimensions."""
+    if dim == -1 or dim == ndim - 1:
+        return vector
+    shape = [1] * ndim
+    shape[dim] = -1
+    return vector.view(shape)
+
+
 def weight_parameters(module: nn.Module) -> tuple[str, ...]:
     """The parameters (relative names) a forward of an ``attention`` or ``experts`` module reads as
     weights: the fused query/key/value and output projections of a MultiheadAttention, or every

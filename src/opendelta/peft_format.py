@@ -385,8 +385,12 @@ def _write_ia3(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dict
     feedforward: list[str] = []
     for path, layer in delta.layers.items():
         scale = tensors[delta_key(path, "scale")]
-        if layer.route == "before":  # an input scale: PEFT's feedforward layer, its vector a row
+        if layer.route == "before":
             feedforward.append(path)
+        if layer.hidden_dim == 1:  # a convolution's channels: PEFT's (1, n, 1, ...) for input and output alike
+            kernel = delta.targets[path].module.weight.dim() - 2
+            out[f"{path}.ia3_l"] = scale.reshape(1, -1, *([1] * kernel))
+        elif layer.route == "before":  # an input scale: PEFT's feedforward layer, its vector a row
             out[f"{path}.ia3_l"] = scale.reshape(1, -1)
         else:
             out[f"{path}.ia3_l"] = scale.reshape(-1, 1)
@@ -397,6 +401,16 @@ def _write_ia3(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dict
         "init_ia3_weights": True,
     }
     return out, fields
+
+
+def _check_ia3(delta: DeltaBase) -> None:
+    for path in delta.layers:
+        module = delta.targets[path].module
+        if isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv3d)):  # PEFT 0.21.2's IA3 refuses them
+            raise PeftFormatError(
+                f"{path!r} is an {type(module).__name__}, where PEFT has no IA3 (it takes linear layers and nn.Conv2d); "
+                "save with format='opendelta'."
+            )
 
 
 def _read_ia3(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: Path) -> PeftTensors:
@@ -411,17 +425,24 @@ def _read_ia3(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: Pa
         if found is None:
             continue
         module = found["path"]
-        if len(shape) != 2 or 1 not in shape:
-            raise CorruptCheckpointError(f"{path.parent / PEFT_WEIGHTS_NAME}: {name} has shape {list(shape)}; IA3 stores (n, 1) or (1, n).")
+        conv = len(shape) > 2 and shape[0] == 1 and all(n == 1 for n in shape[2:])  # (1, n, 1, ...): a convolution's
+        if not conv and (len(shape) != 2 or 1 not in shape):
+            raise CorruptCheckpointError(
+                f"{path.parent / PEFT_WEIGHTS_NAME}: {name} has shape {list(shape)}; IA3 stores (n, 1) or (1, n), and "
+                "(1, n, 1, ...) for convolutions."
+            )
+        if conv:
+            if _named_in(module, listed):
+                feedforward.append(module)
         # PEFT's (1, in) vector scales the input: shape tells, unless it is (1, 1)
-        if shape[0] == 1 and (shape[1] != 1 or _named_in(module, listed)):
+        elif shape[0] == 1 and (shape[1] != 1 or _named_in(module, listed)):
             feedforward.append(module)
         paths.append(module)
         keys[name] = delta_key(module, "scale")
     if not paths:
         raise PeftFormatError(f"{path.parent / PEFT_WEIGHTS_NAME} holds no IA3 tensors (no '<module>.ia3_l'); it is not an IA3 adapter.")
     values = {"modified_modules": paths, "feedforward_modules": feedforward or None}
-    shapes = {keys[n]: (max(stored[n]),) for n in keys}
+    shapes = {keys[n]: (math.prod(stored[n]),) for n in keys}
     return PeftTensors(values, paths, shapes, lambda t: {keys[n]: t[n].reshape(-1) for n in keys}, set(keys))
 
 
@@ -535,7 +556,7 @@ UNREADABLE = {
 #: opendelta delta_type -> the PEFT method of that name it cannot be converted to
 _UNCONVERTED = {"prefix": "PREFIX_TUNING"}
 #: peft_type -> the check a delta must pass before any rank gathers tensors
-_CHECKS: dict[str, Callable[[DeltaBase], Any]] = {"PROMPT_TUNING": _check_soft_prompt, "LORA": _check_lora}
+_CHECKS: dict[str, Callable[[DeltaBase], Any]] = {"PROMPT_TUNING": _check_soft_prompt, "LORA": _check_lora, "IA3": _check_ia3}
 #: PEFT's peft_type -> the opendelta delta_type with the same tensors (found through the registry)
 PEFT_TYPES = {m.peft_type: m.delta_type for m in PEFT_METHODS.values()}
 
