@@ -297,12 +297,15 @@ def _accumulator(h_out: torch.Tensor) -> torch.Tensor | None:
 
 
 class LoraModel(DeltaBase):
-    """LoRA on every addressed linear layer (``nn.Linear`` or GPT-2's ``Conv1D``).
+    """LoRA on every addressed linear layer (``nn.Linear`` or GPT-2's ``Conv1D``), embedding, convolution,
+    ``nn.MultiheadAttention`` or fused MoE experts module (opendelta.layer_kinds; docs/layer_kinds.md), and
+    on the weights ``target_parameters`` names.
 
     Arguments: ``lora_r=8, lora_alpha=16, lora_dropout=0.0``, ``use_rslora=False``,
     ``rank_pattern`` / ``alpha_pattern`` (per-module overrides), ``use_dora=False`` (DoRA: a
     trained magnitude per output feature), ``init_lora_weights=True`` (or ``"gaussian"``, ``False``,
-    ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``); default positions: attention query and value.
+    ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``), ``target_parameters=None`` (parameter names, e.g.
+    ``["experts.gate_up_proj"]``); default positions: attention query and value.
     """
 
     config_class = LoraConfig
