@@ -15,7 +15,7 @@ the forward reads (route ``"weights"``, opendelta.routing), and :func:`weight_pa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +56,7 @@ def layer_kind(module: nn.Module) -> str | None:
     return next((kind.name for kind in KINDS if kind.recognise(module)), None)
 
 
-def described(kinds: Callable[[str], bool] | tuple[str, ...] | list[str] | dict) -> str:
+def described(kinds: Iterable[str]) -> str:
     """The classes of `kinds` (names), for an error message: "nn.Linear or Conv1D, nn.Embedding"."""
     return ", ".join(BY_NAME[name].described for name in kinds)
 
