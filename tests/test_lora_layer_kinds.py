@@ -290,3 +290,26 @@ def test_a_module_still_unsupported_names_the_supported_kinds():
     model = nn.ModuleDict({"norm": nn.LayerNorm(4)})
     with pytest.raises(UnsupportedModuleError, match="nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention"):
         LoraModel(model, modified_modules=["norm"])
+
+
+def test_two_loras_on_one_attention_compose_in_a_fixed_order_whatever_the_attach_order():
+    model = Encoder().train()
+    first, second = (lora(CASES["attention"], model, name=f"task{i}") for i in range(2))
+    randomize_deltas(first, seed=1)
+    randomize_deltas(second, seed=2)
+    both = model(_IDS)
+    first.detach()
+    second.detach()
+    second.attach()
+    first.attach()
+    assert torch.equal(model(_IDS), both)
+
+
+def test_a_deep_copy_with_an_attention_lora_attached_computes_the_same():
+    model = Encoder().train()
+    delta = lora(CASES["attention"], model)
+    randomize_deltas(delta)
+    copied = copy.deepcopy(model)
+    assert torch.equal(copied(_IDS), model(_IDS))
+    delta.detach()
+    assert not torch.equal(copied(_IDS), model(_IDS))
