@@ -96,6 +96,9 @@ class CheckpointContents:
     trained_on: str
     position: float = 0
     created: int = 0
+    #: a format whose module list depends on the backbone (the original OpenDelta's BitFit, parallel
+    #: adapter, soft prompt) gives here the contents placed on a given backbone
+    place: Callable[[nn.Module], CheckpointContents] | None = None
 
 
 def shared_keys(layers: Mapping[str, nn.Module]) -> dict[str, str]:
