@@ -96,6 +96,9 @@ class CheckpointContents:
     trained_on: str
     position: float = 0
     created: int = 0
+    #: for a format that names modules by layer index (PEFT's prefix tuning): the same contents with
+    #: the module paths of a given backbone, resolved when it is loaded onto one
+    for_backbone: Callable[[Any], CheckpointContents] | None = None
 
 
 def shared_keys(layers: Mapping[str, nn.Module]) -> dict[str, str]:
