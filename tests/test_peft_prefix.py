@@ -135,3 +135,16 @@ def test_a_peft_prefix_for_another_depth_is_refused_and_the_model_is_unchanged(t
     with pytest.raises(IncompatibleCheckpointError, match="2 attention layers"):
         AutoDeltaModel.from_finetuned(tmp_path, model)
     assert torch.equal(_logits(model, _inputs()), before)
+
+
+def test_a_prefix_with_position_offset_refuses_a_mixed_batch_and_leaves_the_model_as_it_was():
+    from opendelta import MixedBatchError, mixed_batch
+
+    model = tiny_llama()
+    shifted = PrefixModel(model, prefix_token_num=TOKENS, position_offset=True, name="shifted")
+    other = PrefixModel(model, prefix_token_num=TOKENS, position_offset=True, name="other")
+    want = _logits(model, _inputs())
+    with pytest.raises(MixedBatchError, match="position_offset"):
+        with mixed_batch([shifted, other], rows=[0, 1]):
+            _logits(model, _inputs())
+    assert torch.equal(_logits(model, _inputs()), want)

@@ -479,7 +479,7 @@ class DeltaBase(OriginalAPI):
         """Save this delta (and the backbone tensors it trains, e.g. an unfrozen head).
 
         ``format="opendelta"`` writes safetensors + JSON; ``format="peft"`` writes a PEFT adapter
-        folder (LoRA only). In a distributed run (DDP, FSDP2, DeepSpeed ZeRO-3) call it on every
+        folder (methods PEFT also has: see docs/shipping.md). In a distributed run (DDP, FSDP2, DeepSpeed ZeRO-3) call it on every
         rank: the ranks gather the (possibly sharded) delta tensors and rank 0 writes. A rank that
         does not arrive within `arrival_timeout_s` makes it raise DistributedSaveError (gloo).
         """

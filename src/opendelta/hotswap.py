@@ -9,6 +9,7 @@ weights without recompiling. The slot runs LoRA's own route with the same operat
 order (a tensor scale multiplies as the same float does), so a delta of rank ``max_rank`` gives the
 outputs of that delta attached normally bit for bit; a lower rank is zero-padded, which adds exact
 zeros to the matrix products but may change how a BLAS kernel groups their sums (float rounding).
+The slot is for serving: its own config records scaling 1.0, so save the deltas it loads, not the slot.
 """
 
 from __future__ import annotations
