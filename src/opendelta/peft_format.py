@@ -42,7 +42,7 @@ from opendelta.checkpoint_files import (
     save_folder,
     write_files,
 )
-from opendelta.errors import CorruptCheckpointError, PeftFormatError
+from opendelta.errors import CorruptCheckpointError, IncompatibleCheckpointError, OpenDeltaError, PeftFormatError
 from opendelta.linear_maps import update_factors
 from opendelta.registry import lookup
 
@@ -504,14 +504,9 @@ def _read_prefix(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path:
     values = {"prefix_token_num": tokens, "reparameterize": False, "position_offset": True}
 
     def bind(backbone: nn.Module) -> PeftTensors:
-        from opendelta.errors import IncompatibleCheckpointError
-        from opendelta.methods.prefix.binding import call_binding
-
-        config_cls, delta_cls = lookup("prefix")
         try:
-            targets = delta_cls.resolve_targets(backbone, config_cls.from_dict({"prefix_token_num": tokens}))
-            by_index = {call_binding(t.path, t.module).layer_idx: t.path for t in targets if t.path}
-        except Exception as exc:
+            by_index = lookup("prefix")[1].attention_by_layer(backbone)  # type: ignore[attr-defined]
+        except OpenDeltaError as exc:
             raise IncompatibleCheckpointError(f"{path.parent} holds a PEFT prefix, but {exc}") from exc
         if sorted(by_index) != list(range(layers)):
             raise IncompatibleCheckpointError(

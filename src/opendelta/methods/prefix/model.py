@@ -198,6 +198,13 @@ class PrefixModel(DeltaBase):
             targets.append(Target(MODEL_CALL, MODEL_CALL, backbone_model))
         return targets
 
+    @classmethod
+    def attention_by_layer(cls, backbone_model: nn.Module) -> dict[int, str]:
+        """Layer index -> the path of that layer's self-attention (the default positions), as prefix
+        layers index them: how a format that stores prefixes by layer (PEFT's) finds their modules."""
+        targets = super().resolve_targets(backbone_model, cls.config_class.from_dict({}))
+        return {call_binding(t.path, t.module).layer_idx: t.path for t in targets}
+
     def runtime_observe(self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any) -> dict[str, Observation]:
         if MODEL_CALL in paths:  # the position offset needs no observation; the attention modules do
             found = self.runtime_observe(backbone, [p for p in paths if p != MODEL_CALL], dummy_inputs)
