@@ -479,9 +479,9 @@ class DeltaBase(OriginalAPI):
         """Save this delta (and the backbone tensors it trains, e.g. an unfrozen head).
 
         ``format="opendelta"`` writes safetensors + JSON; ``format="peft"`` writes a PEFT adapter
-        folder (methods PEFT also has: see docs/shipping.md). In a distributed run (DDP, FSDP2, DeepSpeed ZeRO-3) call it on every
-        rank: the ranks gather the (possibly sharded) delta tensors and rank 0 writes. A rank that
-        does not arrive within `arrival_timeout_s` makes it raise DistributedSaveError (gloo).
+        folder (methods PEFT also has, docs/shipping.md). In a distributed run (DDP, FSDP2, DeepSpeed
+        ZeRO-3) call it on every rank: the ranks gather the (possibly sharded) delta tensors and rank 0
+        writes. A rank that does not arrive within `arrival_timeout_s` makes it raise DistributedSaveError (gloo).
         """
         # the original's arguments (save_config, state_dict, DeltaCenter ones in center_args): see original_api.py
         self.check_save_arguments(self, state_dict, save_config, save_function, push_to_dc, delay_push)
