@@ -76,6 +76,7 @@ _SEQ_CLS_HEADS = ("classifier", "score")
 #: transformers head-class name endings -> PEFT task_type (prompt methods need one to insert their prompt)
 _TASK_TYPES = (
     ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),  # GPT-2's, GPT-J's ... causal LM heads
     ("ForSequenceClassification", "SEQ_CLS"),
     ("ForTokenClassification", "TOKEN_CLS"),
     ("ForQuestionAnswering", "QUESTION_ANS"),
@@ -370,7 +371,12 @@ def _text_config(backbone: nn.Module) -> dict[str, Any]:
             f"PEFT's prompt methods need a transformers model (its config gives layers and heads); a "
             f"{type(backbone).__name__} has none. Save with format='opendelta'."
         )
-    return (config.get_text_config() if hasattr(config, "get_text_config") else config).to_dict()
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    values = text.to_dict()
+    for name in ("num_hidden_layers", "num_attention_heads"):  # GPT-2 stores them as n_layer, n_head (attribute_map)
+        if values.get(name) is None:
+            values[name] = getattr(text, name, None)
+    return values
 
 
 def _check_soft_prompt(delta: DeltaBase) -> None:
