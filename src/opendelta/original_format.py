@@ -350,7 +350,7 @@ def original_keys_as_backbone_keys(delta_type: str, state: Mapping[str, torch.Te
 def read_original_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -> CheckpointContents:
     """An original OpenDelta folder in opendelta's terms (it records no checksum, so `verify` has
     nothing to check; the tensors are read here, since a pickle has no header). For the methods
-    of :data:`PLACEMENTS` the module list comes with the backbone: ``contents.place(model)``."""
+    of :data:`PLACEMENTS` the module list comes with the backbone: ``contents.for_backbone(model)``."""
     folder = checkpoint_path(directory, "from_finetuned")
     if not (folder / ORIGINAL_WEIGHTS).is_file():
         raise CheckpointNotFoundError(f"{str(folder)!r} has no {ORIGINAL_WEIGHTS}")
@@ -373,13 +373,13 @@ def _contents(config: DeltaConfig, translated: Translated, where: str) -> Checkp
         delta_class=delta_cls, config=config, modules=list(translated.layers), stored=stored,
         backbone_tensors={name: list(t.shape) for name, t in translated.backbone.items()},
         trained_on=getattr(config, "backbone_class", None) or "backbone of unknown class",
-        place=None if placement is None else (lambda model: _contents_placed(config, placement(model, config, translated, where), where)),
+        for_backbone=None if placement is None else (lambda model: _contents_placed(config, placement(model, config, translated, where), where)),
     )
 
 
 def _contents_placed(config: DeltaConfig, translated: Translated, where: str) -> CheckpointContents:
     placed = _contents(config, translated, where)
-    placed.place = None
+    placed.for_backbone = None
     return placed
 
 
@@ -389,7 +389,7 @@ def convert(directory: str | os.PathLike, out: str | os.PathLike, backbone_model
     BitFit, parallel-adapter and soft-prompt folders need `backbone_model` (its modules, not its
     weights: a skeleton on the meta device will do), because where their tensors belong depends on it."""
     contents = read_original_checkpoint(directory)
-    if contents.place is not None:
+    if contents.for_backbone is not None:
         if backbone_model is None:
             raise IncompatibleCheckpointError(
                 f"an original {contents.config.delta_type!r} checkpoint says where its tensors belong only together with "
@@ -397,7 +397,7 @@ def convert(directory: str | os.PathLike, out: str | os.PathLike, backbone_model
                 "pass the backbone: `opendelta convert SRC OUT --model <transformers model folder>`, or "
                 "convert(src, out, backbone_model=model)."
             )
-        contents = contents.place(backbone_model)
+        contents = contents.for_backbone(backbone_model)
     tensors = contents.stored.load("cpu")
     meta = {
         "delta_type": contents.config.delta_type,
