@@ -333,6 +333,20 @@ def test_a_peft_folder_loads_with_equal_outputs(method, family, tmp_path):
     assert_changed(expected, out(BUILDERS[family]()))
 
 
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_per_module_rank_and_alpha_cross_to_peft_and_back(method, tmp_path):
+    model, delta = build(method, "llama", rank_pattern={"v_proj": 3}, alpha_pattern={"layers.1.self_attn.q_proj": 5.0})
+    randomize(delta)
+    expected = out(model)
+    delta.save_finetuned(tmp_path, format="peft")
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert_within_noise(out(loaded), expected, float32_noise(loaded, lambda m, _: out(m)))
+    other = tiny_llama()
+    back = AutoDeltaModel.from_finetuned(tmp_path, other)
+    assert back.config.rank_and_alpha("model.layers.0.self_attn.v_proj")[0] == 3
+    assert torch.equal(out(other), out(model))
+
+
 def test_vera_without_saved_projection_crosses_to_peft_and_back_through_the_seed(tmp_path):
     wrapped = peft.get_peft_model(tiny_llama(), PEFT_CONFIGS["vera"](PLACES["llama"], save_projection=False, projection_prng_key=3))
     with torch.no_grad():
