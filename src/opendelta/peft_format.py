@@ -446,6 +446,15 @@ _LAYER_NAMES = {
 }
 #: LyCORIS tensors of convolutions (CP-decomposed kernels), which opendelta's LoHa and LoKr do not implement
 _CONV_NAMES = ("hada_t1", "hada_t2", "lokr_t2")
+#: peft_type -> its config fields beyond the LyCORIS ones, same name in both configs: (types, expected, default)
+_LYCORIS_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], str, Any]]] = {
+    "LOHA": {},
+    "LOKR": {
+        "decompose_both": ((bool,), "true or false", False),
+        "decompose_factor": ((int,), "-1, 0 or a positive integer", -1),
+        "rank_dropout_scale": ((bool,), "true or false", False),
+    },
+}
 #: VeRA's shared pair: PEFT's stored name -> the key under each opendelta layer
 _VERA_PAIR = {"base_model.vera_A": "projection.vera_A", "base_model.vera_B": "projection.vera_B"}
 
@@ -479,9 +488,7 @@ def _write_lycoris(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "target_modules": sorted(delta.layers),
         "init_weights": config.init_weights, "use_effective_conv2d": False,
     }
-    if peft_type == "LOKR":
-        fields.update(decompose_both=config.decompose_both, decompose_factor=config.decompose_factor,
-                      rank_dropout_scale=config.rank_dropout_scale)
+    fields.update({name: getattr(config, name) for name in _LYCORIS_FIELDS[peft_type]})
     return _layer_tensors(delta, tensors, _LAYER_NAMES[peft_type]), fields
 
 
@@ -507,12 +514,7 @@ def _read_lycoris(peft_type: str) -> Callable[[dict[str, Any], dict[str, tuple[i
             "rank_pattern": _pattern_map(peft, "rank_pattern", (int,), "integer ranks", path),
             "alpha_pattern": _pattern_map(peft, "alpha_pattern", (int, float), "numbers", path),
         }
-        if peft_type == "LOKR":
-            values.update(
-                decompose_both=_field(peft, "decompose_both", (bool,), "true or false", False, path),
-                decompose_factor=_field(peft, "decompose_factor", (int,), "-1 or a positive integer", -1, path),
-                rank_dropout_scale=_field(peft, "rank_dropout_scale", (bool,), "true or false", False, path),
-            )
+        values.update({name: _field(peft, name, *rule, path) for name, rule in _LYCORIS_FIELDS[peft_type].items()})
         return PeftTensors(values, paths, {keys[n]: stored[n] for n in keys}, lambda t: {keys[n]: t[n] for n in keys}, set(keys))
 
     return read
