@@ -40,6 +40,15 @@ RANGE_BAD: dict[tuple[str, str], list[Any]] = {
     ("parallel_adapter", "scaled"): [0.0, -1.0],
     ("soft_prompt", "init_range"): [0, -0.5],
     ("compacter", "phm_init_range"): [0.0, -1e-4],
+    **{(t, f): [0, 0.0, -8] for t in ("loha", "lokr") for f in ("alpha", "alpha_pattern")},
+    **{(t, f): [-0.1, 1.0, 1.5] for t in ("loha", "lokr") for f in ("rank_dropout", "module_dropout")},
+    ("vera", "vera_dropout"): [-0.1, 1.0, 1.5],
+    ("vera", "d_initial"): [],
+}
+#: integer fields that are not sizes: the values of the usual bad list that they accept
+INT_VALID: dict[tuple[str, str], list[Any]] = {
+    ("lokr", "decompose_factor"): [-1, 0],  # -1: near the square root, 0: no split (PEFT's meanings)
+    ("vera", "projection_prng_key"): [0, 2**62, MAX_SIZE + 1],  # any seed torch takes, as in PEFT
 }
 #: fields where None is valid although the annotation does not say Optional (documented: None means False)
 NONE_MEANS_FALSE = {"common_structure"}
@@ -78,7 +87,8 @@ def scalar_bad(delta_type: str, name: str, kind: Any) -> list[Any]:
     if kind is bool:
         return ["no", "false", "False", "yes", "", 1, 0, 1.0, [True]]
     if kind is int:
-        return ["8", "abc", 8.7, 0.5, True, [8], {}, math.nan, math.inf, -math.inf, -1, 0, 2**62, MAX_SIZE + 1, 10**5000]
+        values = ["8", "abc", 8.7, 0.5, True, [8], {}, math.nan, math.inf, -math.inf, -1, 0, 2**62, MAX_SIZE + 1, 10**5000]
+        return [v for v in values if v not in INT_VALID.get((delta_type, name), [])]
     if kind is float:
         return ["16", "abc", True, [1.0], math.nan, math.inf, -math.inf, 10**400, *RANGE_BAD[(delta_type, name)]]
     if kind is str:

@@ -178,8 +178,8 @@ class DeltaBase(OriginalAPI):
             observations, unverified = self._observe_targets(backbone, paths, dummy_inputs)
         self.backbone_model = backbone
         self.config = config
-        self.prepare(observations)
         with torch.inference_mode(False):  # layers built under inference_mode would be untrainable inference tensors
+            self.prepare(observations)  # which may make tensors the layers share
             self.layers: dict[str, DeltaLayer] = {
                 t.path: self.new_layer(t.path, t.site, observations.get(t.path)) for t in targets
             }

@@ -60,6 +60,8 @@ METHODS: dict[str, Method] = {
             real_training=True,
         ),
         Method("ia3", matrix=(At("ia3", "kv"), At("ia3_input", "down")), real_training=True),
+        Method("loha", small={"r": 2}, matrix=(At("loha", "kv"),)),
+        Method("lokr", small={"r": 1, "decompose_both": True}, matrix=(At("lokr", "kv"),)),
         Method("lora", matrix=(At("lora", "kv"),)),
         Method(
             "low_rank_adapter", tiny={"reduction_factor": 4}, small={"reduction_factor": 8, "low_rank_rank": 2},
@@ -79,6 +81,7 @@ METHODS: dict[str, Method] = {
             not_in_matrix="it lengthens the output, so the matrix's same-shape comparisons do not apply, and it needs "
             "token embeddings (the tiny ViT has none); tests/test_soft_prompt.py covers it on each family",
         ),
+        Method("vera", small={"r": 4}, matrix=(At("vera", "kv"),)),
     ]
 }
 

@@ -4,11 +4,14 @@ from opendelta.methods.adapter import AdapterConfig, AdapterModel
 from opendelta.methods.bitfit import BitFitConfig, BitFitModel
 from opendelta.methods.compacter import CompacterConfig, CompacterModel
 from opendelta.methods.ia3 import IA3Config, IA3Model
+from opendelta.methods.loha import LoHaConfig, LoHaModel
+from opendelta.methods.lokr import LoKrConfig, LoKrModel
 from opendelta.methods.lora import LoraConfig, LoraModel
 from opendelta.methods.low_rank_adapter import LowRankAdapterConfig, LowRankAdapterModel
 from opendelta.methods.parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
 from opendelta.methods.prefix import PrefixConfig, PrefixModel
 from opendelta.methods.soft_prompt import SoftPromptConfig, SoftPromptModel
+from opendelta.methods.vera import VeraConfig, VeraModel
 
 __all__ = [
     "AdapterConfig",
@@ -19,6 +22,10 @@ __all__ = [
     "CompacterModel",
     "IA3Config",
     "IA3Model",
+    "LoHaConfig",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrModel",
     "LoraConfig",
     "LoraModel",
     "LowRankAdapterConfig",
@@ -29,4 +36,6 @@ __all__ = [
     "PrefixModel",
     "SoftPromptConfig",
     "SoftPromptModel",
+    "VeraConfig",
+    "VeraModel",
 ]
