@@ -145,7 +145,7 @@ def test_block_size_that_does_not_divide_the_input_is_adjusted_as_peft_does():
     [
         ({"r": 4, "oft_block_size": 8}, "exactly one of r"),
         ({"r": 0, "oft_block_size": 0}, "exactly one of r"),
-        ({"module_dropout": 0.1}, "never applies"),
+        ({"module_dropout": 0.1}, "module_dropout"),
         ({"eps": 0}, "eps"),
         ({"num_cayley_neumann_terms": 0}, "num_cayley_neumann_terms"),
     ],

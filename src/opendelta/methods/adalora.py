@@ -33,6 +33,8 @@ from opendelta.linear_maps import fold_into_weight, linear_shape, weight_like
 from opendelta.peft_format import PEFT_WEIGHTS_NAME, PeftMethod, PeftTensors, peft_field, register_peft_method
 from opendelta.runtime_init import Observation
 
+#: the most training steps a schedule takes (every step count below it is exact in a float, so in JSON)
+MAX_STEPS = 2**53
 #: what PEFT adds to the rank in the denominator of the scaling
 _RANK_EPS = 1e-5
 _TENSORS = ("lora_A", "lora_B", "lora_E")
@@ -44,15 +46,15 @@ class AdaLoraConfig(DeltaConfig):
     init_r: int = size(12)
     target_r: int = size(8)
     #: the schedule: steps before pruning starts, steps kept at the final budget, steps between allocations
-    tinit: int = number(0, low=0)
-    tfinal: int = number(0, low=0)
+    tinit: int = number(0, low=0, high=MAX_STEPS)
+    tfinal: int = number(0, low=0, high=MAX_STEPS)
     deltaT: int = size(1)
     #: moving-average factors of the importance and of its uncertainty
     beta1: float = number(0.85, low=0.0, high=1.0, low_open=True, high_open=True)
     beta2: float = number(0.85, low=0.0, high=1.0, low_open=True, high_open=True)
     orth_reg_weight: float = number(0.5, low=0.0)
     #: the number of training steps; update_and_allocate needs it
-    total_step: int | None = size(None, most=2**62)
+    total_step: int | None = size(None, most=MAX_STEPS)
     lora_alpha: float = positive(8)
     lora_dropout: float = number(0.0, low=0.0, high=1.0, high_open=True)
     #: True: A and B normal (std 0.02), E zero; False: all three standard normal (a fresh delta changes outputs)
@@ -101,8 +103,9 @@ class AdaLoraLayer(DeltaLayer):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
             h = self.dropout(h)
-        h = h.to(self.lora_A.dtype)
-        return (h @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scaling / self.denominator()
+        x = h.to(self.lora_A.dtype)
+        # the float32 denominator (as PEFT's) would promote a half-precision change: keep the input's dtype
+        return ((x @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scaling / self.denominator()).to(h.dtype)
 
     def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """W + B (A * E) * alpha / (r + 1e-5) (transposed for Conv1D)."""

@@ -38,8 +38,8 @@ class OftConfig(DeltaConfig):
     r: int = number(0, low=0, high=MAX_SIZE)
     #: the size of each rotation block (0: from r); one that does not divide a layer's input is adjusted as PEFT does
     oft_block_size: int = number(32, low=0, high=MAX_SIZE)
-    #: refused unless 0 (see the module docstring)
-    module_dropout: float = number(0.0, low=0.0, high=1.0, high_open=True)
+    #: PEFT's field, refused unless 0: PEFT 0.21 builds this dropout but never applies it (see the module docstring)
+    module_dropout: float = number(0.0, low=0.0, high=0.0)
     #: constrained OFT: keep each block's skew matrix within radius eps / sqrt(blocks) of zero
     coft: bool = False
     eps: float = positive(6e-5)
@@ -52,11 +52,6 @@ class OftConfig(DeltaConfig):
     init_weights: bool = True
 
     def validate(self) -> None:
-        if self.module_dropout != 0:
-            raise DeltaConfigError(
-                f"oft argument module_dropout={self.module_dropout} is not supported: PEFT 0.21 builds OFT's "
-                "multiplicative dropout but never applies it, so there is no behaviour to match; use module_dropout=0."
-            )
         if (self.r == 0) == (self.oft_block_size == 0):
             raise DeltaConfigError(
                 f"oft takes exactly one of r (the number of blocks) and oft_block_size (their size), because "

@@ -4,9 +4,9 @@
 The layer holds the trained rows, ``trainable_tokens_delta`` (one per index in ``token_indices``),
 starting as copies of the embedding's rows, so a fresh delta changes nothing; only those rows are
 saved. The embedding's output keeps every other token's vector bit for bit and takes the trained row
-for the chosen tokens. A module whose weight is tied to the embedding (an LM head tied to the input
-embeddings, or a second embedding sharing it) is modified too, so it sees the same rows: a tied
-linear head adds ``x (rows - original rows)^T`` to those tokens' logits. Weights are never written,
+for the chosen tokens. A linear layer whose weight is tied to the embedding (an LM head tied to the
+input embeddings) is modified too, so it sees the same rows: it adds ``x (rows - original rows)^T`` to
+those tokens' logits. Weights are never written,
 so detach restores the embedding bit for bit; merge() writes the rows (refused where the weight is tied).
 """
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from opendelta.checkpoint import delta_key
-from opendelta.config import DeltaConfig
+from opendelta.config import DeltaConfig, number
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import DeltaConfigError, PeftFormatError, UnsupportedModuleError
 from opendelta.layer import DeltaLayer
@@ -32,19 +32,10 @@ from opendelta.targets import Target, targets_at
 @dataclass
 class TrainableTokensConfig(DeltaConfig):
     #: the token ids whose embedding rows are trained (required; no repeats)
-    token_indices: list[int] | None = None
+    token_indices: list[int] | None = number(None, low=0)
     #: True: the rows start as the embedding's own; False: random (normal), so a fresh delta changes outputs
     init_weights: bool = True
 
-    def validate(self) -> None:
-        indices = self.token_indices
-        if indices is None:
-            return  # required when the delta is built (see TrainableTokensModel.prepare)
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
-            raise DeltaConfigError(f"trainable_tokens argument token_indices must be token ids (ints >= 0), got {indices!r}.")
-        if len(set(indices)) != len(indices):
-            repeated = sorted({i for i in indices if indices.count(i) > 1})
-            raise DeltaConfigError(f"trainable_tokens argument token_indices repeats {repeated}; give each token id once.")
 
 
 class TrainableTokensLayer(DeltaLayer):
@@ -86,11 +77,11 @@ class TrainableTokensLayer(DeltaLayer):
 
 
 class TiedTokensLayer(DeltaLayer):
-    """On a module whose weight is tied to the embedding: the same rows, through the embedding's layer.
+    """On a linear head whose weight is tied to the embedding (or a second addressed embedding sharing it):
+    the same rows, through the embedding's layer.
 
-    The rows are the embedding layer's parameter, kept out of this layer's state (saved once). A linear
-    head adds ``x (rows - original)^T`` to the chosen tokens' outputs: exactly zero while the rows are
-    untrained; a tied embedding replaces its outputs as the embedding's layer does.
+    The rows are the embedding layer's parameter, kept out of this layer's state (saved once). The head
+    adds ``x (rows - original)^T`` to the chosen tokens' outputs: exactly zero while the rows are untrained.
     """
 
     route = "parallel"
@@ -105,7 +96,7 @@ class TiedTokensLayer(DeltaLayer):
 
     def route_parallel(self, h_in: torch.Tensor, h_out: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
         source = self.source[0]
-        if isinstance(module, nn.Embedding):
+        if isinstance(module, nn.Embedding):  # a second addressed embedding sharing the weight (seq2seq encoder/decoder)
             return source.route_parallel(h_in, h_out, module)
         change = (source.trainable_tokens_delta - source.trainable_tokens_original).to(h_in.dtype)
         logits = h_in @ change.t()
@@ -125,34 +116,35 @@ class TrainableTokensModel(DeltaBase):
 
     @classmethod
     def resolve_targets(cls, backbone_model: nn.Module, config: DeltaConfig | None = None, **config_values: Any) -> list[Target]:
-        """The addressed embeddings, then every other module whose weight is tied to one of them."""
+        """The addressed embeddings, then every linear layer whose weight is tied to one of them (an LM head).
+        Another embedding sharing the weight is not added: seq2seq models keep one that no forward calls."""
         targets = super().resolve_targets(backbone_model, config, **config_values)
         weights = {id(t.module.weight) for t in targets if isinstance(getattr(t.module, "weight", None), nn.Parameter)}
         chosen = {t.path for t in targets}
         tied = [
             path
             for path, module in backbone_model.named_modules()
-            if path not in chosen and isinstance(getattr(module, "weight", None), nn.Parameter) and id(module.weight) in weights
+            if path not in chosen and isinstance(module, nn.Linear) and id(module.weight) in weights
         ]
         return [*targets, *targets_at(backbone_model, tied)[0]]
 
     def prepare(self, observations: Any) -> None:
-        if not self.config.token_indices:
+        """Check the token ids as a whole (each id alone is checked by the config)."""
+        indices = self.config.token_indices
+        if not indices:
             raise DeltaConfigError(
                 "trainable_tokens needs token_indices, the token ids whose embedding rows it trains, e.g. "
                 "token_indices=tokenizer.convert_tokens_to_ids(new_tokens)."
             )
+        if len(set(indices)) != len(indices):
+            repeated = sorted({i for i in indices if indices.count(i) > 1})
+            raise DeltaConfigError(f"trainable_tokens argument token_indices repeats {repeated}; give each token id once.")
         self.token_layers: dict[int, TrainableTokensLayer] = {}  # id(embedding weight) -> its layer, for the tied ones
 
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> DeltaLayer:
         weight = getattr(module, "weight", None)
         source = self.token_layers.get(id(weight))
-        if source is not None:
-            if not isinstance(module, (nn.Embedding, nn.Linear)):
-                raise UnsupportedModuleError(
-                    f"{path!r} (a {type(module).__name__}) shares its weight with an embedding whose rows trainable_tokens "
-                    "trains, and opendelta cannot give it the same rows; exclude that embedding or untie the weight."
-                )
+        if source is not None and isinstance(module, (nn.Linear, nn.Embedding)):
             return TiedTokensLayer(source)
         if not isinstance(module, nn.Embedding):
             raise UnsupportedModuleError(
