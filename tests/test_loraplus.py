@@ -20,6 +20,7 @@ def canonical(name: str) -> str:
     name = name.removeprefix("base_model.model.")
     name = re.sub(r"\.modules_to_save\.default", "", name)
     name = re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1", name)
+    name = re.sub(r"\.(lora_embedding_[AB])\.default$", r".\1", name)
     name = name.replace(".lora_magnitude_vector.default.weight", ".magnitude")
     return name.replace(".lora.lora_", ".lora_").replace(".lora.magnitude", ".magnitude")
 
@@ -42,6 +43,17 @@ def test_groups_and_learning_rates_equal_pefts_on_the_same_model(family, use_dor
     got = groups_by_lr(create_loraplus_optimizer(delta, torch.optim.AdamW, **kwargs), {id(p): n for n, p in model.named_parameters()})
     assert got == want
     assert got[2][0] == LR * RATIO and got[2][2]  # the B factors learn ratio times faster
+
+
+def test_lora_on_the_embeddings_goes_to_the_embedding_group_as_in_peft():
+    targets = ["q_proj", "embed_tokens"]
+    theirs = peft.get_peft_model(fresh("llama"), peft.LoraConfig(target_modules=targets, r=4))
+    model = fresh("llama")
+    LoraModel(model, modified_modules=targets, lora_r=4).freeze_module()
+    kwargs = {"lr": LR, "loraplus_lr_ratio": RATIO, "loraplus_lr_embedding": 1e-5}
+    want = groups_by_lr(peft_loraplus(theirs, torch.optim.SGD, **kwargs), {id(p): n for n, p in theirs.named_parameters()})
+    got = groups_by_lr(create_loraplus_optimizer(model, torch.optim.SGD, **kwargs), {id(p): n for n, p in model.named_parameters()})
+    assert got == want and got[1][0] == 1e-5 and len(got[1][2]) == 2
 
 
 def test_a_plain_model_with_a_delta_attached_gives_the_same_groups():
