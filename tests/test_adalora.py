@@ -9,11 +9,10 @@ import peft
 import pytest
 import torch
 from support.ecosystem_fixtures import randomize_deltas
-from support.numerics import assert_changed, assert_within_noise, batching_noise
-from support.rows import each_row_alone
+from support.numerics import assert_changed, assert_within_noise
 from support.three_families import FAMILIES, IDS, LINEARS, fresh, noise, out
 
-from opendelta import AdaLoraModel, AutoDeltaModel, DeltaConfigError, LifecycleError, mixed_batch
+from opendelta import AdaLoraModel, AutoDeltaModel, DeltaConfigError, LifecycleError
 
 SCHEDULE = {"init_r": 4, "target_r": 2, "total_step": 8, "tinit": 1, "tfinal": 2, "deltaT": 1}
 PLACES = ["q_proj", "v_proj"]
@@ -126,18 +125,6 @@ def test_fresh_adalora_changes_nothing_merge_unmerge_and_detach_are_exact(family
     assert torch.equal(out(model), original)
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_mixed_batch_equals_each_row_alone(family):
-    model = fresh(family)
-    bare = batching_noise(model, lambda m, rows: out(m, IDS[rows]), len(IDS)), noise(model)
-    deltas = [adalora(model, family, name=f"task{i}") for i in range(2)]
-    for i, d in enumerate(deltas):
-        randomize_deltas(d, seed=10 + i)
-    rows = [0, 1, -1, 0]
-    with mixed_batch(deltas, rows):
-        mixed = out(model)
-    assert_within_noise(mixed, each_row_alone(deltas, rows, lambda i: out(model, IDS[i : i + 1])), *bare)
 
 
 def test_trainer_callback_allocates_the_budget_under_hf_trainer(tmp_path):

@@ -1,5 +1,5 @@
 """Trainable tokens: only the chosen embedding rows train and are saved; tied heads see them; exact detach and
-merge/unmerge; mixed batches; PEFT's TRAINABLE_TOKENS format both ways."""
+merge/unmerge; PEFT's TRAINABLE_TOKENS format both ways (mixed batches: tests/test_multitask.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.numerics import assert_changed, assert_within_noise, batching_noise
-from support.rows import each_row_alone
+from support.numerics import assert_changed, assert_within_noise
 from support.three_families import FAMILIES, IDS, fresh, noise, out, perturb_trainable
 
 from opendelta import (
@@ -19,7 +18,6 @@ from opendelta import (
     MergeError,
     TrainableTokensModel,
     UnsupportedModuleError,
-    mixed_batch,
 )
 
 #: three token ids that occur in IDS, and one that does not
@@ -108,18 +106,6 @@ def test_merge_writes_the_rows_and_unmerge_restores_the_embedding_bit_for_bit():
     delta.unmerge()
     assert torch.equal(model.model.embed_tokens.weight, before) and torch.equal(out(model), tuned)
 
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_mixed_batch_equals_each_row_alone(family):
-    model = fresh(family)
-    bare = batching_noise(model, lambda m, rows: out(m, IDS[rows]), len(IDS)), noise(model)
-    deltas = [tokens(model, name=f"task{i}") for i in range(2)]
-    for i, d in enumerate(deltas):
-        train_rows(d, seed=10 + i)
-    rows = [0, 1, -1, 0]
-    with mixed_batch(deltas, rows):
-        mixed = out(model)
-    assert_within_noise(mixed, each_row_alone(deltas, rows, lambda i: out(model, IDS[i : i + 1])), *bare)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
