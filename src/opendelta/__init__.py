@@ -35,6 +35,8 @@ from opendelta.errors import (
 )
 from opendelta.layer import DeltaLayer
 from opendelta.methods import (
+    AdaLoraConfig,
+    AdaLoraModel,
     AdapterConfig,
     AdapterModel,
     BitFitConfig,
@@ -51,15 +53,20 @@ from opendelta.methods import (
     LoraModel,
     LowRankAdapterConfig,
     LowRankAdapterModel,
+    OftConfig,
+    OftModel,
     ParallelAdapterConfig,
     ParallelAdapterModel,
     PrefixConfig,
     PrefixModel,
     SoftPromptConfig,
     SoftPromptModel,
+    TrainableTokensConfig,
+    TrainableTokensModel,
     VeraConfig,
     VeraModel,
 )
+from opendelta.loraplus import create_loraplus_optimizer
 from opendelta.multitask import MultiTask, mixed_batch
 from opendelta.leniency import OriginalBehaviourWarning, set_strict, strict_mode
 
@@ -70,6 +77,8 @@ from opendelta.utils.saving_loading_utils import SaveLoadMixin
 from opendelta.utils.structure_mapping import CommonStructureMap
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraModel",
     "AdapterConfig",
     "BaseDeltaConfig",
     "CommonStructureMap",
@@ -112,6 +121,8 @@ __all__ = [
     "MixedBatchError",
     "MultiTask",
     "NoMatchError",
+    "OftConfig",
+    "OftModel",
     "OpenDeltaError",
     "ParallelAdapterConfig",
     "ParallelAdapterModel",
@@ -126,12 +137,15 @@ __all__ = [
     "SoftPromptConfig",
     "SoftPromptModel",
     "StructureError",
+    "TrainableTokensConfig",
+    "TrainableTokensModel",
     "UnknownDeltaTypeError",
     "UnreachedModuleError",
     "UnsupportedModuleError",
     "VeraConfig",
     "VeraModel",
     "combine",
+    "create_loraplus_optimizer",
     "find_modules",
     "mixed_batch",
     "negate",

@@ -821,6 +821,20 @@ _CHECKS: dict[str, Callable[[DeltaBase], Any]] = {
 PEFT_TYPES = {m.peft_type: m.delta_type for m in PEFT_METHODS.values()}
 
 
+def register_peft_method(method: PeftMethod, check: Callable[[DeltaBase], Any] | None = None) -> None:
+    """Add a row to :data:`PEFT_METHODS` from the method's own file (a method is one file), with the
+    check a delta must pass before it is written (`check`, raising PeftFormatError)."""
+    PEFT_METHODS[method.peft_type] = method
+    PEFT_TYPES[method.peft_type] = method.delta_type
+    if check is not None:
+        _CHECKS[method.peft_type] = check
+
+
+def peft_field(peft: dict[str, Any], key: str, kinds: tuple[type, ...], expected: str, default: Any, path: Path) -> Any:
+    """For the methods' own readers: `peft[key]`, typed (see :func:`_field`)."""
+    return _field(peft, key, kinds, expected, default, path)
+
+
 # ----------------------------------------------------------------- the folder
 
 
