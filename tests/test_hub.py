@@ -220,7 +220,7 @@ def test_the_hubs_answers_for_a_missing_repo_revision_or_config_are_typed_errors
         AutoDeltaModel.from_finetuned("org/peft-only", tiny_llama(), cache_dir=cache_dir)
 
 
-@pytest.mark.parametrize("spelling", ["org/a/b", "/abs/org", "./org/x"])
+@pytest.mark.parametrize("spelling", ["org/a/b", "/abs/org", "./org/x", Path("org/x")], ids=repr)
 def test_a_path_not_spelt_like_a_repo_id_stays_a_local_path(offline, spelling) -> None:
     with pytest.raises(CheckpointNotFoundError, match="no checkpoint directory"):
         AutoDeltaModel.from_finetuned(spelling, tiny_llama())

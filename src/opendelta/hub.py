@@ -58,29 +58,25 @@ _DELTACENTER = (
 def hub_repo_id(path: Any, cache_dir: Any = None, force_download: bool = False) -> str | None:
     """The Hub repo id `path` names, or None when it names a local folder.
 
-    A folder that exists locally (`path` itself, or ``cache_dir/path`` as the original OpenDelta
-    joined them) always wins; force_download=True on such a folder is an error, as nothing would be
-    downloaded. A path that is no local folder and is not spelt like "owner/name" stays a local path
-    (its loader then says it does not exist)."""
-    if not isinstance(path, (str, os.PathLike)):
+    Only a str spelt "owner/name" can be a repo id (a pathlib.Path is always local), and a folder
+    that exists locally (`path` itself, or ``cache_dir/path`` as the original OpenDelta joined them)
+    always wins; force_download=True on such a folder is an error, as nothing would be downloaded."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
         return None
-    text = os.fspath(path)
-    local = [Path(text)] + ([Path(cache_dir, text)] if cache_dir is not None and isinstance(text, str) else [])
+    local = [Path(path)] + ([Path(cache_dir, path)] if cache_dir is not None else [])
     if any(folder.is_dir() for folder in local):
         if force_download:
             raise CheckpointPathError(
-                f"force_download=True downloads from the Hugging Face Hub, but {text!r} is a local folder (a local "
-                "folder wins over a repo id of the same spelling); drop force_download, or rename the folder."
+                f"force_download=True downloads from the Hugging Face Hub, but {os.fspath(path)!r} is a local folder "
+                "(a local folder wins over a repo id of the same spelling); drop force_download, or rename the folder."
             )
         return None
-    return text if isinstance(text, str) and _REPO_ID.fullmatch(text) and not text.startswith(".") else None
+    return path if isinstance(path, str) and _REPO_ID.fullmatch(path) and not path.startswith(".") else None
 
 
-def local_folder(path: Any, cache_dir: Any = None, force_download: bool = False) -> Path:
-    """The local folder a from_finetuned argument names: `path`, else ``cache_dir/path`` (the
-    original OpenDelta's spelling); a Hub repo id is resolved by :func:`fetch_config` instead."""
-    if hub_repo_id(path, cache_dir, force_download) is not None:
-        raise CheckpointPathError(f"{path!r} is a Hugging Face Hub repo id, not a local folder")
+def local_folder(path: Any, cache_dir: Any = None) -> Path:
+    """The local folder a from_finetuned argument that is no repo id names: ``cache_dir/path`` when
+    that folder exists (the original OpenDelta's spelling), else `path`."""
     if cache_dir is not None and isinstance(path, (str, os.PathLike)) and Path(cache_dir, path).is_dir():
         return Path(cache_dir, path)
     return checkpoint_path(path, "from_finetuned")
