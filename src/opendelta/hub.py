@@ -217,14 +217,18 @@ class _Fetcher:
             )
         if isinstance(exc, errors.EntryNotFoundError):
             return CheckpointNotFoundError(
-                f"{at} holds no {filename}: it is not an opendelta checkpoint (push one with delta.push_to_hub(), "
-                "or upload a folder written by save_finetuned())."
+                f"{at} holds no {filename}: "
+                + (
+                    "it is not an opendelta checkpoint (push one with delta.push_to_hub(), or upload a folder "
+                    "written by save_finetuned())."
+                    if filename == CONFIG_NAME else "its config names that file, so the upload is incomplete; push it again."
+                )
             )
         if isinstance(exc, errors.HFValidationError):
             return CheckpointPathError(f"{at} is not a valid Hub repo id or revision: {exc}")
         if isinstance(exc, (errors.HfHubHTTPError, OSError, ValueError)):
             return HubError(f"could not fetch {filename} of {at}: {exc}")
-        raise exc
+        raise exc  # not a Hub failure: let it through unchanged
 
 
 def cached_repos(cache_dir: str | os.PathLike) -> list[str]:
