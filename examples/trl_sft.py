@@ -73,14 +73,17 @@ def smollm2() -> tuple[torch.nn.Module, Any]:
     return model, tokenizer
 
 
-def train(model: torch.nn.Module, tokenizer: Any, out: Path, *, steps: int, lr: float, rows: int) -> dict[str, Any]:
-    """LoRA on q_proj/v_proj, `steps` SFT steps on the first `rows` chats; returns what was measured."""
+def train(
+    model: torch.nn.Module, tokenizer: Any, out: Path, *, steps: int, lr: float, rows: int,
+    modules: tuple[str, ...] = ("q_proj", "v_proj"),
+) -> dict[str, Any]:
+    """LoRA on `modules`, `steps` SFT steps on the first `rows` chats; returns what was measured."""
     import datasets
     from trl import SFTConfig, SFTTrainer
 
     datasets.disable_progress_bars()
 
-    delta = LoraModel(model, modified_modules=["q_proj", "v_proj"], lora_r=8)
+    delta = LoraModel(model, modified_modules=list(modules), lora_r=8)
     delta.freeze_module(exclude=["deltas"], set_state_dict=True)  # the trainer's checkpoints: delta tensors only
     data = datasets.Dataset.from_list(zen_chats()[:rows])
     args = SFTConfig(

@@ -20,8 +20,10 @@ def test_sft_trainer_trains_a_lora_on_smollm2_checkpoints_only_deltas_and_reload
     spec.loader.exec_module(example)
     model, tokenizer = example.smollm2()
 
-    result = example.train(model, tokenizer, tmp_path, steps=4, lr=2e-3, rows=8)
+    # LoRA on the last four layers only: backward stops there, which keeps the test short
+    last_four = (r"[r]model\.layers\.(26|27|28|29)\.self_attn\.(q_proj|v_proj)",)
+    result = example.train(model, tokenizer, tmp_path, steps=3, lr=5e-3, rows=4, modules=last_four)
 
     assert result["loss_after"] < result["loss_before"]
-    assert result["checkpoint_tensors"] == 30 * 2 * 2  # lora_A and lora_B of q_proj and v_proj in 30 layers
+    assert result["checkpoint_tensors"] == 4 * 2 * 2  # lora_A and lora_B of q_proj and v_proj in 4 layers
     assert result["reloads_exactly"]
