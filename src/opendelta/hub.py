@@ -50,8 +50,8 @@ CARD_NAME = "README.md"
 # "owner/name" as the Hub spells repo ids; whether it is valid is huggingface_hub's to say
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DELTACENTER = (
-    " (In the original OpenDelta, 'owner/name' named a checkpoint on its DeltaCenter, which no longer exists; "
-    "opendelta looks such names up on the Hugging Face Hub.)"
+    " No local folder of that name exists either. (In the original OpenDelta, 'owner/name' named a checkpoint on "
+    "its DeltaCenter, which no longer exists; opendelta looks such names up on the Hugging Face Hub.)"
 )
 
 
