@@ -9,6 +9,7 @@ from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import (
     CheckpointError,
+    CheckpointNotCachedError,
     CheckpointNotFoundError,
     CheckpointPathError,
     CheckpointPermissionError,
@@ -16,6 +17,7 @@ from opendelta.errors import (
     DeltaConfigError,
     DistributedSaveError,
     DuplicateDeltaTypeError,
+    HubError,
     IncompatibleCheckpointError,
     LifecycleError,
     MergeError,
@@ -93,6 +95,7 @@ __all__ = [
     "BitFitConfig",
     "BitFitModel",
     "CheckpointError",
+    "CheckpointNotCachedError",
     "CheckpointNotFoundError",
     "CheckpointPathError",
     "CheckpointPermissionError",
@@ -105,6 +108,7 @@ __all__ = [
     "DistributedSaveError",
     "DuplicateDeltaTypeError",
     "DeltaLayer",
+    "HubError",
     "IA3Config",
     "IA3Model",
     "IncompatibleCheckpointError",
