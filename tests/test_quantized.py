@@ -16,13 +16,13 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu  # noqa: E402
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from support.quantized import IDS, load_quantized, save_tiny_llama  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from opendelta import AutoDeltaConfig, AutoDeltaModel  # noqa: E402
 from opendelta.errors import MergeError, UnsupportedModuleError  # noqa: E402
 from opendelta.quantized import dequantized_weight, is_4bit, is_quantized, unpack_cpu_repacked  # noqa: E402
 
-IDS = torch.tensor([[5, 17, 42, 8, 63, 2], [9, 3, 77, 1, 30, 4]])
 #: every method that acts on linear layers or around them, at small sizes for hidden 64
 METHODS = {
     "lora": {}, "ia3": {}, "bitfit": {}, "adapter": {"bottleneck_dim": 8}, "parallel_adapter": {"bottleneck_dim": 8},
@@ -32,20 +32,11 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=99, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def load(path: str, bits: int) -> nn.Module:
-    config = (
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
-    )
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu").eval()
+    return load_quantized(path, bits)
 
 
 def dense_copy(model: nn.Module) -> nn.Module:
