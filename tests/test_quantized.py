@@ -199,3 +199,33 @@ def test_a_weight_already_repacked_is_a_typed_error_and_unpacking_it_is_one_call
         logits(m).pow(2).mean().backward()
     for q, d in zip(deltas[0].delta_parameters(), deltas[1].delta_parameters()):
         assert (q.grad - d.grad).abs().max() <= 2e-6 * d.grad.abs().max()
+
+
+def _dora(model: nn.Module):
+    torch.manual_seed(1)
+    delta = AutoDeltaModel.from_config({"delta_type": "lora", "use_dora": True}, backbone_model=model)
+    delta.freeze_module(exclude=["deltas"], set_state_dict=False)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in delta.delta_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return delta
+
+
+def test_dora_on_4bit_trains_with_the_dense_gradients_and_merges_back_to_the_same_bytes(saved_model):
+    model = load(saved_model, 4)
+    dense = dense_copy(model)
+    before = state(model)
+    deltas = [_dora(m) for m in (model, dense)]
+    for m in (model, dense):
+        logits(m).pow(2).mean().backward()
+    for q, d in zip(deltas[0].delta_parameters(), deltas[1].delta_parameters()):
+        assert q.dtype == torch.float32 and (q.grad - d.grad).abs().max() <= 2e-6 * d.grad.abs().max().clamp_min(1e-30)
+    with torch.no_grad():
+        unmerged = logits(model)
+    deltas[0].merge()
+    deltas[0].unmerge()
+    with torch.no_grad():
+        assert torch.equal(logits(model), unmerged)  # the norm kept for the old weight was recomputed, then equal
+    deltas[0].detach()
+    assert_same_state(model, before)

@@ -160,3 +160,23 @@ def test_lora_on_a_torchao_or_hqq_model_saves_and_reloads_exactly(kind, tmp_path
     AutoDeltaModel.from_finetuned(tmp_path, other)
     with torch.no_grad():
         assert torch.equal(other(input_ids=IDS).logits, tuned)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_dora_reads_the_dequantized_weight_and_gets_the_dense_gradients(kind):
+    model = KINDS[kind]()
+    dense = dense_copy(model)
+    floor = _relative(_input_grad(model), _input_grad(dense))
+    deltas = []
+    for m in (model, dense):
+        torch.manual_seed(1)
+        delta = AutoDeltaModel.from_config({"delta_type": "lora", "use_dora": True}, backbone_model=m)
+        delta.freeze_module(exclude=["deltas"], set_state_dict=False)
+        generator = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in delta.delta_parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        m(input_ids=IDS).logits.pow(2).mean().backward()
+        deltas.append(delta)
+    for q, d in zip(deltas[0].delta_parameters(), deltas[1].delta_parameters()):
+        assert _relative(q.grad, d.grad) <= max(2e-6, 4 * floor)

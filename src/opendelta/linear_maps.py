@@ -26,6 +26,12 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
 
 
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A linear map's weight as a dense (out, in) tensor: :func:`linear_weight`, or a quantized layer's
+    dequantized weight (a new tensor: no gradient reaches the packed one)."""
+    return quantized.dequantized_weight(module) if quantized.is_quantized(module) else linear_weight(module)
+
+
 def weight_like(module: nn.Module) -> torch.Tensor:
     """A tensor with the dtype and device a delta beside this linear map takes: its weight, or for a
     quantized layer (quantized.py) an empty tensor in the dtype it computes in."""

@@ -81,6 +81,19 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     return F.int8_vectorwise_dequant(weight.data, scales).to(compute_dtype(module))
 
 
+def weight_stamp(module: nn.Module) -> tuple:
+    """What changes whenever a quantized layer's weight does (its packed tensor, the tensor's version
+    and storage, and the quantization state beside it): a value computed from the dequantized weight
+    is kept while the stamp is the same."""
+    packed = module.W_q if is_hqq(module) else module.weight
+    state = getattr(packed, "quant_state", None) or getattr(module, "meta", None)
+    try:
+        where = packed.data_ptr()
+    except RuntimeError:  # a wrapper tensor (torchao) has no storage of its own: its identity and version stand in
+        where = None
+    return (id(packed), packed._version, where, id(state), packed.device)
+
+
 def _repacked(module: nn.Module) -> bool:
     return bool(getattr(module.weight.quant_state, "packing_format_for_cpu", False))
 
