@@ -35,6 +35,7 @@ from opendelta.errors import (
     UnreachedModuleError,
     UnsupportedModuleError,
 )
+from opendelta.hf_trainer import quantized_training
 from opendelta.layer import DeltaLayer
 from opendelta.methods import (
     AdaLoraConfig,

@@ -27,6 +27,7 @@ from opendelta.merging import check_last_merged, merge_layers, unmerge_layers
 from opendelta.ordering import checked_position, creation_stamp
 from opendelta.original_api import OriginalAPI
 from opendelta.placement import LayerHomes
+from opendelta.precision import keep_precision
 from opendelta.quantized import guard_cpu_repack
 from opendelta.reachability import FirstForwardCheck
 from opendelta.registry import RegisteredConfig, RegisteredType, register
@@ -183,6 +184,7 @@ class DeltaBase(OriginalAPI):
             self.layers: dict[str, DeltaLayer] = {
                 t.path: self.new_layer(t.path, t.site, observations.get(t.path)) for t in targets
             }
+        keep_precision(self.layers.values(), config.delta_dtype)
         self.name = free_name(targets, name, self.delta_type or "delta")
         self._order: tuple[float, int, str] = (0, creation_stamp(), "")  # see order_key
         self._attached = False
