@@ -35,7 +35,7 @@ def output_features(module: nn.Module) -> tuple[int, torch.Tensor | None] | None
         return None
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dim() == 1:
-        return weight.shape[0], weight
+        return weight.shape[0], weight_like(module)
     normalized = getattr(module, "normalized_shape", None)
     if isinstance(normalized, int):
         normalized = (normalized,)
