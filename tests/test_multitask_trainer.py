@@ -154,3 +154,12 @@ def test_remove_takes_the_hooks_off() -> None:
     routing.remove()
     routing.remove()
     assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == hooks
+
+
+def test_the_throughput_benchmark_runs_mixed_and_sequential_on_the_same_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks.multitask_training import main
+
+    result = main(["--smoke"])
+    assert result["rows_per_pass"] == 8 and set(result["rows_per_second"]) == {"mixed", "sequential"}
+    assert all(v > 0 for v in result["rows_per_second"].values()) and result["ratio mixed / sequential"]["median"] > 0

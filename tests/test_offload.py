@@ -67,6 +67,26 @@ def test_a_delta_on_offloaded_layers_computes_what_it_computes_in_memory(saved: 
     assert expected.is_attached
 
 
+def test_every_method_beside_offloaded_layers_computes_what_it_computes_in_memory(saved: Path) -> None:
+    from support.methods import METHODS
+
+    model, reference = offloaded(saved), in_memory(saved)
+    with torch.no_grad():
+        bare = model(IDS).logits
+        for name, method in METHODS.items():
+            built = []
+            for m in (model, reference):
+                torch.manual_seed(2)
+                delta = method.model_class(m, **method.small)
+                for p in delta.delta_parameters():
+                    p.add_(0.05)
+                built.append(delta)
+            assert torch.equal(model(IDS).logits, reference(IDS).logits), name
+            for delta in built:
+                delta.detach()
+            assert torch.equal(model(IDS).logits, bare), name
+
+
 def test_detach_leaves_the_offloaded_weights_and_the_hooks_as_they_were(saved: Path) -> None:
     model = offloaded(saved)
     before_hooks, forwards = hooks(model), {n: m.forward for n, m in model.named_modules() if hasattr(m, "_hf_hook")}
