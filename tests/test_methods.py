@@ -261,7 +261,9 @@ class Tagger(nn.Module):
 
 UNSUPPORTED = [
     pytest.param(BitFitModel, "bert", ["encoder.layer.0.attention"], {}, "BertAttention", id="bitfit-block"),
-    pytest.param(IA3Model, "bert", ["embeddings.word_embeddings"], {}, "linear layer", id="ia3-embedding"),
+    pytest.param(IA3Model, "bert", ["embeddings.LayerNorm"], {}, "linear layer", id="ia3-norm"),
+    pytest.param(IA3Model, "bert", ["embeddings.word_embeddings"], {"feedforward_modules": ["word_embeddings"]},
+                 "token ids", id="ia3-embedding-input"),
     pytest.param(CompacterModel, "bert", ["encoder.layer.0.attention.output.dense"], {}, "hypercomplex_division",
                  id="compacter-indivisible"),
     pytest.param(LowRankAdapterModel, "bert", ["encoder.layer.0.attention.output.dense"], {"reduction_factor": 64},

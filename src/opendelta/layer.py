@@ -37,8 +37,10 @@ class DeltaLayer(nn.Module):
     """
 
     is_delta_module: ClassVar[bool] = True
-    #: "before", "after", "parallel" or "replace" (see the module docstring of opendelta.routing)
+    #: "before", "after", "parallel", "replace" or "weights" (see the module docstring of opendelta.routing)
     route: ClassVar[str] = "after"
+    #: for route "weights": the parameters (names relative to the module) :meth:`changed_parameters` changes
+    parameter_names: tuple[str, ...] = ()
     #: how the layer acts on some rows of a mixed batch only: ROW_WISE (the ``route_*_rows`` methods),
     #: COMBINED (the layers of this class on one module become one call: :meth:`combine_rows`) or
     #: WHOLE_BATCH (refused). A class that overrides ``route_call`` must declare it.
@@ -127,9 +129,16 @@ class DeltaLayer(nn.Module):
         part = self.route_parallel(h_in.index_select(0, rows), h_out.index_select(0, rows), **context)
         return h_out.index_copy(0, rows, part)
 
+    def changed_parameters(self, module: nn.Module, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """For route "weights": the values the parameters named in :attr:`parameter_names` take during a
+        call of `module`, given their `current` values (the parameters, or what earlier deltas made them)."""
+        raise NotImplementedError(f"{type(self).__name__} declares route 'weights' but no changed_parameters()")
+
     def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """New values of `module`'s parameters (by name) that compute what module and delta compute
         together, for deltas linear in them; others raise MergeError."""
+        if self.route == "weights":  # what the delta does during a call, for good
+            return self.changed_parameters(module, {key: module.get_parameter(key) for key in self.parameter_names})
         raise MergeError(
             f"{type(self).__name__} is not linear in the weights of the {type(module).__name__} it modifies, so it "
             "cannot be merged into them; keep it attached as a layer (or use LoRA / IA3 for merged inference)."

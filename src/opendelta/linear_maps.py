@@ -42,7 +42,7 @@ def fold_into_weight(module: nn.Module, change: Callable[[torch.Tensor], torch.T
     if quantized.is_quantized(module):
         return change(quantized.dequantized_weight(module))
     weight = module.weight
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or linear_shape(module) is None:  # an embedding's or convolution's own layout
         return change(weight)
     return change(weight.t()).t()  # Conv1D stores (in, out)
 

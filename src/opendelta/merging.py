@@ -39,7 +39,7 @@ def merge_layers(
     for path, values in folded.items():
         if "weight" in values and is_quantized(targets[path].site):
             check_writable(targets[path].site)
-        shared = [key for key in values if seen.get(id(getattr(targets[path].site, key)), 0) > 1]
+        shared = [key for key in values if seen.get(id(targets[path].site.get_parameter(key)), 0) > 1]
         if shared:
             raise MergeError(
                 f"{path}.{shared[0]} is tied to another module's parameter (e.g. an LM head tied to the input "
@@ -61,7 +61,7 @@ def _write(module: nn.Module, key: str, value: torch.Tensor) -> Any:
     """Write a merged value into the module's parameter `key`; return what _restore needs."""
     if key == "weight" and is_quantized(module):
         return write_weight(module, value)
-    param = getattr(module, key)
+    param = module.get_parameter(key)  # a nested name (MultiheadAttention's out_proj.weight) too
     before = param.detach().clone()
     param.copy_(value)
     return before
@@ -71,7 +71,7 @@ def _restore(module: nn.Module, key: str, before: Any) -> None:
     if key == "weight" and is_quantized(module):
         restore_weight(module, before)
     else:
-        getattr(module, key).copy_(before)
+        module.get_parameter(key).copy_(before)
 
 
 def check_last_merged(targets: Mapping[str, Target], saved: Saved, name: str) -> None:

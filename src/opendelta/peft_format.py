@@ -5,7 +5,11 @@ adapter trains whole (``modules_to_save``) are stored as ``base_model.model.<par
 Each method PEFT shares with opendelta is one :class:`PeftMethod` row of :data:`PEFT_METHODS`,
 which turns a delta's tensors into PEFT's and back:
 
-- LoRA: ``<path>.lora_A.weight`` / ``.lora_B.weight``, the same factors (A: r x in, B: out x r);
+- LoRA: ``<path>.lora_A.weight`` / ``.lora_B.weight``, the same factors (A: r x in, B: out x r; a
+  convolution's with kernels); an embedding's ``<path>.lora_embedding_A`` / ``_B``; a MultiheadAttention's
+  in_proj factors at ``<path>.lora_A.weight``, its out_proj's at ``<path>.base_layer.out_proj.lora_A.weight``;
+  LoRA on parameters (``target_parameters``, fused MoE experts) at ``<module>.lora_A.weight``, one
+  ``base_layer.`` deeper for each parameter of the module after it (PEFT nests one wrapper per parameter);
   DoRA's magnitudes (``use_dora``) are PEFT's ``<path>.lora_magnitude_vector``; a PiSSA/OLoRA-started
   LoRA is written as PEFT's own converted rank-2r LoRA on the original weights;
 - IA3: ``<path>.ia3_l``, the scaling vector as (out, 1), or (1, in) for ``feedforward_modules``;
@@ -57,14 +61,19 @@ PROMPT_PREFIX = "base_model."
 #: the key of a prompt-learning adapter's one tensor
 PROMPT_KEY = "prompt_embeddings"
 #: the end of a PEFT LoRA tensor's name -> the name of the same tensor in opendelta's LoRA layer
-_LAYER_TENSORS = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "magnitude"}
+_LAYER_TENSORS = {
+    "lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_magnitude_vector": "magnitude",
+    "lora_embedding_A": "lora_embedding_A", "lora_embedding_B": "lora_embedding_B",
+}
+#: PEFT's wrapper of a MultiheadAttention holds its out_proj's LoRA here
+_MHA_OUT = ".base_layer.out_proj"
+_NESTED = re.compile(r"(?P<module>.+?)(?P<nest>(?:\.base_layer)*)")
 _FACTOR = re.compile(r"(?P<path>.+)\.(?P<tensor>" + "|".join(map(re.escape, _LAYER_TENSORS)) + ")")
 _IA3 = re.compile(r"(?P<path>.+)\.ia3_l")
 #: PEFT LoRA options that change the computation in ways opendelta's LoRA does not implement
 _UNSUPPORTED_OPTIONS = {
     "lora_bias": "a trainable bias on lora_B",
     "layer_replication": "layer replication",
-    "target_parameters": "LoRA on nn.Parameter targets",
     "alora_invocation_tokens": "activated LoRA",
     "use_qalora": "QA-LoRA",
     "trainable_token_indices": "trainable tokens",
@@ -170,11 +179,28 @@ def _write_lora(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dic
     # path_initial_model_for_weight_conversion: a plain LoRA of rank 2r on the original weights
     factor = 2 if config.data_aware_init else 1
     rank, default_alpha = factor * config.lora_r, _alpha_for(config, factor)
+    modules: list[str] = []
+    parameters: list[str] = []
     for path, layer in delta.layers.items():
         stored = {name: tensors[delta_key(path, name)] for name in layer.state_dict()}
-        lora_A, lora_B = update_factors(stored["lora_A"], stored["lora_B"], stored.get("lora_A0"), stored.get("lora_B0"))
-        out[f"{path}.lora_A.weight"] = lora_A.contiguous()
-        out[f"{path}.lora_B.weight"] = lora_B.contiguous()
+        names = _peft_weight_names(delta, path, layer)
+        if names is not None:  # LoRA on weights the forward reads
+            for i, peft_name in enumerate(names):
+                out[f"{peft_name}.lora_A.weight"] = stored[f"lora_A.{i}"]
+                out[f"{peft_name}.lora_B.weight"] = stored[f"lora_B.{i}"]
+            if names[0] == path:  # a MultiheadAttention, which PEFT targets as a module
+                modules.append(path)
+            else:
+                parameters += [f"{path}.{p}" for p in layer.parameter_names]
+        elif "lora_embedding_A" in stored:
+            modules.append(path)
+            out[f"{path}.lora_embedding_A"] = stored["lora_embedding_A"]
+            out[f"{path}.lora_embedding_B"] = stored["lora_embedding_B"]
+        else:
+            modules.append(path)
+            lora_A, lora_B = update_factors(stored["lora_A"], stored["lora_B"], stored.get("lora_A0"), stored.get("lora_B0"))
+            out[f"{path}.lora_A.weight"] = lora_A.contiguous()
+            out[f"{path}.lora_B.weight"] = lora_B.contiguous()
         if "magnitude" in stored:
             out[f"{path}.lora_magnitude_vector"] = stored["magnitude"]
         r, _ = config.rank_and_alpha(path)
@@ -189,7 +215,8 @@ def _write_lora(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dic
         "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
-        "target_modules": sorted(delta.layers),
+        "target_modules": sorted(modules),
+        "target_parameters": parameters or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "fan_in_fan_out": _is_conv1d(delta),
@@ -197,6 +224,34 @@ def _write_lora(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dic
         "init_lora_weights": True,
     }
     return out, fields
+
+
+def _peft_weight_names(delta: DeltaBase, path: str, layer: nn.Module) -> list[str] | None:
+    """Where PEFT keeps the factors of each weight of a LoRA on weights (route "weights"), in the
+    layer's order (without ``.lora_A.weight``); None for other layers."""
+    if layer.route != "weights":
+        return None
+    names = layer.parameter_names
+    if names == ("in_proj_weight", "out_proj.weight"):
+        return [path, path + _MHA_OUT]
+    if "out_proj.weight" in names:
+        raise PeftFormatError(
+            f"{path!r} is a MultiheadAttention with separate query, key and value weights (kdim or vdim differ from "
+            "embed_dim), which PEFT's LoRA does not support; save with format='opendelta'."
+        )
+    return [path + ".base_layer" * (len(names) - 1 - i) for i in range(len(names))]
+
+
+def _check_lora(delta: DeltaBase) -> None:
+    """Refuse LoRA layers PEFT would compute otherwise: a convolution's with dilation (PEFT's A is not
+    dilated), a MultiheadAttention's with separate query, key and value weights."""
+    for path, layer in delta.layers.items():
+        if any(d != 1 for d in getattr(layer, "dilation", (1,))):
+            raise PeftFormatError(
+                f"{path!r} is a dilated convolution (dilation={layer.dilation}); PEFT's LoRA convolution is not dilated, "
+                "so it would compute other outputs. Save with format='opendelta'."
+            )
+        _peft_weight_names(delta, path, layer)
 
 
 def _alpha_for(config: Any, factor: int, path: str | None = None) -> float:
@@ -233,19 +288,44 @@ def _read_lora(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: P
                 f"{str(path.parent)!r} is a PEFT LoRA with {option}={peft[option]!r} ({meaning}), which opendelta's LoRA "
                 "does not implement; load it with peft.PeftModel.from_pretrained."
             )
-    keys: dict[str, str] = {}
-    paths: list[str] = []
+    targeted = _field(peft, "target_parameters", (list, type(None)), "a list of parameter names or null", None, path) or []
+    _check_names({"target_parameters": targeted}, path, "target_parameters")
+    # PEFT's stored name -> (module path, tensor, how deep in PEFT's wrappers: MultiheadAttention's out_proj is "mha")
+    found: dict[str, tuple[str, str, int | str]] = {}
     for name in stored:
         factor = _FACTOR.fullmatch(name)
         if factor is not None:
-            if factor["path"] not in paths:
-                paths.append(factor["path"])
-            keys[name] = delta_key(factor["path"], _LAYER_TENSORS[factor["tensor"]])
+            where = factor["path"]
+            if where.endswith(_MHA_OUT):
+                found[name] = (where[: -len(_MHA_OUT)], factor["tensor"], "mha")
+            else:
+                nested = _NESTED.fullmatch(where)
+                found[name] = (nested["module"], factor["tensor"], nested["nest"].count(".base_layer"))
         elif "lora_" in name:
             raise PeftFormatError(
-                f"{path.parent / PEFT_WEIGHTS_NAME} holds {name!r}, a LoRA tensor opendelta does not implement (LoRA on "
-                "embeddings or convolutions); load it with peft.PeftModel.from_pretrained."
+                f"{path.parent / PEFT_WEIGHTS_NAME} holds {name!r}, a LoRA tensor opendelta does not implement; load it "
+                "with peft.PeftModel.from_pretrained."
             )
+    attention = {module for module, _, depth in found.values() if depth == "mha"}
+    depths: dict[str, int] = {}
+    for module, _, depth in found.values():
+        if module not in attention:
+            depths[module] = max(depths.get(module, 0), depth)  # type: ignore[arg-type]
+    on_parameters = {m for m in depths if targeted and _holds_targeted(m, targeted)}
+    keys: dict[str, str] = {}
+    paths: list[str] = []
+    for name, (module, tensor, depth) in found.items():
+        if module not in paths:
+            paths.append(module)
+        ours = _LAYER_TENSORS[tensor]
+        if module in attention:  # in_proj first, out_proj second, as WeightLoraLayer orders them
+            ours = f"{ours}.{1 if depth == 'mha' else 0}"
+        elif module in on_parameters:  # the innermost wrapper holds the module's first parameter
+            ours = f"{ours}.{depths[module] - depth}"
+        elif depth:
+            raise PeftFormatError(f"{path.parent / PEFT_WEIGHTS_NAME} holds {name!r}, nested in PEFT wrappers opendelta does not read.")
+        keys[name] = delta_key(module, ours)
+    modules = [p for p in paths if p not in on_parameters]
     if not paths:
         raise PeftFormatError(
             f"{path.parent / PEFT_WEIGHTS_NAME} holds no LoRA tensors (no '<module>.lora_A.weight'); it is not a LoRA adapter."
@@ -263,7 +343,8 @@ def _read_lora(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: P
             "and load that folder."
         )
     values = {
-        "modified_modules": paths,
+        "modified_modules": modules or None,
+        "target_parameters": targeted if on_parameters else None,
         "lora_r": _field(peft, "r", (int,), "a positive integer", 8, path),
         "lora_alpha": _field(peft, "lora_alpha", (int, float), "a number", 8, path),
         "lora_dropout": _field(peft, "lora_dropout", (int, float), "a number in [0, 1)", 0.0, path),
@@ -274,6 +355,15 @@ def _read_lora(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: P
         "init_lora_weights": init,
     }
     return PeftTensors(values, paths, {keys[n]: stored[n] for n in keys}, lambda t: {keys[n]: t[n] for n in keys}, set(keys))
+
+
+def _holds_targeted(module: str, targeted: list[str]) -> bool:
+    """Whether PEFT's ``target_parameters`` names a parameter of `module` (its matching: a full name or a tail)."""
+    for name in targeted:
+        owner = name.rpartition(".")[0]
+        if not owner or module == owner or module.endswith("." + owner):
+            return True
+    return False
 
 
 def _check_lora_ranks(config: DeltaConfig, tensors: PeftTensors, where: Path) -> None:
@@ -295,8 +385,12 @@ def _write_ia3(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dict
     feedforward: list[str] = []
     for path, layer in delta.layers.items():
         scale = tensors[delta_key(path, "scale")]
-        if layer.route == "before":  # an input scale: PEFT's feedforward layer, its vector a row
+        if layer.route == "before":
             feedforward.append(path)
+        if layer.hidden_dim == 1:  # a convolution's channels: PEFT's (1, n, 1, ...) for input and output alike
+            kernel = delta.targets[path].module.weight.dim() - 2
+            out[f"{path}.ia3_l"] = scale.reshape(1, -1, *([1] * kernel))
+        elif layer.route == "before":  # an input scale: PEFT's feedforward layer, its vector a row
             out[f"{path}.ia3_l"] = scale.reshape(1, -1)
         else:
             out[f"{path}.ia3_l"] = scale.reshape(-1, 1)
@@ -307,6 +401,16 @@ def _write_ia3(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dict
         "init_ia3_weights": True,
     }
     return out, fields
+
+
+def _check_ia3(delta: DeltaBase) -> None:
+    for path in delta.layers:
+        module = delta.targets[path].module
+        if isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv3d)):  # PEFT 0.21.2's IA3 refuses them
+            raise PeftFormatError(
+                f"{path!r} is an {type(module).__name__}, where PEFT has no IA3 (it takes linear layers and nn.Conv2d); "
+                "save with format='opendelta'."
+            )
 
 
 def _read_ia3(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: Path) -> PeftTensors:
@@ -321,17 +425,24 @@ def _read_ia3(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: Pa
         if found is None:
             continue
         module = found["path"]
-        if len(shape) != 2 or 1 not in shape:
-            raise CorruptCheckpointError(f"{path.parent / PEFT_WEIGHTS_NAME}: {name} has shape {list(shape)}; IA3 stores (n, 1) or (1, n).")
+        conv = len(shape) > 2 and shape[0] == 1 and all(n == 1 for n in shape[2:])  # (1, n, 1, ...): a convolution's
+        if not conv and (len(shape) != 2 or 1 not in shape):
+            raise CorruptCheckpointError(
+                f"{path.parent / PEFT_WEIGHTS_NAME}: {name} has shape {list(shape)}; IA3 stores (n, 1) or (1, n), and "
+                "(1, n, 1, ...) for convolutions."
+            )
+        if conv:
+            if _named_in(module, listed):
+                feedforward.append(module)
         # PEFT's (1, in) vector scales the input: shape tells, unless it is (1, 1)
-        if shape[0] == 1 and (shape[1] != 1 or _named_in(module, listed)):
+        elif shape[0] == 1 and (shape[1] != 1 or _named_in(module, listed)):
             feedforward.append(module)
         paths.append(module)
         keys[name] = delta_key(module, "scale")
     if not paths:
         raise PeftFormatError(f"{path.parent / PEFT_WEIGHTS_NAME} holds no IA3 tensors (no '<module>.ia3_l'); it is not an IA3 adapter.")
     values = {"modified_modules": paths, "feedforward_modules": feedforward or None}
-    shapes = {keys[n]: (max(stored[n]),) for n in keys}
+    shapes = {keys[n]: (math.prod(stored[n]),) for n in keys}
     return PeftTensors(values, paths, shapes, lambda t: {keys[n]: t[n].reshape(-1) for n in keys}, set(keys))
 
 
@@ -445,7 +556,7 @@ UNREADABLE = {
 #: opendelta delta_type -> the PEFT method of that name it cannot be converted to
 _UNCONVERTED = {"prefix": "PREFIX_TUNING"}
 #: peft_type -> the check a delta must pass before any rank gathers tensors
-_CHECKS: dict[str, Callable[[DeltaBase], Any]] = {"PROMPT_TUNING": _check_soft_prompt}
+_CHECKS: dict[str, Callable[[DeltaBase], Any]] = {"PROMPT_TUNING": _check_soft_prompt, "LORA": _check_lora, "IA3": _check_ia3}
 #: PEFT's peft_type -> the opendelta delta_type with the same tensors (found through the registry)
 PEFT_TYPES = {m.peft_type: m.delta_type for m in PEFT_METHODS.values()}
 
@@ -546,7 +657,9 @@ def read_peft_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -
         names[stored_name] = short
     shapes_by_name = {names[k]: tuple(v) for k, v in stored.items()}
     own = method.read(peft, shapes_by_name, config_path)
-    backbone_names = {n: list(shape) for n, shape in shapes_by_name.items() if n not in own.claimed}
+    # PEFT saves a LoRA embedding's whole base weight (for a resized vocabulary) inside its wrapper
+    unwrapped = {n: n.replace(".base_layer.", ".") for n in shapes_by_name if n not in own.claimed}
+    backbone_names = {unwrapped[n]: list(shapes_by_name[n]) for n in unwrapped}
     config_cls, delta_cls = lookup(method.delta_type)
     config = config_from_meta({"delta_type": method.delta_type, "config": own.config}, config_cls)
     method.check_read(config, own, weights)
@@ -554,7 +667,7 @@ def read_peft_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -
 
     def load(device: torch.device | str) -> dict[str, torch.Tensor]:
         by_name = {names[k]: v for k, v in read_safetensors(weights, size, sha256, device).items()}
-        return {**own.convert(by_name), **{f"backbone.{n}": by_name[n] for n in backbone_names}}
+        return {**own.convert(by_name), **{f"backbone.{ours}": by_name[n] for n, ours in unwrapped.items()}}
 
     return CheckpointContents(
         delta_class=delta_cls,

@@ -8,7 +8,10 @@ children of the module they modify and the hooks find them by name through the `
 argument, so ``copy.deepcopy`` and data-parallel replicas route through their own copies.
 
 Order inside one module: *before* deltas -> the module (or its replacement) -> *parallel* deltas
-(added one after another) -> *after* deltas. Within each route the deltas run in ascending order
+(added one after another) -> *after* deltas. *weights* deltas change some of the module's parameters
+for the duration of each call (:class:`WeightSwap`: the tensors the forward reads, one after another,
+restored after the call even when it raises), for modules that read weights instead of calling
+sub-modules (``nn.MultiheadAttention``, fused MoE experts). Within each route the deltas run in ascending order
 of the sort key each was added with (then by name), never by when they were added, so any
 sequence of removals and re-additions composes the same function, bit for bit.
 
@@ -41,7 +44,7 @@ from torch import nn
 from opendelta.errors import LifecycleError, MixedBatchError, UnsupportedModuleError
 from opendelta.layer import ROW_WISE, WHOLE_BATCH, DeltaLayer, first_tensor, input_name, whole_batch_only, with_first_tensor
 
-ROUTES = ("before", "after", "parallel", "replace")
+ROUTES = ("before", "after", "parallel", "replace", "weights")
 #: where a delta runs among the deltas of its route on one module: ascending, compared as tuples
 OrderKey = tuple
 _SITE_ATTR = "_opendelta_site"
@@ -94,6 +97,7 @@ class MixPlan:
         self.before: list[tuple[Any, torch.Tensor | None]] = []
         self.parallel: list[tuple[str, torch.Tensor | None]] = []
         self.after: list[tuple[str, torch.Tensor | None]] = []
+        self.weights: list[str] = []
         self.checks_output = False
         self.scales: dict[str, torch.Tensor] = {}  # delta name -> its rows' scales (see RowRouting.scales)
 
@@ -162,6 +166,7 @@ class Site:
         self.before: list[str] = []
         self.parallel: list[str] = []
         self.after: list[str] = []
+        self.weights: list[str] = []
         self.replace: str | None = None
         self.order: dict[str, OrderKey] = {}  # delta name -> the sort key it was added with
         self.span_starts: dict[str, SpanInput] = {}
@@ -170,6 +175,7 @@ class Site:
         self._post_handle: Any = None
         self._had_forward = "forward" in module.__dict__
         self._own_forward: Any = None
+        self._swap: WeightSwap | None = None
 
     def place(self, route: str, name: str, order: OrderKey) -> None:
         """Put delta `name` into `route`'s list at its place: ascending `order`, then name."""
@@ -184,7 +190,7 @@ class Site:
 
     def unplace(self, name: str) -> None:
         """Take delta `name` out of whichever route list holds it."""
-        for names in (self.before, self.parallel, self.after):
+        for names in (self.before, self.parallel, self.after, self.weights):
             if name in names:
                 names.remove(name)
         self.order.pop(name, None)
@@ -307,14 +313,14 @@ class Site:
         for i, (step, rows) in enumerate(mix.before):
             if isinstance(step, list):
                 mix.before[i] = (type(step[0][0]).combine_rows(step, routing.batch_size), None)
-        for route in ("parallel", "after"):
+        for route in ("parallel", "after", "weights"):
             planned = getattr(mix, route)
             for name in getattr(self, route):
                 if name not in routing.idle:
                     rows = routing.rows.get(name)
-                    if rows is not None and mods[name].mixed_rows != ROW_WISE:
+                    if rows is not None and (mods[name].mixed_rows != ROW_WISE or route == "weights"):
                         raise whole_batch_only(type(mods[name]))
-                    planned.append((name, rows))
+                    planned.append(name if route == "weights" else (name, rows))
         mix.checks_output = any(name in routing.names for name in (*self.parallel, *self.after))
         for name, scales in routing.scales.items():
             if name in mods and name not in routing.idle:
@@ -377,10 +383,73 @@ class Site:
             if module.__dict__.get("forward") is self._own_forward:
                 del module.forward
             self._own_forward = None
+        if self.weights and self._swap is None:
+            self._swap = WeightSwap(self, module)
+        elif not self.weights and self._swap is not None:
+            self._swap.remove()
+            self._swap = None
 
     @property
     def empty(self) -> bool:
-        return not (self.before or self.parallel or self.after or self.replace or self.span_starts)
+        return not (self.before or self.parallel or self.after or self.weights or self.replace or self.span_starts)
+
+
+class WeightSwap:
+    """The hooks of a site's *weights* deltas: before each call, each delta in order gives new values for
+    parameters of the module (by name relative to it, ``out_proj.weight``) from the current ones
+    (``DeltaLayer.changed_parameters``); they stand in the module's parameter slots during the call
+    (as ``torch.func.functional_call`` does), and the parameters themselves go back after it, also when
+    it raises (``always_call``). Calls on one module from several threads take turns, since the slots
+    are shared."""
+
+    def __init__(self, site: Site, module: nn.Module):
+        self.site = site
+        self._lock = threading.RLock()
+        self._saved: dict[int, list[list[tuple[nn.Module, str, Any]]]] = {}  # thread -> stack of calls' slots
+        self._handles = (
+            module.register_forward_pre_hook(self.swap_in, with_kwargs=True),
+            module.register_forward_hook(self.swap_out, with_kwargs=True, always_call=True),
+        )
+
+    def __getstate__(self) -> dict:  # a copy (deepcopy, replicas) takes turns on its own lock, with no call open
+        return {**self.__dict__, "_lock": None, "_saved": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def swap_in(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._lock.acquire()
+        mix = self.site.mix
+        names = mix.weights if mix is not None else self.site.weights
+        saved: list[tuple[nn.Module, str, Any]] = []
+        self._saved.setdefault(threading.get_ident(), []).append(saved)
+        if not names:
+            return
+        values: dict[str, torch.Tensor] = {}
+        for name in names:
+            layer = module._modules[name]
+            current = {key: values.get(key) if key in values else module.get_parameter(key) for key in layer.parameter_names}
+            values.update(layer.changed_parameters(module, current))
+        for key, value in values.items():
+            owner_path, _, leaf = key.rpartition(".")
+            owner = module.get_submodule(owner_path)
+            saved.append((owner, leaf, owner._parameters[leaf]))
+            owner._parameters[leaf] = value
+
+    def swap_out(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        stack = self._saved.get(threading.get_ident())
+        if not stack:  # an earlier hook raised before swap_in ran: nothing to put back
+            return
+        for owner, leaf, parameter in reversed(stack.pop()):
+            owner._parameters[leaf] = parameter
+        if not stack:
+            del self._saved[threading.get_ident()]
+        self._lock.release()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 class MixHandle:

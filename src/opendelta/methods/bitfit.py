@@ -15,7 +15,8 @@ from torch import nn
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import MergeError, UnsupportedModuleError
-from opendelta.linear_maps import linear_shape, weight_like
+from opendelta.layer_kinds import along, channels
+from opendelta.linear_maps import weight_like
 from opendelta.layer import DeltaLayer
 from opendelta.runtime_init import Observation
 
@@ -24,37 +25,39 @@ from opendelta.runtime_init import Observation
 _CHANNEL_FIRST = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
 
-def output_features(module: nn.Module) -> tuple[int, torch.Tensor | None] | None:
-    """(output size, a tensor whose dtype and device the delta takes, if the module has one) of a
-    linear map or of a norm over the last dimension (a 1-D weight, or a parameter-free norm's
-    one-dimensional ``normalized_shape``), else None."""
-    shape = linear_shape(module)
-    if shape is not None:
-        return shape[1], weight_like(module)
+def output_features(module: nn.Module) -> tuple[int, torch.Tensor | None, int] | None:
+    """(output size, a tensor whose dtype and device the delta takes, if the module has one, the
+    dimension of the output's features) of a linear map, an embedding, a convolution (channels first)
+    or a norm over the last dimension (a 1-D weight, or a parameter-free norm's one-dimensional
+    ``normalized_shape``), else None."""
+    layout = channels(module)
+    if layout is not None:
+        return layout.out_features, weight_like(module), layout.hidden_dim
     if isinstance(module, _CHANNEL_FIRST):
         return None
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dim() == 1:
-        return weight.shape[0], weight_like(module)
+        return weight.shape[0], weight_like(module), -1
     normalized = getattr(module, "normalized_shape", None)
     if isinstance(normalized, int):
         normalized = (normalized,)
     if isinstance(normalized, (tuple, list, torch.Size)) and len(normalized) == 1 and isinstance(normalized[0], int):
-        return normalized[0], None
+        return normalized[0], None, -1
     return None
 
 
 class BiasLayer(DeltaLayer):
-    """m(h) = b, broadcast over the last dimension; b starts at zero."""
+    """m(h) = b, broadcast over the features' dimension (the last, or a convolution's channels); b starts at zero."""
 
     route = "after"
 
-    def __init__(self, features: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, features: int, dtype: torch.dtype, device: torch.device, hidden_dim: int = -1):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(features, dtype=dtype, device=device))
+        self.hidden_dim = hidden_dim
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.bias
+        return along(self.bias, self.hidden_dim, h.dim())
 
     def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The module's own bias plus this one (a module without a bias cannot take it)."""
@@ -92,10 +95,11 @@ class BitFitModel(DeltaBase):
         found = output_features(module)
         if found is None:
             raise UnsupportedModuleError(
-                f"BitFit needs a linear layer (nn.Linear or Conv1D) or a norm over the last dimension, but {path!r} is a "
+                f"BitFit needs a linear layer (nn.Linear or Conv1D), an nn.Embedding, an ungrouped nn.Conv1d/2d/3d or a norm "
+                f"over the last dimension, but {path!r} is a "
                 f"{type(module).__name__}; address the projections and norms inside it instead."
             )
-        features, like = found
+        features, like, hidden_dim = found
         if like is None:  # a parameter-free norm outputs the hidden state's dtype: take the backbone's
             like = next(iter(self.backbone_model.parameters()), torch.empty(0))
-        return BiasLayer(features, like.dtype, like.device)
+        return BiasLayer(features, like.dtype, like.device, hidden_dim)

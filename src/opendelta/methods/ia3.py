@@ -6,6 +6,9 @@ feed-forward down projection (after the non-linearity, and after the gate in gat
 vector starts at one, so a fresh (IA)^3 changes nothing. Because ``l * (h W^T) = h (diag(l) W)^T``
 and ``(l * h) W^T = h (W diag(l))^T``, a trained vector can be folded into the projection's
 weight: :meth:`IA3Layer.scaled_weight` gives that weight for a later merge.
+
+Beyond linear maps, (IA)^3 scales a convolution's output (or input) channels and an embedding's
+output features (opendelta.layer_kinds.channels says where they lie).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from torch import nn
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import PatternError, StructureError, UnsupportedModuleError
-from opendelta.linear_maps import fold_into_weight, linear_shape, weight_like
+from opendelta.layer_kinds import Channels, along, channels
+from opendelta.linear_maps import fold_into_weight, weight_like
 from opendelta.layer import DeltaLayer
 from opendelta.runtime_init import Observation
 from opendelta.targets import resolve
@@ -30,20 +34,25 @@ class IA3Layer(DeltaLayer):
 
     route = "after"
 
-    def __init__(self, features: int, weight: torch.Tensor):
+    def __init__(self, features: int, weight: torch.Tensor, layout: Channels | None = None):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(features, dtype=weight.dtype, device=weight.device))
+        #: the dimension of the features in the hidden state, and the weight's axis this vector scales
+        self.hidden_dim = -1 if layout is None else layout.hidden_dim
+        axes = (0, 1) if layout is None else layout.weight_axes
+        self.weight_axis = axes[1] if self.route == "before" else axes[0]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return (self.scale - 1) * h
+        return (along(self.scale, self.hidden_dim, h.dim()) - 1) * h
 
     def route_output(self, h: torch.Tensor) -> torch.Tensor:
         # multiplying is exact where h + (l - 1) * h is not, and a vector of ones gives h back bit for bit
-        return h * self.scale
+        return h * along(self.scale, self.hidden_dim, h.dim())
 
     def scaled_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight (out, in) of a linear map that computes what this delta and the map compute together."""
-        return weight * self.scale.unsqueeze(1)
+        """The weight of a layer that computes what this delta and the layer compute together (a linear
+        map's seen as (out, in))."""
+        return weight * along(self.scale, self.weight_axis, weight.dim())
 
     def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The scaled weight; an output scale also scales the module's bias."""
@@ -59,10 +68,7 @@ class IA3InputLayer(IA3Layer):
     route = "before"
 
     def route_input(self, h: torch.Tensor) -> torch.Tensor:
-        return h * self.scale
-
-    def scaled_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.scale
+        return h * along(self.scale, self.hidden_dim, h.dim())
 
 
 @dataclass
@@ -96,15 +102,20 @@ class IA3Model(DeltaBase):
         self.input_scaled_paths = paths
 
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> IA3Layer:
-        shape = linear_shape(module)
-        if shape is None:
+        layout = channels(module)
+        if layout is None:
             raise UnsupportedModuleError(
-                f"(IA)^3 needs a linear layer (nn.Linear or Conv1D), but {path!r} is a {type(module).__name__}; "
-                "address the key, value and feed-forward projections inside it instead."
+                f"(IA)^3 needs a linear layer (nn.Linear or Conv1D), an nn.Embedding or an ungrouped nn.Conv1d/2d/3d, but "
+                f"{path!r} is a {type(module).__name__}; address the key, value and feed-forward projections inside it instead."
             )
         if path in self.input_scaled_paths:
-            return IA3InputLayer(shape[0], weight_like(module))
-        return IA3Layer(shape[1], weight_like(module))
+            if layout.in_features is None:
+                raise UnsupportedModuleError(
+                    f"{path!r} is an nn.Embedding, whose input is token ids, so (IA)^3 cannot scale it; leave it out of "
+                    "feedforward_modules (its output can be scaled)."
+                )
+            return IA3InputLayer(layout.in_features, weight_like(module), layout)
+        return IA3Layer(layout.out_features, weight_like(module), layout)
 
     def _feedforward_paths(self, names: Sequence[str] | None) -> list[str]:
         if names is None:

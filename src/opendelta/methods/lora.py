@@ -19,19 +19,22 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opendelta.addressing import matches
-from opendelta.config import DeltaConfig, choice, number, positive, size
+from opendelta.addressing import matches, suggest
+from opendelta.config import DeltaConfig, check_name_list, choice, number, positive, size
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import DeltaConfigError, UnsupportedModuleError
+from opendelta.errors import DeltaConfigError, NoMatchError, UnsupportedModuleError
 from opendelta.layer import DeltaLayer
+from opendelta.layer_kinds import described, layer_kind, weight_parameters
+from opendelta.methods.lora_kinds import ConvLoraLayer, EmbeddingLoraLayer, WeightLoraLayer
 from opendelta.runtime_init import Observation
+from opendelta.targets import Target, targets_at, without_excluded
 from opendelta.linear_maps import fold_into_weight, linear_shape, linear_weight, update_factors, weight_like
 from opendelta.quantized import is_quantized
 
@@ -71,6 +74,9 @@ class LoraConfig(DeltaConfig):
     use_dora: bool = False
     #: the starting factors: True, False, "gaussian", "pissa", "pissa_niter_K" or "olora" (as in PEFT)
     init_lora_weights: bool | str = choice(True, InitNames())
+    #: parameters to put LoRA on, by name (``"experts.gate_up_proj"``; the addressing syntax over parameter
+    #: paths), for weights a forward reads without calling a linear module (fused MoE experts), as in PEFT
+    target_parameters: list[str] | None = None
 
     @property
     def data_aware_init(self) -> bool:
@@ -291,32 +297,108 @@ def _accumulator(h_out: torch.Tensor) -> torch.Tensor | None:
 
 
 class LoraModel(DeltaBase):
-    """LoRA on every addressed linear layer (``nn.Linear`` or GPT-2's ``Conv1D``).
+    """LoRA on every addressed linear layer (``nn.Linear`` or GPT-2's ``Conv1D``), embedding, convolution,
+    ``nn.MultiheadAttention`` or fused MoE experts module (opendelta.layer_kinds; docs/layer_kinds.md), and
+    on the weights ``target_parameters`` names.
 
     Arguments: ``lora_r=8, lora_alpha=16, lora_dropout=0.0``, ``use_rslora=False``,
     ``rank_pattern`` / ``alpha_pattern`` (per-module overrides), ``use_dora=False`` (DoRA: a
     trained magnitude per output feature), ``init_lora_weights=True`` (or ``"gaussian"``, ``False``,
-    ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``); default positions: attention query and value.
+    ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``), ``target_parameters=None`` (parameter names, e.g.
+    ``["experts.gate_up_proj"]``); default positions: attention query and value.
     """
 
     config_class = LoraConfig
     delta_type = "lora"
     default_modified_modules = ("attn.q", "attn.v")
 
-    def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> LoraLayer:
-        shape = linear_shape(module)
-        if shape is None:
+    @classmethod
+    def resolve_targets(
+        cls, backbone_model: nn.Module, config: DeltaConfig | None = None, **config_values: object
+    ) -> list[Target]:
+        """The modules of ``modified_modules`` (or the defaults, unless only ``target_parameters`` is
+        given), and the modules that hold a parameter of ``target_parameters``."""
+        if config is None:
+            config = cls.config_class.from_dict(config_values)
+        if not config.target_parameters:
+            return super().resolve_targets(backbone_model, config)
+        targets = [] if config.modified_modules is None else super().resolve_targets(backbone_model, config)
+        owners = parameter_targets(backbone_model, config.target_parameters)
+        both = sorted({t.path for t in targets} & set(owners))
+        if both:
             raise UnsupportedModuleError(
-                f"LoRA needs a linear layer (nn.Linear or Conv1D), but {path!r} is a {type(module).__name__}; "
-                "address the linear projections inside it instead."
+                f"{both[0]!r} is addressed by modified_modules and holds a parameter of target_parameters; a LoRA acts "
+                "on a module once. Leave it out of one of them."
             )
-        if is_quantized(module) and (self.config.use_dora or self.config.data_aware_init):
+        found, _ = targets_at(backbone_model, list(owners))
+        found = without_excluded(backbone_model, found, config.exclude_modules)
+        order = {path: i for i, (path, _) in enumerate(backbone_model.named_modules())}
+        return sorted([*targets, *found], key=lambda t: order.get(t.path, -1))
+
+    def prepare(self, observations: Mapping[str, Observation]) -> None:
+        """Which parameters of which modules ``target_parameters`` names."""
+        names = self.config.target_parameters
+        self.parameter_targets = parameter_targets(self.backbone_model, names) if names else {}
+
+    def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> DeltaLayer:
+        config = self.config
+        kind = "parameters" if path in self.parameter_targets else layer_kind(module)
+        build = _LAYERS.get(kind)
+        if build is None:
+            raise UnsupportedModuleError(
+                f"LoRA needs a {described(k for k in _LAYERS if k != 'parameters')}, but {path!r} is a "
+                f"{type(module).__name__}; address the layers inside it instead, or name its weights in target_parameters."
+            )
+        if kind != "linear" and (config.use_dora or config.data_aware_init):
+            raise UnsupportedModuleError(
+                f"{path!r} is a {type(module).__name__}; DoRA and the initialisations from the weight "
+                f"(init_lora_weights={config.init_lora_weights!r}) act on linear layers only in opendelta. Use plain "
+                "LoRA there (use_dora=False, init_lora_weights=True, False or 'gaussian'), or leave it out."
+            )
+        if is_quantized(module) and (config.use_dora or config.data_aware_init):
             raise UnsupportedModuleError(
                 f"{path!r} is a quantized {type(module).__name__}; DoRA and the initialisations from the weight "
-                f"(init_lora_weights={self.config.init_lora_weights!r}) read its weight in full precision, which "
+                f"(init_lora_weights={config.init_lora_weights!r}) read its weight in full precision, which "
                 "opendelta does not do on quantized layers yet. Use plain LoRA there (use_dora=False, "
                 "init_lora_weights=True or 'gaussian')."
             )
-        if self.config.use_dora:
-            return DoraLayer(*shape, self.config, module, path)
-        return LoraLayer(*shape, self.config, module, path)
+        return build(self, path, module)
+
+
+def parameter_targets(model: nn.Module, patterns: list[str]) -> dict[str, tuple[str, ...]]:
+    """Module path -> the names of its own parameters that `patterns` (``target_parameters``) match, in
+    the module's order; a pattern that matches no parameter is a NoMatchError naming close ones."""
+    check_name_list(patterns, "target_parameters")
+    found: dict[str, list[str]] = {}
+    every = []
+    for path, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            full = f"{path}.{name}" if path else name
+            every.append(full)
+            if any(matches(full, pattern) for pattern in patterns):
+                if not path:
+                    raise UnsupportedModuleError(
+                        f"target_parameters names {name!r}, a parameter of the model itself; a LoRA lives in a module "
+                        "below the model. Wrap the parameter's use in a module, or target another parameter."
+                    )
+                found.setdefault(path, []).append(name)
+    for pattern in patterns:
+        if not any(matches(full, pattern) for full in every):
+            raise NoMatchError(pattern, suggest(pattern, every), "target_parameters")
+    return {path: tuple(names) for path, names in found.items()}
+
+
+def _linear(delta: LoraModel, path: str, module: nn.Module) -> LoraLayer:
+    cls = DoraLayer if delta.config.use_dora else LoraLayer
+    return cls(*linear_shape(module), delta.config, module, path)
+
+
+#: layer kind (opendelta.layer_kinds; "parameters": named in target_parameters) -> the LoRA layer built there
+_LAYERS = {
+    "linear": _linear,
+    "embedding": lambda delta, path, module: EmbeddingLoraLayer(module, delta.config, path),
+    "conv": lambda delta, path, module: ConvLoraLayer(module, delta.config, path),
+    "attention": lambda delta, path, module: WeightLoraLayer(module, weight_parameters(module), delta.config, path),
+    "experts": lambda delta, path, module: WeightLoraLayer(module, weight_parameters(module), delta.config, path),
+    "parameters": lambda delta, path, module: WeightLoraLayer(module, delta.parameter_targets[path], delta.config, path),
+}

@@ -51,6 +51,7 @@ ROLES: dict[str, str] = {
     "ffn.up": "feed-forward up (first) projection",
     "ffn.gate": "feed-forward gate projection (gated MLPs)",
     "ffn.down": "feed-forward down (last) projection",
+    "experts": "the fused experts of a mixture-of-experts layer (3-D expert weights in one module)",
     "norm.attn": "the layer norm of the attention sub-layer (pre- or post-norm)",
     "norm.xattn": "the layer norm of the cross-attention sub-layer",
     "norm.ffn": "the layer norm of the feed-forward sub-layer (pre- or post-norm)",

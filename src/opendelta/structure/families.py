@@ -271,8 +271,10 @@ GEMMA2: RoleTable = {  # a norm before and after each sub-layer
     "norm.ffn": ["pre_feedforward_layernorm", "post_feedforward_layernorm"],
 }
 
-MIXTRAL: RoleTable = {  # the experts hold their projections as fused 3-d parameters, not modules
-    k: v for k, v in LLAMA.items() if k not in ("ffn.up", "ffn.gate", "ffn.down")
+MIXTRAL: RoleTable = {  # mixtral, qwen2_moe, qwen3_moe, olmoe: the experts hold their projections as
+    # fused 3-d parameters (experts, out, in), not modules
+    **{k: v for k, v in LLAMA.items() if k not in ("ffn.up", "ffn.gate", "ffn.down")},
+    "experts": ["mlp.experts"],
 }
 
 PHI: RoleTable = {  # attention and MLP in parallel after one input_layernorm
@@ -377,6 +379,9 @@ FAMILIES: dict[str, RoleTable] = {
     "llama": LLAMA,
     "mistral": LLAMA,
     "mixtral": MIXTRAL,
+    "qwen2_moe": MIXTRAL,
+    "qwen3_moe": MIXTRAL,
+    "olmoe": MIXTRAL,
     "qwen2": LLAMA,
     "qwen3": LLAMA,
     "gemma": LLAMA,

@@ -1,0 +1,113 @@
+"""The kinds of layer a delta can act on, recognised in one table, so a method maps kinds to its
+layers (``{kind: layer class}``) instead of testing module classes itself.
+
+- ``linear``: a linear map (``nn.Linear``, GPT-2's ``Conv1D``, a quantized linear: linear_maps.py);
+- ``embedding``: ``nn.Embedding``, a lookup of rows of its weight;
+- ``conv``: ``nn.Conv1d/2d/3d`` (not transposed convolutions);
+- ``attention``: ``nn.MultiheadAttention``, which reads ``in_proj_weight`` and ``out_proj.weight``
+  as weights instead of calling linear modules;
+- ``experts``: a module holding stacked expert weights as 3-D parameters ``(experts, out, in)``, as
+  transformers 5 stores Mixtral's and Qwen-MoE's, read by its forward expert by expert.
+
+The last two have no call of their own to hook per projection: deltas on them change the parameters
+the forward reads (route ``"weights"``, opendelta.routing), and :func:`weight_parameters` names them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from opendelta.linear_maps import linear_shape
+
+
+def _experts(module: nn.Module) -> bool:
+    own = list(module.parameters(recurse=False))
+    return bool(own) and all(p.dim() == 3 for p in own)
+
+
+def _attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention)
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    name: str
+    #: the classes it covers, as error messages name them
+    described: str
+    recognise: Callable[[nn.Module], bool]
+
+
+KINDS: tuple[LayerKind, ...] = (
+    LayerKind("linear", "nn.Linear or Conv1D", lambda m: linear_shape(m) is not None),
+    LayerKind("embedding", "nn.Embedding", lambda m: isinstance(m, nn.Embedding)),
+    LayerKind("conv", "nn.Conv1d/2d/3d", lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))),
+    LayerKind("attention", "nn.MultiheadAttention", _attention),
+    LayerKind("experts", "fused MoE experts (3-D parameters)", _experts),
+)
+BY_NAME = {kind.name: kind for kind in KINDS}
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The name of the kind `module` is (the first that recognises it), else None."""
+    return next((kind.name for kind in KINDS if kind.recognise(module)), None)
+
+
+def described(kinds: Iterable[str]) -> str:
+    """The classes of `kinds` (names), for an error message: "nn.Linear or Conv1D, nn.Embedding"."""
+    return ", ".join(BY_NAME[name].described for name in kinds)
+
+
+@dataclass(frozen=True)
+class Channels:
+    """Where a layer's features lie, for deltas that scale or shift them (IA3, BitFit)."""
+
+    in_features: int | None  #: None where the input holds no features (an embedding's token ids)
+    out_features: int
+    #: the dimension of the features in the module's input and output: -1 (last), or 1 (channel-first convolutions)
+    hidden_dim: int
+    #: the axes of the output and input features in the weight, as linear_maps.fold_into_weight sees it
+    weight_axes: tuple[int, int | None]
+
+
+def channels(module: nn.Module) -> Channels | None:
+    """The :class:`Channels` of a linear map, an embedding or a convolution, else None."""
+    kind = layer_kind(module)
+    if kind == "linear":
+        in_features, out_features = linear_shape(module)  # type: ignore[misc]
+        return Channels(in_features, out_features, -1, (0, 1))
+    if kind == "embedding":
+        return Channels(None, module.embedding_dim, -1, (1, None))
+    if kind == "conv" and module.groups == 1:  # a grouped kernel holds in/groups input channels
+        return Channels(module.in_channels, module.out_channels, 1, (0, 1))
+    return None
+
+
+def along(vector: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    """`vector` shaped to broadcast along dimension `dim` of a tensor with `ndim` dimensions."""
+    if dim == -1 or dim == ndim - 1:
+        return vector
+    shape = [1] * ndim
+    shape[dim] = -1
+    return vector.view(shape)
+
+
+def weight_parameters(module: nn.Module) -> tuple[str, ...]:
+    """The parameters (relative names) a forward of an ``attention`` or ``experts`` module reads as
+    weights: the fused query/key/value and output projections of a MultiheadAttention, or every
+    3-D parameter of an experts module."""
+    if _attention(module):
+        if module.in_proj_weight is None:  # kdim or vdim differ from embed_dim: one weight per projection
+            return ("q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight")
+        return ("in_proj_weight", "out_proj.weight")
+    return tuple(name for name, p in module.named_parameters(recurse=False) if p.dim() == 3)
+
+
+def weight_shape(parameter: torch.Tensor) -> tuple[int, int, int]:
+    """(experts, out, in) of a weight read as a linear map's, one expert for a 2-D (out, in) weight."""
+    if parameter.dim() == 3:
+        return parameter.shape[0], parameter.shape[1], parameter.shape[2]
+    return 1, parameter.shape[0], parameter.shape[1]
