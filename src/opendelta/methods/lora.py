@@ -151,15 +151,17 @@ class LoraLayer(DeltaLayer):
     def route_parallel(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
         h = self.dropout(h_in) if self.dropout is not None else h_in
         lora_A, lora_B = self.factors()
-        low = F.linear(h, lora_A).reshape(-1, lora_A.shape[0]).to(h_out.dtype)
+        # s scales the rank-r intermediate (r/out of the output's size); `scaling` may be a 0-dim tensor
+        # (a hot-swap slot's, hotswap.py), which multiplies exactly as the same float does
+        low = F.linear(h, lora_A).reshape(-1, lora_A.shape[0]).to(h_out.dtype) * self.scaling
         lora_B = lora_B.to(h_out.dtype)  # a no-op unless autocast made the output lower precision
-        # one GEMM adds s * low B^T onto the output (scaling and sum fused, no output-sized temporary),
-        # and taking B^T as the second factor makes autograd compute B's gradient as (low^T g)^T,
-        # several times faster on CPU than the g^T low of a linear layer's weight gradient
+        # one GEMM adds low B^T onto the output (no output-sized temporary), and taking B^T as the second
+        # factor makes autograd compute B's gradient as (low^T g)^T, several times faster on CPU than the
+        # g^T low of a linear layer's weight gradient
         flat = _accumulator(h_out)
         if flat is None:
-            return torch.addmm(h_out.reshape(-1, h_out.shape[-1]), low, lora_B.t(), alpha=self.scaling).view(h_out.shape)
-        flat.addmm_(low, lora_B.t(), alpha=self.scaling)
+            return torch.addmm(h_out.reshape(-1, h_out.shape[-1]), low, lora_B.t()).view(h_out.shape)
+        flat.addmm_(low, lora_B.t())
         return flat if flat.shape == h_out.shape else flat.view(h_out.shape)
 
     def route_parallel_rows(self, h_in: torch.Tensor, h_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
