@@ -154,4 +154,5 @@ __all__ = [
     "find_modules",
     "mixed_batch",
     "negate",
+    "quantized_training",
 ]

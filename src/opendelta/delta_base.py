@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from opendelta import export, hub, reporting, scaling, serialization
+from opendelta import export, hub, offload, reporting, scaling, serialization
 from opendelta.backbone_changes import BackboneChanges
 from opendelta.config import DeltaConfig, check_delta_name, check_name_list
 from opendelta.distributed import ARRIVAL_TIMEOUT_S
@@ -184,6 +184,7 @@ class DeltaBase(OriginalAPI):
             self.layers: dict[str, DeltaLayer] = {
                 t.path: self.new_layer(t.path, t.site, observations.get(t.path)) for t in targets
             }
+        offload.check_placement(backbone, ((t.path, t.module, self.layers[t.path]) for t in targets))
         keep_precision(self.layers.values(), config.delta_dtype)
         self.name = free_name(targets, name, self.delta_type or "delta")
         self._order: tuple[float, int, str] = (0, creation_stamp(), "")  # see order_key

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from opendelta import quantized
+from opendelta.offload import computing_like
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -34,11 +35,12 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 def weight_like(module: nn.Module) -> torch.Tensor:
     """A tensor with the dtype and device a delta beside this linear map takes: its weight, or for a
-    quantized layer (quantized.py) an empty tensor in the dtype it computes in."""
+    quantized layer (quantized.py) an empty tensor in the dtype it computes in, for an offloaded one
+    (offload.py) an empty tensor of its dtype on the device it computes on."""
     if quantized.is_quantized(module):
         device = module.device if quantized.is_hqq(module) else module.weight.device
         return torch.empty(0, dtype=quantized.compute_dtype(module), device=device)
-    return module.weight
+    return computing_like(module, module.weight)
 
 
 def fold_into_weight(module: nn.Module, change: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
