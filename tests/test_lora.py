@@ -79,10 +79,11 @@ def test_lora_trains_only_its_parameters_after_freezing(family):
     assert all(layer.lora_B.grad.abs().sum() > 0 for layer in delta.layers.values())
 
 
-def test_lora_params_follow_the_backbone_dtype():
+@pytest.mark.parametrize("policy", ["float32", "weight"])
+def test_lora_params_take_the_policy_dtype_and_the_output_the_backbone_dtype(policy):
     model = FACTORIES["llama"]().to(torch.bfloat16)
-    delta = LoraModel(model)
-    assert {p.dtype for p in delta.delta_parameters()} == {torch.bfloat16}
+    delta = LoraModel(model, delta_dtype=policy)
+    assert {p.dtype for p in delta.delta_parameters()} == {torch.float32 if policy == "float32" else torch.bfloat16}
     perturb(delta)
     out = hidden(model, inputs_for("llama"))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

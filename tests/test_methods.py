@@ -294,14 +294,20 @@ def test_a_module_the_method_cannot_act_on_raises_naming_it_and_leaves_the_model
 # ------------------------------------------------------------------ dtypes
 
 
+@pytest.mark.parametrize("policy", ["float32", "weight"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("cls", DEFAULT_ARGS, ids=METHOD_IDS)
 @pytest.mark.parametrize("name", ["bert", "llama"])
-def test_delta_parameters_follow_the_backbone_dtype_and_forward_runs(cls, name: str, dtype: torch.dtype) -> None:
+def test_delta_parameters_take_the_policy_dtype_and_the_output_keeps_the_backbone_dtype(
+    cls, name: str, dtype: torch.dtype, policy: str
+) -> None:
+    """On a half-precision backbone the trainable tensors are float32 by default (delta_dtype="float32",
+    as PEFT's autocast_adapter_dtype) or the weight's dtype (delta_dtype="weight"); the hidden states
+    stay in the backbone's dtype either way."""
     model = fresh(name, dtype)
-    delta = cls(model, **DEFAULT_ARGS[cls])
+    delta = cls(model, **DEFAULT_ARGS[cls], delta_dtype=policy)
     perturb(delta)
-    assert {p.dtype for p in delta.delta_parameters()} == {dtype}
+    assert {p.dtype for p in delta.delta_parameters()} == {torch.float32 if policy == "float32" else dtype}
     out = hidden(model, FAMILIES[name])
     assert out.dtype == dtype and torch.isfinite(out).all()
 

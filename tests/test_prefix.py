@@ -284,10 +284,11 @@ def test_bad_arguments_are_config_errors(bad):
         PrefixModel(build("BERT"), **bad)
 
 
-def test_parameters_follow_the_backbone_dtype():
+@pytest.mark.parametrize("policy", ["float32", "weight"])
+def test_parameters_take_the_policy_dtype_and_the_output_the_backbone_dtype(policy):
     model = build("LLaMA").to(torch.bfloat16)
-    delta = PrefixModel(model, **SMALL)
-    assert {p.dtype for p in delta.delta_parameters()} == {torch.bfloat16}
+    delta = PrefixModel(model, **SMALL, delta_dtype=policy)
+    assert {p.dtype for p in delta.delta_parameters()} == {torch.float32 if policy == "float32" else torch.bfloat16}
     assert run(model, token_ids()).dtype == torch.bfloat16
 
 

@@ -198,10 +198,11 @@ def test_bad_arguments_are_config_errors(bad):
         SoftPromptModel(build("BERT"), **bad)
 
 
-def test_the_prompt_follows_the_backbone_dtype():
+@pytest.mark.parametrize("policy", ["float32", "weight"])
+def test_the_prompt_takes_the_policy_dtype_and_the_output_the_backbone_dtype(policy):
     model = build("GPT-2").to(torch.bfloat16)
-    delta = SoftPromptModel(model, soft_token_num=N)
-    assert delta.layers[""].soft_embeds.dtype == torch.bfloat16
+    delta = SoftPromptModel(model, soft_token_num=N, delta_dtype=policy)
+    assert delta.layers[""].soft_embeds.dtype == (torch.float32 if policy == "float32" else torch.bfloat16)
     assert run(model, token_ids()).dtype == torch.bfloat16
 
 

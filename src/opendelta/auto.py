@@ -12,7 +12,7 @@ from opendelta.checkpoint import config_from_meta, read_meta
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import DeltaConfigError
-from opendelta.hub import finetuned_folder
+from opendelta.hub_cache import finetuned_folder
 from opendelta.registry import lookup, register
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from opendelta.addressing import is_delta_module
 from opendelta.checkpoint_files import (
+    CONFIG_NAME,
     checkpoint_path,
     is_count,
     read_json,
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
     from opendelta.config import DeltaConfig
     from opendelta.delta_base import DeltaBase
 
-CONFIG_NAME = "delta_config.json"
 FORMAT = "opendelta"
 FORMAT_VERSION = 2  # 2: same-shaped delta tensors stacked ("stacks" in the config)
 _WEIGHTS = re.compile(r"delta_model(\.[0-9a-f]{16})?\.safetensors")

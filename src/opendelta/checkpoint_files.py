@@ -27,6 +27,9 @@ from safetensors.torch import save as save_safetensors
 
 from opendelta.errors import CheckpointError, CheckpointPathError, CheckpointPermissionError, CorruptCheckpointError
 
+#: the config file of an opendelta checkpoint folder: written last, it is the folder's commit point
+CONFIG_NAME = "delta_config.json"
+
 # ----------------------------------------------------------------- paths and OS errors
 
 

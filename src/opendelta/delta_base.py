@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from opendelta import export, hub, offload, reporting, scaling, serialization
+from opendelta import export, hub, hub_cache, offload, reporting, scaling, serialization
 from opendelta.backbone_changes import BackboneChanges
 from opendelta.config import DeltaConfig, check_delta_name, check_name_list
 from opendelta.distributed import ARRIVAL_TIMEOUT_S
@@ -529,13 +529,13 @@ class DeltaBase(OriginalAPI):
             expected=None if cls is DeltaBase else cls, name=name, dummy_inputs=dummy_inputs, verify=verify,
             position=None if order is None else checked_position(order),
         )
-        repo_id = hub.hub_repo_id(finetuned_delta_path, cache_dir, force_download)
+        repo_id = hub_cache.hub_repo_id(finetuned_delta_path, cache_dir, force_download)
         if repo_id is not None:
             return hub.load_from_hub(  # type: ignore[return-value]
                 repo_id, backbone_model, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                 force_download=force_download, token=token, **load_args,
             )
-        folder = hub.local_folder(finetuned_delta_path, cache_dir)
+        folder = hub_cache.local_folder(finetuned_delta_path, cache_dir)
         return serialization.load_delta(folder, backbone_model, **load_args)  # type: ignore[return-value]
 
     def push_to_hub(

@@ -131,7 +131,7 @@ class OriginalConfigAPI:
     def from_finetuned(cls, finetuned_delta_path: str | os.PathLike, **kwargs: Any) -> DeltaConfig:
         """The config of a saved delta: an opendelta checkpoint, an original OpenDelta folder, or a
         folder holding only a ``config.json`` written by :meth:`save_finetuned`."""
-        from opendelta.hub import finetuned_folder
+        from opendelta.hub_cache import finetuned_folder
 
         path = finetuned_folder(finetuned_delta_path, **kwargs)
         config = read_saved_config(path)

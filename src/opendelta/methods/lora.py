@@ -191,7 +191,9 @@ class DoraLayer(LoraLayer):
         self._squared_rows: tuple[weakref.ref, tuple, torch.Tensor] | None = None
         like = weight_like(module)  # a quantized layer's compute dtype, not its packed storage's
         self.magnitude = nn.Parameter(torch.empty(out_features, dtype=like.dtype, device=like.device))
-        if like.device.type != "meta":
+        # a skeleton's (or an offloaded module's) weight is on meta: no values to start from (an offloaded
+        # one is then refused by offload.check_placement: DoRA reads the weight after the call)
+        if like.device.type != "meta" and getattr(module, "weight", like).device.type != "meta":
             with torch.no_grad():
                 self.magnitude.copy_(self.weight_norm(module))
 
