@@ -137,3 +137,16 @@ def test_stacked_lora_trains_one_by_one_with_the_same_gradients(monkeypatch) -> 
     monkeypatch.setattr(LoraLayer, "stack_rows", classmethod(lambda cls, parts, n: None))
     unstacked = grads()
     assert all(torch.equal(x, y) for x, y in zip(stacked, unstacked))  # with gradients: the same ops
+
+
+def test_the_decode_benchmark_runs_on_a_tiny_model() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import decode
+
+    results = decode.main(["--smoke", "--rounds", "1"])
+    assert {"lora batch 1", "ia3 batch 8", "adapter batch 1"} <= set(results["decode"])
+    assert results["mixed_decode"]["4 tasks"]["opendelta mixed / one delta"]["min"] > 0
+    assert results["forward"]["opendelta / peft"]["median"] > 0
