@@ -176,7 +176,7 @@ def test_bad_arguments_are_typed_errors_naming_the_fix():
         combine([lora], [1.0], "ties")
     with pytest.raises(DeltaConfigError, match="one rank"):
         combine([lora, other], [1.0, 1.0], "linear")
-    with pytest.raises(DeltaConfigError, match="LoRA deltas"):
+    with pytest.raises(DeltaConfigError, match="deltas of one method"):
         combine([lora, IA3Model(model, modified_modules=["key"])], [1.0, 1.0])
     assert combine([lora, other], [1.0, 1.0], "cat").layers["bert.encoder.layer.0.attention.self.query"].lora_A.shape[0] == 6
 

@@ -123,20 +123,12 @@ def test_peft_prompt_tuning_folder_loads_with_equal_outputs(tmp_path, make, inpu
 # ----------------------------------------------------------------- prefix = PEFT prefix tuning
 
 
-def test_a_prefix_cannot_be_saved_as_peft_and_the_error_says_why(tmp_path):
+def test_a_prefix_without_position_offset_cannot_be_saved_as_peft_and_the_error_says_why(tmp_path):
+    # PEFT's prefix both ways (position_offset=True): tests/test_peft_prefix.py
     delta = PrefixModel(tiny_llama(), prefix_token_num=2)
-    with pytest.raises(PeftFormatError, match="positions"):
+    with pytest.raises(PeftFormatError, match="position_offset=True"):
         delta.save_finetuned(tmp_path, format="peft")
     assert not any(tmp_path.iterdir())
-
-
-def test_a_peft_prefix_tuning_folder_is_refused_saying_why(tmp_path):
-    peft.get_peft_model(tiny_llama(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).save_pretrained(tmp_path)
-    model = tiny_llama()
-    before = _logits(model, _llama_inputs())
-    with pytest.raises(PeftFormatError, match="positions"):
-        AutoDeltaModel.from_finetuned(tmp_path, model)
-    assert torch.equal(_logits(model, _llama_inputs()), before)
 
 
 def test_soft_prompt_on_an_encoder_decoder_cannot_be_saved_as_peft(tmp_path):

@@ -1,4 +1,6 @@
-"""Delta arithmetic: several LoRA deltas of one backbone combined, with weights, into a new LoRA delta.
+"""Delta arithmetic: several deltas of one method and backbone combined, with weights, into a new delta.
+
+This file holds LoRA's; IA3's and BitFit's, whose tensors are vectors, are in :mod:`opendelta.task_vectors`.
 
 The combinations are PEFT's ``add_weighted_adapter`` set, computed the way PEFT computes them so
 results agree (DARE draws its masks in PEFT's order, so one random stream gives the same masks):
@@ -30,6 +32,7 @@ from opendelta.config import is_finite_number
 from opendelta.errors import DeltaConfigError, UnsupportedModuleError
 from opendelta.registry import lookup
 from opendelta.targets import targets_at
+from opendelta.task_vectors import REFUSED, TASK_VECTORS, combine_task_vectors
 
 if TYPE_CHECKING:
     from opendelta.delta_base import DeltaBase
@@ -53,14 +56,21 @@ def _check(deltas: Sequence[DeltaBase], weights: Sequence[float], combination_ty
         close = difflib.get_close_matches(str(combination_type), COMBINATIONS, n=2)
         hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise DeltaConfigError(f"unknown combination_type {combination_type!r}; expected one of {COMBINATIONS}.{hint}")
-    backbone = deltas[0].backbone_model
+    backbone, method = deltas[0].backbone_model, deltas[0].delta_type
+    if method not in ("lora", *TASK_VECTORS):
+        raise DeltaConfigError(
+            f"combine() combines lora, {', '.join(TASK_VECTORS)} deltas; {deltas[0].name!r} is a {method!r} delta. "
+            f"{REFUSED.get(method, '')}Keep such deltas separate (attach, switch, or a mixed batch)."
+        )
     for delta in deltas:
-        if delta.delta_type != "lora" or delta.backbone_model is not backbone:
+        if delta.delta_type != method or delta.backbone_model is not backbone:
             raise DeltaConfigError(
-                f"combine() combines LoRA deltas of one backbone; {delta.name!r} is a {delta.delta_type!r} delta"
+                f"combine() combines deltas of one method on one backbone; {delta.name!r} is a {delta.delta_type!r} delta"
                 + ("" if delta.backbone_model is backbone else " on another backbone")
-                + ". Combine deltas of one method trained on the same model."
+                + f" beside {method!r} ones. Combine deltas of one method trained on the same model."
             )
+        if method != "lora":
+            continue
         for path, layer in delta.layers.items():
             extra = sorted({n for n, _ in layer.named_parameters()} - _FACTORS)
             if extra:
@@ -144,7 +154,8 @@ def combine(
     generator: torch.Generator | None = None,
     name: str | None = None,
 ) -> DeltaBase:
-    """A new LoRA delta (detached) that combines `deltas` with `weights` (see the module docstring).
+    """A new delta (detached) of `deltas`' method that combines them with `weights` (see the module
+    docstring; for IA3 and BitFit, :mod:`opendelta.task_vectors`).
 
     Modules only some deltas modify combine those deltas. ``density`` (ties, dare_*,
     magnitude_prune): the fraction of entries kept; ``majority_sign_method`` (ties, dare_ties):
@@ -156,6 +167,14 @@ def combine(
     reproducible masks.)
     """
     _check(deltas, weights, combination_type, density, majority_sign_method, svd_rank)
+    if deltas[0].delta_type in TASK_VECTORS:
+        if combination_type not in FACTORWISE:
+            raise DeltaConfigError(
+                f"combination_type={combination_type!r} reshapes LoRA factors; {deltas[0].delta_type!r} deltas are "
+                f"vectors, combined with one of {FACTORWISE}."
+            )
+        return combine_task_vectors(deltas, weights, _rule(combination_type, density, majority_sign_method, generator),
+                                    linear=combination_type == "linear", name=name)
     backbone = deltas[0].backbone_model
     order = {path: i for i, (path, _) in enumerate(backbone.named_modules())}
     paths = sorted({p for d in deltas for p in d.layers}, key=lambda p: (order.get(p.split("->")[-1], -1), p))
@@ -181,7 +200,8 @@ def combine(
         ranks[path] = r
         alphas[path] = reference_alpha if r == reference_r else first[path].layers[path].scaling * (math.sqrt(r) if rslora else r)
     # built before the factors are mixed, as PEFT does: DARE then draws from the same random stream after the same inits
-    result = _new_lora(backbone, paths, ranks, alphas, rslora, name)
+    # the deltas combined proved the forward reaches these modules: the result needs no dummy pass of its own
+    result = _new_lora(backbone, paths, ranks, alphas, rslora, name, deltas)
     mix = _rule(combination_type, density, majority_sign_method, generator)
     with torch.no_grad():
         for path in paths:
@@ -221,7 +241,7 @@ def _svd(layers: list[Any], weights: list[float], r: int, scaling: float, clamp:
 
 
 def _new_lora(backbone: Any, paths: list[str], ranks: dict[str, int], alphas: dict[str, float], rslora: bool,
-              name: str | None) -> DeltaBase:
+              name: str | None, proven_by: Sequence[DeltaBase]) -> DeltaBase:
     """A detached LoRA delta on `paths` with the given ranks and alphas (its factors freshly initialised)."""
     config_cls, delta_cls = lookup("lora")
     r0, alpha0 = ranks[paths[0]], alphas[paths[0]]
@@ -235,7 +255,7 @@ def _new_lora(backbone: Any, paths: list[str], ranks: dict[str, int], alphas: di
         "alpha_pattern": {_exact(p): a for p, a in alphas.items() if a != alpha0} or None,
     })
     targets, _ = targets_at(backbone, paths)
-    return delta_cls.build_detached(backbone, config, targets, name=name)
+    return delta_cls.build_detached(backbone, config, targets, name=name, proven_by=proven_by)
 
 
 def _exact(path: str) -> str:
@@ -244,5 +264,6 @@ def _exact(path: str) -> str:
 
 
 def negate(delta: DeltaBase, *, name: str | None = None) -> DeltaBase:
-    """The LoRA delta that subtracts what `delta` adds (task arithmetic's negation), exactly: its A negated."""
+    """The delta that subtracts what `delta` adds (task arithmetic's negation): a LoRA's A negated
+    (exactly), an IA3's ``l - 1`` or a BitFit's bias negated (see :mod:`opendelta.task_vectors`)."""
     return combine([delta], [-1.0], "linear", name=name)

@@ -96,6 +96,10 @@ class CheckpointContents:
     trained_on: str
     position: float = 0
     created: int = 0
+    #: for a format whose module list depends on the backbone (PEFT's prefix tuning names layers by
+    #: index; the original OpenDelta's BitFit, parallel adapter and soft prompt list no modules): the
+    #: same contents placed on a given backbone, resolved when it is loaded onto one
+    for_backbone: Callable[[Any], CheckpointContents] | None = None
 
 
 def shared_keys(layers: Mapping[str, nn.Module]) -> dict[str, str]:

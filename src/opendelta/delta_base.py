@@ -131,13 +131,17 @@ class DeltaBase(OriginalAPI):
     @classmethod
     def build_detached(
         cls: type[D], backbone_model: nn.Module, config: DeltaConfig, targets: Sequence[Target], *,
-        name: str | None = None, dummy_inputs: Any = None,
+        name: str | None = None, dummy_inputs: Any = None, proven_by: Sequence[DeltaBase] = (),
     ) -> D:
         """A delta of this class on `targets` (see resolve_targets(); a checkpoint's paths give them through
         :func:`opendelta.targets.targets_at`), its layers built but not attached: the backbone is
-        untouched until attach() (or load_trained_state())."""
+        untouched until attach() (or load_trained_state()).
+
+        `proven_by`: deltas on the same backbone whose dummy pass already proved the forward calls these
+        targets' modules (see :meth:`proven_targets`); if together they cover every target and this
+        method needs no observations, no dummy pass runs (arithmetic builds its results this way)."""
         obj = cls.__new__(cls)
-        obj._setup(backbone_model, config, targets, name, dummy_inputs)
+        obj._setup(backbone_model, config, targets, name, dummy_inputs, proven_by)
         return obj
 
     @classmethod
@@ -159,7 +163,8 @@ class DeltaBase(OriginalAPI):
         )
 
     def _setup(
-        self, backbone: nn.Module, config: DeltaConfig, targets: Sequence[Target], name: str | None, dummy_inputs: Any
+        self, backbone: nn.Module, config: DeltaConfig, targets: Sequence[Target], name: str | None, dummy_inputs: Any,
+        proven_by: Sequence[DeltaBase] = (),
     ) -> None:
         """Build every delta layer without touching the backbone."""
         check_delta_name(name)
@@ -167,7 +172,10 @@ class DeltaBase(OriginalAPI):
         paths = [target.path for target in targets]
         self._targets: dict[str, Target] = {target.path: target for target in targets}
         guard_cpu_repack(backbone)  # before any forward of ours: a repacked 4-bit weight breaks backward
-        observations, unverified = self._observe_targets(backbone, paths, dummy_inputs)
+        if not self.needs_runtime_init and dummy_inputs is None and _all_proven(backbone, targets, proven_by):
+            observations, unverified = {}, False  # what the dummy pass would prove is proven; nothing to observe
+        else:
+            observations, unverified = self._observe_targets(backbone, paths, dummy_inputs)
         self.backbone_model = backbone
         self.config = config
         self.prepare(observations)
@@ -236,6 +244,13 @@ class DeltaBase(OriginalAPI):
         """The backbone tensors this delta trains (an unfrozen head, ...) by name, with its values:
         the live parameters while attached, the values detach() took out while detached."""
         return self._changes.trained_tensors(self._attached)
+
+    def proven_targets(self) -> dict[str, tuple[nn.Module, ...]]:
+        """Target path -> its modules, for the targets the backbone's forward was shown to call (by the
+        dummy pass at construction, or since by a real forward): all of them once the proof is done."""
+        check = self._changes.reach_check
+        pending = check.pending if check is not None else {}
+        return {path: target.modules for path, target in self._targets.items() if path not in pending}
 
     @property
     def order(self) -> float:
@@ -464,9 +479,9 @@ class DeltaBase(OriginalAPI):
         """Save this delta (and the backbone tensors it trains, e.g. an unfrozen head).
 
         ``format="opendelta"`` writes safetensors + JSON; ``format="peft"`` writes a PEFT adapter
-        folder (LoRA only). In a distributed run (DDP, FSDP2, DeepSpeed ZeRO-3) call it on every
-        rank: the ranks gather the (possibly sharded) delta tensors and rank 0 writes. A rank that
-        does not arrive within `arrival_timeout_s` makes it raise DistributedSaveError (gloo).
+        folder (methods PEFT also has, docs/shipping.md). In a distributed run (DDP, FSDP2, DeepSpeed
+        ZeRO-3) call it on every rank: the ranks gather the (possibly sharded) delta tensors and rank 0
+        writes. A rank that does not arrive within `arrival_timeout_s` makes it raise DistributedSaveError (gloo).
         """
         # the original's arguments (save_config, state_dict, DeltaCenter ones in center_args): see original_api.py
         self.check_save_arguments(self, state_dict, save_config, save_function, push_to_dc, delay_push)
@@ -529,3 +544,15 @@ class DeltaBase(OriginalAPI):
         self._changes.load(backbone_tensors)  # as if detached after training: attach() swaps the values in
         self._order = order
         return self.attach()
+
+
+def _all_proven(backbone: nn.Module, targets: Sequence[Target], proven_by: Sequence[DeltaBase]) -> bool:
+    """Whether deltas in `proven_by` on `backbone` proved that its forward calls every target's very modules."""
+    proven: dict[str, tuple[nn.Module, ...]] = {}
+    for delta in proven_by:
+        if delta.backbone_model is backbone:
+            proven.update(delta.proven_targets())
+    return bool(targets) and all(
+        t.path in proven and len(proven[t.path]) == len(t.modules) and all(a is b for a, b in zip(proven[t.path], t.modules))
+        for t in targets
+    )

@@ -1,12 +1,15 @@
 """Hot-swapping LoRA weights in a compiled model: one slot, many deltas, no recompilation.
 
-A :class:`LoraSlot` is a LoRA delta at rank ``max_rank`` with scaling 1.0, attached once (compile
-the model after creating it). ``slot.load(delta)`` copies another LoRA delta's factors into the
-slot's parameters in place: A scaled by the delta's own scaling and both factors zero-padded to
-``max_rank``, so ``B_slot A_slot = s B A``. Shapes, dtypes and the Python attributes the compiled
-graph was guarded on never change, so ``torch.compile`` runs the new weights without recompiling;
-the outputs equal the eager model with that delta attached (up to float rounding: the scaling is
-applied to A instead of to the rank-r intermediate).
+A :class:`LoraSlot` is a LoRA delta at rank ``max_rank``, attached once (compile the model after
+creating it), whose layers hold their scaling as a 0-dim float64 tensor instead of a Python float.
+``slot.load(delta)`` copies another LoRA delta's factors into the slot's parameters in place
+(zero-padded to ``max_rank``) and its scaling into that tensor. Shapes, dtypes and the Python
+attributes the compiled graph was guarded on never change, so ``torch.compile`` runs the new
+weights without recompiling. The slot runs LoRA's own route with the same operations in the same
+order (a tensor scale multiplies as the same float does), so a delta of rank ``max_rank`` gives the
+outputs of that delta attached normally bit for bit; a lower rank is zero-padded, which adds exact
+zeros to the matrix products but may change how a BLAS kernel groups their sums (float rounding).
+The slot is for serving: its own config records scaling 1.0, so save the deltas it loads, not the slot.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ class LoraSlot:
         if not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank < 1:
             raise DeltaConfigError(f"max_rank must be a positive integer (the largest rank to swap in), got {max_rank!r}")
         _, lora_cls = lookup("lora")
-        # alpha = r: scaling exactly 1.0, so each swapped-in delta carries its own scaling in A
         self.delta = lora_cls(backbone_model, modified_modules=list(modified_modules), lora_r=max_rank,
                               lora_alpha=max_rank, name=name, **kwargs)
+        for layer in self.delta.layers.values():
+            # a tensor, not a buffer: .to(dtype) must not round it, and a CPU scalar multiplies tensors on any device
+            layer.scaling = torch.tensor(1.0, dtype=torch.float64)
         self.max_rank = max_rank
         self.loaded: Any = None
         self.clear()
@@ -44,6 +49,7 @@ class LoraSlot:
             for layer in self.delta.layers.values():
                 layer.lora_A.zero_()
                 layer.lora_B.zero_()
+                layer.scaling.fill_(1.0)
         self.loaded = None
 
     def load(self, delta: Any) -> None:
@@ -61,6 +67,12 @@ class LoraSlot:
                 f"delta {delta.name!r} modifies {stray[:3]}, which the slot does not; build the slot on those modules too."
             )
         for path, source in delta.layers.items():
+            extra = sorted(({n for n, _ in source.named_parameters()} | set(dict(source.named_buffers()))) - {"lora_A", "lora_B"})
+            if extra:
+                raise DeltaConfigError(
+                    f"delta {delta.name!r} at {path!r} also has {extra} (DoRA, or factors started from the weight); "
+                    "the slot holds plain LoRA factors only. Attach that delta normally."
+                )
             r = source.lora_A.shape[0]
             if r > self.max_rank or source.lora_A.shape[1] != layers[path].lora_A.shape[1] or \
                     source.lora_B.shape[0] != layers[path].lora_B.shape[0]:
@@ -74,9 +86,11 @@ class LoraSlot:
                 source = delta.layers.get(path)
                 layer.lora_A.zero_()
                 layer.lora_B.zero_()
+                layer.scaling.fill_(1.0)
                 if source is None:
                     continue
                 r = source.lora_A.shape[0]
-                layer.lora_A[:r].copy_(source.lora_A * source.scaling)
+                layer.lora_A[:r].copy_(source.lora_A)
                 layer.lora_B[:, :r].copy_(source.lora_B)
+                layer.scaling.fill_(float(source.scaling))
         self.loaded = delta

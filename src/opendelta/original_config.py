@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opendelta.checkpoint_files import checkpoint_path, read_json
 from opendelta.errors import CheckpointError, CheckpointNotFoundError, DeltaConfigError
+from opendelta.leniency import OriginalBehaviourWarning
 from opendelta.registry import lookup
 
 if TYPE_CHECKING:
@@ -33,6 +35,12 @@ _IGNORED_KEYS = ("opendelta_version", "transformers_version", "model_type")
 #: arguments of one original method that opendelta always honours in its own way: (what the
 #: original defaulted to, which values opendelta's behaviour equals, why)
 ORIGINAL_METHOD_ARGS: dict[str, dict[str, tuple[Any, Callable[[Any], bool], str]]] = {
+    # compacter.py: CompacterConfig has bottleneck_dim and sequential, which CompacterModel never
+    # reads (its saved config.json holds them as null)
+    "compacter": {
+        "bottleneck_dim": (32, lambda v: True, "the original's CompacterModel did not use it"),
+        "sequential": (True, lambda v: True, "the original's CompacterModel did not use it"),
+    },
     "soft_prompt": {
         "other_expand_ids": (
             {"attention_mask": 1, "token_type_ids": 0},
@@ -160,6 +168,30 @@ def local_folder(path: Any, cache_dir: Any = None, force_download: bool = False)
     return folder
 
 
+#: delta_type -> {config field the original's model never read: (the value it used, the value the
+#: original wrote into config.json, why)}
+IGNORED_BY_ORIGINAL: dict[str, dict[str, tuple[Any, Any, str]]] = {
+    # parallel_adapter.py: ParallelAdapterModel.__init__ takes no `scaled` (create_config_from_model
+    # then saves None), and new_module_like builds ParallelAdapterLayer without it (default 1)
+    "parallel_adapter": {"scaled": (1.0, None, "the original's ParallelAdapterModel never passed `scaled` to its layers (they used 1)")},
+    # soft_prompt.py: SoftPromptModel.__init__ passes modified_modules=["root"] whatever it is given,
+    # and puts the prompt on the model (or its encoder): opendelta's default place
+    "soft_prompt": {"modified_modules": (None, ["root"], "the original's SoftPromptModel ignored modified_modules")},
+}
+
+
+def as_the_original_used(values: dict[str, Any], delta_type: str, where: str) -> dict[str, Any]:
+    """An original config.json with the fields its model never read set to the value it used
+    (:data:`IGNORED_BY_ORIGINAL`; an OriginalBehaviourWarning where the file says otherwise)."""
+    values = dict(values)
+    for key, (used, written, why) in IGNORED_BY_ORIGINAL.get(delta_type, {}).items():
+        if key in values and values[key] not in (written, used):
+            warnings.warn(f"{where}: {key}={values[key]!r} is loaded as {key}={used!r}: {why}",
+                          OriginalBehaviourWarning, stacklevel=4)
+        values[key] = used
+    return values
+
+
 def read_saved_config(folder: str | os.PathLike) -> DeltaConfig:
     """The config in a saved folder without reading its tensors: opendelta's ``delta_config.json``
     (strictly, as a checkpoint), or the original's ``config.json`` (leniently, as the original)."""
@@ -172,6 +204,8 @@ def read_saved_config(folder: str | os.PathLike) -> DeltaConfig:
     elif original.is_file():
         values, strict = read_json(original, CheckpointError), None
         delta_type = values.get("delta_type") if isinstance(values, dict) else None
+        if isinstance(values, dict) and isinstance(delta_type, str):
+            values = as_the_original_used(values, delta_type, str(original))
     else:
         raise CheckpointNotFoundError(f"{str(path)!r} holds no delta config (delta_config.json or config.json)")
     if not isinstance(values, dict) or not isinstance(delta_type, str):

@@ -14,9 +14,10 @@ which turns a delta's tensors into PEFT's and back:
   LoRA is written as PEFT's own converted rank-2r LoRA on the original weights;
 - IA3: ``<path>.ia3_l``, the scaling vector as (out, 1), or (1, in) for ``feedforward_modules``;
 - soft prompt (PEFT's prompt tuning, encoder-only and decoder-only models): ``prompt_embeddings``,
-  the prompt (tokens x hidden); a sequence classifier's head goes with it, as PEFT's always does.
-
-PEFT's prefix tuning is not converted: see :data:`UNREADABLE`.
+  the prompt (tokens x hidden); a sequence classifier's head goes with it, as PEFT's always does;
+- prefix (PEFT's prefix tuning, decoder-only LMs, every layer): ``prompt_embeddings``, (tokens x
+  layers * 2 * kv_heads * head_dim), each layer's keys then values; PEFT numbers the real tokens
+  after the prefix, so only a prefix with ``position_offset=True`` converts (and one read is so).
 
 No pickle is read (``adapter_model.bin`` is refused).
 """
@@ -45,7 +46,7 @@ from opendelta.checkpoint_files import (
     save_folder,
     write_files,
 )
-from opendelta.errors import CorruptCheckpointError, PeftFormatError
+from opendelta.errors import CorruptCheckpointError, IncompatibleCheckpointError, OpenDeltaError, PeftFormatError
 from opendelta.linear_maps import update_factors
 from opendelta.registry import lookup
 
@@ -84,6 +85,7 @@ _SEQ_CLS_HEADS = ("classifier", "score")
 #: transformers head-class name endings -> PEFT task_type (prompt methods need one to insert their prompt)
 _TASK_TYPES = (
     ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),  # GPT-2's, GPT-J's ... causal LM heads
     ("ForSequenceClassification", "SEQ_CLS"),
     ("ForTokenClassification", "TOKEN_CLS"),
     ("ForQuestionAnswering", "QUESTION_ANS"),
@@ -102,6 +104,8 @@ class PeftTensors:
     shapes: dict[str, tuple[int, ...]]
     convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
     claimed: set[str] = field(default_factory=set)
+    #: where the folder names no module paths (prefix tuning: by layer index), these tensors on a given backbone
+    bind: Callable[[nn.Module], PeftTensors] | None = None
 
 
 @dataclass(frozen=True)
@@ -478,7 +482,12 @@ def _text_config(backbone: nn.Module) -> dict[str, Any]:
             f"PEFT's prompt methods need a transformers model (its config gives layers and heads); a "
             f"{type(backbone).__name__} has none. Save with format='opendelta'."
         )
-    return (config.get_text_config() if hasattr(config, "get_text_config") else config).to_dict()
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    values = text.to_dict()
+    for name in ("num_hidden_layers", "num_attention_heads"):  # GPT-2 stores them as n_layer, n_head (attribute_map)
+        if values.get(name) is None:
+            values[name] = getattr(text, name, None)
+    return values
 
 
 def _check_soft_prompt(delta: DeltaBase) -> None:
@@ -541,22 +550,114 @@ def _read_soft_prompt(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], 
     return PeftTensors(values, [""], {key: (tokens, width)}, lambda t: {key: t[PROMPT_KEY]}, {PROMPT_KEY})
 
 
+def _prefix_layers(delta: DeltaBase) -> list[tuple[str, Any]]:
+    """The prefix layers of `delta` (path, layer), in the order of their attention layers' index."""
+    layers = [(path, layer) for path, layer in delta.layers.items() if hasattr(layer, "binding")]
+    return sorted(layers, key=lambda item: item[1].binding.layer_idx)
+
+
+def _check_prefix(delta: DeltaBase) -> None:
+    """PEFT's prefix: a decoder LM's every layer, real tokens numbered after the prefix (position_offset)."""
+    if not delta.config.position_offset:
+        raise PeftFormatError(
+            "PEFT's prefix tuning hands the prefix to the model as a KV cache, so the real tokens take positions "
+            "prefix_token_num, ... (RoPE and position embeddings see them shifted); this prefix keeps them at 0, ..., so "
+            "PEFT would compute other outputs. Train the prefix with position_offset=True to share it with PEFT, or save "
+            "with format='opendelta'."
+        )
+    if _is_encoder_decoder(delta.backbone_model) or _task_type(delta.backbone_model) != "CAUSAL_LM":
+        raise PeftFormatError(
+            f"format='peft' writes prefixes of decoder-only language models (PEFT's CAUSAL_LM), and a "
+            f"{type(delta.backbone_model).__name__} is not one; save with format='opendelta'."
+        )
+    layers = _prefix_layers(delta)
+    count = _text_config(delta.backbone_model).get("num_hidden_layers")
+    indexes = [layer.binding.layer_idx for _, layer in layers]
+    shapes = {(layer.kv_heads, layer.head_dim) for _, layer in layers}
+    if indexes != list(range(count or 0)) or len(shapes) != 1:
+        raise PeftFormatError(
+            f"PEFT's prefix tuning prefixes all {count} attention layers with keys of one shape; this delta prefixes "
+            f"layers {indexes} with (kv heads, head dim) {sorted(shapes)}. Address every layer's attention, or save with "
+            "format='opendelta'."
+        )
+
+
+def _write_prefix(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """PEFT's ``prompt_embeddings``: (tokens, layers x 2 x kv_heads x head_dim), each layer's keys then values,
+    as PEFT stores a prefix with or without its projection (the projection's output)."""
+    columns = []
+    for path, layer in _prefix_layers(delta):
+        own = {name: tensors[delta_key(path, name)] for name in layer.state_dict()}
+        with torch.no_grad():  # the layer's function of the (gathered) tensors: its prefix, or its MLP's output
+            columns.append(torch.func.functional_call(layer, own, ()))
+    prefix = torch.cat(columns, dim=1).contiguous()
+    first = _prefix_layers(delta)[0][1]
+    width = first.kv_heads * first.head_dim
+    fields = {
+        **_prompt_fields(delta.backbone_model, prefix.shape[0], width, first.kv_heads),
+        "encoder_hidden_size": width,
+        "prefix_projection": False,
+    }
+    return {PROMPT_KEY: prefix}, fields
+
+
+def _read_prefix(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: Path) -> PeftTensors:
+    """PEFT's prefix as opendelta's (direct prefixes, ``position_offset=True``); the layers' paths come from the backbone."""
+    tokens, width = _prompt_shape(peft, stored, path)
+    task = peft.get("task_type")
+    if task != "CAUSAL_LM":
+        raise PeftFormatError(
+            f"{path}: a PEFT prefix with task_type={task!r}; opendelta reads the prefixes of decoder-only language models "
+            "(CAUSAL_LM). Load it with peft.PeftModel.from_pretrained."
+        )
+    layers = _field(peft, "num_layers", (int,), "a positive integer", None, path)
+    token_dim = _field(peft, "token_dim", (int,), "a positive integer", None, path)
+    if layers < 1 or token_dim < 1 or width != layers * 2 * token_dim:
+        raise CorruptCheckpointError(
+            f"{path.parent / PEFT_WEIGHTS_NAME}: {PROMPT_KEY} has {width} columns, but num_layers={layers} and "
+            f"token_dim={token_dim} make {layers * 2 * token_dim} (layers x keys and values x token_dim); the folder "
+            "is damaged or was edited."
+        )
+    values = {"prefix_token_num": tokens, "reparameterize": False, "position_offset": True}
+
+    def bind(backbone: nn.Module) -> PeftTensors:
+        try:
+            by_index = lookup("prefix")[1].attention_by_layer(backbone)  # type: ignore[attr-defined]
+        except OpenDeltaError as exc:
+            raise IncompatibleCheckpointError(f"{path.parent} holds a PEFT prefix, but {exc}") from exc
+        if sorted(by_index) != list(range(layers)):
+            raise IncompatibleCheckpointError(
+                f"{path.parent} holds a PEFT prefix for {layers} attention layers; this {type(backbone).__name__} has "
+                f"{len(by_index)} (layer indexes {sorted(by_index)})."
+            )
+        paths = [by_index[i] for i in range(layers)]
+        keys = {p: delta_key(p, "prefix") for p in paths}
+        step = 2 * token_dim
+
+        def convert(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {keys[p]: t[PROMPT_KEY][:, i * step : (i + 1) * step].contiguous() for i, p in enumerate(paths)}
+
+        shapes = {keys[p]: (tokens, step) for p in paths}
+        return PeftTensors({**values, "modified_modules": paths}, [*paths, ""], shapes, convert, {PROMPT_KEY})
+
+    return PeftTensors(values, [], {}, lambda t: {}, {PROMPT_KEY}, bind=bind)
+
+
 #: PEFT's peft_type -> how opendelta's method with the same tensors converts
 PEFT_METHODS: dict[str, PeftMethod] = {
     "LORA": PeftMethod("LORA", "lora", _write_lora, _read_lora, check_read=_check_lora_ranks),
     "IA3": PeftMethod("IA3", "ia3", _write_ia3, _read_ia3),
     "PROMPT_TUNING": PeftMethod("PROMPT_TUNING", "soft_prompt", _write_soft_prompt, _read_soft_prompt, PROMPT_PREFIX),
+    "PREFIX_TUNING": PeftMethod("PREFIX_TUNING", "prefix", _write_prefix, _read_prefix, PROMPT_PREFIX),
 }
 #: PEFT methods opendelta has but cannot convert exactly, and why
-UNREADABLE = {
-    "PREFIX_TUNING": "PEFT's prefix tuning passes the prefix as a KV cache, so the real tokens take positions "
-    "num_virtual_tokens.. (RoPE and position embeddings see them shifted), while opendelta's prefix keeps them at 0.., "
-    "so the same keys and values give other outputs. ",
-}
+UNREADABLE: dict[str, str] = {}
 #: opendelta delta_type -> the PEFT method of that name it cannot be converted to
-_UNCONVERTED = {"prefix": "PREFIX_TUNING"}
+_UNCONVERTED: dict[str, str] = {}
 #: peft_type -> the check a delta must pass before any rank gathers tensors
-_CHECKS: dict[str, Callable[[DeltaBase], Any]] = {"PROMPT_TUNING": _check_soft_prompt, "LORA": _check_lora, "IA3": _check_ia3}
+_CHECKS: dict[str, Callable[[DeltaBase], Any]] = {
+    "PROMPT_TUNING": _check_soft_prompt, "LORA": _check_lora, "IA3": _check_ia3, "PREFIX_TUNING": _check_prefix,
+}
 #: PEFT's peft_type -> the opendelta delta_type with the same tensors (found through the registry)
 PEFT_TYPES = {m.peft_type: m.delta_type for m in PEFT_METHODS.values()}
 
@@ -620,7 +721,7 @@ def read_peft_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -
     tensors' header; the tensor data is read by the returned checkpoint's ``stored.load``.
 
     Other PEFT methods and variants opendelta does not implement raise PeftFormatError naming
-    them (prefix tuning: see :data:`UNREADABLE`). The checksum
+    them. The checksum
     opendelta records when it writes a PEFT folder is verified unless verify=False.
     """
     directory = checkpoint_path(directory, "from_finetuned")
@@ -656,24 +757,28 @@ def read_peft_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -
             raise CorruptCheckpointError(f"{weights} holds the tensor {short!r} twice (with and without {method.prefix!r}).")
         names[stored_name] = short
     shapes_by_name = {names[k]: tuple(v) for k, v in stored.items()}
-    own = method.read(peft, shapes_by_name, config_path)
-    # PEFT saves a LoRA embedding's whole base weight (for a resized vocabulary) inside its wrapper
-    unwrapped = {n: n.replace(".base_layer.", ".") for n in shapes_by_name if n not in own.claimed}
-    backbone_names = {unwrapped[n]: list(shapes_by_name[n]) for n in unwrapped}
-    config_cls, delta_cls = lookup(method.delta_type)
-    config = config_from_meta({"delta_type": method.delta_type, "config": own.config}, config_cls)
-    method.check_read(config, own, weights)
-    shapes = {**own.shapes, **{f"backbone.{n}": tuple(shape) for n, shape in backbone_names.items()}}
 
-    def load(device: torch.device | str) -> dict[str, torch.Tensor]:
-        by_name = {names[k]: v for k, v in read_safetensors(weights, size, sha256, device).items()}
-        return {**own.convert(by_name), **{f"backbone.{ours}": by_name[n] for n, ours in unwrapped.items()}}
+    def contents(own: PeftTensors) -> CheckpointContents:
+        # PEFT saves a LoRA embedding's whole base weight (for a resized vocabulary) inside its wrapper
+        unwrapped = {n: n.replace(".base_layer.", ".") for n in shapes_by_name if n not in own.claimed}
+        backbone_names = {unwrapped[n]: list(shapes_by_name[n]) for n in unwrapped}
+        config_cls, delta_cls = lookup(method.delta_type)
+        config = config_from_meta({"delta_type": method.delta_type, "config": own.config}, config_cls)
+        method.check_read(config, own, weights)
+        shapes = {**own.shapes, **{f"backbone.{n}": tuple(shape) for n, shape in backbone_names.items()}}
 
-    return CheckpointContents(
-        delta_class=delta_cls,
-        config=config,
-        modules=own.modules,
-        stored=StoredCheckpoint(meta=peft, shapes=shapes, load=load),
-        backbone_tensors=backbone_names,
-        trained_on=trained_on,
-    )
+        def load(device: torch.device | str) -> dict[str, torch.Tensor]:
+            by_name = {names[k]: v for k, v in read_safetensors(weights, size, sha256, device).items()}
+            return {**own.convert(by_name), **{f"backbone.{ours}": by_name[n] for n, ours in unwrapped.items()}}
+
+        return CheckpointContents(
+            delta_class=delta_cls,
+            config=config,
+            modules=own.modules,
+            stored=StoredCheckpoint(meta=peft, shapes=shapes, load=load),
+            backbone_tensors=backbone_names,
+            trained_on=trained_on,
+            for_backbone=None if own.bind is None else lambda backbone: contents(own.bind(backbone)),  # type: ignore[misc]
+        )
+
+    return contents(method.read(peft, shapes_by_name, config_path))

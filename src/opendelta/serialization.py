@@ -123,6 +123,8 @@ def load_delta(
     """DeltaBase.from_finetuned: read, check against `backbone_model`, build, fill and attach.
     `expected` is the class the caller asked for (None: any); `position` overrides the saved one."""
     contents = read_contents(directory, verify=verify)
+    if contents.for_backbone is not None:
+        contents = contents.for_backbone(backbone_model)
     delta_cls = contents.delta_class
     if expected is not None and not issubclass(delta_cls, expected):
         raise IncompatibleCheckpointError(

@@ -28,11 +28,18 @@ from opendelta.addressing import (
     suggest,
 )
 from opendelta.config import DeltaConfig, check_name_list
-from opendelta.errors import LifecycleError, NoMatchError, OpenDeltaError, PatternError, UnsupportedModuleError
+from opendelta.errors import (
+    LifecycleError,
+    NoMatchError,
+    OpenDeltaError,
+    PatternError,
+    StructureError,
+    UnsupportedModuleError,
+)
 from opendelta.leniency import OriginalBehaviourWarning, is_strict
 from opendelta.routing import Span, site_of
 from opendelta.structure import resolve_roles
-from opendelta.structure.original_names import VOCABULARY, is_original_name, original_roles
+from opendelta.structure.original_names import STACKS, VOCABULARY, is_original_name, layer_index, original_roles
 from opendelta.structure.renamed import current_name
 
 
@@ -95,13 +102,17 @@ def resolve(
         original = [n for n in names if is_original_name(n, roles=roles) or _original_vocabulary(model, n, roles, what)]
         names = [n for n in names if n not in original]
         if not roles:
-            names = [_renamed(model, n, what) for n in names]
+            names = [renamed for n in names for renamed in _renamed(model, n, what)]
         found = []
         if names:
             found = resolve_roles(model, names, strict=strict) if roles else find_modules(model, names, what=what, strict=strict)
         for name in original:  # the original OpenDelta's "attn@.q@" names (structure/original_names.py)
             meant = original_roles(name)
-            found += resolve_roles(model, meant, strict=strict and len(meant) == 1)
+            paths = resolve_roles(model, meant, strict=strict and len(meant) == 1)
+            index = layer_index(name)
+            if index is not None:
+                paths = in_layer(model, name, meant, paths, index, strict)
+            found += paths
         return found
 
     plain: list[str] = []
@@ -221,6 +232,19 @@ def free_name(targets: Sequence[Target], requested: str | None, stem: str) -> st
     return candidate
 
 
+def in_layer(model: nn.Module, name: str, roles: Sequence[str], paths: Sequence[str], index: str, strict: bool) -> list[str]:
+    """The `paths` inside layer `index` of their stack (the layer whose own name is `index`, as the
+    original's key kept it), for the original's indexed names (``block@.0.attn@.q@``)."""
+    stacks = {role.partition(".")[0] for role in roles if role.partition(".")[0] in STACKS}
+    layer_roles = [f"{stack}.layer" for stack in sorted(stacks)] or ["layer"]
+    layers = [p for p in resolve_roles(model, layer_roles, strict=False) if p.rpartition(".")[2] == index]
+    inside = [p for p in paths if any(p == layer or p.startswith(layer + ".") for layer in layers)]
+    if not inside and strict:
+        raise StructureError(f"{name!r} names layer {index}, which this {type(model).__name__} does not have "
+                             f"(its layers: {len(resolve_roles(model, layer_roles, strict=False))}).")
+    return inside
+
+
 def _original_vocabulary(model: nn.Module, name: str, roles: bool, what: str) -> bool:
     """Whether the module name `name`, which matches no module, is read as the original OpenDelta's
     common-structure name (``attn``, ``ff``, ``layer_norm``...), as its example configs wrote them
@@ -236,16 +260,17 @@ def _original_vocabulary(model: nn.Module, name: str, roles: bool, what: str) ->
     return True
 
 
-def _renamed(model: nn.Module, name: str, what: str) -> str:
-    """`name`, or today's name of that module where transformers 5 renamed it and `name` matches
-    nothing (with a warning; NoMatchError in strict mode): see structure/renamed.py."""
+def _renamed(model: nn.Module, name: str, what: str) -> list[str]:
+    """`name`, or today's names of the modules it addressed where transformers 5 renamed them and
+    `name` matches nothing (with a warning; NoMatchError in strict mode): see structure/renamed.py."""
     if find_modules(model, [name], strict=False):
-        return name
+        return [name]
     new = current_name(model, name)
     if new is None:
-        return name
+        return [name]
     if is_strict():
-        raise NoMatchError(name, [new], what)
-    warnings.warn(f"{what} {name!r} names no module; transformers 5 calls it {new!r} in this family, which is used",
+        raise NoMatchError(name, list(new), what)
+    shown = " and ".join(repr(n) for n in new)
+    warnings.warn(f"{what} {name!r} names no module; transformers 5 calls it {shown} in this family, which is used",
                   OriginalBehaviourWarning, stacklevel=4)
-    return new
+    return list(new)

@@ -92,16 +92,7 @@ def delta_arguments(values: dict) -> dict:
     return args
 
 
-#: configs that do not run yet, and why (listed in docs/migrating_from_opendelta.md)
-NOT_YET = {
-    "adapter_vit-large-patch16-224-in21k/beans": "transformers 5 renamed ViT's modules: no module is named 'output' any more",
-    "bitfit_t5-large/rte": "the original's BitFit on a block ('attn', 'ff') biased every linear layer inside; ours refuses blocks",
-}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(reason=NOT_YET[n], strict=True)) if n in NOT_YET else n for n in CONFIGS
-])
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_run_py_opendelta_section(name, tmp_path, recwarn):
     values = CONFIGS[name]
     build, inputs = MODELS[values.get("backbone_model") or "clip"]

@@ -139,8 +139,8 @@ def test_a_pickle_holding_code_is_refused_and_never_run(tmp_path, monkeypatch):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
-def test_an_original_method_without_a_key_table_is_a_typed_error(tmp_path):
+def test_a_method_the_original_did_not_have_is_a_typed_error(tmp_path):
     model = bert_masked_lm()
-    folder = original_folder(tmp_path, "compacter", model, {"bert.encoder.layer.0.output.dense.compacter.x": torch.ones(2)}, {})
-    with pytest.raises(IncompatibleCheckpointError, match="compacter"):
+    folder = original_folder(tmp_path, "ia3", model, {"bert.encoder.layer.0.output.dense.ia3.x": torch.ones(2)}, {})
+    with pytest.raises(IncompatibleCheckpointError, match="ia3"):
         AutoDeltaModel.from_finetuned(folder, backbone_model=bert_masked_lm())

@@ -2,16 +2,22 @@
 
 The server listens on 127.0.0.1 only, and every request must carry the per-session token that is
 in the printed URL (else 403). Requests for another host name (a DNS-rebinding page) get 421, and
-requests sent by a page of another origin get 403. It serves one static page, the tree
-(``bigmodelvis`` to_dict), and answers selections with the exact patterns they compress to;
-Submit hands them to the waiting ``select_modules`` call and stops the server. Idle connections
-are closed after IDLE_TIMEOUT_S, and request bodies are bounded in size and JSON nesting depth.
+requests sent by a page of another origin get 403. ``OPENDELTA_SELECTOR_HOST=0.0.0.0`` (or
+``host="0.0.0.0"``) listens on every interface as the original OpenDelta did, for a model on a
+remote machine: any host name is then answered, the token is still required.
+
+It serves one static page, the tree (``bigmodelvis`` to_dict), and answers selections with the
+exact patterns they compress to; Submit hands them to the waiting ``select_modules`` call and stops
+the server. Idle connections are closed after IDLE_TIMEOUT_S, and request bodies are bounded in
+size and JSON nesting depth.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -31,6 +37,9 @@ from opendelta.errors import NoMatchError, SelectionCancelled, SelectionError, S
 from opendelta.interactive.patterns import SelectionCompressor
 
 PAGE = Path(__file__).with_name("page.html")
+LOCAL = "127.0.0.1"
+#: the one-line opt-in to the original OpenDelta's binding: OPENDELTA_SELECTOR_HOST=0.0.0.0
+HOST_ENV = "OPENDELTA_SELECTOR_HOST"
 MAX_BODY = 16 * 1024 * 1024
 #: deepest JSON nesting a request body may have (a selection needs 2: an object holding a list)
 MAX_JSON_DEPTH = 32
@@ -53,11 +62,13 @@ def select_modules(
     timeout: float | None = 600.0,
     open_browser: bool = True,
     on_ready: Callable[[str], None] | None = None,
+    host: str | None = None,
 ) -> list[str]:
     """Let the user pick modules of `model` on a local web page; return the submitted patterns.
 
-    The page is served on 127.0.0.1 at `port` (a free one when None), its URL (with a secret
-    token) is printed, handed to `on_ready`, and opened in a browser when `open_browser` and one
+    The page is served on 127.0.0.1 at `port` (a free one when None; `host`, else the environment
+    variable OPENDELTA_SELECTOR_HOST, chooses another address: ``"0.0.0.0"`` is every interface,
+    as the original OpenDelta listened), its URL (with a secret token) is printed, handed to `on_ready`, and opened in a browser when `open_browser` and one
     is registered. Returns the patterns that address exactly the clicked modules
     (``find_modules(model, result)`` gives them back). Raises SelectionTimeout after `timeout`
     seconds (None waits forever), SelectionCancelled on the page's Cancel or Ctrl-C, and
@@ -67,15 +78,24 @@ def select_modules(
         raise SelectionError(f"port must be an integer in 0..65535 or None (a free port), got {port!r}.")
     if timeout is not None and not timeout > 0:
         raise SelectionError(f"timeout must be a positive number of seconds or None, got {timeout!r}.")
+    if host is None:
+        host = os.environ.get(HOST_ENV, "").strip() or LOCAL
+    if not isinstance(host, str) or not host:
+        raise SelectionError(f"host must be an address to listen on, such as {LOCAL!r} or '0.0.0.0', got {host!r}.")
     session = _Session(model)
     try:
-        server = _Server(("127.0.0.1", port or 0), session)
-    except OSError as exc:
+        server = _Server((host, port or 0), session)
+    except (OSError, OverflowError) as exc:
         raise SelectionError(
-            f"Cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}. "
+            f"Cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}. "
             "Pass another port, or None to let the system pick a free one."
         ) from None
-    url = f"http://127.0.0.1:{server.server_address[1]}/?token={session.token}"
+    shown = LOCAL if host == LOCAL else socket.gethostname()
+    url = f"http://{shown}:{server.server_address[1]}/?token={session.token}"
+    if host != LOCAL:
+        print(f"The selector listens on {host} (every machine that reaches this one can connect; the token in "
+              "the URL is still required). Replace the host name in the URL by this machine's address if needed.",
+              file=sys.stderr, flush=True)
     thread = threading.Thread(target=server.serve_forever, name="opendelta-select", daemon=True)
     thread.start()
     try:
@@ -207,9 +227,11 @@ class _Server(ThreadingHTTPServer):
         self.idle_timeout = IDLE_TIMEOUT_S
         super().__init__(address, _Handler)
         port = self.server_address[1]
-        # the Host values a browser sends for this server; a port-80 server is also reached without ":80"
+        # the Host values a browser sends for this server; a port-80 server is also reached without ":80".
+        # Listening beyond loopback (an opt-in) any name may reach it: None, the token guards it alone
         names = ("127.0.0.1", "localhost")
-        self.hosts = frozenset({f"{name}:{port}" for name in names} | (set(names) if port == 80 else set()))
+        local = frozenset({f"{name}:{port}" for name in names} | (set(names) if port == 80 else set()))
+        self.hosts: frozenset[str] | None = local if address[0] == LOCAL else None
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A browser dropping a connection is not worth a traceback on the user's terminal."""
@@ -278,10 +300,10 @@ class _Handler(BaseHTTPRequestHandler):
         right token; else answer 421 or 403 and return None."""
         hosts = self.headers.get_all("Host") or []
         host = hosts[0].lower() if len(hosts) == 1 else None
-        if host not in self.server.hosts:
+        if host is None or (self.server.hosts is not None and host not in self.server.hosts):
             self._error(
                 HTTPStatus.MISDIRECTED_REQUEST,
-                f"This server answers only requests for {' or '.join(sorted(self.server.hosts))}, not Host "
+                f"This server answers only requests for {' or '.join(sorted(self.server.hosts or ['one host name']))}, not Host "
                 f"{', '.join(hosts) or '(none)'}: open the exact URL that was printed.",
             )
             return None

@@ -2,12 +2,17 @@
 
 Every addressed module gets its own zero-initialised bias delta, whether or not it has a bias
 of its own (T5 and LLaMA projections and norms have none); an existing bias stays frozen and
-untouched, so detaching is exact and a checkpoint holds only the bias deltas.
+untouched, so detaching is exact and a checkpoint holds only the bias deltas. An addressed block
+(an attention or feed-forward module holding linear layers) stands for the bias terms inside it,
+as in the original OpenDelta (bitfit.py, ``modify_module``): its linear layers and LayerNorms, and
+any sub-module with a bias of its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,10 +20,11 @@ from torch import nn
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import MergeError, UnsupportedModuleError
-from opendelta.layer_kinds import along, channels
+from opendelta.layer_kinds import along, channels, layer_kind
 from opendelta.linear_maps import weight_like
 from opendelta.layer import DeltaLayer
 from opendelta.runtime_init import Observation
+from opendelta.targets import Target
 
 
 # torch's channel-first norms scale dim 1, not the last dim a broadcast bias would shift
@@ -91,6 +97,19 @@ class BitFitModel(DeltaBase):
         "ffn.up", "ffn.gate", "ffn.down", "norm.attn", "norm.xattn", "norm.ffn", "norm.final",
     )
 
+    @classmethod
+    def resolve_targets(
+        cls, backbone_model: nn.Module, config: DeltaConfig | None = None, **config_values: Any
+    ) -> list[Target]:
+        """The addressed modules, each block among them replaced by the bias terms inside it."""
+        targets = super().resolve_targets(backbone_model, config, **config_values)
+        expanded: dict[str, Target] = {}
+        for target in targets:
+            inside = [] if output_features(target.module) is not None else _biased_inside(target.path, target.module)
+            for path, module in inside or [(target.path, target.module)]:
+                expanded.setdefault(path, Target(path, path, module))
+        return list(expanded.values())
+
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> BiasLayer:
         found = output_features(module)
         if found is None:
@@ -103,3 +122,17 @@ class BitFitModel(DeltaBase):
         if like is None:  # a parameter-free norm outputs the hidden state's dtype: take the backbone's
             like = next(iter(self.backbone_model.parameters()), torch.empty(0))
         return BiasLayer(features, like.dtype, like.device, hidden_dim)
+
+
+def _biased_inside(path: str, block: nn.Module) -> Sequence[tuple[str, nn.Module]]:
+    """What the original's BitFit biased inside a block (bitfit.py,
+    add_bias_to_modules_have_bias_or_known_type): each sub-module with a bias of its own, and each
+    linear layer or LayerNorm; their paths under `path`."""
+    found = []
+    for name, module in block.named_modules():
+        if not name or output_features(module) is None:
+            continue
+        own_bias = isinstance(module._parameters.get("bias"), torch.Tensor)
+        if own_bias or layer_kind(module) == "linear" or isinstance(module, nn.LayerNorm):
+            found.append((f"{path}.{name}" if path else name, module))
+    return found

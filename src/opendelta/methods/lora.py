@@ -162,15 +162,18 @@ class LoraLayer(DeltaLayer):
         low = low.reshape(-1, low.shape[-1])
         if low.dtype != dtype:
             low = low.to(dtype)
+        # s scales the rank-r intermediate (r/out of the output's size); `scaling` may be a 0-dim tensor
+        # (a hot-swap slot's, hotswap.py), which multiplies exactly as the same float does
+        low = low * self.scaling
         if lora_B.dtype != dtype:
             lora_B = lora_B.to(dtype)
-        # one GEMM adds s * low B^T onto the output (scaling and sum fused, no output-sized temporary),
-        # and taking B^T as the second factor makes autograd compute B's gradient as (low^T g)^T,
-        # several times faster on CPU than the g^T low of a linear layer's weight gradient
+        # one GEMM adds low B^T onto the output (no output-sized temporary), and taking B^T as the second
+        # factor makes autograd compute B's gradient as (low^T g)^T, several times faster on CPU than the
+        # g^T low of a linear layer's weight gradient
         flat = _accumulator(h_out)
         if flat is None:
-            return torch.addmm(h_out.reshape(-1, h_out.shape[-1]), low, lora_B.t(), alpha=self.scaling).view(h_out.shape)
-        flat.addmm_(low, lora_B.t(), alpha=self.scaling)
+            return torch.addmm(h_out.reshape(-1, h_out.shape[-1]), low, lora_B.t()).view(h_out.shape)
+        flat.addmm_(low, lora_B.t())
         return flat if flat.shape == h_out.shape else flat.view(h_out.shape)
 
     def route_parallel_rows(self, h_in: torch.Tensor, h_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

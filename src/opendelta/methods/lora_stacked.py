@@ -11,7 +11,8 @@ mixed-batch tests measure.
 
 It serves inference only: with gradients enabled (training through a mixed batch), a dropout in
 training mode or a scale set meanwhile, it runs the layers one by one, as without stacking. Factors
-changed in place during the batch (their version counters move) are restacked before use.
+changed in place during the batch (their version counters move; also a hot-swap slot's scaling) are
+restacked before use.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ class StackedLora:
         self._stack()
 
     def _factors(self) -> list[torch.Tensor]:
-        return [t for layer, _ in self.parts for t in (layer._parameters["lora_A"], layer._parameters["lora_B"])]
+        """What the stack is made of: the factors, and the scalings a hot-swap slot holds as tensors."""
+        held = [t for layer, _ in self.parts for t in (layer._parameters["lora_A"], layer._parameters["lora_B"])]
+        return held + [layer.scaling for layer, _ in self.parts if isinstance(layer.scaling, torch.Tensor)]
 
     def _stack(self) -> None:
         factors = self._factors()

@@ -4,6 +4,9 @@ as opendelta roles.
 The original rewrote each module path into its vocabulary, marking every rewritten part with
 ``@`` (``encoder@.block@.0.attn@.q@``), and matched names against the tail of that key. Its
 vocabulary maps onto the roles of :data:`opendelta.structure.ROLES`, as data: :data:`VOCABULARY`.
+A layer index keeps its place in that key (utils/structure_mapping.py, ``transform``: a ``$``
+node copies the original element), so ``block@.0.attn@.q@`` (or its tail ``0.attn@.q@``) names
+the query projection of every stack's layer 0: :func:`layer_index` reads it.
 """
 
 from __future__ import annotations
@@ -63,15 +66,25 @@ def original_roles(text: str) -> list[str]:
     return list(_roles(plain, text))
 
 
+def layer_index(text: str) -> str | None:
+    """The layer index an original name holds (``"2"`` for ``"block@.2.attn@.q@"``, ``"0.ff@"`` or
+    ``"decoder@.block@.2"``), or None for a name that addresses every layer."""
+    parts = text.split(".")
+    if parts and parts[0].endswith("@") and parts[0][:-1] in STACKS:
+        parts = parts[1:]
+    if parts and parts[0] == "block@":
+        parts = parts[1:]
+    return parts[0] if parts and parts[0].isdigit() else None
+
+
 def _roles(name: str, text: str) -> tuple[str, ...]:
     first, _, rest = name.partition(".")
+    if first.isdigit():  # "0.attn.q": the tail of "block@.0.attn@.q@"
+        first, _, rest = f"block.{name}".partition(".")
     if first == "block" and rest:
         index, _, inner = rest.partition(".")
-        if index.isdigit():
-            raise StructureError(
-                f"{text!r} names a layer by its index; opendelta's roles address every layer. Write the role alone "
-                "(e.g. 'attn@.q@'), or name the modules of that layer by path or [r]regex."
-            )
+        if index.isdigit():  # the layer is picked by layer_index(); here its modules' roles
+            return VOCABULARY["block"] if not inner else _roles(inner, text)
         name = rest
     if name not in VOCABULARY:
         import difflib

@@ -28,7 +28,12 @@ from opendelta.methods.prefix.attention import (
 from opendelta.methods.prefix.binding import CACHE_ARGS, CROSS_ARGS, CallBinding, call_binding
 from opendelta.methods.prefix.cache import KeyShapeProbe, PrefixedCache
 from opendelta.methods.prefix.masks import BIAS_ARGS, extend_bias, extend_mask
+from opendelta.methods.prefix.positions import PositionOffsetLayer
 from opendelta.runtime_init import Observation, observe
+from opendelta.targets import Target
+
+#: the path of the model's own call, where position_offset=True shifts the position ids
+MODEL_CALL = ""
 
 
 @dataclass
@@ -37,6 +42,8 @@ class PrefixConfig(DeltaConfig):
     reparameterize: bool = True
     embed_dim: int = size(512)
     mid_dim: int = size(512)
+    #: number the real tokens after the prefix, as PEFT's prefix tuning does (see positions.py); off: from 0
+    position_offset: bool = False
 
 
 @dataclass(frozen=True)
@@ -171,8 +178,9 @@ class RowPrefixes(PrefixCall):
 class PrefixModel(DeltaBase):
     """Prefix tuning on every addressed self-attention module.
 
-    Arguments: ``prefix_token_num=6, reparameterize=True, embed_dim=512, mid_dim=512``; default
-    positions: the self-attention blocks (role ``attn``).
+    Arguments: ``prefix_token_num=6, reparameterize=True, embed_dim=512, mid_dim=512``,
+    ``position_offset=False`` (True: the real tokens take positions after the prefix, as in PEFT's
+    prefix tuning); default positions: the self-attention blocks (role ``attn``).
     """
 
     config_class = PrefixConfig
@@ -180,7 +188,27 @@ class PrefixModel(DeltaBase):
     default_modified_modules = ("attn",)
     needs_runtime_init = True
 
+    @classmethod
+    def resolve_targets(cls, backbone_model: nn.Module, config: DeltaConfig | None = None, **config_values: Any) -> list[Target]:
+        """The attention modules, and with ``position_offset`` the model's own call (path ``""``)."""
+        if config is None:
+            config = cls.config_class.from_dict(config_values)
+        targets = super().resolve_targets(backbone_model, config)
+        if config.position_offset and all(t.path != MODEL_CALL for t in targets):
+            targets.append(Target(MODEL_CALL, MODEL_CALL, backbone_model))
+        return targets
+
+    @classmethod
+    def attention_by_layer(cls, backbone_model: nn.Module) -> dict[int, str]:
+        """Layer index -> the path of that layer's self-attention (the default positions), as prefix
+        layers index them: how a format that stores prefixes by layer (PEFT's) finds their modules."""
+        targets = super().resolve_targets(backbone_model, cls.config_class.from_dict({}))
+        return {call_binding(t.path, t.module).layer_idx: t.path for t in targets}
+
     def runtime_observe(self, backbone: nn.Module, paths: Sequence[str], dummy_inputs: Any) -> dict[str, Observation]:
+        if MODEL_CALL in paths:  # the position offset needs no observation; the attention modules do
+            found = self.runtime_observe(backbone, [p for p in paths if p != MODEL_CALL], dummy_inputs)
+            return {**found, MODEL_CALL: Observation((), (), None, None)}
         modules = dict(backbone.named_modules())
         bindings = {p: call_binding(p, modules[p]) for p in paths}  # raises for a module that is no attention
         probes = {p: KeyShapeProbe() for p in paths}
@@ -221,6 +249,8 @@ class PrefixModel(DeltaBase):
             )
         return found
 
-    def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> PrefixLayer:
+    def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> DeltaLayer:
+        if path == MODEL_CALL and self.config.position_offset:
+            return PositionOffsetLayer(self.config.prefix_token_num, module)
         assert isinstance(observation, KeyValueObservation)
         return PrefixLayer(self.config, observation)
