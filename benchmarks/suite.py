@@ -266,7 +266,12 @@ def run_workload(workload: Workload, methods: list[str], s: Settings) -> dict[st
 
 def _memory_ratios(memory: dict[str, dict]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for a, b in [("opendelta:lora", "peft:lora"), ("opendelta:lora", "full"), ("peft:lora", "full"), ("frozen", "full")]:
+    pairs = [("opendelta:lora", "peft:lora"), ("opendelta:lora", "full"), ("peft:lora", "full"), ("frozen", "full")]
+    # every other method beside LoRA by the same tool, and beside PEFT's same method
+    others = [v.split(":", 1)[1] for v in memory if v.startswith("opendelta:") and v != "opendelta:lora"]
+    pairs += [(f"{tool}:{m}", f"{tool}:lora") for m in others for tool in ("opendelta", "peft") if f"{tool}:{m}" in memory]
+    pairs += [(f"opendelta:{m}", f"peft:{m}") for m in others if f"peft:{m}" in memory]
+    for a, b in pairs:
         ma, mb = memory.get(a, {}), memory.get(b, {})
         if "peak_bytes" in ma and "peak_bytes" in mb:
             out[f"{a} / {b}"] = {k: ma[k] / mb[k] for k in ("peak_bytes", "step_bytes", "saved_bytes") if mb[k] > 0}

@@ -59,6 +59,23 @@ for _name in ("adapter", "bitfit", "parallel_adapter", "low_rank_adapter", "comp
     register_method(_name, MethodSpec(_name, None))
 
 
+def _peft_twin(name: str, **kwargs: Any) -> Callable[[list[str]], Any]:
+    """PEFT's config class `name` at the given targets with `kwargs` (the same arguments as opendelta's)."""
+
+    def config(targets: list[str]) -> Any:
+        import peft
+
+        return getattr(peft, name)(target_modules=targets, **kwargs)
+
+    return config
+
+
+# the weight changes at LoRA's positions with PEFT's default sizes, beside PEFT's same method
+register_method("vera", MethodSpec("vera", ("attn.q", "attn.v"), {"r": 256}, _peft_twin("VeraConfig", r=256)))
+register_method("loha", MethodSpec("loha", ("attn.q", "attn.v"), {"r": 8, "alpha": 8}, _peft_twin("LoHaConfig", r=8, alpha=8)))
+register_method("lokr", MethodSpec("lokr", ("attn.q", "attn.v"), {"r": 8, "alpha": 8}, _peft_twin("LoKrConfig", r=8, alpha=8)))
+
+
 def available_methods() -> list[str]:
     """Registered suite methods whose delta type opendelta knows, LoRA first."""
     known = set(known_delta_types())

@@ -40,7 +40,37 @@ RANGE_BAD: dict[tuple[str, str], list[Any]] = {
     ("parallel_adapter", "scaled"): [0.0, -1.0],
     ("soft_prompt", "init_range"): [0, -0.5],
     ("compacter", "phm_init_range"): [0.0, -1e-4],
+    **{(t, f): [0, 0.0, -8] for t in ("loha", "lokr") for f in ("alpha", "alpha_pattern")},
+    **{(t, f): [-0.1, 1.0, 1.5] for t in ("loha", "lokr") for f in ("rank_dropout", "module_dropout")},
+    ("vera", "vera_dropout"): [-0.1, 1.0, 1.5],
+    ("vera", "d_initial"): [],
+    ("adalora", "beta1"): [0.0, 1.0, -0.5],
+    ("adalora", "beta2"): [0.0, 1.0, 1.5],
+    ("adalora", "orth_reg_weight"): [-0.5],
+    ("adalora", "lora_alpha"): [0, -8],
+    ("adalora", "lora_dropout"): [-0.1, 1.0],
+    ("oft", "eps"): [0, -1e-5],
+    ("oft", "module_dropout"): [-0.1, 0.5, 1.0],
 }
+#: integer fields that are not sizes: the values of the usual bad list that they accept
+INT_VALID: dict[tuple[str, str], list[Any]] = {
+    ("lokr", "decompose_factor"): [-1, 0],  # -1: near the square root, 0: no split (PEFT's meanings)
+    ("vera", "projection_prng_key"): [0, 2**62, MAX_SIZE + 1],  # any seed torch takes, as in PEFT
+}
+#: whole-number fields whose range is not a size's (1 to MAX_SIZE): their out-of-range values
+INT_RANGE_BAD: dict[tuple[str, str], list[Any]] = {
+    ("oft", "r"): [-1, MAX_SIZE + 1],  # 0: the number of blocks follows from oft_block_size
+    ("oft", "oft_block_size"): [-1, MAX_SIZE + 1],
+    ("adalora", "tinit"): [-1, 2**62],  # step counts
+    ("adalora", "tfinal"): [-1, 2**62],
+    ("adalora", "total_step"): [-1, 0, 2**62],
+}
+#: list fields that hold numbers, not module names: their bad values, each with what the error must show of it
+LIST_BAD: dict[tuple[str, str], list[tuple[Any, str]]] = {
+    ("trainable_tokens", "token_indices"): [("3", "'3'"), (["a"], "'a'"), ([-1], "-1"), ([True], "True"), ([1.5], "1.5"), (5, "5")],
+}
+#: whole-number fields left out of the check that sets every such field to one value (they constrain each other)
+NOT_ALL_AT_ONCE = {("oft", "r"), ("adalora", "tinit"), ("adalora", "tfinal")}
 #: fields where None is valid although the annotation does not say Optional (documented: None means False)
 NONE_MEANS_FALSE = {"common_structure"}
 
@@ -78,7 +108,9 @@ def scalar_bad(delta_type: str, name: str, kind: Any) -> list[Any]:
     if kind is bool:
         return ["no", "false", "False", "yes", "", 1, 0, 1.0, [True]]
     if kind is int:
-        return ["8", "abc", 8.7, 0.5, True, [8], {}, math.nan, math.inf, -math.inf, -1, 0, 2**62, MAX_SIZE + 1, 10**5000]
+        out_of_range = INT_RANGE_BAD.get((delta_type, name), [-1, 0, 2**62, MAX_SIZE + 1])
+        values = ["8", "abc", 8.7, 0.5, True, [8], {}, math.nan, math.inf, -math.inf, *out_of_range, 10**5000]
+        return [v for v in values if v not in INT_VALID.get((delta_type, name), [])]
     if kind is float:
         return ["16", "abc", True, [1.0], math.nan, math.inf, -math.inf, 10**400, *RANGE_BAD[(delta_type, name)]]
     if kind is str:
@@ -93,7 +125,9 @@ def bad_cases(delta_type: str) -> list[tuple[str, Any, str]]:
     cases = []
     for name, kind, none_ok in fields_of(delta_type):
         origin = typing.get_origin(kind)
-        if origin is list:
+        if (delta_type, name) in LIST_BAD:
+            cases += [(name, v, text) for v, text in LIST_BAD[(delta_type, name)]]
+        elif origin is list:
             values = ["query", [3], [None], [["query"]], ("query", 3), {"query"}, {"query": 1}, 5, True]
             cases += [(name, v, shown(v)) for v in values]
         elif origin is dict:
@@ -239,7 +273,7 @@ def test_the_defaults_build_and_detach_exactly(delta_type) -> None:
 @pytest.mark.parametrize("delta_type", METHODS)
 def test_whole_floats_none_for_common_structure_and_tuples_are_read_as_what_they_mean(delta_type) -> None:
     config_cls = lookup(delta_type)[0]
-    ints = [name for name, kind, _ in fields_of(delta_type) if kind is int]
+    ints = [name for name, kind, _ in fields_of(delta_type) if kind is int and (delta_type, name) not in NOT_ALL_AT_ONCE]
     config = config_cls(common_structure=None, modified_modules=("query",), **{n: 4.0 for n in ints})
     assert config.common_structure is False and config.modified_modules == ["query"]
     assert all(type(getattr(config, n)) is int and getattr(config, n) == 4 for n in ints)

@@ -28,9 +28,9 @@ from opendelta.checkpoint import read_checkpoint
 from opendelta.methods.compacter import PHMLinear
 from opendelta.methods.ia3 import IA3InputLayer, IA3Layer
 
-#: the module-level methods (not the sequence-level ones) with the method table's tiny arguments (hidden
+#: the module-level methods (not the sequence-level ones, nor those outside the method matrix) with the method table's tiny arguments (hidden
 #: size 32: Compacter's default bottleneck, 32 // 16 = 2, is not a multiple of n = 4); default positions
-DEFAULT_ARGS = {m.model_class: m.tiny for m in METHODS.values() if not m.whole_batch}
+DEFAULT_ARGS = {m.model_class: m.tiny for m in METHODS.values() if not m.whole_batch and m.matrix}
 METHOD_IDS = [cls.__name__ for cls in DEFAULT_ARGS]
 TRANSFORMER_FAMILIES = [name for name, family in FAMILIES.items() if not family.plain]
 

@@ -125,10 +125,10 @@ def test_opendelta_gpt2_conv1d_lora_loads_in_peft_with_equal_outputs(tmp_path):
 
 
 def test_peft_folder_of_another_method_is_refused_naming_it(tmp_path):
-    peft.get_peft_model(tiny_bert(), peft.LoHaConfig(target_modules=["query", "value"])).save_pretrained(tmp_path)
+    peft.get_peft_model(tiny_bert(), peft.HRAConfig(r=2, target_modules=["query", "value"])).save_pretrained(tmp_path)
     model = tiny_bert()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(PeftFormatError, match="PEFT 'LOHA' adapter"):
+    with pytest.raises(PeftFormatError, match="PEFT 'HRA' adapter"):
         AutoDeltaModel.from_finetuned(tmp_path, model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

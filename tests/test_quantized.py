@@ -16,13 +16,13 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu  # noqa: E402
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from support.quantized import IDS, load_quantized, save_tiny_llama  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from opendelta import AutoDeltaConfig, AutoDeltaModel  # noqa: E402
 from opendelta.errors import MergeError, UnsupportedModuleError  # noqa: E402
 from opendelta.quantized import dequantized_weight, is_4bit, is_quantized, unpack_cpu_repacked  # noqa: E402
 
-IDS = torch.tensor([[5, 17, 42, 8, 63, 2], [9, 3, 77, 1, 30, 4]])
 #: every method that acts on linear layers or around them, at small sizes for hidden 64
 METHODS = {
     "lora": {}, "ia3": {}, "bitfit": {}, "adapter": {"bottleneck_dim": 8}, "parallel_adapter": {"bottleneck_dim": 8},
@@ -32,20 +32,11 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=99, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def load(path: str, bits: int) -> nn.Module:
-    config = (
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
-    )
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu").eval()
+    return load_quantized(path, bits)
 
 
 def dense_copy(model: nn.Module) -> nn.Module:
@@ -208,3 +199,33 @@ def test_a_weight_already_repacked_is_a_typed_error_and_unpacking_it_is_one_call
         logits(m).pow(2).mean().backward()
     for q, d in zip(deltas[0].delta_parameters(), deltas[1].delta_parameters()):
         assert (q.grad - d.grad).abs().max() <= 2e-6 * d.grad.abs().max()
+
+
+def _dora(model: nn.Module):
+    torch.manual_seed(1)
+    delta = AutoDeltaModel.from_config({"delta_type": "lora", "use_dora": True}, backbone_model=model)
+    delta.freeze_module(exclude=["deltas"], set_state_dict=False)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in delta.delta_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return delta
+
+
+def test_dora_on_4bit_trains_with_the_dense_gradients_and_merges_back_to_the_same_bytes(saved_model):
+    model = load(saved_model, 4)
+    dense = dense_copy(model)
+    before = state(model)
+    deltas = [_dora(m) for m in (model, dense)]
+    for m in (model, dense):
+        logits(m).pow(2).mean().backward()
+    for q, d in zip(deltas[0].delta_parameters(), deltas[1].delta_parameters()):
+        assert q.dtype == torch.float32 and (q.grad - d.grad).abs().max() <= 2e-6 * d.grad.abs().max().clamp_min(1e-30)
+    with torch.no_grad():
+        unmerged = logits(model)
+    deltas[0].merge()
+    deltas[0].unmerge()
+    with torch.no_grad():
+        assert torch.equal(logits(model), unmerged)  # the norm kept for the old weight was recomputed, then equal
+    deltas[0].detach()
+    assert_same_state(model, before)

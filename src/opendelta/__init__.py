@@ -9,6 +9,7 @@ from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import (
     CheckpointError,
+    CheckpointNotCachedError,
     CheckpointNotFoundError,
     CheckpointPathError,
     CheckpointPermissionError,
@@ -16,6 +17,7 @@ from opendelta.errors import (
     DeltaConfigError,
     DistributedSaveError,
     DuplicateDeltaTypeError,
+    HubError,
     IncompatibleCheckpointError,
     LifecycleError,
     MergeError,
@@ -33,8 +35,11 @@ from opendelta.errors import (
     UnreachedModuleError,
     UnsupportedModuleError,
 )
+from opendelta.hf_trainer import quantized_training
 from opendelta.layer import DeltaLayer
 from opendelta.methods import (
+    AdaLoraConfig,
+    AdaLoraModel,
     AdapterConfig,
     AdapterModel,
     BitFitConfig,
@@ -43,17 +48,28 @@ from opendelta.methods import (
     CompacterModel,
     IA3Config,
     IA3Model,
+    LoHaConfig,
+    LoHaModel,
+    LoKrConfig,
+    LoKrModel,
     LoraConfig,
     LoraModel,
     LowRankAdapterConfig,
     LowRankAdapterModel,
+    OftConfig,
+    OftModel,
     ParallelAdapterConfig,
     ParallelAdapterModel,
     PrefixConfig,
     PrefixModel,
     SoftPromptConfig,
     SoftPromptModel,
+    TrainableTokensConfig,
+    TrainableTokensModel,
+    VeraConfig,
+    VeraModel,
 )
+from opendelta.loraplus import create_loraplus_optimizer
 from opendelta.multitask import MultiTask, mixed_batch
 from opendelta.leniency import OriginalBehaviourWarning, set_strict, strict_mode
 
@@ -64,6 +80,8 @@ from opendelta.utils.saving_loading_utils import SaveLoadMixin
 from opendelta.utils.structure_mapping import CommonStructureMap
 
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraModel",
     "AdapterConfig",
     "BaseDeltaConfig",
     "CommonStructureMap",
@@ -78,6 +96,7 @@ __all__ = [
     "BitFitConfig",
     "BitFitModel",
     "CheckpointError",
+    "CheckpointNotCachedError",
     "CheckpointNotFoundError",
     "CheckpointPathError",
     "CheckpointPermissionError",
@@ -90,10 +109,15 @@ __all__ = [
     "DistributedSaveError",
     "DuplicateDeltaTypeError",
     "DeltaLayer",
+    "HubError",
     "IA3Config",
     "IA3Model",
     "IncompatibleCheckpointError",
     "LifecycleError",
+    "LoHaConfig",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrModel",
     "LoraConfig",
     "LoraModel",
     "LowRankAdapterConfig",
@@ -102,6 +126,8 @@ __all__ = [
     "MixedBatchError",
     "MultiTask",
     "NoMatchError",
+    "OftConfig",
+    "OftModel",
     "OpenDeltaError",
     "ParallelAdapterConfig",
     "ParallelAdapterModel",
@@ -116,11 +142,17 @@ __all__ = [
     "SoftPromptConfig",
     "SoftPromptModel",
     "StructureError",
+    "TrainableTokensConfig",
+    "TrainableTokensModel",
     "UnknownDeltaTypeError",
     "UnreachedModuleError",
     "UnsupportedModuleError",
+    "VeraConfig",
+    "VeraModel",
     "combine",
+    "create_loraplus_optimizer",
     "find_modules",
     "mixed_batch",
     "negate",
+    "quantized_training",
 ]

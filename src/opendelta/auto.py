@@ -12,6 +12,7 @@ from opendelta.checkpoint import config_from_meta, read_meta
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import DeltaConfigError
+from opendelta.hub import finetuned_folder
 from opendelta.registry import lookup, register
 
 
@@ -32,9 +33,10 @@ class AutoDeltaConfig:
         return config_cls.from_dict(config_dict)
 
     @staticmethod
-    def from_finetuned(finetuned_delta_path: str | os.PathLike) -> DeltaConfig:
-        """The config stored in a checkpoint directory (the tensors are not read, so not verified)."""
-        meta = read_meta(finetuned_delta_path, verify=False)
+    def from_finetuned(finetuned_delta_path: str | os.PathLike, **hub_args: Any) -> DeltaConfig:
+        """The config stored in a checkpoint directory or Hub repo (`hub_args`: revision, cache_dir,
+        local_files_only, force_download, token); the tensors are not read, so not verified."""
+        meta = read_meta(finetuned_folder(finetuned_delta_path, **hub_args), verify=False)
         config_cls, _ = lookup(meta["delta_type"])
         return config_from_meta(meta, config_cls)
 

@@ -18,6 +18,7 @@ from opendelta.addressing import backbone_modules, is_delta_module, match_names
 from opendelta.claims import check_value_free, claim_value, release_flag, release_value, set_flag
 from opendelta.errors import LifecycleError, PatternError
 from opendelta.input_grads import require_input_grads
+from opendelta.offload import check_trainable
 from opendelta.reachability import FirstForwardCheck
 
 if TYPE_CHECKING:
@@ -177,6 +178,7 @@ class BackboneChanges:
         flags = {prefix + n: id(p) in trainable for n, p in params.items() if id(p) not in own_ids}
         trained = {prefix + n: p for n, p in params.items() if id(p) in trainable and id(p) not in delta_ids}
         for name, param in trained.items():  # refuse before changing anything
+            check_trainable(name, self.backbone.get_submodule(name.rpartition(".")[0]))
             check_value_free(param, name, self.owner, f"let delta {self.owner.name!r} train {name!r}")
         with torch.no_grad():
             for name, param in trained.items():

@@ -340,7 +340,7 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -> Sto
         raise CheckpointNotFoundError(f"the checkpoint in {str(directory)!r} is missing its tensors file {weights.name}")
     stored, size = read_safetensors_header(weights)
     stacks, aliases = meta.get("stacks", {}), meta.get("shared_tensors", {})
-    shapes = _unstacked_shapes(stored, stacks, aliases, weights)
+    shapes = checkpoint_shapes(meta, stored, weights)
     sha256 = meta["weights"].get("sha256") if verify else None
 
     def load(device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -349,6 +349,12 @@ def open_checkpoint(directory: str | os.PathLike, *, verify: bool = True) -> Sto
         return tensors
 
     return StoredCheckpoint(meta=meta, shapes=shapes, load=load)
+
+
+def checkpoint_shapes(meta: dict[str, Any], header: dict[str, tuple[int, ...]], source: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every checkpoint key, from the weights file's header shapes (`header`, read from
+    `source`) and the config's stacks and shared tensors."""
+    return _unstacked_shapes(header, meta.get("stacks", {}), meta.get("shared_tensors", {}), source)
 
 
 def is_checkpoint_folder(directory: Path) -> bool:
@@ -375,7 +381,11 @@ def saved_order(meta: dict[str, Any], where: str | os.PathLike) -> tuple[float, 
 
 def read_delta_checkpoint(directory: Path, *, verify: bool = True) -> CheckpointContents:
     """The opendelta checkpoint in `directory`, its config and tensor header read and checked."""
-    stored = open_checkpoint(directory, verify=verify)
+    return delta_contents(open_checkpoint(directory, verify=verify), directory)
+
+
+def delta_contents(stored: StoredCheckpoint, directory: str | os.PathLike) -> CheckpointContents:
+    """An opendelta checkpoint in opendelta's terms, from its checked config and tensor header."""
     config_cls, delta_cls = lookup(stored.meta["delta_type"])
     position, created = saved_order(stored.meta, directory)
     return CheckpointContents(

@@ -82,6 +82,8 @@ class DeltaConfig(OriginalConfigAPI):
     unfrozen_modules: list[str] | None = None
     #: read modified_modules as common-structure roles; None (the original OpenDelta's default) means False
     common_structure: bool = dataclasses.field(default=False, metadata={_RULE: Rule(none_means=False)})
+    #: the dtype of trainable deltas beside a float16/bfloat16 backbone: "float32" or the "weight"'s (precision.py)
+    delta_dtype: str = choice("float32", ("float32", "weight"))
 
     @classmethod
     def field_names(cls) -> list[str]:

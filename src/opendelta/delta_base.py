@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from opendelta import export, reporting, scaling, serialization
+from opendelta import export, hub, offload, reporting, scaling, serialization
 from opendelta.backbone_changes import BackboneChanges
 from opendelta.config import DeltaConfig, check_delta_name, check_name_list
 from opendelta.distributed import ARRIVAL_TIMEOUT_S
@@ -27,6 +27,7 @@ from opendelta.merging import check_last_merged, merge_layers, unmerge_layers
 from opendelta.ordering import checked_position, creation_stamp
 from opendelta.original_api import OriginalAPI
 from opendelta.placement import LayerHomes
+from opendelta.precision import keep_precision
 from opendelta.quantized import guard_cpu_repack
 from opendelta.reachability import FirstForwardCheck
 from opendelta.registry import RegisteredConfig, RegisteredType, register
@@ -178,11 +179,13 @@ class DeltaBase(OriginalAPI):
             observations, unverified = self._observe_targets(backbone, paths, dummy_inputs)
         self.backbone_model = backbone
         self.config = config
-        self.prepare(observations)
         with torch.inference_mode(False):  # layers built under inference_mode would be untrainable inference tensors
+            self.prepare(observations)  # which may make tensors the layers share
             self.layers: dict[str, DeltaLayer] = {
                 t.path: self.new_layer(t.path, t.site, observations.get(t.path)) for t in targets
             }
+        offload.check_placement(backbone, ((t.path, t.module, self.layers[t.path]) for t in targets))
+        keep_precision(self.layers.values(), config.delta_dtype)
         self.name = free_name(targets, name, self.delta_type or "delta")
         self._order: tuple[float, int, str] = (0, creation_stamp(), "")  # see order_key
         self._attached = False
@@ -503,6 +506,8 @@ class DeltaBase(OriginalAPI):
         force_download: bool = False,
         check_hash: bool = True,
         local_files_only: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
     ) -> D:
         """Load a checkpoint written by save_finetuned() (or a PEFT LoRA adapter folder) onto
         `backbone_model` and attach it.
@@ -513,17 +518,35 @@ class DeltaBase(OriginalAPI):
         IncompatibleCheckpointError, a damaged one CorruptCheckpointError, naming what differs.
         The delta keeps the place among other deltas its checkpoint records; `order` overrides its
         position.
+
+        A Hugging Face Hub repo id ("owner/name") is fetched through the Hub cache (`revision`,
+        `cache_dir`, `local_files_only`, `force_download`, `token`; see opendelta.hub): the config
+        first, the weights only once the backbone fits. An existing local folder wins over a repo id.
         """
         if delta_config is not None or state_dict is not None:  # the original's other ways in (original_api.py)
             return cls.from_config_and_state(delta_config, state_dict, finetuned_delta_path, backbone_model)  # type: ignore[return-value]
-        return serialization.load_delta(  # type: ignore[return-value]
-            cls.finetuned_folder(finetuned_delta_path, cache_dir, force_download),
-            backbone_model,
-            expected=None if cls is DeltaBase else cls,
-            name=name,
-            dummy_inputs=dummy_inputs,
-            verify=verify,
+        load_args: dict[str, Any] = dict(
+            expected=None if cls is DeltaBase else cls, name=name, dummy_inputs=dummy_inputs, verify=verify,
             position=None if order is None else checked_position(order),
+        )
+        repo_id = hub.hub_repo_id(finetuned_delta_path, cache_dir, force_download)
+        if repo_id is not None:
+            return hub.load_from_hub(  # type: ignore[return-value]
+                repo_id, backbone_model, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                force_download=force_download, token=token, **load_args,
+            )
+        folder = hub.local_folder(finetuned_delta_path, cache_dir)
+        return serialization.load_delta(folder, backbone_model, **load_args)  # type: ignore[return-value]
+
+    def push_to_hub(
+        self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+        commit_message: str | None = None, revision: str | None = None, base_model: str | None = None,
+    ) -> str:
+        """Save this delta with a model card (README.md) and upload it to the Hugging Face Hub repo
+        `repo_id`, created if needed; returns the commit URL. See opendelta.hub."""
+        return hub.push_to_hub(
+            self, repo_id, private=private, token=token, commit_message=commit_message, revision=revision,
+            base_model=base_model,
         )
 
     def load_trained_state(

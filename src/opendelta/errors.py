@@ -92,6 +92,15 @@ class CorruptCheckpointError(CheckpointError, ValueError):
     """A checkpoint file is unreadable, truncated, or does not match its recorded checksum."""
 
 
+class CheckpointNotCachedError(CheckpointNotFoundError):
+    """A Hub checkpoint file is not in the local Hub cache and cannot be fetched (offline mode,
+    ``local_files_only=True``, or the Hub cannot be reached)."""
+
+
+class HubError(CheckpointError, OSError):
+    """A Hugging Face Hub request failed (network, permissions, a gated repo) or its arguments contradict each other."""
+
+
 class IncompatibleCheckpointError(CheckpointError, ValueError):
     """The checkpoint's modules or tensor shapes do not fit this backbone."""
 

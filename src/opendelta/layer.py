@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from opendelta.errors import MergeError, MixedBatchError
+from opendelta.precision import wrap_routes
 
 #: mixed_rows values: the layer runs on its rows only / its class combines the layers of one module / refused
 ROW_WISE = "row_wise"
@@ -50,8 +51,13 @@ class DeltaLayer(nn.Module):
     #: ``route_parallel_rows``. A reference kept by the layer would miss copies (deepcopy, data-parallel replicas).
     reads_module: ClassVar[bool] = False
 
+    #: set by the precision policy (opendelta.precision) on a layer whose half-precision tensors it upcast: its
+    #: routes then compute in its own dtype and return the hidden state's
+    in_own_precision: bool = False
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        wrap_routes(cls)
         if cls.mixed_rows not in MIXED_ROWS:
             raise TypeError(f"{cls.__name__}.mixed_rows is {cls.mixed_rows!r}; expected one of {MIXED_ROWS}")
         declared = any("mixed_rows" in klass.__dict__ for klass in cls.__mro__ if klass is not DeltaLayer)
@@ -156,6 +162,9 @@ class DeltaLayer(nn.Module):
         """One object whose ``route_call`` runs each layer of `parts` (all of this class, on one
         module) on its rows, for COMBINED layers; raise MixedBatchError where they cannot share a batch."""
         raise whole_batch_only(cls)
+
+
+wrap_routes(DeltaLayer)
 
 
 def whole_batch_only(cls: type[DeltaLayer]) -> MixedBatchError:

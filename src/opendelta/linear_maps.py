@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from opendelta import quantized
+from opendelta.offload import computing_like
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    """(in_features, out_features) of an ``nn.Linear`` or a transformers ``Conv1D`` (transposed
+    """(in_features, out_features) of an ``nn.Linear`` (an hqq ``HQQLinear`` too) or a transformers ``Conv1D`` (transposed
     weight), else None."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or quantized.is_hqq(module):  # an HQQLinear is a linear map with no .weight
         return module.in_features, module.out_features
     weight = getattr(module, "weight", None)
     if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
@@ -26,12 +27,20 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
 
 
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A linear map's weight as a dense (out, in) tensor: :func:`linear_weight`, or a quantized layer's
+    dequantized weight (a new tensor: no gradient reaches the packed one)."""
+    return quantized.dequantized_weight(module) if quantized.is_quantized(module) else linear_weight(module)
+
+
 def weight_like(module: nn.Module) -> torch.Tensor:
     """A tensor with the dtype and device a delta beside this linear map takes: its weight, or for a
-    quantized layer (quantized.py) an empty tensor in the dtype it computes in."""
+    quantized layer (quantized.py) an empty tensor in the dtype it computes in, for an offloaded one
+    (offload.py) an empty tensor of its dtype on the device it computes on."""
     if quantized.is_quantized(module):
-        return torch.empty(0, dtype=quantized.compute_dtype(module), device=module.weight.device)
-    return module.weight
+        device = module.device if quantized.is_hqq(module) else module.weight.device
+        return torch.empty(0, dtype=quantized.compute_dtype(module), device=device)
+    return computing_like(module, module.weight)
 
 
 def fold_into_weight(module: nn.Module, change: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch import nn
 
 from opendelta.errors import LifecycleError, MergeError
 from opendelta.layer import DeltaLayer
+from opendelta.offload import check_mergeable
 from opendelta.quantized import check_writable, is_quantized, restore_weight, write_weight
 from opendelta.routing import OrderKey, add_delta, remove_delta
 from opendelta.targets import Target
@@ -27,6 +28,7 @@ def merge_layers(
     """Fold each layer into its module's weights and take the layer out of the data flow; return
     the weights before. Raises MergeError (nothing changed) for a layer that cannot merge or a
     weight tied to another module."""
+    check_mergeable((path, targets[path].site) for path in layers)
     folded: Saved = {}
     with torch.no_grad():
         for path, layer in layers.items():

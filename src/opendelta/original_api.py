@@ -14,7 +14,6 @@ like a built-in method. Differences are listed in docs/migrating_from_opendelta.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -414,7 +413,7 @@ class OriginalAPI:
         if push_to_dc:  # delay_push only postponed that upload
             raise CheckpointError(
                 "push_to_dc uploads to the original OpenDelta's DeltaCenter, which no longer exists; save "
-                "locally (save_finetuned(path)) and share the folder (e.g. upload it to the Hugging Face Hub yourself)."
+                "locally (save_finetuned(path)), or share it on the Hugging Face Hub with delta.push_to_hub('owner/name')."
             )
         if not save_config:
             relax(CheckpointError("save_config=False: opendelta always writes the config, which is the checkpoint's commit point"))
@@ -465,13 +464,4 @@ class OriginalAPI:
             delta.detach()
             raise CheckpointError(f"state_dict holds tensors this delta and backbone do not have: {result.unexpected_keys[:5]}")
         return delta
-
-    @staticmethod
-    def finetuned_folder(path: Any, cache_dir: Any, force_download: bool) -> Any:
-        """The folder from_finetuned reads (see the original's cache_dir / DeltaCenter names)."""
-        from opendelta.original_config import local_folder, looks_like_hub_id
-
-        if isinstance(path, (str, os.PathLike)) and (cache_dir is not None or force_download or looks_like_hub_id(path)):
-            return local_folder(path, cache_dir, force_download)
-        return path
 

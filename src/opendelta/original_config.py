@@ -131,41 +131,14 @@ class OriginalConfigAPI:
     def from_finetuned(cls, finetuned_delta_path: str | os.PathLike, **kwargs: Any) -> DeltaConfig:
         """The config of a saved delta: an opendelta checkpoint, an original OpenDelta folder, or a
         folder holding only a ``config.json`` written by :meth:`save_finetuned`."""
-        path = local_folder(finetuned_delta_path, kwargs.get("cache_dir"), kwargs.get("force_download", False))
+        from opendelta.hub import finetuned_folder
+
+        path = finetuned_folder(finetuned_delta_path, **kwargs)
         config = read_saved_config(path)
         own = getattr(cls, "delta_type", "")
         if own and config.delta_type != own:
             raise DeltaConfigError(f"{path} holds a {config.delta_type!r} config, not {own!r}; use AutoDeltaConfig")
         return config
-
-
-def _looks_like_hub_id(path: Any) -> bool:
-    """Whether `path` is no local folder but reads like the original's DeltaCenter names ("owner/name")."""
-    text = os.fspath(path)
-    return isinstance(text, str) and not Path(text).exists() and not os.path.isabs(text) \
-        and text.count("/") == 1 and not text.startswith(".")
-
-
-def looks_like_hub_id(path: Any) -> bool:
-    """Whether `path` is no local folder but reads like the original's DeltaCenter names ("owner/name")."""
-    text = os.fspath(path)
-    return isinstance(text, str) and not Path(text).exists() and not os.path.isabs(text) \
-        and text.count("/") == 1 and not text.startswith(".")
-
-
-def local_folder(path: Any, cache_dir: Any = None, force_download: bool = False) -> Path:
-    """The folder a from_finetuned argument names; a name that is no local folder was a DeltaCenter
-    id in the original, and the DeltaCenter no longer exists."""
-    if not isinstance(path, (str, os.PathLike)):
-        return checkpoint_path(path, "from_finetuned")
-    folder = Path(cache_dir, path) if cache_dir is not None else Path(path)
-    if force_download or not folder.exists():
-        raise CheckpointNotFoundError(
-            f"{str(folder)!r} is not a local folder. The original OpenDelta downloaded such names from its "
-            "DeltaCenter, which no longer exists; download the checkpoint folder yourself and pass its path"
-            + (" (force_download=True asks for a download, which opendelta cannot do)." if force_download else ".")
-        )
-    return folder
 
 
 #: delta_type -> {config field the original's model never read: (the value it used, the value the

@@ -13,6 +13,10 @@ which turns a delta's tensors into PEFT's and back:
   DoRA's magnitudes (``use_dora``) are PEFT's ``<path>.lora_magnitude_vector``; a PiSSA/OLoRA-started
   LoRA is written as PEFT's own converted rank-2r LoRA on the original weights;
 - IA3: ``<path>.ia3_l``, the scaling vector as (out, 1), or (1, in) for ``feedforward_modules``;
+- LoHa, LoKr: the factors under the same names (``<path>.hada_w1_a`` ..., ``<path>.lokr_w1`` ...), on
+  ``nn.Linear`` only (PEFT's LoHa and LoKr do not take GPT-2's ``Conv1D``);
+- VeRA: ``<path>.vera_lambda_b`` / ``.vera_lambda_d``, and the shared pair once as ``base_model.vera_A`` /
+  ``base_model.vera_B`` unless ``save_projection=False`` (then both sides redraw it from the seed);
 - soft prompt (PEFT's prompt tuning, encoder-only and decoder-only models): ``prompt_embeddings``,
   the prompt (tokens x hidden); a sequence classifier's head goes with it, as PEFT's always does;
 - prefix (PEFT's prefix tuning, decoder-only LMs, every layer): ``prompt_embeddings``, (tokens x
@@ -122,6 +126,8 @@ class PeftMethod:
     prefix: str = PREFIX
     #: (the config read, the tensors, the weights file) -> raise where they disagree, before any layer is built
     check_read: Callable[[Any, PeftTensors, Path], None] = lambda config, tensors, where: None
+    #: stored names the write gives whole, without `prefix` (tensors of the PEFT model, not of a backbone module)
+    unprefixed: frozenset[str] = frozenset({PROMPT_KEY})
 
 
 def is_peft_folder(directory: str | os.PathLike) -> bool:
@@ -643,10 +649,162 @@ def _read_prefix(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path:
     return PeftTensors(values, [], {}, lambda t: {}, {PROMPT_KEY}, bind=bind)
 
 
+# ----------------------------------------------------------------- LoHa, LoKr (PEFT's LyCORIS methods), VeRA
+
+#: peft_type -> the tensor names of its layers (opendelta's layers use the same names)
+_LAYER_NAMES = {
+    "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+    "VERA": ("vera_lambda_b", "vera_lambda_d"),
+}
+#: LyCORIS tensors of convolutions (CP-decomposed kernels), which opendelta's LoHa and LoKr do not implement
+_CONV_NAMES = ("hada_t1", "hada_t2", "lokr_t2")
+#: peft_type -> its config fields beyond the LyCORIS ones, same name in both configs: (types, expected, default)
+_LYCORIS_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], str, Any]]] = {
+    "LOHA": {},
+    "LOKR": {
+        "decompose_both": ((bool,), "true or false", False),
+        "decompose_factor": ((int,), "-1, 0 or a positive integer", -1),
+        "rank_dropout_scale": ((bool,), "true or false", False),
+    },
+}
+#: VeRA's shared pair: PEFT's stored name -> the key under each opendelta layer
+_VERA_PAIR = {"base_model.vera_A": "projection.vera_A", "base_model.vera_B": "projection.vera_B"}
+
+
+def _check_linear_only(delta: DeltaBase) -> None:
+    if _is_conv1d(delta):
+        raise PeftFormatError(
+            f"PEFT's {delta.delta_type} takes nn.Linear, Conv1d and Conv2d layers but not GPT-2's Conv1D, so "
+            "peft.PeftModel.from_pretrained could not load this delta; save it with format='opendelta'."
+        )
+
+
+def _layer_tensors(delta: DeltaBase, tensors: dict[str, torch.Tensor], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Each layer's tensors among `names`, by PEFT's stored name ``<path>.<name>``."""
+    return {f"{path}.{n}": tensors[delta_key(path, n)] for path, layer in delta.layers.items() for n in layer.state_dict() if n in names}
+
+
+def _write_lycoris(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    config = delta.config
+    peft_type = _by_delta_type(delta.delta_type).peft_type  # type: ignore[union-attr]
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for path in delta.layers:
+        r, alpha = config.rank_and_alpha(path)
+        if r != config.r:
+            rank_pattern[re.escape(path)] = r
+        if alpha != config.alpha:
+            alpha_pattern[re.escape(path)] = alpha
+    fields = {
+        "r": config.r, "alpha": config.alpha, "rank_dropout": config.rank_dropout, "module_dropout": config.module_dropout,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "target_modules": sorted(delta.layers),
+        "init_weights": config.init_weights, "use_effective_conv2d": False,
+    }
+    fields.update({name: getattr(config, name) for name in _LYCORIS_FIELDS[peft_type]})
+    return _layer_tensors(delta, tensors, _LAYER_NAMES[peft_type]), fields
+
+
+def _read_lycoris(peft_type: str) -> Callable[[dict[str, Any], dict[str, tuple[int, ...]], Path], PeftTensors]:
+    """The reader of PEFT's LoHa or LoKr folders: the factors keep their names; the shapes the config
+    implies are checked against the file when the layers are built."""
+
+    def read(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: Path) -> PeftTensors:
+        conv = [n for n in stored if n.rpartition(".")[2] in _CONV_NAMES]
+        if conv:
+            raise PeftFormatError(
+                f"{path.parent / PEFT_WEIGHTS_NAME} holds {conv[0]!r}, a {peft_type} tensor of a convolution, which "
+                "opendelta does not implement (it takes linear layers); load it with peft.PeftModel.from_pretrained."
+            )
+        keys, paths = _named_layer_tensors(stored, _LAYER_NAMES[peft_type], peft_type, path)
+        _check_names(peft, path, "target_modules", "exclude_modules", "modules_to_save")
+        values = {
+            "modified_modules": paths,
+            "r": _field(peft, "r", (int,), "a positive integer", 8, path),
+            "alpha": _field(peft, "alpha", (int, float), "a number", 8, path),
+            "rank_dropout": _field(peft, "rank_dropout", (int, float), "a number in [0, 1)", 0.0, path),
+            "module_dropout": _field(peft, "module_dropout", (int, float), "a number in [0, 1)", 0.0, path),
+            "rank_pattern": _pattern_map(peft, "rank_pattern", (int,), "integer ranks", path),
+            "alpha_pattern": _pattern_map(peft, "alpha_pattern", (int, float), "numbers", path),
+        }
+        values.update({name: _field(peft, name, *rule, path) for name, rule in _LYCORIS_FIELDS[peft_type].items()})
+        return PeftTensors(values, paths, {keys[n]: stored[n] for n in keys}, lambda t: {keys[n]: t[n] for n in keys}, set(keys))
+
+    return read
+
+
+def _named_layer_tensors(
+    stored: dict[str, tuple[int, ...]], names: tuple[str, ...], peft_type: str, path: Path
+) -> tuple[dict[str, str], list[str]]:
+    """Stored name -> opendelta checkpoint key for the tensors ``<module path>.<name>`` with `names`, and the
+    module paths in the order the file lists them; PeftFormatError when there are none."""
+    keys: dict[str, str] = {}
+    paths: list[str] = []
+    for name in stored:
+        module, _, leaf = name.rpartition(".")
+        if module and leaf in names:
+            keys[name] = delta_key(module, leaf)
+            if module not in paths:
+                paths.append(module)
+    if not paths:
+        raise PeftFormatError(
+            f"{path.parent / PEFT_WEIGHTS_NAME} holds no {peft_type} tensors (no '<module>.{names[0]}'); it is not a "
+            f"{peft_type} adapter."
+        )
+    return keys, paths
+
+
+def _write_vera(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    config = delta.config
+    out = _layer_tensors(delta, tensors, _LAYER_NAMES["VERA"])
+    if config.save_projection:  # the pair is stored once, under the first layer's key (checkpoint.shared_keys)
+        first = next(iter(delta.layers))
+        out.update({name: tensors[delta_key(first, key)] for name, key in _VERA_PAIR.items()})
+    fields = {
+        "r": config.r, "projection_prng_key": config.projection_prng_key, "save_projection": config.save_projection,
+        "vera_dropout": config.vera_dropout, "d_initial": config.d_initial, "target_modules": sorted(delta.layers),
+        "fan_in_fan_out": _is_conv1d(delta), "bias": "none", "init_weights": True,
+    }
+    return out, fields
+
+
+def _read_vera(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: Path) -> PeftTensors:
+    keys, paths = _named_layer_tensors(stored, _LAYER_NAMES["VERA"], "VERA", path)
+    _check_names(peft, path, "target_modules", "modules_to_save")
+    _field(peft, "fan_in_fan_out", (bool,), "true or false", False, path)
+    save_projection = _field(peft, "save_projection", (bool,), "true or false", True, path)
+    pair = [name for name in _VERA_PAIR if name in stored]
+    if save_projection and len(pair) != len(_VERA_PAIR):
+        raise CorruptCheckpointError(
+            f"{path}: save_projection is true, but {path.parent / PEFT_WEIGHTS_NAME} lacks "
+            f"{sorted(set(_VERA_PAIR) - set(pair))}; the folder is damaged or was edited."
+        )
+    shared = {name: [delta_key(module, _VERA_PAIR[name]) for module in paths] for name in pair} if save_projection else {}
+    values = {
+        "modified_modules": paths,
+        "r": _field(peft, "r", (int,), "a positive integer", 256, path),
+        "projection_prng_key": _field(peft, "projection_prng_key", (int,), "an integer >= 0", 0, path),
+        "save_projection": save_projection,
+        "vera_dropout": _field(peft, "vera_dropout", (int, float), "a number in [0, 1)", 0.0, path),
+        "d_initial": _field(peft, "d_initial", (int, float), "a number", 0.1, path),
+    }
+    shapes = {keys[n]: stored[n] for n in keys} | {key: stored[name] for name, ks in shared.items() for key in ks}
+
+    def convert(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # every layer holds the one shared pair, so each layer's key gets the same tensor
+        return {keys[n]: t[n] for n in keys} | {key: t[name] for name, ks in shared.items() for key in ks}
+
+    # a pair stored although save_projection is false is left unclaimed: PEFT ignores it, and so does opendelta
+    return PeftTensors(values, paths, shapes, convert, set(keys) | set(pair))
+
+
 #: PEFT's peft_type -> how opendelta's method with the same tensors converts
 PEFT_METHODS: dict[str, PeftMethod] = {
     "LORA": PeftMethod("LORA", "lora", _write_lora, _read_lora, check_read=_check_lora_ranks),
     "IA3": PeftMethod("IA3", "ia3", _write_ia3, _read_ia3),
+    "LOHA": PeftMethod("LOHA", "loha", _write_lycoris, _read_lycoris("LOHA")),
+    "LOKR": PeftMethod("LOKR", "lokr", _write_lycoris, _read_lycoris("LOKR")),
+    "VERA": PeftMethod("VERA", "vera", _write_vera, _read_vera, unprefixed=frozenset(_VERA_PAIR)),
     "PROMPT_TUNING": PeftMethod("PROMPT_TUNING", "soft_prompt", _write_soft_prompt, _read_soft_prompt, PROMPT_PREFIX),
     "PREFIX_TUNING": PeftMethod("PREFIX_TUNING", "prefix", _write_prefix, _read_prefix, PROMPT_PREFIX),
 }
@@ -657,9 +815,24 @@ _UNCONVERTED: dict[str, str] = {}
 #: peft_type -> the check a delta must pass before any rank gathers tensors
 _CHECKS: dict[str, Callable[[DeltaBase], Any]] = {
     "PROMPT_TUNING": _check_soft_prompt, "LORA": _check_lora, "IA3": _check_ia3, "PREFIX_TUNING": _check_prefix,
+    "LOHA": _check_linear_only, "LOKR": _check_linear_only,
 }
 #: PEFT's peft_type -> the opendelta delta_type with the same tensors (found through the registry)
 PEFT_TYPES = {m.peft_type: m.delta_type for m in PEFT_METHODS.values()}
+
+
+def register_peft_method(method: PeftMethod, check: Callable[[DeltaBase], Any] | None = None) -> None:
+    """Add a row to :data:`PEFT_METHODS` from the method's own file (a method is one file), with the
+    check a delta must pass before it is written (`check`, raising PeftFormatError)."""
+    PEFT_METHODS[method.peft_type] = method
+    PEFT_TYPES[method.peft_type] = method.delta_type
+    if check is not None:
+        _CHECKS[method.peft_type] = check
+
+
+def peft_field(peft: dict[str, Any], key: str, kinds: tuple[type, ...], expected: str, default: Any, path: Path) -> Any:
+    """For the methods' own readers: `peft[key]`, typed (see :func:`_field`)."""
+    return _field(peft, key, kinds, expected, default, path)
 
 
 # ----------------------------------------------------------------- the folder
@@ -670,7 +843,7 @@ def write_peft_checkpoint(delta: DeltaBase, directory: str | os.PathLike, tensor
     method = _by_delta_type(delta.delta_type)
     assert method is not None  # check_peft_expressible ran first
     own, fields = method.write(delta, tensors)
-    tensors_out = {name if name == PROMPT_KEY else method.prefix + name: t for name, t in own.items()}
+    tensors_out = {name if name in method.unprefixed else method.prefix + name: t for name, t in own.items()}
     for name in delta.trained_backbone_tensors():
         tensors_out[method.prefix + name] = tensors[f"backbone.{name}"]
     modules_to_save = _modules_to_save(delta)

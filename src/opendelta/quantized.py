@@ -1,9 +1,12 @@
-"""Quantized linear layers (bitsandbytes 4-bit and 8-bit) seen as the linear maps they compute.
+"""Quantized linear layers seen as the linear maps they compute: bitsandbytes 4-bit and 8-bit,
+torchao weights (an ``nn.Linear`` whose weight is a torchao tensor: int8 weight-only, NF4...) and
+hqq's ``HQQLinear`` (not an ``nn.Linear``; it has no ``.weight``).
 
 Deltas act on a quantized layer as on an ``nn.Linear``: they take the layer's compute dtype (not
 the packed storage dtype), a merge reads the dequantized weight, and writing a merged weight
-re-quantizes it while the packed bytes before are kept, so unmerge and detach put them back bit
-for bit. Nothing here imports bitsandbytes unless the model already holds its layers.
+re-quantizes it (bitsandbytes 4-bit only) while the packed bytes before are kept, so unmerge and
+detach put them back bit for bit. Nothing here imports a quantization library unless the model
+already holds its layers.
 """
 
 from __future__ import annotations
@@ -32,20 +35,43 @@ def is_8bit(module: nn.Module) -> bool:
     return cls is not None and isinstance(module, cls)
 
 
+def is_torchao(module: nn.Module) -> bool:
+    """An ``nn.Linear`` whose weight torchao quantized (a ``TorchAOBaseTensor``: int8 weight-only, NF4...)."""
+    utils = sys.modules.get("torchao.utils")
+    base = getattr(utils, "TorchAOBaseTensor", None) if utils is not None else None
+    nf4 = getattr(sys.modules.get("torchao.quantization.quantize_.workflows.nf4.nf4_tensor"), "NF4Tensor", None)
+    weight = getattr(module, "weight", None)
+    return any(cls is not None and isinstance(weight, cls) for cls in (base, nf4))
+
+
+def is_hqq(module: nn.Module) -> bool:
+    modules = sys.modules.get("hqq.core.quantize")
+    cls = getattr(modules, "HQQLinear", None) if modules is not None else None
+    return cls is not None and isinstance(module, cls)
+
+
 def is_quantized(module: nn.Module) -> bool:
-    return is_4bit(module) or is_8bit(module)
+    return is_4bit(module) or is_8bit(module) or is_torchao(module) or is_hqq(module)
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
     """The floating dtype a quantized layer computes in: the deltas beside it take it."""
-    if is_4bit(module) and module.compute_dtype is not None:
+    if (is_4bit(module) or is_hqq(module)) and module.compute_dtype is not None:
         return module.compute_dtype
+    if is_torchao(module):
+        return module.weight.dtype  # a torchao tensor reports the dtype it dequantizes to
     bias = getattr(module, "bias", None)
     return bias.dtype if isinstance(bias, torch.Tensor) and bias.is_floating_point() else torch.float32
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight a quantized layer multiplies by, in its compute dtype."""
+    if is_hqq(module):
+        return module.dequantize().to(compute_dtype(module))
+    if is_torchao(module):
+        weight = module.weight
+        dense = weight.get_original_weight() if hasattr(weight, "get_original_weight") else weight.dequantize()  # NF4
+        return dense.to(compute_dtype(module))
     import bitsandbytes.functional as F
 
     weight = module.weight
@@ -53,6 +79,19 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
         return F.dequantize_4bit(weight.data, weight.quant_state).to(compute_dtype(module))
     scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
     return F.int8_vectorwise_dequant(weight.data, scales).to(compute_dtype(module))
+
+
+def weight_stamp(module: nn.Module) -> tuple:
+    """What changes whenever a quantized layer's weight does (its packed tensor, the tensor's version
+    and storage, and the quantization state beside it): a value computed from the dequantized weight
+    is kept while the stamp is the same."""
+    packed = module.W_q if is_hqq(module) else module.weight
+    state = getattr(packed, "quant_state", None) or getattr(module, "meta", None)
+    try:
+        where = packed.data_ptr()
+    except RuntimeError:  # a wrapper tensor (torchao) has no storage of its own: its identity and version stand in
+        where = None
+    return (id(packed), packed._version, where, id(state), packed.device)
 
 
 def _repacked(module: nn.Module) -> bool:
@@ -96,10 +135,11 @@ def unpack_cpu_repacked(model: nn.Module) -> list[str]:
 
 def check_writable(module: nn.Module) -> None:
     """Raise MergeError for a quantized layer whose weight a merge cannot write."""
-    if is_8bit(module):
+    if is_8bit(module) or is_torchao(module) or is_hqq(module):
+        kind = "an 8-bit bitsandbytes" if is_8bit(module) else "a torchao" if is_torchao(module) else "an hqq"
         raise MergeError(
-            f"merging into an 8-bit bitsandbytes weight ({type(module).__name__}) is not supported; keep the delta "
-            "unmerged (it runs beside the layer), or load the backbone in 4-bit or full precision to merge."
+            f"merging into {kind} weight ({type(module).__name__}) is not supported; keep the delta unmerged (it runs "
+            "beside the layer), or load the backbone in bitsandbytes 4-bit or full precision to merge."
         )
 
 

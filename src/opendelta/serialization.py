@@ -123,27 +123,56 @@ def load_delta(
     """DeltaBase.from_finetuned: read, check against `backbone_model`, build, fill and attach.
     `expected` is the class the caller asked for (None: any); `position` overrides the saved one."""
     contents = read_contents(directory, verify=verify)
-    if contents.for_backbone is not None:
-        contents = contents.for_backbone(backbone_model)
-    delta_cls = contents.delta_class
+    where = f"{checkpoint_path(directory, 'from_finetuned')} (trained on a {contents.trained_on})"
+    return load_contents(
+        contents, str(directory), where, backbone_model, expected=expected, name=name, dummy_inputs=dummy_inputs,
+        position=position,
+    )
+
+
+def check_fits(
+    delta_cls: type[DeltaBase], modules: list[str], trained_on: str, source: str, backbone_model: nn.Module,
+    expected: type[DeltaBase] | None,
+) -> list[Any]:
+    """The targets of a checkpoint's modules on `backbone_model`, or IncompatibleCheckpointError if it
+    holds another class than `expected` or the backbone lacks a module; needs only the config."""
     if expected is not None and not issubclass(delta_cls, expected):
         raise IncompatibleCheckpointError(
-            f"{directory} holds a {delta_cls.delta_type!r} delta; load it with "
+            f"{source} holds a {delta_cls.delta_type!r} delta; load it with "
             f"{delta_cls.__name__}.from_finetuned or AutoDeltaModel.from_finetuned"
         )
-    targets, missing = targets_at(backbone_model, contents.modules)
+    targets, missing = targets_at(backbone_model, modules)
     if missing:
         raise IncompatibleCheckpointError(
-            f"the checkpoint was trained on a {contents.trained_on}; this {type(backbone_model).__name__} has no "
+            f"the checkpoint was trained on a {trained_on}; this {type(backbone_model).__name__} has no "
             f"module(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
+    return targets
+
+
+def load_contents(
+    contents: CheckpointContents,
+    source: str,
+    where: str,
+    backbone_model: nn.Module,
+    *,
+    expected: type[DeltaBase] | None,
+    name: str | None,
+    dummy_inputs: Any,
+    position: float | None,
+) -> DeltaBase:
+    """Check `contents` (read from `source`, described as `where` in errors) against
+    `backbone_model`, then read its tensor data, build, fill and attach."""
+    if contents.for_backbone is not None:  # a format whose module list depends on the backbone
+        contents = contents.for_backbone(backbone_model)
+    delta_cls = contents.delta_class
+    targets = check_fits(delta_cls, contents.modules, contents.trained_on, source, backbone_model, expected)
     try:
         delta = delta_cls.build_detached(backbone_model, contents.config, targets, name=name, dummy_inputs=dummy_inputs)
     except UnreachedModuleError:
         raise
     except UnsupportedModuleError as exc:
         raise IncompatibleCheckpointError(f"the checkpoint does not fit this backbone: {exc}") from exc
-    where = f"{checkpoint_path(directory, 'from_finetuned')} (trained on a {contents.trained_on})"
     backbone_names = list(contents.backbone_tensors)
     match_tensors(delta, contents.stored.shapes, backbone_names, where)  # before the data is read and hashed
     device = model_device(backbone_model)

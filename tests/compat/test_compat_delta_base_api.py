@@ -5,7 +5,7 @@ import torch
 from compat_models import IDS, bert, outputs, train_a_little
 
 from opendelta import AutoDeltaConfig, LoraConfig, LoraModel, SoftPromptModel, set_strict, strict_mode
-from opendelta.errors import CheckpointError, CheckpointNotFoundError, DeltaConfigError
+from opendelta.errors import CheckpointError, CheckpointPathError, DeltaConfigError
 from opendelta.leniency import OriginalBehaviourWarning
 
 INPUTS = {"input_ids": IDS}
@@ -107,7 +107,7 @@ def test_from_finetuned_takes_the_originals_arguments(tuned, tmp_path):
         path = "ckpt" if "cache_dir" in kwargs else tmp_path / "ckpt"
         LoraModel.from_finetuned(path, fresh, check_hash=False, local_files_only=True, **kwargs)
         assert all(torch.equal(a, b) for a, b in zip(outputs(fresh, INPUTS), expected)), kwargs
-    with pytest.raises(CheckpointNotFoundError, match="DeltaCenter"):
+    with pytest.raises(CheckpointPathError, match="force_download=True downloads from the Hugging Face Hub"):
         LoraModel.from_finetuned(tmp_path / "ckpt", bert(), force_download=True)
 
 

@@ -53,6 +53,7 @@ class Method:
 METHODS: dict[str, Method] = {
     m.delta_type: m
     for m in [
+        Method("adalora", matrix=(At("adalora", "kv"),)),
         Method("adapter", small={"bottleneck_dim": 6}, matrix=(At("adapter", "out"),), real_training=True),
         Method("bitfit", matrix=(At("bitfit", "out"), At("bitfit_norms", "norms")), real_training=True),
         Method(
@@ -60,11 +61,14 @@ METHODS: dict[str, Method] = {
             real_training=True,
         ),
         Method("ia3", matrix=(At("ia3", "kv"), At("ia3_input", "down")), real_training=True),
+        Method("loha", small={"r": 2}, matrix=(At("loha", "kv"),)),
+        Method("lokr", small={"r": 1, "decompose_both": True}, matrix=(At("lokr", "kv"),)),
         Method("lora", matrix=(At("lora", "kv"),)),
         Method(
             "low_rank_adapter", tiny={"reduction_factor": 4}, small={"reduction_factor": 8, "low_rank_rank": 2},
             matrix=(At("low_rank_adapter", "out"),), real_training=True,
         ),
+        Method("oft", matrix=(At("oft", "kv"),)),
         Method(
             "parallel_adapter", small={"bottleneck_dim": 6, "scaled": 2.0}, matrix=(At("parallel_adapter", "blocks"),),
             real_training=True,
@@ -78,6 +82,12 @@ METHODS: dict[str, Method] = {
             whole_batch=True, needs_transformer=True,
             not_in_matrix="it lengthens the output, so the matrix's same-shape comparisons do not apply, and it needs "
             "token embeddings (the tiny ViT has none); tests/test_soft_prompt.py covers it on each family",
+        ),
+        Method("vera", small={"r": 4}, matrix=(At("vera", "kv"),)),
+        Method(
+            "trainable_tokens", tiny={"token_indices": [1, 3]}, small={"token_indices": [1, 3]}, needs_transformer=True,
+            not_in_matrix="it trains rows of the input embeddings, which none of the matrix's places is; "
+            "tests/test_trainable_tokens.py covers its lifecycle on tiny LLaMA, GPT-2 (tied head) and BERT",
         ),
     ]
 }

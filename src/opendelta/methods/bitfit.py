@@ -43,7 +43,7 @@ def output_features(module: nn.Module) -> tuple[int, torch.Tensor | None, int] |
         return None
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.dim() == 1:
-        return weight.shape[0], weight, -1
+        return weight.shape[0], weight_like(module), -1
     normalized = getattr(module, "normalized_shape", None)
     if isinstance(normalized, int):
         normalized = (normalized,)

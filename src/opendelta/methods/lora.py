@@ -36,8 +36,8 @@ from opendelta.methods.lora_kinds import ConvLoraLayer, EmbeddingLoraLayer, Weig
 from opendelta.methods.lora_stacked import StackedLora
 from opendelta.runtime_init import Observation
 from opendelta.targets import Target, targets_at, without_excluded
-from opendelta.linear_maps import fold_into_weight, linear_shape, linear_weight, update_factors, weight_like
-from opendelta.quantized import is_quantized
+from opendelta.linear_maps import dense_weight, fold_into_weight, linear_shape, linear_weight, update_factors, weight_like
+from opendelta.quantized import is_quantized, weight_stamp
 
 
 class InitNames(Collection):
@@ -214,8 +214,9 @@ class DoraLayer(LoraLayer):
     def __init__(self, in_features: int, out_features: int, config: LoraConfig, module: nn.Module, path: str = ""):
         super().__init__(in_features, out_features, config, module, path)
         self._squared_rows: tuple[weakref.ref, tuple, torch.Tensor] | None = None
-        self.magnitude = nn.Parameter(torch.empty(out_features, dtype=module.weight.dtype, device=module.weight.device))
-        if module.weight.device.type != "meta":
+        like = weight_like(module)  # a quantized layer's compute dtype, not its packed storage's
+        self.magnitude = nn.Parameter(torch.empty(out_features, dtype=like.dtype, device=like.device))
+        if like.device.type != "meta":
             with torch.no_grad():
                 self.magnitude.copy_(self.weight_norm(module))
 
@@ -227,7 +228,7 @@ class DoraLayer(LoraLayer):
         ``W + s B A``: ``||W||^2 + 2 s <W, B A> + s^2 ||B A||^2`` per row, where ``||W||^2`` is
         computed once for as long as the weight is unchanged (see :meth:`_squared_row_norms`)."""
         with torch.no_grad():
-            weight = linear_weight(module)
+            weight = dense_weight(module)
             lora_A, lora_B = self.factors()
             a, b = lora_A.float(), lora_B.float()
             cross = (b * (weight @ lora_A.t().to(weight.dtype)).float()).sum(1)
@@ -240,6 +241,12 @@ class DoraLayer(LoraLayer):
         same values: an in-place change (an optimizer step, merge(), copy_) bumps its version counter and
         a move (``.to()``) changes its storage, either of which recomputes it. A change written through
         ``weight.data`` escapes the version counter; write through the parameter itself (under no_grad)."""
+        if is_quantized(module):  # its packed weight and quantization state (merge() replaces the state)
+            stamp = weight_stamp(module)
+            kept = self._squared_rows
+            if kept is None or kept[0]() is not module or kept[1] != stamp:
+                kept = self._squared_rows = (weakref.ref(module), stamp, dense_weight(module).float().square().sum(1))
+            return kept[2]
         weight = module.weight
         if weight.is_inference() or torch.compiler.is_compiling():  # no version counter to trust
             return linear_weight(module).float().square().sum(1)
@@ -258,7 +265,7 @@ class DoraLayer(LoraLayer):
         if self.dropout is not None and self.training:
             # the magnitude rescales W applied to the dropped-out input, as PEFT does, so W h is recomputed
             h = self.dropout(h_in)
-            base = F.linear(h, linear_weight(module).to(dtype)).reshape(-1, features)
+            base = F.linear(h, dense_weight(module).to(dtype)).reshape(-1, features)
             out = torch.addcmul(flat_out, base, k - 1)
         else:
             h = h_in
@@ -384,12 +391,12 @@ class LoraModel(DeltaBase):
                 f"(init_lora_weights={config.init_lora_weights!r}) act on linear layers only in opendelta. Use plain "
                 "LoRA there (use_dora=False, init_lora_weights=True, False or 'gaussian'), or leave it out."
             )
-        if is_quantized(module) and (config.use_dora or config.data_aware_init):
+        if is_quantized(module) and config.data_aware_init:
             raise UnsupportedModuleError(
-                f"{path!r} is a quantized {type(module).__name__}; DoRA and the initialisations from the weight "
-                f"(init_lora_weights={config.init_lora_weights!r}) read its weight in full precision, which "
-                "opendelta does not do on quantized layers yet. Use plain LoRA there (use_dora=False, "
-                "init_lora_weights=True or 'gaussian')."
+                f"{path!r} is a quantized {type(module).__name__}; the initialisations from the weight "
+                f"(init_lora_weights={config.init_lora_weights!r}) would change its weight by B0 A0, which "
+                "opendelta does not do on quantized layers yet. Use plain LoRA or DoRA there "
+                "(init_lora_weights=True or 'gaussian')."
             )
         return build(self, path, module)
 

@@ -23,6 +23,7 @@ from torch import nn
 from opendelta.errors import UnsupportedModuleError
 from opendelta.layer import WHOLE_BATCH, DeltaLayer
 from opendelta.layer_kinds import weight_shape
+from opendelta.offload import computing_like
 
 if TYPE_CHECKING:
     from opendelta.methods.lora import LoraConfig
@@ -68,7 +69,8 @@ class EmbeddingLoraLayer(DeltaLayer):
                 "would renormalise its own factors. Address embeddings without max_norm."
             )
         r, self.scaling = config.rank_and_scaling(path)
-        factory = {"dtype": module.weight.dtype, "device": module.weight.device}
+        like = computing_like(module, module.weight)  # an offloaded embedding's weight is on meta between calls
+        factory = {"dtype": like.dtype, "device": like.device}
         self.lora_embedding_A = nn.Parameter(torch.empty(r, module.num_embeddings, **factory))
         self.lora_embedding_B = nn.Parameter(torch.empty(module.embedding_dim, r, **factory))
         _start(self.lora_embedding_A, self.lora_embedding_B, config.init_lora_weights, "a", r)
@@ -109,7 +111,8 @@ class ConvLoraLayer(DeltaLayer):
         r, self.scaling = config.rank_and_scaling(path)
         weight = module.weight
         dims = weight.dim() - 2
-        factory = {"dtype": weight.dtype, "device": weight.device}
+        like = computing_like(module, weight)
+        factory = {"dtype": like.dtype, "device": like.device}
         self.lora_A = nn.Parameter(torch.empty(r, weight.shape[1], *weight.shape[2:], **factory))
         self.lora_B = nn.Parameter(torch.empty(weight.shape[0], r, *([1] * dims), **factory))
         _start(self.lora_A, self.lora_B, config.init_lora_weights, "b", r)

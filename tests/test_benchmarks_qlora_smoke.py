@@ -1,0 +1,26 @@
+"""The QLoRA benchmark (benchmarks/qlora.py) at smoke size: every setting has both tools' step times,
+the round-by-round ratio and the bytes saved for backward, and the quantized backbones are smaller."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("bitsandbytes")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package sits beside src/
+
+from benchmarks import qlora  # noqa: E402
+
+
+def test_qlora_benchmark_reports_every_setting_beside_peft():
+    result = qlora.measure("tiny-llama", rounds=2, warmup=0)
+    assert set(result["settings"]) == {name for name, _, _ in qlora.SETTINGS}
+    for figures in result["settings"].values():
+        assert set(figures["seconds"]) == set(qlora.TOOLS)
+        assert all(s["median"] > 0 and s["n"] == 2 for s in figures["seconds"].values())
+        assert figures["ratio"]["median"] > 0 and figures["cpu_ratio"]["median"] > 0
+        assert all(b > 0 for b in figures["saved_bytes"].values())
+    fp32 = result["backbone_bytes"]["fp32"]
+    assert result["backbone_bytes"]["nf4-fp32"] < result["backbone_bytes"]["int8"] < fp32
