@@ -151,6 +151,13 @@ class DeltaLayer(nn.Module):
         )
 
     @classmethod
+    def stack_rows(cls, parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int) -> Any:
+        """For parallel ROW_WISE layers: None (each runs on its rows alone), or one object whose
+        ``route_parallel(h_in, h_out)`` adds every layer of `parts` (all of this class, on one module,
+        unscaled, on disjoint rows) on its rows at once: a mixed batch of many tasks in one kernel."""
+        return None
+
+    @classmethod
     def combine_rows(cls, parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int) -> Any:
         """One object whose ``route_call`` runs each layer of `parts` (all of this class, on one
         module) on its rows, for COMBINED layers; raise MixedBatchError where they cannot share a batch."""

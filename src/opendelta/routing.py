@@ -176,6 +176,9 @@ class Site:
         self._had_forward = "forward" in module.__dict__
         self._own_forward: Any = None
         self._swap: WeightSwap | None = None
+        #: the one parallel delta here, when it is all the post hook runs (:meth:`refresh` decides): the hook
+        #: then skips the general path's lookups, the same ops in the same order
+        self._lean: str | None = None
 
     def place(self, route: str, name: str, order: OrderKey) -> None:
         """Put delta `name` into `route`'s list at its place: ascending `order`, then name."""
@@ -270,6 +273,9 @@ class Site:
         if mix.checks_output:
             mix.check(h)
         for name, rows in mix.parallel:
+            if not isinstance(name, str):  # layers stacked for this batch (see _stack_parallel)
+                h = name.route_parallel(self._input(args, kwargs), h)
+                continue
             layer, h_in, scale = mods[name], self._parallel_input(name, args, kwargs), mix.scale_of(name, mods[name])
             if scale is not None:  # never a reads_module layer: those are not scalable
                 h = _add_scaled(layer, h_in, h, rows, scale)
@@ -330,9 +336,48 @@ class Site:
                         "change to scale; give its rows scale 1.0."
                     )
                 mix.scales[name] = scales
+        mix.parallel = self._stack_parallel(mix, mods, routing.batch_size)
         return mix
 
+    def _stack_parallel(self, mix: MixPlan, mods: dict, batch_size: int) -> list[tuple[Any, torch.Tensor | None]]:
+        """`mix.parallel` with each run of consecutive row-wise deltas of one class (unscaled, reading this
+        module's input) replaced by the one step their class's :meth:`DeltaLayer.stack_rows` makes of them,
+        where it makes one: one kernel for the rows of many tasks. Rows of a mix are disjoint, so the sum
+        each row sees keeps its order."""
+        planned: list[tuple[Any, torch.Tensor | None]] = []
+        run: list[tuple[DeltaLayer, torch.Tensor]] = []
+        names: list[tuple[str, torch.Tensor]] = []
+
+        def flush() -> None:
+            step = type(run[0][0]).stack_rows(list(run), batch_size) if len(run) > 1 else None
+            planned.extend([(step, None)] if step is not None else names)
+            run.clear()
+            names.clear()
+
+        for name, rows in mix.parallel:
+            layer = mods[name]
+            stackable = (
+                rows is not None and name not in mix.scales and name not in self.span_inputs
+                and not layer.reads_module and layer.change_scale == 1.0
+            )
+            if run and (not stackable or type(layer) is not type(run[0][0])):
+                flush()
+            if stackable:
+                run.append((layer, rows))
+                names.append((name, rows))
+            else:
+                planned.append((name, rows))
+        if run:
+            flush()
+        return planned
+
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        lean = self._lean
+        if lean is not None and args and not _MIXING and type(output) is torch.Tensor:
+            # decoding calls this once per module per token: the general path below, minus its lookups
+            layer = module._modules[lean]
+            if layer.change_scale == 1.0:
+                return layer.route_parallel(args[0], output)
         mods = module._modules
         plans = _PLANS.get() if _MIXING else None
         mix = plans.get(self) if plans else None
@@ -359,6 +404,7 @@ class Site:
 
     def refresh(self, module: nn.Module) -> None:
         """Install exactly the hooks the current deltas need, and no others."""
+        self._lean = self._lean_delta(module)
         needs_pre = bool(self.before or self.span_starts)
         if needs_pre and self._pre_handle is None:
             self._pre_handle = module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
@@ -388,6 +434,15 @@ class Site:
         elif not self.weights and self._swap is not None:
             self._swap.remove()
             self._swap = None
+
+    def _lean_delta(self, module: nn.Module) -> str | None:
+        """The name of the only delta the post hook runs, if it is one parallel delta that reads its own
+        module's input and not the module itself (then :meth:`post_hook` takes its short path)."""
+        if len(self.parallel) != 1 or self.after or self.span_inputs:
+            return None
+        name = self.parallel[0]
+        layer = module._modules.get(name)
+        return name if isinstance(layer, DeltaLayer) and not layer.reads_module else None
 
     @property
     def empty(self) -> bool:
@@ -566,6 +621,7 @@ def _add_span(span: Span, name: str, layer: DeltaLayer, order: OrderKey) -> None
     end_site = site_of(span.end)
     assert end_site is not None
     end_site.span_inputs[name] = stash
+    end_site.refresh(span.end)  # its input now comes from the start: no short path in the post hook
     start_site.span_starts[name] = stash
     span.start.__dict__[_SITE_ATTR] = start_site
     try:

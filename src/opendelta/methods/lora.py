@@ -33,6 +33,7 @@ from opendelta.errors import DeltaConfigError, NoMatchError, UnsupportedModuleEr
 from opendelta.layer import DeltaLayer
 from opendelta.layer_kinds import described, layer_kind, weight_parameters
 from opendelta.methods.lora_kinds import ConvLoraLayer, EmbeddingLoraLayer, WeightLoraLayer
+from opendelta.methods.lora_stacked import StackedLora
 from opendelta.runtime_init import Observation
 from opendelta.targets import Target, targets_at, without_excluded
 from opendelta.linear_maps import dense_weight, fold_into_weight, linear_shape, linear_weight, update_factors, weight_like
@@ -150,11 +151,22 @@ class LoraLayer(DeltaLayer):
 
     def route_parallel(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
         h = self.dropout(h_in) if self.dropout is not None else h_in
-        lora_A, lora_B = self.factors()
+        # decoding runs this once per module per token, so the plain case reads the parameters directly
+        # (no nn.Module.__getattr__) and casts only when autocast made the output lower precision
+        params = self._parameters
+        lora_A, lora_B = params.get("lora_A"), params.get("lora_B")
+        if lora_A is None or lora_B is None or "lora_A0" in self._buffers:
+            lora_A, lora_B = self.factors()
+        dtype = h_out.dtype
+        low = F.linear(h, lora_A)
+        low = low.reshape(-1, low.shape[-1])
+        if low.dtype != dtype:
+            low = low.to(dtype)
         # s scales the rank-r intermediate (r/out of the output's size); `scaling` may be a 0-dim tensor
         # (a hot-swap slot's, hotswap.py), which multiplies exactly as the same float does
-        low = F.linear(h, lora_A).reshape(-1, lora_A.shape[0]).to(h_out.dtype) * self.scaling
-        lora_B = lora_B.to(h_out.dtype)  # a no-op unless autocast made the output lower precision
+        low = low * self.scaling
+        if lora_B.dtype != dtype:
+            lora_B = lora_B.to(dtype)
         # one GEMM adds low B^T onto the output (no output-sized temporary), and taking B^T as the second
         # factor makes autograd compute B's gradient as (low^T g)^T, several times faster on CPU than the
         # g^T low of a linear layer's weight gradient
@@ -167,6 +179,19 @@ class LoraLayer(DeltaLayer):
     def route_parallel_rows(self, h_in: torch.Tensor, h_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         # a linear map keeps no output for backward, so adding in place is safe: one gather, one scatter-add
         return h_out.index_add_(0, rows, self(h_in.index_select(0, rows)))
+
+    @classmethod
+    def stack_rows(cls, parts: list[tuple[DeltaLayer, torch.Tensor]], batch_size: int) -> StackedLora | None:
+        """Plain LoRA layers (no starting factors, one dtype and device) share one batched product; others
+        (DoRA and subclasses) run one by one."""
+        first = parts[0][0].lora_A
+        if all(
+            type(layer) is LoraLayer and "lora_A0" not in layer._buffers
+            and layer.lora_A.dtype == first.dtype and layer.lora_A.device == first.device
+            for layer, _ in parts
+        ):
+            return StackedLora(parts, batch_size)  # type: ignore[arg-type]
+        return None
 
     def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """W + s B A (transposed for Conv1D)."""
@@ -293,7 +318,9 @@ def _accumulator(h_out: torch.Tensor) -> torch.Tensor | None:
     """
     if torch.compiler.is_compiling():  # the compiler fuses the out-of-place form itself; data_ptr checks break graphs
         return None
-    base = h_out._base if h_out._base is not None else h_out
+    base = h_out._base
+    if base is None:
+        base = h_out
     if (
         base.dim() == 2
         and not (base.is_leaf and base.requires_grad)

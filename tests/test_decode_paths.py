@@ -1,0 +1,152 @@
+"""The decode fast paths: a site's short post hook for its one parallel delta, and LoRA layers stacked
+into one batched product in a mixed batch. Each must compute what the general path computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from support.numerics import assert_within_noise, batching_noise, float32_noise
+from support.rows import each_row_alone
+
+from opendelta import AdapterModel, LoraModel, mixed_batch
+from opendelta.methods.lora import LoraLayer
+from opendelta.methods.lora_stacked import StackedLora
+from opendelta.routing import site_of
+
+IDS = torch.randint(1, 99, (4, 6), generator=torch.Generator().manual_seed(5))
+
+
+def perturbed(delta, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in delta.delta_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    return delta
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    return model(input_ids=ids).logits
+
+
+def sites(delta) -> list:
+    return [site_of(t.module) for t in delta._targets.values()]
+
+
+def test_the_short_post_hook_equals_the_general_path_bit_for_bit_and_detach_restores() -> None:
+    model = tiny_llama()
+    with torch.no_grad():
+        bare = logits(model)
+        delta = perturbed(LoraModel(model, name="a"), seed=1)
+        assert all(site._lean is not None for site in sites(delta))
+        short = logits(model)
+        for site in sites(delta):
+            site._lean = None  # the general path
+        general = logits(model)
+        delta.detach()
+        detached = logits(model)
+    assert torch.equal(short, general) and not torch.equal(short, bare)
+    assert torch.equal(detached, bare)
+
+
+def test_the_short_path_is_taken_only_for_one_unscaled_parallel_delta() -> None:
+    model = tiny_llama()
+    a = perturbed(LoraModel(model, name="a"), seed=1)
+    assert all(site._lean == "a" for site in sites(a))
+    b = perturbed(LoraModel(model, name="b"), seed=2)
+    assert all(site._lean is None for site in sites(b))  # two parallel deltas: the general path
+    b.detach()
+    assert all(site._lean == "a" for site in sites(a))
+    dora = LoraModel(model, name="d", use_dora=True, modified_modules=["mlp.down_proj"])
+    assert all(site._lean is None for site in sites(dora))  # reads its module
+    with torch.no_grad():
+        plain = logits(model)
+        with a.scale(0.5):  # the short path checks the scale on every call
+            scaled = logits(model)
+        a.detach()
+        without = logits(model)
+    assert not torch.equal(scaled, plain) and not torch.equal(scaled, without)
+
+
+def test_an_adapter_after_a_module_keeps_the_general_path() -> None:
+    model = tiny_llama()
+    adapter = AdapterModel(model, name="ad")
+    assert all(site._lean is None for site in sites(adapter))
+
+
+def _tasks(model: torch.nn.Module, n: int, **config) -> list[LoraModel]:
+    return [perturbed(LoraModel(model, name=f"t{i}", **config), seed=i + 1) for i in range(n)]
+
+
+def _noise(model: torch.nn.Module) -> tuple[float, float]:
+    def forward(m: torch.nn.Module, rows: slice) -> torch.Tensor:
+        return logits(m, IDS[rows])
+
+    return batching_noise(model, forward, len(IDS)), float32_noise(model, forward)
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2, 0], [2, -1, 0, 2]])  # every row in order (in place) / a scatter
+def test_stacked_lora_in_a_mixed_batch_equals_each_row_alone(rows: list[int]) -> None:
+    model = tiny_llama()
+    noise = _noise(model)
+    deltas = _tasks(model, 3, rank_pattern={"q_proj": 4})  # ranks differ per module: padded with zeros
+    with torch.no_grad():
+        with mixed_batch(deltas, rows):
+            assert any(isinstance(step, StackedLora) for site in sites(deltas[0]) for step, _ in site.mix.parallel)
+            mixed = logits(model)
+        expected = each_row_alone(deltas, rows, lambda i: logits(model, IDS[i : i + 1]))
+    assert_within_noise(mixed, expected, *noise)
+
+
+def test_stacked_lora_equals_the_unstacked_mixed_batch_and_follows_in_place_changes(monkeypatch) -> None:
+    model = tiny_llama()
+    noise = _noise(model)
+    deltas = _tasks(model, 2)
+    rows = [1, 0, 0, 1]
+    with torch.no_grad():
+        with mixed_batch(deltas, rows):
+            stacked = logits(model)
+            next(iter(deltas[1].delta_parameters())).mul_(2.0)  # restacked before the next forward
+            changed = logits(model)
+        with monkeypatch.context() as patch:
+            patch.setattr(LoraLayer, "stack_rows", classmethod(lambda cls, parts, n: None))
+            with mixed_batch(deltas, rows):
+                changed_alone = logits(model)
+            next(iter(deltas[1].delta_parameters())).div_(2.0)
+            with mixed_batch(deltas, rows):
+                unstacked = logits(model)
+    assert_within_noise(stacked, unstacked, *noise)
+    assert_within_noise(changed, changed_alone, *noise)
+    assert not torch.allclose(changed, stacked)
+
+
+def test_stacked_lora_trains_one_by_one_with_the_same_gradients(monkeypatch) -> None:
+    model = tiny_llama()
+    deltas = _tasks(model, 2)
+    deltas[0].freeze_module(exclude=["deltas"])
+
+    def grads() -> list[torch.Tensor]:
+        for d in deltas:
+            for p in d.delta_parameters():
+                p.grad = None
+        with mixed_batch(deltas, [0, 1, 1, 0]):
+            logits(model).square().mean().backward()
+        return [p.grad.clone() for d in deltas for p in d.delta_parameters()]
+
+    stacked = grads()
+    monkeypatch.setattr(LoraLayer, "stack_rows", classmethod(lambda cls, parts, n: None))
+    unstacked = grads()
+    assert all(torch.equal(x, y) for x, y in zip(stacked, unstacked))  # with gradients: the same ops
+
+
+def test_the_decode_benchmark_runs_on_a_tiny_model() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import decode
+
+    results = decode.main(["--smoke", "--rounds", "1"])
+    assert {"lora batch 1", "ia3 batch 8", "adapter batch 1"} <= set(results["decode"])
+    assert results["mixed_decode"]["4 tasks"]["opendelta mixed / one delta"]["min"] > 0
+    assert results["forward"]["opendelta / peft"]["median"] > 0
