@@ -152,10 +152,13 @@ class LoraLayer(DeltaLayer):
     def route_parallel(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
         h = self.dropout(h_in) if self.dropout is not None else h_in
         # decoding runs this once per module per token, so the plain case reads the parameters directly
-        # (no nn.Module.__getattr__) and casts only when autocast made the output lower precision
+        # (no nn.Module.__getattr__) and casts only when autocast made the output lower precision. By
+        # subscript, never .get(): DeepSpeed ZeRO-3 swaps _parameters for a dict whose __getitem__ gathers
+        # a partitioned parameter, which .get() (the C OrderedDict's) would bypass
         params = self._parameters
-        lora_A, lora_B = params.get("lora_A"), params.get("lora_B")
-        if lora_A is None or lora_B is None or "lora_A0" in self._buffers:
+        if "lora_A" in params and "lora_B" in params and "lora_A0" not in self._buffers:
+            lora_A, lora_B = params["lora_A"], params["lora_B"]
+        else:
             lora_A, lora_B = self.factors()
         dtype = h_out.dtype
         low = F.linear(h, lora_A)
