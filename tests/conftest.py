@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -26,6 +27,22 @@ def _seed_torch_per_test(request: pytest.FixtureRequest) -> None:
     """
     run_seed = request.config.getoption("randomly_seed", default=None)
     torch.manual_seed((run_seed if isinstance(run_seed, int) else 0) + zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state() -> Iterator[None]:
+    """Forget accelerate's process-wide state after each test that set it up.
+
+    accelerate keeps one AcceleratorState per process, and an Accelerator made later inherits its mixed
+    precision: after a TRL test (SFTConfig defaults to bf16) a plain ``Accelerator(cpu=True)`` ran its
+    forward under bf16 autocast, so a test's outcome depended on which test its worker ran before it.
+    """
+    yield
+    import sys
+
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
 
 
 TINY = dict(vocab_size=99)
