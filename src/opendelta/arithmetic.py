@@ -72,11 +72,14 @@ def _check(deltas: Sequence[DeltaBase], weights: Sequence[float], combination_ty
         if method != "lora":
             continue
         for path, layer in delta.layers.items():
-            extra = sorted({n for n, _ in layer.named_parameters()} - _FACTORS)
+            # buffers too: a PiSSA/OLoRA layer keeps its starting factors as buffers, and a result without them
+            # would add s B A instead of s (B A - B0 A0)
+            extra = sorted(({n for n, _ in layer.named_parameters()} | {n for n, _ in layer.named_buffers()}) - _FACTORS)
             if extra:
                 raise UnsupportedModuleError(
-                    f"the LoRA of {delta.name!r} at {path!r} also has {extra}, which combine() does not know how to mix; "
-                    "combine plain LoRA deltas (A and B factors only)."
+                    f"the LoRA of {delta.name!r} at {path!r} also has {extra} (a DoRA magnitude, a bias, or the starting "
+                    "factors of a LoRA started from the weight), which combine() does not know how to mix; combine plain "
+                    "LoRA deltas (A and B factors only)."
                 )
     if combination_type in ("ties", "dare_linear", "dare_ties", "magnitude_prune"):
         if not is_finite_number(density) or not 0 <= density <= 1:

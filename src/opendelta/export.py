@@ -4,8 +4,9 @@
 delta at all: no hooks, no delta children, no state-dict filter; the delta object is spent.
 :func:`export_merged` writes the merged model to a folder without changing the model in memory:
 a transformers model as ``save_pretrained`` does (``from_pretrained(dir)`` loads it), any other
-``nn.Module`` as one ``model.safetensors`` state dict. Only methods linear in a module's weights
-merge (LoRA, IA3, BitFit on modules with a bias); the others raise MergeError naming what to do.
+``nn.Module`` as one ``model.safetensors`` state dict. Only methods that fold into a module's weights
+merge (LoRA, VeRA, LoHa, LoKr, OFT, AdaLoRA, trainable tokens, IA3, BitFit on modules with a bias); the others
+raise MergeError naming what to do.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ creating it), whose layers hold their scaling as a 0-dim float64 tensor instead 
 attributes the compiled graph was guarded on never change, so ``torch.compile`` runs the new
 weights without recompiling. The slot runs LoRA's own route with the same operations in the same
 order (a tensor scale multiplies as the same float does), so a delta of rank ``max_rank`` gives the
-outputs of that delta attached normally bit for bit; a lower rank is zero-padded, which adds exact
-zeros to the matrix products but may change how a BLAS kernel groups their sums (float rounding).
+outputs of that delta attached normally bit for bit. A lower rank is zero-padded: the zeros are exact,
+but the wider matrices make a BLAS kernel choose another blocking and accumulation order, so the
+outputs equal that delta's within float rounding (docs/shipping.md measures why no padding avoids it),
+and equal the same slot run eagerly bit for bit.
 The slot is for serving: its own config records scaling 1.0, so save the deltas it loads, not the slot.
 """
 

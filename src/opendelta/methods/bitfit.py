@@ -12,17 +12,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from opendelta.checkpoint import delta_key
 from opendelta.config import DeltaConfig
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import MergeError, UnsupportedModuleError
+from opendelta.errors import CorruptCheckpointError, MergeError, PeftFormatError, UnsupportedModuleError
 from opendelta.layer_kinds import along, channels, layer_kind
 from opendelta.linear_maps import weight_like
 from opendelta.layer import DeltaLayer
+from opendelta.peft_format import PEFT_WEIGHTS_NAME, PeftMethod, PeftTensors, peft_field, register_peft_method
 from opendelta.runtime_init import Observation
 from opendelta.targets import Target
 
@@ -136,3 +139,49 @@ def _biased_inside(path: str, block: nn.Module) -> Sequence[tuple[str, nn.Module
         if own_bias or layer_kind(module) == "linear" or isinstance(module, nn.LayerNorm):
             found.append((f"{path}.{name}" if path else name, module))
     return found
+
+
+# ----------------------------------------------------------------- PEFT's BEFT: the same bias after a linear layer
+
+#: PEFT's name of the bias vector, stored (1, out) as ``<path>.beft_bias``
+_BEFT = "beft_bias"
+
+
+def _check_peft(delta: DeltaBase) -> None:
+    """PEFT's BEFT wraps nn.Linear layers only; a bias on a norm, an embedding or GPT-2's Conv1D has no PEFT form."""
+    for path in delta.layers:
+        module = delta.targets[path].module
+        if not isinstance(module, nn.Linear):
+            raise PeftFormatError(
+                f"{path!r} is a {type(module).__name__}; PEFT's BEFT (its BitFit) takes nn.Linear layers only, so "
+                "peft.PeftModel.from_pretrained could not load this delta. Address linear layers only, or save it with "
+                "format='opendelta'."
+            )
+
+
+def _write_peft(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    out = {f"{path}.{_BEFT}": tensors[delta_key(path, "bias")].reshape(1, -1) for path in delta.layers}
+    return out, {"target_modules": sorted(delta.layers), "init_weights": True}
+
+
+def _read_peft(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: Path) -> PeftTensors:
+    peft_field(peft, "target_modules", (str, list, type(None)), "a module name, a list of them or null", None, path)
+    owners: dict[str, str] = {}  # stored name -> module path
+    for name, shape in stored.items():
+        module, _, leaf = name.rpartition(".")
+        if not module or leaf != _BEFT:
+            continue
+        if len(shape) != 2 or shape[0] != 1:
+            raise CorruptCheckpointError(f"{path.parent / PEFT_WEIGHTS_NAME}: {name} has shape {list(shape)}; BEFT stores (1, out).")
+        owners[name] = module
+    if not owners:
+        raise PeftFormatError(f"{path.parent / PEFT_WEIGHTS_NAME} holds no '<module>.{_BEFT}' tensor; it is not a BEFT adapter.")
+    paths = list(owners.values())
+    shapes = {delta_key(m, "bias"): (stored[n][1],) for n, m in owners.items()}
+    return PeftTensors(
+        {"modified_modules": paths}, paths, shapes,
+        lambda t: {delta_key(m, "bias"): t[n].reshape(-1) for n, m in owners.items()}, set(owners),
+    )
+
+
+register_peft_method(PeftMethod("BEFT", "bitfit", _write_peft, _read_peft), check=_check_peft)
