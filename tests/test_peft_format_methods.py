@@ -11,7 +11,7 @@ from support.ecosystem_fixtures import randomize_deltas, tiny_batch, tiny_bert
 from support.numerics import assert_changed, assert_within_noise, float32_noise
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from opendelta import AutoDeltaModel, IA3Model, PeftFormatError, PrefixModel, SoftPromptModel
+from opendelta import AutoDeltaModel, BitFitModel, CorruptCheckpointError, IA3Model, PeftFormatError, PrefixModel, SoftPromptModel
 
 
 def _bert_inputs() -> dict[str, torch.Tensor]:
@@ -139,3 +139,25 @@ def test_soft_prompt_on_an_encoder_decoder_cannot_be_saved_as_peft(tmp_path):
     delta = SoftPromptModel(model, soft_token_num=2)
     with pytest.raises(PeftFormatError, match="encoder-decoder"):
         delta.save_finetuned(tmp_path, format="peft")
+
+
+# ----------------------------------------------------------------- BitFit = PEFT's BEFT (both ways: tests/test_shipping_matrix.py)
+
+
+def test_bitfit_on_a_norm_cannot_be_saved_as_peft_beft(tmp_path):
+    delta = BitFitModel(tiny_llama(), modified_modules=["q_proj", "input_layernorm"])
+    with pytest.raises(PeftFormatError, match="nn.Linear layers only"):
+        delta.save_finetuned(tmp_path, format="peft")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_beft_folder_with_a_misshapen_bias_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama()
+    delta = BitFitModel(model, modified_modules=["q_proj"])
+    delta.save_finetuned(tmp_path, format="peft")
+    weights = tmp_path / "adapter_model.safetensors"
+    save_file({k: v.reshape(-1) for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(CorruptCheckpointError, match=r"BEFT stores \(1, out\)"):
+        AutoDeltaModel.from_finetuned(tmp_path, tiny_llama(), verify=False)

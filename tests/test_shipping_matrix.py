@@ -23,7 +23,7 @@ from support.shipping import BEGIN, CAPABILITIES, END, ROWS, Absent, Refused, Ro
 from support.three_families import noise, out, perturb_trainable
 from torch import nn
 
-from opendelta import AutoDeltaConfig, AutoDeltaModel, DeltaBase, combine
+from opendelta import AutoDeltaConfig, AutoDeltaModel, DeltaBase, PeftFormatError, combine
 from opendelta.peft_format import PEFT_TYPES
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "shipping.md"
@@ -121,6 +121,7 @@ def _peft_folder(row: Row, folder: Path) -> torch.Tensor:
     made = peft.get_peft_model(row.model(), row.peft_config())
     if row.peft_converts:
         made.save_pretrained(folder / "initial")
+        made.save_pretrained(folder / "unconverted")  # PEFT's conversion rewrites the initial folder's config
         made.peft_config["default"].init_lora_weights = True  # PEFT's docs do this before converting
     perturb_trainable(made, std=0.1)
     made.eval()
@@ -137,6 +138,9 @@ def check_peft_in(row: Row, outcome, tmp_path: Path) -> None:
         assert row.delta_type not in PEFT_TYPES.values() and row.peft_config is None
         return
     expected = _peft_folder(row, tmp_path)
+    if row.peft_converts:  # an unconverted folder holds factors of a rewritten weight
+        assert_refused(Refused(PeftFormatError, "path_initial_model_for_weight_conversion", ""), bare := row.model(),
+                       lambda: AutoDeltaModel.from_finetuned(tmp_path / "unconverted", backbone_model=bare))
     model = row.model()
     delta = AutoDeltaModel.from_finetuned(tmp_path, backbone_model=model)
     assert delta.delta_type == row.delta_type
