@@ -156,7 +156,7 @@ ROWS: list[Row] = [
     Row("adalora", "adalora", {"modified_modules": ["q_proj", "v_proj"], "init_r": 4, "target_r": 2, "total_step": 8,
                                "tinit": 1, "tfinal": 2, "deltaT": 1}, {
         **MERGES, "peft_out": YES, "peft_in": YES,
-        "arithmetic": not_combined("not implemented (PEFT has it)"),
+        "arithmetic": not_combined("not implemented; PEFT's `add_weighted_adapter` refuses AdaLoRA too"),
     }, peft_config=lambda: peft.AdaLoraConfig(target_modules=["q_proj", "v_proj"], init_r=4, target_r=2, total_step=8,
                                               tinit=1, tfinal=2, deltaT=1)),
     Row("trainable_tokens", "trainable_tokens", {"token_indices": [1, 3]}, {
