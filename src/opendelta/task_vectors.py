@@ -56,6 +56,15 @@ REFUSED = {
 } | {
     "prefix": "A prefix is attended to, not added: a weighted sum of prefixes is not a sum of their effects. ",
     "soft_prompt": "A prompt is attended to, not added: a weighted sum of prompts is not a sum of their effects. ",
+    "vera": "VeRA's update is bilinear in its two trained vectors, so a weighted sum of the vectors is not one of the "
+    "updates; combining VeRA deltas is not implemented. ",
+    "loha": "LoHa's update is the elementwise product of two low-rank products, so mixing factors does not mix updates; "
+    "combining LoHa deltas is not implemented. ",
+    "lokr": "LoKr's update is a Kronecker product of factors, so mixing factors does not mix updates; combining LoKr "
+    "deltas is not implemented. ",
+    "oft": "OFT rotates the weight, and a weighted sum of rotations is not a rotation. ",
+    "adalora": "Combining AdaLoRA deltas is not implemented (PEFT's add_weighted_adapter refuses AdaLoRA too). ",
+    "trainable_tokens": "Combining trained embedding rows is not implemented. ",
 }
 
 
