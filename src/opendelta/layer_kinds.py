@@ -11,17 +11,23 @@ layers (``{kind: layer class}``) instead of testing module classes itself.
 
 The last two have no call of their own to hook per projection: deltas on them change the parameters
 the forward reads (route ``"weights"``, opendelta.routing), and :func:`weight_parameters` names them.
+
+Linear maps and convolutions both map their input by one weight: :func:`weight_map` describes that
+weight as an (out, in) matrix, so a delta that forms a whole weight change (LoHa, LoKr, AdaLoRA) acts
+on both kinds through one :class:`WeightMap` instead of a layer class per kind.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from opendelta.linear_maps import linear_shape
+from opendelta.linear_maps import fold_into_weight, linear_shape
 
 
 def _experts(module: nn.Module) -> bool:
@@ -111,3 +117,52 @@ def weight_shape(parameter: torch.Tensor) -> tuple[int, int, int]:
     if parameter.dim() == 3:
         return parameter.shape[0], parameter.shape[1], parameter.shape[2]
     return 1, parameter.shape[0], parameter.shape[1]
+
+
+#: a convolution's functional form by its number of spatial dimensions
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclass(frozen=True)
+class WeightMap:
+    """How a linear map or a convolution applies its weight, for a delta that forms a whole weight change
+    ``dW``, always (out, in): a convolution's kernel flattened to (out, in/groups x kernel size), as
+    PEFT's LoHa, LoKr and AdaLoRA flatten it."""
+
+    out_features: int
+    #: input features (a convolution's input channels per group)
+    in_channels: int
+    #: a convolution's kernel size; () for a linear map
+    kernel: tuple[int, ...] = ()
+    #: a convolution's (stride, padding, dilation, groups)
+    conv: tuple = ()
+
+    @property
+    def in_features(self) -> int:
+        """The columns of dW: the inputs each output reads."""
+        return self.in_channels * math.prod(self.kernel)
+
+    def apply(self, h: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        """`h` mapped by the weight `change` (out x in) the way the layer maps it by its own weight (no bias)."""
+        if not self.kernel:
+            return F.linear(h, change)
+        stride, padding, dilation, groups = self.conv
+        kernel = change.reshape(self.out_features, self.in_channels, *self.kernel)
+        return CONV[len(self.kernel)](h, kernel, None, stride, padding, dilation, groups)
+
+    def add_to(self, module: nn.Module, change: torch.Tensor) -> torch.Tensor:
+        """The module's weight plus `change`, in the module's own layout (Conv1D's transposed, a kernel's shape)."""
+        return fold_into_weight(module, lambda w: w + change.reshape(w.shape).to(w.dtype))
+
+
+def weight_map(module: nn.Module) -> WeightMap | None:
+    """The :class:`WeightMap` of a linear map or a zero-padded convolution, else None (another padding
+    mode pads the input differently from the functional convolution a change runs)."""
+    kind = layer_kind(module)
+    if kind == "linear":
+        in_features, out_features = linear_shape(module)  # type: ignore[misc]
+        return WeightMap(out_features, in_features)
+    if kind == "conv" and module.padding_mode == "zeros":
+        spec = (module.stride, module.padding, module.dilation, module.groups)
+        return WeightMap(module.out_channels, module.in_channels // module.groups, tuple(module.kernel_size), spec)
+    return None

@@ -14,7 +14,8 @@ which turns a delta's tensors into PEFT's and back:
   LoRA is written as PEFT's own converted rank-2r LoRA on the original weights;
 - IA3: ``<path>.ia3_l``, the scaling vector as (out, 1), or (1, in) for ``feedforward_modules``;
 - LoHa, LoKr: the factors under the same names (``<path>.hada_w1_a`` ..., ``<path>.lokr_w1`` ...), on
-  ``nn.Linear`` only (PEFT's LoHa and LoKr do not take GPT-2's ``Conv1D``);
+  ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (PEFT's LoHa and LoKr do not take GPT-2's ``Conv1D`` or
+  ``nn.Conv3d``; a LoKr on a Conv1d with a whole W2 is refused, see :func:`_check_lycoris`);
 - VeRA: ``<path>.vera_lambda_b`` / ``.vera_lambda_d``, and the shared pair once as ``base_model.vera_A`` /
   ``base_model.vera_B`` unless ``save_projection=False`` (then both sides redraw it from the seed);
 - soft prompt (PEFT's prompt tuning, encoder-only and decoder-only models): ``prompt_embeddings``,
@@ -51,6 +52,7 @@ from opendelta.checkpoint_files import (
     write_files,
 )
 from opendelta.errors import CorruptCheckpointError, IncompatibleCheckpointError, OpenDeltaError, PeftFormatError
+from opendelta.layer_kinds import layer_kind
 from opendelta.linear_maps import update_factors
 from opendelta.registry import lookup
 
@@ -657,7 +659,7 @@ _LAYER_NAMES = {
     "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
     "VERA": ("vera_lambda_b", "vera_lambda_d"),
 }
-#: LyCORIS tensors of convolutions (CP-decomposed kernels), which opendelta's LoHa and LoKr do not implement
+#: LyCORIS tensors of CP-decomposed kernels (PEFT's use_effective_conv2d), which opendelta's LoHa and LoKr do not implement
 _CONV_NAMES = ("hada_t1", "hada_t2", "lokr_t2")
 #: peft_type -> its config fields beyond the LyCORIS ones, same name in both configs: (types, expected, default)
 _LYCORIS_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], str, Any]]] = {
@@ -672,12 +674,48 @@ _LYCORIS_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], str, Any]]] = {
 _VERA_PAIR = {"base_model.vera_A": "projection.vera_A", "base_model.vera_B": "projection.vera_B"}
 
 
-def _check_linear_only(delta: DeltaBase) -> None:
+def check_peft_convolutions(delta: DeltaBase, dims: tuple[int, ...], grouped: bool = True, dilated: bool = True) -> None:
+    """PeftFormatError unless each convolution `delta` acts on is one PEFT's same method computes the same on:
+    `dims` spatial dimensions, and groups > 1 or dilation > 1 only where PEFT handles them."""
+    for path in delta.layers:
+        module = delta.targets[path].module
+        if layer_kind(module) != "conv":
+            continue
+        size = module.weight.dim() - 2
+        problem = (
+            f"a {type(module).__name__}" if size not in dims
+            else f"a convolution with groups={module.groups}" if not grouped and module.groups != 1
+            else f"a convolution with dilation={module.dilation}" if not dilated and any(d != 1 for d in module.dilation)
+            else None
+        )
+        if problem:
+            kinds = ", ".join(f"Conv{d}d" for d in dims)
+            raise PeftFormatError(
+                f"{path!r} is {problem}, and PEFT's {delta.delta_type} takes only {kinds} convolutions"
+                f"{'' if grouped else ' without groups'}{'' if dilated else ' without dilation'}, so "
+                "peft.PeftModel.from_pretrained could not load this delta; save it with format='opendelta'."
+            )
+
+
+def _check_lycoris(delta: DeltaBase) -> None:
     if _is_conv1d(delta):
         raise PeftFormatError(
             f"PEFT's {delta.delta_type} takes nn.Linear, Conv1d and Conv2d layers but not GPT-2's Conv1D, so "
             "peft.PeftModel.from_pretrained could not load this delta; save it with format='opendelta'."
         )
+    check_peft_convolutions(delta, (1, 2))
+    for path, layer in delta.layers.items():
+        if getattr(layer, "full_w2", False) and layer.lokr_w2.dim() == 3:
+            raise PeftFormatError(_LOKR_CONV1D.format(where=repr(path)))
+
+
+#: PEFT 0.21.2 forms a Conv1d LoKr's change with a whole (b, d, kernel) W2 as torch.kron(W1, W2), which lines W1
+#: up with W2's last two axes instead of its first two (make_kron unsqueezes W1 only for a 4-D W2)
+_LOKR_CONV1D = (
+    "{where} is a LoKr on an nn.Conv1d whose W2 is whole (r >= half its size), and PEFT 0.21.2 computes that change "
+    "with W1 and W2 misaligned (its make_kron pairs a 2-D W1 with the last two axes of a 3-D W2), so the outputs would "
+    "differ; use a smaller r (W2 then is W2_a @ W2_b, which PEFT computes as opendelta does) or format='opendelta'."
+)
 
 
 def _layer_tensors(delta: DeltaBase, tensors: dict[str, torch.Tensor], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -713,10 +751,14 @@ def _read_lycoris(peft_type: str) -> Callable[[dict[str, Any], dict[str, tuple[i
         conv = [n for n in stored if n.rpartition(".")[2] in _CONV_NAMES]
         if conv:
             raise PeftFormatError(
-                f"{path.parent / PEFT_WEIGHTS_NAME} holds {conv[0]!r}, a {peft_type} tensor of a convolution, which "
-                "opendelta does not implement (it takes linear layers); load it with peft.PeftModel.from_pretrained."
+                f"{path.parent / PEFT_WEIGHTS_NAME} holds {conv[0]!r}, a {peft_type} tensor of a convolution's kernel in "
+                "CP form (PEFT's use_effective_conv2d=True), which opendelta does not implement (it takes the flattened "
+                "kernel, use_effective_conv2d=False); load it with peft.PeftModel.from_pretrained."
             )
         keys, paths = _named_layer_tensors(stored, _LAYER_NAMES[peft_type], peft_type, path)
+        whole_3d = [n for n in stored if n.endswith(".lokr_w2") and len(stored[n]) == 3]
+        if whole_3d:
+            raise PeftFormatError(_LOKR_CONV1D.format(where=f"{path.parent / PEFT_WEIGHTS_NAME}: {whole_3d[0]!r}"))
         _check_names(peft, path, "target_modules", "exclude_modules", "modules_to_save")
         values = {
             "modified_modules": paths,
@@ -815,7 +857,7 @@ _UNCONVERTED: dict[str, str] = {}
 #: peft_type -> the check a delta must pass before any rank gathers tensors
 _CHECKS: dict[str, Callable[[DeltaBase], Any]] = {
     "PROMPT_TUNING": _check_soft_prompt, "LORA": _check_lora, "IA3": _check_ia3, "PREFIX_TUNING": _check_prefix,
-    "LOHA": _check_linear_only, "LOKR": _check_linear_only,
+    "LOHA": _check_lycoris, "LOKR": _check_lycoris,
 }
 #: PEFT's peft_type -> the opendelta delta_type with the same tensors (found through the registry)
 PEFT_TYPES = {m.peft_type: m.delta_type for m in PEFT_METHODS.values()}

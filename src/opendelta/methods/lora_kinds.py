@@ -22,7 +22,7 @@ from torch import nn
 
 from opendelta.errors import UnsupportedModuleError
 from opendelta.layer import WHOLE_BATCH, DeltaLayer
-from opendelta.layer_kinds import weight_shape
+from opendelta.layer_kinds import CONV, weight_shape
 from opendelta.offload import computing_like
 
 if TYPE_CHECKING:
@@ -91,9 +91,6 @@ class EmbeddingLoraLayer(DeltaLayer):
         return {"weight": module.weight + update.to(module.weight.dtype)}
 
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
 class ConvLoraLayer(DeltaLayer):
     """m(x) = s * B(A(x)) for an ``nn.Conv1d/2d/3d``: A (r, in, *kernel) with the base's stride, padding
     and dilation, B (out, r, 1, ...); merging adds ``s B A`` (B's 1x1 kernel times A's) to its kernel."""
@@ -123,7 +120,7 @@ class ConvLoraLayer(DeltaLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
             x = self.dropout(x)
-        conv = _CONV[self.dims]
+        conv = CONV[self.dims]
         low = conv(x, self.lora_A, None, self.stride, self.padding, self.dilation)
         return conv(low, self.lora_B) * self.scaling
 
