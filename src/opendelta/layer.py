@@ -88,7 +88,10 @@ class DeltaLayer(nn.Module):
                 "fused MoE experts, target_parameters), so they add no output m(h) that a scale could multiply"
             )
         if cls.reads_module:  # DoRA: the change depends on the module's weight norm, not on h alone
-            return "read their module's weight to form their change (DoRA's column norms), so it is not an added m(h) to scale"
+            return (
+                "read their module to form their change (DoRA's weight norms, trainable tokens' rows and embed_scale), "
+                "so it is not an added m(h) to scale"
+            )
         if cls.route not in ("before", "after", "parallel") or cls.route_call is not DeltaLayer.route_call:
             return "rewrite the call of their module (a prefix or prompt) instead of adding a change to it"
         return None

@@ -101,15 +101,34 @@ def along(vector: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
     return vector.view(shape)
 
 
-def weight_parameters(module: nn.Module) -> tuple[str, ...]:
+#: a MultiheadAttention's projections by name: query, key and value (the thirds of a fused in_proj_weight, in
+#: this order) and the output projection
+PROJECTIONS = ("q", "k", "v", "out")
+
+
+def weight_parameters(module: nn.Module, projections: Iterable[str] = PROJECTIONS) -> tuple[str, ...]:
     """The parameters (relative names) a forward of an ``attention`` or ``experts`` module reads as
-    weights: the fused query/key/value and output projections of a MultiheadAttention, or every
-    3-D parameter of an experts module."""
+    weights: the fused query/key/value and output projections of a MultiheadAttention (those holding
+    one of `projections`), or every 3-D parameter of an experts module."""
     if _attention(module):
+        wanted = set(projections)
         if module.in_proj_weight is None:  # kdim or vdim differ from embed_dim: one weight per projection
-            return ("q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight")
-        return ("in_proj_weight", "out_proj.weight")
+            names = [f"{p}_proj_weight" for p in PROJECTIONS[:3] if p in wanted]
+        else:
+            names = ["in_proj_weight"] if wanted & set(PROJECTIONS[:3]) else []
+        return (*names, *(["out_proj.weight"] if "out" in wanted else []))
     return tuple(name for name, p in module.named_parameters(recurse=False) if p.dim() == 3)
+
+
+def fused_rows(module: nn.Module, projections: Iterable[str]) -> dict[str, tuple[tuple[int, int], ...]]:
+    """For a MultiheadAttention with a fused ``in_proj_weight`` of which `projections` name some but not
+    all of q, k, v: ``{"in_proj_weight": ((start, stop), ...)}``, the row ranges of the named thirds;
+    else ``{}`` (the whole weight)."""
+    chosen = [i for i, p in enumerate(PROJECTIONS[:3]) if p in set(projections)]
+    if not _attention(module) or module.in_proj_weight is None or len(chosen) in (0, 3):
+        return {}
+    third = module.embed_dim
+    return {"in_proj_weight": tuple((i * third, (i + 1) * third) for i in chosen)}
 
 
 def weight_shape(parameter: torch.Tensor) -> tuple[int, int, int]:

@@ -11,7 +11,9 @@ which turns a delta's tensors into PEFT's and back:
   LoRA on parameters (``target_parameters``, fused MoE experts) at ``<module>.lora_A.weight``, one
   ``base_layer.`` deeper for each parameter of the module after it (PEFT nests one wrapper per parameter);
   DoRA's magnitudes (``use_dora``) are PEFT's ``<path>.lora_magnitude_vector``; a PiSSA/OLoRA-started
-  LoRA is written as PEFT's own converted rank-2r LoRA on the original weights;
+  LoRA is written as PEFT's own converted rank-2r LoRA on the original weights; a LoRA on some of a
+  MultiheadAttention's q, k, v (``attention_projections``) as one on the whole weights, B padded with
+  zero rows; the rows of ``trainable_token_indices`` at ``<embedding>.token_adapter.trainable_tokens_delta``;
 - IA3: ``<path>.ia3_l``, the scaling vector as (out, 1), or (1, in) for ``feedforward_modules``;
 - LoHa, LoKr: the factors under the same names (``<path>.hada_w1_a`` ..., ``<path>.lokr_w1`` ...), on
   ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (PEFT's LoHa and LoKr do not take GPT-2's ``Conv1D`` or
@@ -53,8 +55,9 @@ from opendelta.checkpoint_files import (
 )
 from opendelta.errors import CorruptCheckpointError, IncompatibleCheckpointError, OpenDeltaError, PeftFormatError
 from opendelta.layer_kinds import layer_kind
-from opendelta.linear_maps import update_factors
+from opendelta.linear_maps import pad_rows, update_factors
 from opendelta.registry import lookup
+from opendelta.targets import targets_at, tied_targets
 
 if TYPE_CHECKING:
     from opendelta.config import DeltaConfig
@@ -74,6 +77,8 @@ _LAYER_TENSORS = {
 }
 #: PEFT's wrapper of a MultiheadAttention holds its out_proj's LoRA here
 _MHA_OUT = ".base_layer.out_proj"
+#: where PEFT's LoRA keeps the rows of ``trainable_token_indices``: under the input embedding's path
+_TOKENS = ".token_adapter.trainable_tokens_delta"
 _NESTED = re.compile(r"(?P<module>.+?)(?P<nest>(?:\.base_layer)*)")
 _FACTOR = re.compile(r"(?P<path>.+)\.(?P<tensor>" + "|".join(map(re.escape, _LAYER_TENSORS)) + ")")
 _IA3 = re.compile(r"(?P<path>.+)\.ia3_l")
@@ -83,7 +88,6 @@ _UNSUPPORTED_OPTIONS = {
     "layer_replication": "layer replication",
     "alora_invocation_tokens": "activated LoRA",
     "use_qalora": "QA-LoRA",
-    "trainable_token_indices": "trainable tokens",
     "use_bdlora": "block-diagonal LoRA",
 }
 #: the head modules PEFT's sequence classification model trains and saves with any adapter
@@ -195,11 +199,18 @@ def _write_lora(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dic
     parameters: list[str] = []
     for path, layer in delta.layers.items():
         stored = {name: tensors[delta_key(path, name)] for name in layer.state_dict()}
+        if path in getattr(delta, "token_paths", ()):  # trainable_token_indices: PEFT keeps the embedding's rows, not a tied head's
+            if "trainable_tokens_delta" in stored:
+                out[path + _TOKENS] = stored["trainable_tokens_delta"]
+            continue
         names = _peft_weight_names(delta, path, layer)
         if names is not None:  # LoRA on weights the forward reads
-            for i, peft_name in enumerate(names):
-                out[f"{peft_name}.lora_A.weight"] = stored[f"lora_A.{i}"]
-                out[f"{peft_name}.lora_B.weight"] = stored[f"lora_B.{i}"]
+            factors = _attention_factors(delta, path, layer, stored) if names[0] == path else [
+                (stored[f"lora_A.{i}"], stored[f"lora_B.{i}"]) for i in range(len(names))
+            ]
+            for peft_name, (lora_A, lora_B) in zip(names, factors):
+                out[f"{peft_name}.lora_A.weight"] = lora_A
+                out[f"{peft_name}.lora_B.weight"] = lora_B
             if names[0] == path:  # a MultiheadAttention, which PEFT targets as a module
                 modules.append(path)
             else:
@@ -229,6 +240,7 @@ def _write_lora(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dic
         "use_dora": config.use_dora,
         "target_modules": sorted(modules),
         "target_parameters": parameters or None,
+        "trainable_token_indices": config.trainable_token_indices,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "fan_in_fan_out": _is_conv1d(delta),
@@ -244,14 +256,34 @@ def _peft_weight_names(delta: DeltaBase, path: str, layer: nn.Module) -> list[st
     if layer.route != "weights":
         return None
     names = layer.parameter_names
-    if names == ("in_proj_weight", "out_proj.weight"):
+    module = delta.targets[path].module
+    if layer_kind(module) == "attention":
+        if module.in_proj_weight is None:
+            raise PeftFormatError(
+                f"{path!r} is a MultiheadAttention with separate query, key and value weights (kdim or vdim differ from "
+                "embed_dim), which PEFT's LoRA does not support; save with format='opendelta'."
+            )
         return [path, path + _MHA_OUT]
-    if "out_proj.weight" in names:
-        raise PeftFormatError(
-            f"{path!r} is a MultiheadAttention with separate query, key and value weights (kdim or vdim differ from "
-            "embed_dim), which PEFT's LoRA does not support; save with format='opendelta'."
-        )
     return [path + ".base_layer" * (len(names) - 1 - i) for i in range(len(names))]
+
+
+def _attention_factors(delta: DeltaBase, path: str, layer: nn.Module, stored: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A MultiheadAttention LoRA's factors as PEFT stores them, in_proj's then out_proj's: PEFT's LoRA takes both
+    weights whole, so a LoRA on some of q, k, v has its B padded with zero rows (``attention_projections``),
+    and a weight left out gets zero factors; each adds exactly what opendelta's adds."""
+    module = delta.targets[path].module
+    r = stored["lora_A.0"].shape[0]
+    factors = []
+    for name in ("in_proj_weight", "out_proj.weight"):
+        rows, columns = module.get_parameter(name).shape
+        if name not in layer.parameter_names:
+            like = stored["lora_A.0"]
+            factors.append((like.new_zeros(r, columns), like.new_zeros(rows, r)))
+            continue
+        i = layer.parameter_names.index(name)
+        lora_B = stored[f"lora_B.{i}"]
+        factors.append((stored[f"lora_A.{i}"], pad_rows(lora_B, layer.rows[name], rows) if name in layer.rows else lora_B))
+    return factors
 
 
 def _check_lora(delta: DeltaBase) -> None:
@@ -304,8 +336,11 @@ def _read_lora(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: P
     _check_names({"target_parameters": targeted}, path, "target_parameters")
     # PEFT's stored name -> (module path, tensor, how deep in PEFT's wrappers: MultiheadAttention's out_proj is "mha")
     found: dict[str, tuple[str, str, int | str]] = {}
+    tokens = [name for name in stored if name.endswith(_TOKENS)]
     for name in stored:
         factor = _FACTOR.fullmatch(name)
+        if name in tokens:
+            continue
         if factor is not None:
             where = factor["path"]
             if where.endswith(_MHA_OUT):
@@ -366,7 +401,26 @@ def _read_lora(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: P
         "use_dora": _field(peft, "use_dora", (bool,), "true or false", False, path),
         "init_lora_weights": init,
     }
-    return PeftTensors(values, paths, {keys[n]: stored[n] for n in keys}, lambda t: {keys[n]: t[n] for n in keys}, set(keys))
+    indices = _field(peft, "trainable_token_indices", (list, dict, type(None)), "a list of token ids", None, path)
+    if isinstance(indices, dict) or bool(indices) != bool(tokens) or len(tokens) > 1:
+        raise PeftFormatError(
+            f"{path}: trainable_token_indices is {indices!r} and {PEFT_WEIGHTS_NAME} holds {len(tokens)} "
+            f"'<module>{_TOKENS}' tensor(s); opendelta reads PEFT's list form, the rows of the input embeddings "
+            "(one tensor). Load other forms with peft.PeftModel.from_pretrained."
+        )
+    if not tokens:
+        return PeftTensors(values, paths, {keys[n]: stored[n] for n in keys}, lambda t: {keys[n]: t[n] for n in keys}, set(keys))
+    embedding = tokens[0][: -len(_TOKENS)]
+    values["trainable_token_indices"] = indices
+    keys[tokens[0]] = delta_key(embedding, "trainable_tokens_delta")
+
+    def bind(backbone: nn.Module) -> PeftTensors:
+        # the modules tied to the embedding (an LM head) follow its rows: PEFT saves none of theirs
+        found, _ = targets_at(backbone, [embedding])
+        with_tied = [*paths, embedding, *(t.path for t in tied_targets(backbone, found))]
+        return PeftTensors(values, with_tied, {keys[n]: stored[n] for n in keys}, lambda t: {keys[n]: t[n] for n in keys}, set(keys))
+
+    return PeftTensors(values, [*paths, embedding], {}, lambda t: {}, set(keys), bind=bind)
 
 
 def _holds_targeted(module: str, targeted: list[str]) -> bool:
