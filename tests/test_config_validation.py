@@ -68,6 +68,7 @@ INT_RANGE_BAD: dict[tuple[str, str], list[Any]] = {
 #: list fields that hold numbers, not module names: their bad values, each with what the error must show of it
 LIST_BAD: dict[tuple[str, str], list[tuple[Any, str]]] = {
     ("trainable_tokens", "token_indices"): [("3", "'3'"), (["a"], "'a'"), ([-1], "-1"), ([True], "True"), ([1.5], "1.5"), (5, "5")],
+    ("lora", "trainable_token_indices"): [("3", "'3'"), (["a"], "'a'"), ([-1], "-1"), ([True], "True"), ([1.5], "1.5"), (5, "5")],
 }
 #: whole-number fields left out of the check that sets every such field to one value (they constrain each other)
 NOT_ALL_AT_ONCE = {("oft", "r"), ("adalora", "tinit"), ("adalora", "tfinal")}

@@ -313,3 +313,41 @@ def test_a_deep_copy_with_an_attention_lora_attached_computes_the_same():
     assert torch.equal(copied(_IDS), model(_IDS))
     delta.detach()
     assert not torch.equal(copied(_IDS), model(_IDS))
+
+
+# ----------------------------------------------------------------- some projections of a MultiheadAttention
+
+
+@pytest.mark.parametrize("chosen", [["q"], ["k", "v"], ["q", "out"]])
+def test_attention_projections_change_only_their_rows_and_detach_exactly(chosen, tmp_path):
+    model = Encoder().train()
+    bare = model(_IDS)
+    attention = model.layer.self_attn
+    weights = {name: attention.get_parameter(name).detach().clone() for name in ("in_proj_weight", "out_proj.weight")}
+    delta = lora(CASES["attention"], model, attention_projections=chosen)
+    randomize_deltas(delta)
+    tuned = model(_IDS)
+    assert not torch.allclose(tuned, bare)
+    delta.save_finetuned(tmp_path)
+    delta.merge()
+    third = attention.embed_dim
+    for i, projection in enumerate("qkv"):
+        rows = slice(i * third, (i + 1) * third)
+        changed = not torch.equal(attention.in_proj_weight[rows], weights["in_proj_weight"][rows])
+        assert changed == (projection in chosen)
+    assert torch.equal(attention.out_proj.weight, weights["out_proj.weight"]) == ("out" not in chosen)
+    delta.unmerge()
+    assert torch.equal(model(_IDS), tuned)
+    delta.detach()
+    assert torch.equal(model(_IDS), bare)
+    assert all(torch.equal(attention.get_parameter(n), w) for n, w in weights.items())
+    other = Encoder().train()
+    AutoDeltaModel.from_finetuned(tmp_path, other)
+    assert torch.equal(other(_IDS), tuned)
+
+
+def test_attention_projections_must_name_projections():
+    from opendelta.errors import DeltaConfigError
+
+    with pytest.raises(DeltaConfigError, match="attention_projections"):
+        LoraModel(Encoder(), modified_modules=["self_attn"], attention_projections=["query"])

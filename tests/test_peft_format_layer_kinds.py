@@ -134,3 +134,19 @@ def test_conv_peft_round_trip_keeps_the_kernels(tmp_path):
     back = AutoDeltaModel.from_finetuned(tmp_path, ConvNet())
     assert back.layers["conv2"].lora_A.shape == (2, 4, 3, 3)
     assert back.layers["conv2"].lora_B.shape == (5, 2, 1, 1)
+
+
+def test_a_query_only_attention_lora_crosses_to_peft_and_back_with_equal_outputs(tmp_path):
+    """PEFT's LoRA takes in_proj_weight whole: the query-only B is written padded with zero rows for the key and
+    value thirds, and out_proj gets zero factors, so PEFT 0.21.2 (which doubles out_proj's delta) computes the same."""
+    model = Encoder().train()
+    delta = LoraModel(model, modified_modules=["layer.self_attn"], lora_r=2, lora_alpha=4, attention_projections=["q"])
+    randomize_deltas(delta)
+    expected = model(CASES["attention"].inputs)
+    noise = CASES["attention"].noise(model)
+    delta.save_finetuned(tmp_path, format="peft")
+    loaded = peft.PeftModel.from_pretrained(Encoder(), tmp_path).train()  # from_pretrained sets eval mode
+    assert_within_noise(loaded(CASES["attention"].inputs), expected, noise)
+    back = Encoder().train()
+    AutoDeltaModel.from_finetuned(tmp_path, back)  # read as a LoRA on the whole weights, zero elsewhere
+    assert_within_noise(back(CASES["attention"].inputs), expected, noise)

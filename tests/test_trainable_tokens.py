@@ -15,6 +15,7 @@ from support.three_families import FAMILIES, IDS, fresh, noise, out, perturb_tra
 from opendelta import (
     AutoDeltaModel,
     DeltaConfigError,
+    LoraModel,
     MergeError,
     TrainableTokensModel,
     UnsupportedModuleError,
@@ -144,4 +145,49 @@ def test_bad_inputs_are_typed_errors_and_leave_the_model_unchanged(args, error, 
     with pytest.raises(error, match=match):
         TrainableTokensModel(model, **args)
     assert torch.equal(out(model), original)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+# ----------------------------------------------------------------- LoRA's trainable_token_indices (PEFT's LoRA option)
+
+LORA_PLACES = {"llama": ["q_proj"], "gpt2": ["c_attn"]}
+
+
+@pytest.mark.parametrize("family", LORA_PLACES)
+def test_lora_with_trainable_token_indices_crosses_to_peft_and_back(family, tmp_path):
+    """One LoRA delta trains the factors and the rows (and a tied GPT-2 head follows them), saved as PEFT's LoRA
+    with trainable_token_indices, and such a PEFT folder loads into one LoRA delta; detach and reload are exact."""
+    model = fresh(family)
+    bare = out(model)
+    delta = LoraModel(model, modified_modules=LORA_PLACES[family], lora_r=2, lora_alpha=4, trainable_token_indices=TOKENS)
+    assert torch.equal(out(model), bare)  # the rows start as the embedding's, B at zero
+    train_rows(delta)
+    expected = out(model)
+    delta.save_finetuned(tmp_path / "own")
+    again = fresh(family)
+    AutoDeltaModel.from_finetuned(tmp_path / "own", again)
+    assert torch.equal(out(again), expected)
+    delta.save_finetuned(tmp_path / "ours", format="peft")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["trainable_token_indices"] == TOKENS
+    assert_within_noise(out(peft.PeftModel.from_pretrained(fresh(family), tmp_path / "ours")), expected, noise(model))
+    delta.detach()
+    assert torch.equal(out(model), bare)
+
+    made = peft.get_peft_model(
+        fresh(family), peft.LoraConfig(r=2, lora_alpha=4, target_modules=LORA_PLACES[family], trainable_token_indices=TOKENS)
+    )
+    perturb_trainable(made)
+    want = out(made.eval())
+    made.save_pretrained(tmp_path / "theirs")
+    loaded = AutoDeltaModel.from_finetuned(tmp_path / "theirs", backbone_model=fresh(family))
+    assert isinstance(loaded, LoraModel) and loaded.config.trainable_token_indices == TOKENS
+    assert_within_noise(out(loaded.backbone_model), want, noise(model))
+    assert_changed(want, out(fresh(family)))
+
+
+def test_lora_on_the_embedding_and_its_trainable_tokens_is_refused():
+    model = fresh("llama")
+    with pytest.raises(UnsupportedModuleError, match="trainable_token_indices"):
+        LoraModel(model, modified_modules=["embed_tokens", "q_proj"], trainable_token_indices=[1])
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -75,9 +75,26 @@ class DeltaLayer(nn.Module):
     @classmethod
     def scalable(cls) -> bool:
         """Whether the change can be scaled: a layer that adds ``m(h)`` through a plain route (not a
-        rewritten call, like a prefix or prompt, nor one that reads its module's weights, like DoRA)."""
-        # a layer that reads its module (DoRA) changes the output by more than a function of h
-        return cls.route in ("before", "after", "parallel") and cls.route_call is DeltaLayer.route_call and not cls.reads_module
+        rewritten call, like a prefix or prompt, nor one that reads or swaps its module's weights)."""
+        return cls.unscalable_reason() is None
+
+    @classmethod
+    def unscalable_reason(cls) -> str | None:
+        """Why ``scale()`` cannot act on this class's layers, as the end of a sentence "its layers ...",
+        or None when it can (scaling multiplies ``m(h)``, so a layer needs an added ``m(h)``)."""
+        if cls.route == "weights":
+            return (
+                "stand in for the weights their module reads during the call (nn.MultiheadAttention projections, "
+                "fused MoE experts, target_parameters), so they add no output m(h) that a scale could multiply"
+            )
+        if cls.reads_module:  # DoRA: the change depends on the module's weight norm, not on h alone
+            return (
+                "read their module to form their change (DoRA's weight norms, trainable tokens' rows and embed_scale), "
+                "so it is not an added m(h) to scale"
+            )
+        if cls.route not in ("before", "after", "parallel") or cls.route_call is not DeltaLayer.route_call:
+            return "rewrite the call of their module (a prefix or prompt) instead of adding a change to it"
+        return None
 
     def scaled_change(self, h: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
         """``scale * m(h)``; a tensor `scale` holds one factor per batch row."""

@@ -63,3 +63,13 @@ def update_factors(
     if a0 is None or b0 is None:
         return a, b
     return torch.cat([a, a - a0]), torch.cat([b - b0, b0], 1)
+
+
+def pad_rows(b: torch.Tensor, ranges: tuple[tuple[int, int], ...], rows: int) -> torch.Tensor:
+    """`b` (its rows the `ranges`, in order) padded with zero rows to `rows` rows: the B of a LoRA on the
+    whole weight whose change is zero outside `ranges` (also how PEFT stores such a LoRA)."""
+    pieces, done, taken = [], 0, 0
+    for start, stop in ranges:
+        pieces += [b.new_zeros(start - done, b.shape[1]), b[taken : taken + stop - start]]
+        taken, done = taken + stop - start, stop
+    return torch.cat([*pieces, b.new_zeros(rows - done, b.shape[1])])

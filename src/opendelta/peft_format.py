@@ -11,10 +11,13 @@ which turns a delta's tensors into PEFT's and back:
   LoRA on parameters (``target_parameters``, fused MoE experts) at ``<module>.lora_A.weight``, one
   ``base_layer.`` deeper for each parameter of the module after it (PEFT nests one wrapper per parameter);
   DoRA's magnitudes (``use_dora``) are PEFT's ``<path>.lora_magnitude_vector``; a PiSSA/OLoRA-started
-  LoRA is written as PEFT's own converted rank-2r LoRA on the original weights;
+  LoRA is written as PEFT's own converted rank-2r LoRA on the original weights; a LoRA on some of a
+  MultiheadAttention's q, k, v (``attention_projections``) as one on the whole weights, B padded with
+  zero rows; the rows of ``trainable_token_indices`` at ``<embedding>.token_adapter.trainable_tokens_delta``;
 - IA3: ``<path>.ia3_l``, the scaling vector as (out, 1), or (1, in) for ``feedforward_modules``;
 - LoHa, LoKr: the factors under the same names (``<path>.hada_w1_a`` ..., ``<path>.lokr_w1`` ...), on
-  ``nn.Linear`` only (PEFT's LoHa and LoKr do not take GPT-2's ``Conv1D``);
+  ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (PEFT's LoHa and LoKr do not take GPT-2's ``Conv1D`` or
+  ``nn.Conv3d``; a LoKr on a Conv1d with a whole W2 is refused, see :func:`_check_lycoris`);
 - VeRA: ``<path>.vera_lambda_b`` / ``.vera_lambda_d``, and the shared pair once as ``base_model.vera_A`` /
   ``base_model.vera_B`` unless ``save_projection=False`` (then both sides redraw it from the seed);
 - soft prompt (PEFT's prompt tuning, encoder-only and decoder-only models): ``prompt_embeddings``,
@@ -51,8 +54,10 @@ from opendelta.checkpoint_files import (
     write_files,
 )
 from opendelta.errors import CorruptCheckpointError, IncompatibleCheckpointError, OpenDeltaError, PeftFormatError
-from opendelta.linear_maps import update_factors
+from opendelta.layer_kinds import layer_kind
+from opendelta.linear_maps import pad_rows, update_factors
 from opendelta.registry import lookup
+from opendelta.targets import targets_at, tied_targets
 
 if TYPE_CHECKING:
     from opendelta.config import DeltaConfig
@@ -72,6 +77,8 @@ _LAYER_TENSORS = {
 }
 #: PEFT's wrapper of a MultiheadAttention holds its out_proj's LoRA here
 _MHA_OUT = ".base_layer.out_proj"
+#: where PEFT's LoRA keeps the rows of ``trainable_token_indices``: under the input embedding's path
+_TOKENS = ".token_adapter.trainable_tokens_delta"
 _NESTED = re.compile(r"(?P<module>.+?)(?P<nest>(?:\.base_layer)*)")
 _FACTOR = re.compile(r"(?P<path>.+)\.(?P<tensor>" + "|".join(map(re.escape, _LAYER_TENSORS)) + ")")
 _IA3 = re.compile(r"(?P<path>.+)\.ia3_l")
@@ -81,7 +88,6 @@ _UNSUPPORTED_OPTIONS = {
     "layer_replication": "layer replication",
     "alora_invocation_tokens": "activated LoRA",
     "use_qalora": "QA-LoRA",
-    "trainable_token_indices": "trainable tokens",
     "use_bdlora": "block-diagonal LoRA",
 }
 #: the head modules PEFT's sequence classification model trains and saves with any adapter
@@ -193,11 +199,18 @@ def _write_lora(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dic
     parameters: list[str] = []
     for path, layer in delta.layers.items():
         stored = {name: tensors[delta_key(path, name)] for name in layer.state_dict()}
+        if path in getattr(delta, "token_paths", ()):  # trainable_token_indices: PEFT keeps the embedding's rows, not a tied head's
+            if "trainable_tokens_delta" in stored:
+                out[path + _TOKENS] = stored["trainable_tokens_delta"]
+            continue
         names = _peft_weight_names(delta, path, layer)
         if names is not None:  # LoRA on weights the forward reads
-            for i, peft_name in enumerate(names):
-                out[f"{peft_name}.lora_A.weight"] = stored[f"lora_A.{i}"]
-                out[f"{peft_name}.lora_B.weight"] = stored[f"lora_B.{i}"]
+            factors = _attention_factors(delta, path, layer, stored) if names[0] == path else [
+                (stored[f"lora_A.{i}"], stored[f"lora_B.{i}"]) for i in range(len(names))
+            ]
+            for peft_name, (lora_A, lora_B) in zip(names, factors):
+                out[f"{peft_name}.lora_A.weight"] = lora_A
+                out[f"{peft_name}.lora_B.weight"] = lora_B
             if names[0] == path:  # a MultiheadAttention, which PEFT targets as a module
                 modules.append(path)
             else:
@@ -227,6 +240,7 @@ def _write_lora(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dic
         "use_dora": config.use_dora,
         "target_modules": sorted(modules),
         "target_parameters": parameters or None,
+        "trainable_token_indices": config.trainable_token_indices,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "fan_in_fan_out": _is_conv1d(delta),
@@ -242,14 +256,34 @@ def _peft_weight_names(delta: DeltaBase, path: str, layer: nn.Module) -> list[st
     if layer.route != "weights":
         return None
     names = layer.parameter_names
-    if names == ("in_proj_weight", "out_proj.weight"):
+    module = delta.targets[path].module
+    if layer_kind(module) == "attention":
+        if module.in_proj_weight is None:
+            raise PeftFormatError(
+                f"{path!r} is a MultiheadAttention with separate query, key and value weights (kdim or vdim differ from "
+                "embed_dim), which PEFT's LoRA does not support; save with format='opendelta'."
+            )
         return [path, path + _MHA_OUT]
-    if "out_proj.weight" in names:
-        raise PeftFormatError(
-            f"{path!r} is a MultiheadAttention with separate query, key and value weights (kdim or vdim differ from "
-            "embed_dim), which PEFT's LoRA does not support; save with format='opendelta'."
-        )
     return [path + ".base_layer" * (len(names) - 1 - i) for i in range(len(names))]
+
+
+def _attention_factors(delta: DeltaBase, path: str, layer: nn.Module, stored: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A MultiheadAttention LoRA's factors as PEFT stores them, in_proj's then out_proj's: PEFT's LoRA takes both
+    weights whole, so a LoRA on some of q, k, v has its B padded with zero rows (``attention_projections``),
+    and a weight left out gets zero factors; each adds exactly what opendelta's adds."""
+    module = delta.targets[path].module
+    r = stored["lora_A.0"].shape[0]
+    factors = []
+    for name in ("in_proj_weight", "out_proj.weight"):
+        rows, columns = module.get_parameter(name).shape
+        if name not in layer.parameter_names:
+            like = stored["lora_A.0"]
+            factors.append((like.new_zeros(r, columns), like.new_zeros(rows, r)))
+            continue
+        i = layer.parameter_names.index(name)
+        lora_B = stored[f"lora_B.{i}"]
+        factors.append((stored[f"lora_A.{i}"], pad_rows(lora_B, layer.rows[name], rows) if name in layer.rows else lora_B))
+    return factors
 
 
 def _check_lora(delta: DeltaBase) -> None:
@@ -302,8 +336,11 @@ def _read_lora(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: P
     _check_names({"target_parameters": targeted}, path, "target_parameters")
     # PEFT's stored name -> (module path, tensor, how deep in PEFT's wrappers: MultiheadAttention's out_proj is "mha")
     found: dict[str, tuple[str, str, int | str]] = {}
+    tokens = [name for name in stored if name.endswith(_TOKENS)]
     for name in stored:
         factor = _FACTOR.fullmatch(name)
+        if name in tokens:
+            continue
         if factor is not None:
             where = factor["path"]
             if where.endswith(_MHA_OUT):
@@ -364,7 +401,26 @@ def _read_lora(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: P
         "use_dora": _field(peft, "use_dora", (bool,), "true or false", False, path),
         "init_lora_weights": init,
     }
-    return PeftTensors(values, paths, {keys[n]: stored[n] for n in keys}, lambda t: {keys[n]: t[n] for n in keys}, set(keys))
+    indices = _field(peft, "trainable_token_indices", (list, dict, type(None)), "a list of token ids", None, path)
+    if isinstance(indices, dict) or bool(indices) != bool(tokens) or len(tokens) > 1:
+        raise PeftFormatError(
+            f"{path}: trainable_token_indices is {indices!r} and {PEFT_WEIGHTS_NAME} holds {len(tokens)} "
+            f"'<module>{_TOKENS}' tensor(s); opendelta reads PEFT's list form, the rows of the input embeddings "
+            "(one tensor). Load other forms with peft.PeftModel.from_pretrained."
+        )
+    if not tokens:
+        return PeftTensors(values, paths, {keys[n]: stored[n] for n in keys}, lambda t: {keys[n]: t[n] for n in keys}, set(keys))
+    embedding = tokens[0][: -len(_TOKENS)]
+    values["trainable_token_indices"] = indices
+    keys[tokens[0]] = delta_key(embedding, "trainable_tokens_delta")
+
+    def bind(backbone: nn.Module) -> PeftTensors:
+        # the modules tied to the embedding (an LM head) follow its rows: PEFT saves none of theirs
+        found, _ = targets_at(backbone, [embedding])
+        with_tied = [*paths, embedding, *(t.path for t in tied_targets(backbone, found))]
+        return PeftTensors(values, with_tied, {keys[n]: stored[n] for n in keys}, lambda t: {keys[n]: t[n] for n in keys}, set(keys))
+
+    return PeftTensors(values, [*paths, embedding], {}, lambda t: {}, set(keys), bind=bind)
 
 
 def _holds_targeted(module: str, targeted: list[str]) -> bool:
@@ -657,7 +713,7 @@ _LAYER_NAMES = {
     "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
     "VERA": ("vera_lambda_b", "vera_lambda_d"),
 }
-#: LyCORIS tensors of convolutions (CP-decomposed kernels), which opendelta's LoHa and LoKr do not implement
+#: LyCORIS tensors of CP-decomposed kernels (PEFT's use_effective_conv2d), which opendelta's LoHa and LoKr do not implement
 _CONV_NAMES = ("hada_t1", "hada_t2", "lokr_t2")
 #: peft_type -> its config fields beyond the LyCORIS ones, same name in both configs: (types, expected, default)
 _LYCORIS_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], str, Any]]] = {
@@ -672,12 +728,48 @@ _LYCORIS_FIELDS: dict[str, dict[str, tuple[tuple[type, ...], str, Any]]] = {
 _VERA_PAIR = {"base_model.vera_A": "projection.vera_A", "base_model.vera_B": "projection.vera_B"}
 
 
-def _check_linear_only(delta: DeltaBase) -> None:
+def check_peft_convolutions(delta: DeltaBase, dims: tuple[int, ...], grouped: bool = True, dilated: bool = True) -> None:
+    """PeftFormatError unless each convolution `delta` acts on is one PEFT's same method computes the same on:
+    `dims` spatial dimensions, and groups > 1 or dilation > 1 only where PEFT handles them."""
+    for path in delta.layers:
+        module = delta.targets[path].module
+        if layer_kind(module) != "conv":
+            continue
+        size = module.weight.dim() - 2
+        problem = (
+            f"a {type(module).__name__}" if size not in dims
+            else f"a convolution with groups={module.groups}" if not grouped and module.groups != 1
+            else f"a convolution with dilation={module.dilation}" if not dilated and any(d != 1 for d in module.dilation)
+            else None
+        )
+        if problem:
+            kinds = ", ".join(f"Conv{d}d" for d in dims)
+            raise PeftFormatError(
+                f"{path!r} is {problem}, and PEFT's {delta.delta_type} takes only {kinds} convolutions"
+                f"{'' if grouped else ' without groups'}{'' if dilated else ' without dilation'}, so "
+                "peft.PeftModel.from_pretrained could not load this delta; save it with format='opendelta'."
+            )
+
+
+def _check_lycoris(delta: DeltaBase) -> None:
     if _is_conv1d(delta):
         raise PeftFormatError(
             f"PEFT's {delta.delta_type} takes nn.Linear, Conv1d and Conv2d layers but not GPT-2's Conv1D, so "
             "peft.PeftModel.from_pretrained could not load this delta; save it with format='opendelta'."
         )
+    check_peft_convolutions(delta, (1, 2))
+    for path, layer in delta.layers.items():
+        if getattr(layer, "full_w2", False) and layer.lokr_w2.dim() == 3:
+            raise PeftFormatError(_LOKR_CONV1D.format(where=repr(path)))
+
+
+#: PEFT 0.21.2 forms a Conv1d LoKr's change with a whole (b, d, kernel) W2 as torch.kron(W1, W2), which lines W1
+#: up with W2's last two axes instead of its first two (make_kron unsqueezes W1 only for a 4-D W2)
+_LOKR_CONV1D = (
+    "{where} is a LoKr on an nn.Conv1d whose W2 is whole (r >= half its size), and PEFT 0.21.2 computes that change "
+    "with W1 and W2 misaligned (its make_kron pairs a 2-D W1 with the last two axes of a 3-D W2), so the outputs would "
+    "differ; use a smaller r (W2 then is W2_a @ W2_b, which PEFT computes as opendelta does) or format='opendelta'."
+)
 
 
 def _layer_tensors(delta: DeltaBase, tensors: dict[str, torch.Tensor], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -713,10 +805,14 @@ def _read_lycoris(peft_type: str) -> Callable[[dict[str, Any], dict[str, tuple[i
         conv = [n for n in stored if n.rpartition(".")[2] in _CONV_NAMES]
         if conv:
             raise PeftFormatError(
-                f"{path.parent / PEFT_WEIGHTS_NAME} holds {conv[0]!r}, a {peft_type} tensor of a convolution, which "
-                "opendelta does not implement (it takes linear layers); load it with peft.PeftModel.from_pretrained."
+                f"{path.parent / PEFT_WEIGHTS_NAME} holds {conv[0]!r}, a {peft_type} tensor of a convolution's kernel in "
+                "CP form (PEFT's use_effective_conv2d=True), which opendelta does not implement (it takes the flattened "
+                "kernel, use_effective_conv2d=False); load it with peft.PeftModel.from_pretrained."
             )
         keys, paths = _named_layer_tensors(stored, _LAYER_NAMES[peft_type], peft_type, path)
+        whole_3d = [n for n in stored if n.endswith(".lokr_w2") and len(stored[n]) == 3]
+        if whole_3d:
+            raise PeftFormatError(_LOKR_CONV1D.format(where=f"{path.parent / PEFT_WEIGHTS_NAME}: {whole_3d[0]!r}"))
         _check_names(peft, path, "target_modules", "exclude_modules", "modules_to_save")
         values = {
             "modified_modules": paths,
@@ -815,7 +911,7 @@ _UNCONVERTED: dict[str, str] = {}
 #: peft_type -> the check a delta must pass before any rank gathers tensors
 _CHECKS: dict[str, Callable[[DeltaBase], Any]] = {
     "PROMPT_TUNING": _check_soft_prompt, "LORA": _check_lora, "IA3": _check_ia3, "PREFIX_TUNING": _check_prefix,
-    "LOHA": _check_linear_only, "LOKR": _check_linear_only,
+    "LOHA": _check_lycoris, "LOKR": _check_lycoris,
 }
 #: PEFT's peft_type -> the opendelta delta_type with the same tensors (found through the registry)
 PEFT_TYPES = {m.peft_type: m.delta_type for m in PEFT_METHODS.values()}

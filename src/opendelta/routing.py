@@ -332,8 +332,8 @@ class Site:
             if name in mods and name not in routing.idle:
                 if not mods[name].scalable():
                     raise MixedBatchError(
-                        f"delta {name!r} rewrites the call of {type(module).__name__} (a prefix or prompt), so it has no "
-                        "change to scale; give its rows scale 1.0."
+                        f"delta {name!r} on this {type(module).__name__} has no change to scale: its "
+                        f"{type(mods[name]).__name__} layers {mods[name].unscalable_reason()}; give its rows scale 1.0."
                     )
                 mix.scales[name] = scales
         mix.parallel = self._stack_parallel(mix, mods, routing.batch_size)

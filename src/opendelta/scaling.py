@@ -46,12 +46,12 @@ def set_scale(delta: DeltaBase, value: float) -> ScaleHandle:
         raise DeltaConfigError(f"a delta's scale must be a finite number, got {value!r} (1.0 runs the delta as trained)")
     if delta.is_merged:
         raise LifecycleError(f"delta {delta.name!r} is merged into the weights at scale 1.0; unmerge() it before scaling")
-    fixed = sorted({type(layer).__name__ for layer in delta.layers.values() if not layer.scalable()})
+    fixed = {type(layer): layer.unscalable_reason() for layer in delta.layers.values() if not layer.scalable()}
     if fixed:
+        why = "; ".join(f"its {cls.__name__} layers {reason}" for cls, reason in sorted(fixed.items(), key=lambda kv: kv[0].__name__))
         raise UnsupportedModuleError(
-            f"delta {delta.name!r} has {', '.join(fixed)} layers, which rewrite the call of their module (a prefix or "
-            "prompt) instead of adding a change to it, so there is nothing to scale; scale additive deltas (LoRA, "
-            "adapters, IA3, BitFit...)."
+            f"delta {delta.name!r} cannot be scaled, as there is nothing to scale: {why}. Scale additive deltas "
+            "(LoRA on linear, embedding and convolution layers, adapters, IA3, BitFit...)."
         )
     previous = {path: layer.change_scale for path, layer in delta.layers.items()}
     for layer in delta.layers.values():

@@ -274,3 +274,16 @@ def _renamed(model: nn.Module, name: str, what: str) -> list[str]:
     warnings.warn(f"{what} {name!r} names no module; transformers 5 calls it {shown} in this family, which is used",
                   OriginalBehaviourWarning, stacklevel=4)
     return list(new)
+
+
+def tied_targets(backbone_model: nn.Module, targets: list[Target]) -> list[Target]:
+    """The linear layers (not among `targets`) whose weight is tied to one of `targets`' (an LM head tied to the
+    input embeddings). Another embedding sharing the weight is not added: seq2seq models keep one that no forward calls."""
+    weights = {id(t.module.weight) for t in targets if isinstance(getattr(t.module, "weight", None), nn.Parameter)}
+    chosen = {t.path for t in targets}
+    tied = [
+        path
+        for path, module in backbone_model.named_modules()
+        if path not in chosen and isinstance(module, nn.Linear) and id(module.weight) in weights
+    ]
+    return targets_at(backbone_model, tied)[0]

@@ -1,9 +1,10 @@
-"""Deltas that change a linear map's weight, ``W <- W + dW``: beside the map, ``m(h) = h dW^T``.
+"""Deltas that change a layer's weight, ``W <- W + dW``: beside the layer, ``m(h)`` = h mapped by dW.
 
 A method whose change is a weight formed from its factors (LoHa's Hadamard product, LoKr's
 Kronecker product, VeRA's scaled random projections) subclasses :class:`WeightChangeLayer` and
 gives :meth:`~WeightChangeLayer.weight_change`; the layer's forward and merge() follow from it, for
-``nn.Linear`` and GPT-2's ``Conv1D`` alike (dW is always out x in). The LyCORIS family's two
+``nn.Linear``, GPT-2's ``Conv1D`` and convolutions alike (dW is always out x in, a kernel flattened
+as :class:`opendelta.layer_kinds.WeightMap` says). The LyCORIS family's two
 training-time dropouts act on dW, as PEFT does: ``rank_dropout`` zeroes output rows of dW,
 ``module_dropout`` skips the whole change for a call.
 """
@@ -13,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from opendelta.addressing import matches
 from opendelta.config import DeltaConfig, number, positive, size
+from opendelta.errors import UnsupportedModuleError
 from opendelta.layer import DeltaLayer
-from opendelta.linear_maps import fold_into_weight
+from opendelta.layer_kinds import WeightMap, weight_map
 
 _PROBABILITY = {"low": 0.0, "high": 1.0, "high_open": True}
 
@@ -50,8 +51,21 @@ class WeightChangeConfig(DeltaConfig):
         return r, alpha / r
 
 
+def weight_map_of(method: str, path: str, module: nn.Module) -> WeightMap:
+    """The :class:`WeightMap` of the layer a weight-change delta acts on, or UnsupportedModuleError saying what it takes."""
+    form = weight_map(module)
+    if form is None:
+        raise UnsupportedModuleError(
+            f"{method} changes the weight of a linear layer (nn.Linear, Conv1D) or a zero-padded convolution "
+            f"(nn.Conv1d/2d/3d), but {path!r} is a {type(module).__name__}"
+            f"{' with padding_mode=' + repr(module.padding_mode) if hasattr(module, 'padding_mode') else ''}; "
+            "address the layers inside it, or others, instead."
+        )
+    return form
+
+
 class WeightChangeLayer(DeltaLayer):
-    """``m(h) = h dW^T`` with ``dW = weight_change()`` (out x in); merges as ``W + dW``.
+    """``m(h)`` = h mapped by ``dW = weight_change()`` (out x in) as the layer maps it by W; merges as ``W + dW``.
 
     In training, ``module_dropout`` skips the change for a call and ``rank_dropout`` zeroes each
     output row of dW with that probability, rescaling the kept rows by the inverse of the fraction
@@ -60,8 +74,9 @@ class WeightChangeLayer(DeltaLayer):
 
     route = "parallel"
 
-    def __init__(self, rank_dropout: float = 0.0, module_dropout: float = 0.0, rank_dropout_scale: bool = False):
+    def __init__(self, form: WeightMap, rank_dropout: float = 0.0, module_dropout: float = 0.0, rank_dropout_scale: bool = False):
         super().__init__()
+        self.form = form
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self.rank_dropout_scale = rank_dropout_scale
@@ -76,7 +91,7 @@ class WeightChangeLayer(DeltaLayer):
         change = self.weight_change()
         if self.training and self.rank_dropout:
             change = self.drop_rows(change)
-        return F.linear(h, change)
+        return self.form.apply(h, change)
 
     def drop_rows(self, change: torch.Tensor) -> torch.Tensor:
         """dW with each output row zeroed with probability ``rank_dropout``."""
@@ -88,7 +103,6 @@ class WeightChangeLayer(DeltaLayer):
         return (change * kept.to(change.device).unsqueeze(1)).to(change.dtype)
 
     def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """``W + dW`` (transposed back for Conv1D)."""
-        change = self.weight_change()
-        return {"weight": fold_into_weight(module, lambda w: w + change.to(w.dtype))}
+        """``W + dW`` (transposed back for Conv1D, shaped as the kernel for a convolution)."""
+        return {"weight": self.form.add_to(module, self.weight_change())}
 

@@ -12,6 +12,10 @@ the paper); in the last ``tfinal`` steps the final allocation is kept. Each laye
 its ``rank_mask`` buffer, saved with the delta. The loss should include
 :meth:`AdaLoraModel.orthogonal_regularization` (``orth_reg_weight`` times the mean of
 ``||A A^T - I||_F`` and ``||B^T B - I||_F``), which PEFT adds to its model's loss.
+
+On a convolution (any of ``nn.Conv1d/2d/3d``; PEFT's AdaLoRA takes ``nn.Conv2d``) A's columns are the
+kernel flattened, ``in/groups x kernel size``, and the change ``B (A * E)`` is that kernel, as in PEFT's
+SVDConv2d: the SVD form and the budget are the same whatever the weight's shape.
 """
 
 from __future__ import annotations
@@ -26,11 +30,20 @@ from torch import nn
 from opendelta.checkpoint import delta_key
 from opendelta.config import DeltaConfig, number, positive, size
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import CorruptCheckpointError, DeltaConfigError, LifecycleError, PeftFormatError, UnsupportedModuleError
+from opendelta.errors import CorruptCheckpointError, DeltaConfigError, LifecycleError, PeftFormatError
 from opendelta.layer import DeltaLayer
-from opendelta.linear_maps import fold_into_weight, linear_shape, weight_like
-from opendelta.peft_format import PEFT_WEIGHTS_NAME, PeftMethod, PeftTensors, peft_field, register_peft_method
+from opendelta.layer_kinds import WeightMap
+from opendelta.linear_maps import weight_like
+from opendelta.peft_format import (
+    PEFT_WEIGHTS_NAME,
+    PeftMethod,
+    PeftTensors,
+    check_peft_convolutions,
+    peft_field,
+    register_peft_method,
+)
 from opendelta.runtime_init import Observation
+from opendelta.weight_change import weight_map_of
 
 #: the most training steps a schedule takes (every step count below it is exact in a float, so in JSON)
 MAX_STEPS = 2**53
@@ -76,9 +89,11 @@ class AdaLoraLayer(DeltaLayer):
 
     route = "parallel"
 
-    def __init__(self, in_features: int, out_features: int, config: AdaLoraConfig, weight: torch.Tensor):
+    def __init__(self, form: WeightMap, config: AdaLoraConfig, weight: torch.Tensor):
         super().__init__()
         r = config.init_r
+        self.form = form
+        in_features, out_features = form.in_features, form.out_features
         factory = {"dtype": weight.dtype, "device": weight.device}
         self.lora_A = nn.Parameter(torch.zeros(r, in_features, **factory))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **factory))
@@ -103,13 +118,18 @@ class AdaLoraLayer(DeltaLayer):
         if self.dropout is not None:
             h = self.dropout(h)
         x = h.to(self.lora_A.dtype)
+        if self.form.kernel:  # a convolution by the changed kernel, as PEFT's SVDConv2d computes it
+            return self.form.apply(x, self.update().to(x.dtype)).to(h.dtype)
         # the float32 denominator (as PEFT's) would promote a half-precision change: keep the input's dtype
         return ((x @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scaling / self.denominator()).to(h.dtype)
 
+    def update(self) -> torch.Tensor:
+        """The weight change ``B (A * E) * alpha / (r + 1e-5)``, out x in (a kernel flattened)."""
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / self.denominator()
+
     def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """W + B (A * E) * alpha / (r + 1e-5) (transposed for Conv1D)."""
-        update = self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / self.denominator()
-        return {"weight": fold_into_weight(module, lambda w: w + update.to(w.dtype))}
+        """W + B (A * E) * alpha / (r + 1e-5) (transposed for Conv1D, shaped as the kernel for a convolution)."""
+        return {"weight": self.form.add_to(module, self.update())}
 
     def apply_mask(self) -> None:
         """Zero the singular values of the pruned triplets (those ``rank_mask`` drops)."""
@@ -182,7 +202,7 @@ class RankAllocator:
 
 
 class AdaLoraModel(DeltaBase):
-    """AdaLoRA on every addressed linear layer (``nn.Linear`` or GPT-2's ``Conv1D``).
+    """AdaLoRA on every addressed linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) or convolution (``nn.Conv1d/2d/3d``).
 
     Arguments (PEFT's names and defaults): ``init_r=12, target_r=8, tinit=0, tfinal=0, deltaT=1,
     beta1=0.85, beta2=0.85, orth_reg_weight=0.5, total_step=None`` (needed to train),
@@ -195,13 +215,7 @@ class AdaLoraModel(DeltaBase):
     default_modified_modules = ("attn.q", "attn.v")
 
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> AdaLoraLayer:
-        shape = linear_shape(module)
-        if shape is None:
-            raise UnsupportedModuleError(
-                f"AdaLoRA needs a linear layer (nn.Linear or Conv1D), but {path!r} is a {type(module).__name__}; "
-                "address the linear projections inside it instead."
-            )
-        return AdaLoraLayer(*shape, self.config, weight_like(module))
+        return AdaLoraLayer(weight_map_of("AdaLoRA", path, module), self.config, weight_like(module))
 
     def orthogonal_regularization(self) -> torch.Tensor:
         """``orth_reg_weight`` times the mean over the layers' A and B of ``||A A^T - I||_F`` / ``||B^T B - I||_F``:
@@ -366,4 +380,8 @@ def _read_peft(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: P
     return PeftTensors(values, paths, shapes, convert, claimed)
 
 
-register_peft_method(PeftMethod("ADALORA", "adalora", _write_peft, _read_peft))
+def _check_peft(delta: DeltaBase) -> None:
+    check_peft_convolutions(delta, (2,), grouped=False)  # PEFT's SVDConv2d sizes A for one group
+
+
+register_peft_method(PeftMethod("ADALORA", "adalora", _write_peft, _read_peft), check=_check_peft)

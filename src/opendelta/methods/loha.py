@@ -1,5 +1,7 @@
-"""LoHa (Hyeon-Woo et al., 2022, FedPara): a Hadamard product of two low-rank weights beside a linear map,
-``dW = s * (A1 B1) * (A2 B2)``, ``s = alpha / r``; a rank-r^2 change for the parameters of two rank-r LoRAs.
+"""LoHa (Hyeon-Woo et al., 2022, FedPara): a Hadamard product of two low-rank weights beside a linear map
+or a convolution, ``dW = s * (A1 B1) * (A2 B2)``, ``s = alpha / r``; a rank-r^2 change for the parameters
+of two rank-r LoRAs. A convolution's dW is its kernel flattened to (out, in/groups x kernel size), as in
+PEFT's LoHa without ``use_effective_conv2d``.
 
 As in PEFT, A1, B1 and A2 start random and B2 at zero, so a fresh LoHa changes nothing.
 """
@@ -12,10 +14,10 @@ import torch
 from torch import nn
 
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import UnsupportedModuleError
-from opendelta.linear_maps import linear_shape, weight_like
+from opendelta.layer_kinds import WeightMap
+from opendelta.linear_maps import weight_like
 from opendelta.runtime_init import Observation
-from opendelta.weight_change import WeightChangeConfig, WeightChangeLayer
+from opendelta.weight_change import WeightChangeConfig, WeightChangeLayer, weight_map_of
 
 
 @dataclass
@@ -27,9 +29,10 @@ class LoHaConfig(WeightChangeConfig):
 class LoHaLayer(WeightChangeLayer):
     """``dW = s * (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b)``: a factors out x r, b factors r x in."""
 
-    def __init__(self, in_features: int, out_features: int, config: LoHaConfig, weight: torch.Tensor, path: str):
-        super().__init__(config.rank_dropout, config.module_dropout, rank_dropout_scale=True)  # PEFT always rescales
+    def __init__(self, form: WeightMap, config: LoHaConfig, weight: torch.Tensor, path: str):
+        super().__init__(form, config.rank_dropout, config.module_dropout, rank_dropout_scale=True)  # PEFT always rescales
         r, self.scaling = config.rank_and_scaling(path)
+        in_features, out_features = form.in_features, form.out_features
         factory = {"dtype": weight.dtype, "device": weight.device}
         self.hada_w1_a = nn.Parameter(torch.empty(out_features, r, **factory))
         self.hada_w1_b = nn.Parameter(torch.empty(r, in_features, **factory))
@@ -44,7 +47,7 @@ class LoHaLayer(WeightChangeLayer):
 
 
 class LoHaModel(DeltaBase):
-    """LoHa on every addressed linear layer (``nn.Linear`` or GPT-2's ``Conv1D``).
+    """LoHa on every addressed linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) or convolution (``nn.Conv1d/2d/3d``).
 
     Arguments (PEFT's names): ``r=8, alpha=8`` (s = alpha / r), ``rank_dropout=0.0``, ``module_dropout=0.0``,
     ``rank_pattern`` / ``alpha_pattern`` (per-module overrides), ``init_weights=True``; default
@@ -56,10 +59,4 @@ class LoHaModel(DeltaBase):
     default_modified_modules = ("attn.q", "attn.v")
 
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> LoHaLayer:
-        shape = linear_shape(module)
-        if shape is None:
-            raise UnsupportedModuleError(
-                f"LoHa needs a linear layer (nn.Linear or Conv1D), but {path!r} is a {type(module).__name__}; "
-                "address the linear projections inside it instead."
-            )
-        return LoHaLayer(*shape, self.config, weight_like(module), path)
+        return LoHaLayer(weight_map_of("LoHa", path, module), self.config, weight_like(module), path)

@@ -1,14 +1,20 @@
-"""LoKr (Yeh et al., 2024, LyCORIS): a Kronecker product beside a linear map, ``dW = s * kron(W1, W2)``, ``s = alpha / r``.
+"""LoKr (Yeh et al., 2024, LyCORIS): a Kronecker product beside a linear map or a convolution,
+``dW = s * kron(W1, W2)``, ``s = alpha / r``.
 
 The out x in weight splits as ``out = a * b``, ``in = c * d`` (factors near the square root, or near
 ``decompose_factor``), ``W1`` is a x c and ``W2`` b x d. As in PEFT, W2 is the low-rank product
 ``W2_a W2_b`` when ``r < max(b, d) / 2``, and so is W1 (``W1_a W1_b``) with ``decompose_both`` and
 ``r < max(a, c) / 2``; otherwise each is a full matrix. W1 (or W1_a) starts at zero, so a fresh
 LoKr changes nothing; ``init_weights="lycoris"`` zeroes W2 (or W2_b) instead, ``False`` neither.
+
+On a convolution, ``in`` is its input channels per group and the kernel goes with W2, as in PEFT
+(without ``use_effective_conv2d``): a full W2 is (b, d, *kernel), W2_b is r x (d x kernel size), and
+dW is the kernel flattened to (out, in x kernel size).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,10 +22,10 @@ from torch import nn
 
 from opendelta.config import MAX_SIZE, choice, number
 from opendelta.delta_base import DeltaBase
-from opendelta.errors import UnsupportedModuleError
-from opendelta.linear_maps import linear_shape, weight_like
+from opendelta.layer_kinds import WeightMap
+from opendelta.linear_maps import weight_like
 from opendelta.runtime_init import Observation
-from opendelta.weight_change import WeightChangeConfig, WeightChangeLayer
+from opendelta.weight_change import WeightChangeConfig, WeightChangeLayer, weight_map_of
 
 
 @dataclass
@@ -57,15 +63,15 @@ class LoKrLayer(WeightChangeLayer):
     ``lokr_w2_a``/``lokr_w2_b``.
     """
 
-    def __init__(self, in_features: int, out_features: int, config: LoKrConfig, weight: torch.Tensor, path: str):
-        super().__init__(config.rank_dropout, config.module_dropout, config.rank_dropout_scale)
+    def __init__(self, form: WeightMap, config: LoKrConfig, weight: torch.Tensor, path: str):
+        super().__init__(form, config.rank_dropout, config.module_dropout, config.rank_dropout_scale)
         r, self.scaling = config.rank_and_scaling(path)
-        (a, b), (c, d) = factorization(out_features, config.decompose_factor), factorization(in_features, config.decompose_factor)
+        (a, b), (c, d) = factorization(form.out_features, config.decompose_factor), factorization(form.in_channels, config.decompose_factor)
         factory = {"dtype": weight.dtype, "device": weight.device}
         self.full_w1 = not (config.decompose_both and r < max(a, c) / 2)
         self.full_w2 = not r < max(b, d) / 2
-        w1 = self.factor("lokr_w1", a, c, r, self.full_w1, factory)
-        w2 = self.factor("lokr_w2", b, d, r, self.full_w2, factory)
+        w1 = self.factor("lokr_w1", (a, c), r, self.full_w1, factory)
+        w2 = self.factor("lokr_w2", (b, d, *form.kernel), r, self.full_w2, factory)
         if weight.device.type == "meta":
             return
         # the one factor that starts at zero (W1's left one by default) makes the fresh product zero
@@ -76,21 +82,23 @@ class LoKrLayer(WeightChangeLayer):
             else:
                 nn.init.kaiming_uniform_(tensor, a=5**0.5)
 
-    def factor(self, name: str, rows: int, cols: int, r: int, full: bool, factory: dict) -> tuple[nn.Parameter, ...]:
-        """Register W (rows x cols) whole as `name`, or as ``name_a`` (rows x r) and ``name_b`` (r x cols)."""
-        shapes = {name: (rows, cols)} if full else {f"{name}_a": (rows, r), f"{name}_b": (r, cols)}
+    def factor(self, name: str, shape: tuple[int, ...], r: int, full: bool, factory: dict) -> tuple[nn.Parameter, ...]:
+        """Register W (`shape`: rows x cols, x kernel for a convolution's W2) whole as `name`, or as ``name_a``
+        (rows x r) and ``name_b`` (r x the rest, flattened)."""
+        rows, rest = shape[0], math.prod(shape[1:])
+        shapes = {name: shape} if full else {f"{name}_a": (rows, r), f"{name}_b": (r, rest)}
         for key, shape in shapes.items():
             self.register_parameter(key, nn.Parameter(torch.empty(shape, **factory)))
         return tuple(getattr(self, key) for key in shapes)
 
     def weight_change(self) -> torch.Tensor:
         w1 = self.lokr_w1 if self.full_w1 else self.lokr_w1_a @ self.lokr_w1_b
-        w2 = self.lokr_w2 if self.full_w2 else self.lokr_w2_a @ self.lokr_w2_b
+        w2 = self.lokr_w2.flatten(1) if self.full_w2 else self.lokr_w2_a @ self.lokr_w2_b  # a kernel with its columns
         return torch.kron(w1, w2.contiguous()) * self.scaling
 
 
 class LoKrModel(DeltaBase):
-    """LoKr on every addressed linear layer (``nn.Linear`` or GPT-2's ``Conv1D``).
+    """LoKr on every addressed linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) or convolution (``nn.Conv1d/2d/3d``).
 
     Arguments (PEFT's names): ``r=8, alpha=8`` (s = alpha / r), ``decompose_both=False``,
     ``decompose_factor=-1``, ``rank_dropout=0.0``, ``rank_dropout_scale=False``, ``module_dropout=0.0``,
@@ -103,10 +111,4 @@ class LoKrModel(DeltaBase):
     default_modified_modules = ("attn.q", "attn.v")
 
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> LoKrLayer:
-        shape = linear_shape(module)
-        if shape is None:
-            raise UnsupportedModuleError(
-                f"LoKr needs a linear layer (nn.Linear or Conv1D), but {path!r} is a {type(module).__name__}; "
-                "address the linear projections inside it instead."
-            )
-        return LoKrLayer(*shape, self.config, weight_like(module), path)
+        return LoKrLayer(weight_map_of("LoKr", path, module), self.config, weight_like(module), path)

@@ -31,11 +31,12 @@ from opendelta.config import DeltaConfig, check_name_list, choice, number, posit
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import DeltaConfigError, NoMatchError, UnsupportedModuleError
 from opendelta.layer import DeltaLayer
-from opendelta.layer_kinds import described, layer_kind, weight_parameters
+from opendelta.layer_kinds import PROJECTIONS, described, fused_rows, layer_kind, weight_parameters
 from opendelta.methods.lora_kinds import ConvLoraLayer, EmbeddingLoraLayer, WeightLoraLayer
 from opendelta.methods.lora_stacked import StackedLora
+from opendelta.methods.trainable_tokens import TokenLayers
 from opendelta.runtime_init import Observation
-from opendelta.targets import Target, targets_at, without_excluded
+from opendelta.targets import Target, targets_at, tied_targets, without_excluded
 from opendelta.linear_maps import dense_weight, fold_into_weight, linear_shape, linear_weight, update_factors, weight_like
 from opendelta.quantized import is_quantized, weight_stamp
 
@@ -78,6 +79,23 @@ class LoraConfig(DeltaConfig):
     #: parameters to put LoRA on, by name (``"experts.gate_up_proj"``; the addressing syntax over parameter
     #: paths), for weights a forward reads without calling a linear module (fused MoE experts), as in PEFT
     target_parameters: list[str] | None = None
+    #: on an nn.MultiheadAttention: which of its projections take a LoRA, among "q", "k", "v" (thirds of its
+    #: fused in_proj_weight) and "out" (out_proj); None: all four
+    attention_projections: list[str] | None = None
+    #: also train these rows of the input embeddings (new vocabulary), as PEFT's LoRA option of that name does
+    #: (the layers of opendelta.methods.trainable_tokens, in this delta; a tied LM head follows)
+    trainable_token_indices: list[int] | None = number(None, low=0)
+
+    def validate(self) -> None:
+        chosen = self.attention_projections
+        if chosen is None:
+            return
+        check_name_list(chosen, "attention_projections")
+        if not chosen or len(set(chosen)) != len(chosen) or not set(chosen) <= set(PROJECTIONS):
+            raise DeltaConfigError(
+                f"attention_projections names a MultiheadAttention's projections to put LoRA on, some of {list(PROJECTIONS)} "
+                f"each at most once, got {chosen!r}; e.g. ['q', 'v'], or None for all of them."
+            )
 
     @property
     def data_aware_init(self) -> bool:
@@ -346,7 +364,9 @@ class LoraModel(DeltaBase):
     ``rank_pattern`` / ``alpha_pattern`` (per-module overrides), ``use_dora=False`` (DoRA: a
     trained magnitude per output feature), ``init_lora_weights=True`` (or ``"gaussian"``, ``False``,
     ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``), ``target_parameters=None`` (parameter names, e.g.
-    ``["experts.gate_up_proj"]``); default positions: attention query and value.
+    ``["experts.gate_up_proj"]``), ``attention_projections=None`` (on a MultiheadAttention, only these of
+    ``"q", "k", "v", "out"``), ``trainable_token_indices=None`` (also train these rows of the input
+    embeddings, PEFT's option); default positions: attention query and value.
     """
 
     config_class = LoraConfig
@@ -361,6 +381,21 @@ class LoraModel(DeltaBase):
         given), and the modules that hold a parameter of ``target_parameters``."""
         if config is None:
             config = cls.config_class.from_dict(config_values)
+        targets = cls._lora_targets(backbone_model, config)
+        tokens = token_targets(backbone_model, config)
+        both = sorted({t.path for t in targets} & {t.path for t in tokens})
+        if both:
+            raise UnsupportedModuleError(
+                f"{both[0]!r} is addressed for LoRA and is the input embedding (or tied to it) whose rows "
+                "trainable_token_indices trains; a module takes one of them. Leave it out of modified_modules."
+            )
+        if not tokens:
+            return targets
+        order = {path: i for i, (path, _) in enumerate(backbone_model.named_modules())}
+        return sorted([*targets, *tokens], key=lambda t: order.get(t.path, -1))
+
+    @classmethod
+    def _lora_targets(cls, backbone_model: nn.Module, config: LoraConfig) -> list[Target]:
         if not config.target_parameters:
             return super().resolve_targets(backbone_model, config)
         targets = [] if config.modified_modules is None else super().resolve_targets(backbone_model, config)
@@ -380,9 +415,14 @@ class LoraModel(DeltaBase):
         """Which parameters of which modules ``target_parameters`` names."""
         names = self.config.target_parameters
         self.parameter_targets = parameter_targets(self.backbone_model, names) if names else {}
+        indices = self.config.trainable_token_indices
+        self.token_paths = {t.path for t in token_targets(self.backbone_model, self.config)}
+        self.tokens = TokenLayers(indices, True, "lora", "trainable_token_indices") if indices is not None else None
 
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> DeltaLayer:
         config = self.config
+        if path in self.token_paths:
+            return self.tokens.build(path, module)  # type: ignore[union-attr]
         kind = "parameters" if path in self.parameter_targets else layer_kind(module)
         build = _LAYERS.get(kind)
         if build is None:
@@ -429,9 +469,32 @@ def parameter_targets(model: nn.Module, patterns: list[str]) -> dict[str, tuple[
     return {path: tuple(names) for path, names in found.items()}
 
 
+def token_targets(backbone_model: nn.Module, config: LoraConfig) -> list[Target]:
+    """Where ``trainable_token_indices`` trains rows: the model's input embeddings (``get_input_embeddings()``, as
+    PEFT takes them) and the linear layers tied to them; none without the option."""
+    if config.trainable_token_indices is None:
+        return []
+    getter = getattr(backbone_model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    path = next((p for p, m in backbone_model.named_modules() if m is embedding and p), None)
+    if path is None:
+        raise UnsupportedModuleError(
+            f"trainable_token_indices trains rows of the model's input embeddings, found by get_input_embeddings(), "
+            f"which this {type(backbone_model).__name__} does not give; add a TrainableTokensModel with "
+            "modified_modules=['<its embedding>'] beside the LoRA instead."
+        )
+    found = targets_at(backbone_model, [path])[0]
+    return [*found, *tied_targets(backbone_model, found)]
+
+
 def _linear(delta: LoraModel, path: str, module: nn.Module) -> LoraLayer:
     cls = DoraLayer if delta.config.use_dora else LoraLayer
     return cls(*linear_shape(module), delta.config, module, path)
+
+
+def _attention(delta: LoraModel, path: str, module: nn.Module) -> WeightLoraLayer:
+    chosen = delta.config.attention_projections or PROJECTIONS
+    return WeightLoraLayer(module, weight_parameters(module, chosen), delta.config, path, fused_rows(module, chosen))
 
 
 #: layer kind (opendelta.layer_kinds; "parameters": named in target_parameters) -> the LoRA layer built there
@@ -439,7 +502,7 @@ _LAYERS = {
     "linear": _linear,
     "embedding": lambda delta, path, module: EmbeddingLoraLayer(module, delta.config, path),
     "conv": lambda delta, path, module: ConvLoraLayer(module, delta.config, path),
-    "attention": lambda delta, path, module: WeightLoraLayer(module, weight_parameters(module), delta.config, path),
+    "attention": _attention,
     "experts": lambda delta, path, module: WeightLoraLayer(module, weight_parameters(module), delta.config, path),
     "parameters": lambda delta, path, module: WeightLoraLayer(module, delta.parameter_targets[path], delta.config, path),
 }

@@ -14,6 +14,7 @@ the saved weight back bit for bit.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +23,8 @@ from torch import nn
 
 from opendelta.errors import UnsupportedModuleError
 from opendelta.layer import WHOLE_BATCH, DeltaLayer
-from opendelta.layer_kinds import weight_shape
+from opendelta.layer_kinds import CONV, weight_shape
+from opendelta.linear_maps import pad_rows
 from opendelta.offload import computing_like
 
 if TYPE_CHECKING:
@@ -91,9 +93,6 @@ class EmbeddingLoraLayer(DeltaLayer):
         return {"weight": module.weight + update.to(module.weight.dtype)}
 
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
 class ConvLoraLayer(DeltaLayer):
     """m(x) = s * B(A(x)) for an ``nn.Conv1d/2d/3d``: A (r, in, *kernel) with the base's stride, padding
     and dilation, B (out, r, 1, ...); merging adds ``s B A`` (B's 1x1 kernel times A's) to its kernel."""
@@ -123,7 +122,7 @@ class ConvLoraLayer(DeltaLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout is not None:
             x = self.dropout(x)
-        conv = _CONV[self.dims]
+        conv = CONV[self.dims]
         low = conv(x, self.lora_A, None, self.stride, self.padding, self.dilation)
         return conv(low, self.lora_B) * self.scaling
 
@@ -143,16 +142,28 @@ class WeightLoraLayer(DeltaLayer):
 
     The factors of the i-th weight are ``lora_A.<i>`` / ``lora_B.<i>``: `parameter_names` follows the
     module's parameter order, which is also the order PEFT nests its wrappers in, so a checkpoint
-    converts without the parameters' names."""
+    converts without the parameters' names.
+
+    `rows` limits the change of a 2-D weight to some row ranges (a MultiheadAttention's query third of
+    its fused in_proj_weight): B has only those rows, and the change is ``W + s B' A`` with B' = B
+    padded with zero rows elsewhere, so the other rows stay W exactly."""
 
     route = "weights"
     mixed_rows = WHOLE_BATCH  # one weight serves the whole batch
 
-    def __init__(self, module: nn.Module, names: tuple[str, ...], config: LoraConfig, path: str = ""):
+    def __init__(
+        self,
+        module: nn.Module,
+        names: tuple[str, ...],
+        config: LoraConfig,
+        path: str = "",
+        rows: Mapping[str, tuple[tuple[int, int], ...]] | None = None,
+    ):
         super().__init__()
         _no_dropout(config, path, "its weights change, not a hidden state")
         r, self.scaling = config.rank_and_scaling(path)
         self.parameter_names = tuple(names)
+        self.rows = dict(rows or {})
         self.keys = {name: str(i) for i, name in enumerate(names)}
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -164,6 +175,8 @@ class WeightLoraLayer(DeltaLayer):
                     f"{path}.{name} has shape {list(weight.shape)}; target weights of linear maps."
                 )
             experts, out_features, in_features = weight_shape(weight)
+            if name in self.rows:
+                out_features = sum(stop - start for start, stop in self.rows[name])
             factory = {"dtype": weight.dtype, "device": weight.device}
             a = nn.Parameter(torch.empty(r * experts, in_features, **factory))
             b = nn.Parameter(torch.empty(out_features, r * experts, **factory))
@@ -179,6 +192,8 @@ class WeightLoraLayer(DeltaLayer):
             w = current[name]
             a, b = self.lora_A[self.keys[name]].to(w.dtype), self.lora_B[self.keys[name]].to(w.dtype)
             if w.dim() == 2:
+                if name in self.rows:
+                    b = pad_rows(b, self.rows[name], w.shape[0])
                 changed[name] = torch.addmm(w, b, a, alpha=self.scaling)
             else:
                 experts = w.shape[0]
@@ -186,3 +201,4 @@ class WeightLoraLayer(DeltaLayer):
                 b = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)  # (E, out, r)
                 changed[name] = torch.baddbmm(w, b, a, alpha=self.scaling)
         return changed
+

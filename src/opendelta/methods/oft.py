@@ -8,6 +8,12 @@ of ``(I + Q)(I - Q)^-1``, which is cheaper and orthogonal up to the truncation. 
 a fresh layer rotates by the identity and changes nothing. ``coft=True`` (constrained OFT) keeps each
 block's Q within a radius ``eps`` of zero; ``block_share=True`` trains one block shared by all.
 
+Beyond linear maps (opendelta.layer_kinds), as PEFT's OFT: on an ``nn.Embedding`` R rotates the looked-up
+rows (its output features), ``E[ids] R``, merging as ``E R``; on a convolution R rotates the kernel
+flattened to (out, in/groups x kernel size), ``W R^T``, which for a kernel wider than 1x1 is no rotation
+of the input, so the rotated kernel stands in for the weight during each call (route ``"weights"``:
+whole batches only; detach exact by construction).
+
 PEFT's ``module_dropout`` is refused: PEFT 0.21 builds that dropout but never applies it, so there is no
 reference behaviour to match (a PEFT folder that records one loads, as its outputs never saw it).
 """
@@ -26,9 +32,17 @@ from opendelta.checkpoint import delta_key
 from opendelta.config import MAX_SIZE, DeltaConfig, number, positive, size
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import CorruptCheckpointError, DeltaConfigError, PeftFormatError, UnsupportedModuleError
-from opendelta.layer import DeltaLayer
+from opendelta.layer import WHOLE_BATCH, DeltaLayer
+from opendelta.layer_kinds import layer_kind
 from opendelta.linear_maps import fold_into_weight, linear_shape, weight_like
-from opendelta.peft_format import PEFT_WEIGHTS_NAME, PeftMethod, PeftTensors, peft_field, register_peft_method
+from opendelta.peft_format import (
+    PEFT_WEIGHTS_NAME,
+    PeftMethod,
+    PeftTensors,
+    check_peft_convolutions,
+    peft_field,
+    register_peft_method,
+)
 from opendelta.runtime_init import Observation
 
 
@@ -161,14 +175,46 @@ class OftLayer(DeltaLayer):
         rotation = self.rotations()
         return torch.block_diag(*[rotation[0 if rotation.shape[0] == 1 else i] for i in range(self.count)])
 
+    def rotated(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W R^T`` for a weight (out x in, or a kernel flattened so) in its own shape and dtype."""
+        rotation = self.matrix()
+        flat = weight.reshape(weight.shape[0], -1)
+        return (rotation @ flat.t().to(rotation.dtype)).t().reshape(weight.shape).to(weight.dtype)
+
     def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """``W R^T`` (transposed for Conv1D): the map of the rotated input."""
+        return {"weight": fold_into_weight(module, self.rotated)}
+
+
+class EmbeddingOftLayer(OftLayer):
+    """Rotates an embedding's looked-up rows, ``E[ids] R``; merging gives ``E R``."""
+
+    route = "after"
+
+    def route_output(self, h: torch.Tensor) -> torch.Tensor:
+        return self.rotate(h)  # exactly h while R is the identity
+
+    def merged_parameters(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``E R``: every row rotated as a looked-up one is."""
         rotation = self.matrix()
-        return {"weight": fold_into_weight(module, lambda w: (rotation @ w.t().to(rotation.dtype)).t().to(w.dtype))}
+        return {"weight": (module.weight.to(rotation.dtype) @ rotation).to(module.weight.dtype)}
+
+
+class ConvOftLayer(OftLayer):
+    """Rotates a convolution's kernel flattened to (out, in/groups x kernel size), ``W R^T``, standing in
+    for the weight during each call (a kernel wider than 1x1 mixes positions, so no input rotation equals it)."""
+
+    route = "weights"
+    mixed_rows = WHOLE_BATCH  # one kernel serves the whole batch
+    parameter_names = ("weight",)
+
+    def changed_parameters(self, module: nn.Module, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"weight": self.rotated(current["weight"])}
 
 
 class OftModel(DeltaBase):
-    """OFT on every addressed linear layer (``nn.Linear`` or GPT-2's ``Conv1D``).
+    """OFT on every addressed linear layer (``nn.Linear`` or GPT-2's ``Conv1D``), embedding or convolution
+    (``nn.Conv1d/2d/3d``, zero padding).
 
     Arguments (PEFT's names and defaults): ``r=0, oft_block_size=32`` (give one), ``coft=False``,
     ``eps=6e-5``, ``block_share=False``, ``use_cayley_neumann=True``, ``num_cayley_neumann_terms=5``,
@@ -180,13 +226,18 @@ class OftModel(DeltaBase):
     default_modified_modules = ("attn.q", "attn.v")
 
     def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> OftLayer:
-        shape = linear_shape(module)
-        if shape is None:
-            raise UnsupportedModuleError(
-                f"OFT rotates a linear layer's input, but {path!r} is a {type(module).__name__}; address the linear "
-                "projections (nn.Linear or Conv1D) inside it instead."
-            )
-        return OftLayer(shape[0], self.config, weight_like(module), path)
+        kind = layer_kind(module)
+        if kind == "linear":
+            return OftLayer(linear_shape(module)[0], self.config, weight_like(module), path)  # type: ignore[index]
+        if kind == "embedding":
+            return EmbeddingOftLayer(module.embedding_dim, self.config, weight_like(module), path)
+        if kind == "conv" and module.padding_mode == "zeros":
+            return ConvOftLayer(module.weight[0].numel(), self.config, weight_like(module), path)
+        raise UnsupportedModuleError(
+            f"OFT rotates the weight of a linear layer (nn.Linear, Conv1D), an nn.Embedding or a zero-padded "
+            f"convolution (nn.Conv1d/2d/3d), but {path!r} is a {type(module).__name__}"
+            f"{' with padding_mode=' + repr(module.padding_mode) if kind == 'conv' else ''}; address the layers inside it instead."
+        )
 
 
 # ----------------------------------------------------------------- PEFT's OFT
@@ -199,11 +250,20 @@ def _check_peft(delta: DeltaBase) -> None:
             f"PEFT's OFT acts on nn.Linear, Conv2d and Embedding layers only, and {conv1d[0]!r} is a transformers "
             "Conv1D (GPT-2's projections), which PEFT refuses; save this delta with format='opendelta'."
         )
+    check_peft_convolutions(delta, (2,), grouped=False, dilated=False)
+    wide = [p for p in delta.layers if layer_kind(delta.targets[p].module) == "conv" and delta.targets[p].module.weight[0, 0].numel() > 1]
+    if wide:
+        raise PeftFormatError(
+            f"{wide[0]!r} is a convolution with a kernel wider than 1x1, on which PEFT 0.21.2's OFT forward does not "
+            "rotate the kernel: it rotates unfolded input patches and folds them back, summing the overlaps, so even a "
+            "fresh adapter changes the outputs and its forward differs from its own merge (W R^T, what opendelta "
+            "computes); PEFT's outputs would differ. Save with format='opendelta', or address 1x1 convolutions."
+        )
 
 
 def _write_peft(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     config = delta.config
-    out = {f"{path}.oft_R.weight": tensors[delta_key(path, "oft_R")] for path in delta.layers}
+    out = {f"{path}.{_peft_name(layer)}.weight": tensors[delta_key(path, "oft_R")] for path, layer in delta.layers.items()}
     fields = {
         "r": config.r,
         "oft_block_size": config.oft_block_size,
@@ -227,23 +287,29 @@ def _write_peft(delta: DeltaBase, tensors: dict[str, torch.Tensor]) -> tuple[dic
 PEFT_OFT_VERSION = "0.21.2"
 
 
+def _peft_name(layer: OftLayer) -> str:
+    """PEFT's name for a layer's rotation: ``oft_embedding_R`` on an embedding, ``oft_R`` elsewhere."""
+    return "oft_embedding_R" if isinstance(layer, EmbeddingOftLayer) else "oft_R"
+
+
 def _read_peft(peft: dict[str, Any], stored: dict[str, tuple[int, ...]], path: Path) -> PeftTensors:
     if any(".oft_r." in name for name in stored):
         raise PeftFormatError(f"{path.parent}: an OFT adapter of PEFT 0.13 or older (oft_r tensors), which PEFT itself no longer loads.")
     keys: dict[str, str] = {}
     for name, shape in stored.items():
-        if name.endswith(".oft_R.weight"):
+        suffix = next((s for s in (".oft_R.weight", ".oft_embedding_R.weight") if name.endswith(s)), None)
+        if suffix is not None:
             if len(shape) != 2:
                 raise CorruptCheckpointError(f"{path.parent / PEFT_WEIGHTS_NAME}: {name} has shape {list(shape)}; OFT stores (blocks, n).")
-            keys[name] = delta_key(name[: -len(".oft_R.weight")], "oft_R")
+            keys[name] = delta_key(name[: -len(suffix)], "oft_R")
         elif ".oft_" in name:
             raise PeftFormatError(
-                f"{path.parent / PEFT_WEIGHTS_NAME} holds {name!r}, an OFT tensor opendelta does not implement (OFT on "
-                "embeddings or convolutions); load it with peft.PeftModel.from_pretrained."
+                f"{path.parent / PEFT_WEIGHTS_NAME} holds {name!r}, an OFT tensor opendelta does not implement; load it "
+                "with peft.PeftModel.from_pretrained."
             )
     if not keys:
         raise PeftFormatError(f"{path.parent / PEFT_WEIGHTS_NAME} holds no OFT tensors (no '<module>.oft_R.weight'); it is not an OFT adapter.")
-    paths = [key.rpartition(".oft_R.weight")[0] for key in keys]
+    paths = [key.rpartition(".oft_")[0] for key in keys]
     values = {
         "modified_modules": paths,
         "r": peft_field(peft, "r", (int,), "a whole number >= 0", 0, path),

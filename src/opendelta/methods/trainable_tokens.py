@@ -8,6 +8,8 @@ for the chosen tokens. A linear layer whose weight is tied to the embedding (an 
 input embeddings) is modified too, so it sees the same rows: it adds ``x (rows - original rows)^T`` to
 those tokens' logits. Weights are never written,
 so detach restores the embedding bit for bit; merge() writes the rows (refused where the weight is tied).
+
+:class:`TokenLayers` builds these layers for this method and for LoRA's ``trainable_token_indices``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from opendelta.errors import DeltaConfigError, PeftFormatError, UnsupportedModul
 from opendelta.layer import DeltaLayer
 from opendelta.peft_format import PEFT_WEIGHTS_NAME, PeftMethod, PeftTensors, peft_field, register_peft_method
 from opendelta.runtime_init import Observation
-from opendelta.targets import Target, targets_at
+from opendelta.targets import Target, tied_targets
 
 
 @dataclass
@@ -116,51 +118,55 @@ class TrainableTokensModel(DeltaBase):
 
     @classmethod
     def resolve_targets(cls, backbone_model: nn.Module, config: DeltaConfig | None = None, **config_values: Any) -> list[Target]:
-        """The addressed embeddings, then every linear layer whose weight is tied to one of them (an LM head).
-        Another embedding sharing the weight is not added: seq2seq models keep one that no forward calls."""
+        """The addressed embeddings, then every linear layer whose weight is tied to one of them (an LM head)."""
         targets = super().resolve_targets(backbone_model, config, **config_values)
-        weights = {id(t.module.weight) for t in targets if isinstance(getattr(t.module, "weight", None), nn.Parameter)}
-        chosen = {t.path for t in targets}
-        tied = [
-            path
-            for path, module in backbone_model.named_modules()
-            if path not in chosen and isinstance(module, nn.Linear) and id(module.weight) in weights
-        ]
-        return [*targets, *targets_at(backbone_model, tied)[0]]
+        return [*targets, *tied_targets(backbone_model, targets)]
 
     def prepare(self, observations: Any) -> None:
         """Check the token ids as a whole (each id alone is checked by the config)."""
-        indices = self.config.token_indices
+        self.tokens = TokenLayers(self.config.token_indices, self.config.init_weights, "trainable_tokens", "token_indices")
+
+    def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> DeltaLayer:
+        return self.tokens.build(path, module)
+
+
+class TokenLayers:
+    """Builds the trainable-tokens layers of one delta: a :class:`TrainableTokensLayer` on the first module
+    with an embedding weight, a :class:`TiedTokensLayer` on each later module sharing that weight. Shared by
+    TrainableTokensModel and LoRA's ``trainable_token_indices`` (PEFT's LoRA option)."""
+
+    def __init__(self, indices: list[int] | None, init_weights: bool, method: str, field: str):
         if not indices:
             raise DeltaConfigError(
-                "trainable_tokens needs token_indices, the token ids whose embedding rows it trains, e.g. "
-                "token_indices=tokenizer.convert_tokens_to_ids(new_tokens)."
+                f"{method} needs {field}, the token ids whose embedding rows it trains, e.g. "
+                f"{field}=tokenizer.convert_tokens_to_ids(new_tokens)."
             )
         if len(set(indices)) != len(indices):
             repeated = sorted({i for i in indices if indices.count(i) > 1})
-            raise DeltaConfigError(f"trainable_tokens argument token_indices repeats {repeated}; give each token id once.")
-        self.token_layers: dict[int, TrainableTokensLayer] = {}  # id(embedding weight) -> its layer, for the tied ones
+            raise DeltaConfigError(f"{method} argument {field} repeats {repeated}; give each token id once.")
+        self.indices, self.init_weights, self.method, self.field = indices, init_weights, method, field
+        self.by_weight: dict[int, TrainableTokensLayer] = {}  # id(embedding weight) -> its layer, for the tied ones
 
-    def new_layer(self, path: str, module: nn.Module, observation: Observation | None) -> DeltaLayer:
+    def build(self, path: str, module: nn.Module) -> DeltaLayer:
         weight = getattr(module, "weight", None)
-        source = self.token_layers.get(id(weight))
+        source = self.by_weight.get(id(weight))
         if source is not None and isinstance(module, (nn.Linear, nn.Embedding)):
             return TiedTokensLayer(source)
         if not isinstance(module, nn.Embedding):
             raise UnsupportedModuleError(
-                f"trainable_tokens trains rows of an nn.Embedding, but {path!r} is a {type(module).__name__}; address the "
+                f"{self.method} trains rows of an nn.Embedding, but {path!r} is a {type(module).__name__}; address the "
                 "input embeddings (the default), e.g. modified_modules=['embed_tokens']."
             )
         if module.max_norm is not None:
-            raise UnsupportedModuleError(f"{path!r} renormalises its rows (max_norm={module.max_norm}), which trainable_tokens does not follow.")
-        too_big = [i for i in self.config.token_indices if i >= module.num_embeddings]
+            raise UnsupportedModuleError(f"{path!r} renormalises its rows (max_norm={module.max_norm}), which {self.method} does not follow.")
+        too_big = [i for i in self.indices if i >= module.num_embeddings]
         if too_big:
             raise DeltaConfigError(
-                f"trainable_tokens token_indices {too_big} are beyond {path!r}'s {module.num_embeddings} rows; resize the "
+                f"{self.method} {self.field} {too_big} are beyond {path!r}'s {module.num_embeddings} rows; resize the "
                 "embeddings first (model.resize_token_embeddings(len(tokenizer)))."
             )
-        layer = TrainableTokensLayer(self.config.token_indices, module, self.config.init_weights)
-        self.token_layers[id(weight)] = layer
+        layer = TrainableTokensLayer(self.indices, module, self.init_weights)
+        self.by_weight[id(weight)] = layer
         return layer
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from opendelta.config import DeltaConfig, number, size
 from opendelta.delta_base import DeltaBase
 from opendelta.errors import UnsupportedModuleError
+from opendelta.layer_kinds import WeightMap
 from opendelta.linear_maps import linear_shape, weight_like
 from opendelta.runtime_init import Observation
 from opendelta.weight_change import WeightChangeLayer
@@ -67,7 +68,7 @@ class VeraLayer(WeightChangeLayer):
     """``m(h) = b * ((d * (h A_s^T)) B_s^T)`` with the shared pair's slices A_s = A[:, :in], B_s = B[:out]."""
 
     def __init__(self, in_features: int, out_features: int, config: VeraConfig, projection: VeraProjection, weight: torch.Tensor):
-        super().__init__()
+        super().__init__(WeightMap(out_features, in_features))
         self.in_features, self.out_features = in_features, out_features
         self.projection = projection
         factory = {"dtype": weight.dtype, "device": weight.device}
