@@ -61,7 +61,7 @@ def own_dtype(layer: nn.Module) -> torch.dtype | None:
 def in_own_precision(route: Callable[..., torch.Tensor], like: int) -> Callable[..., torch.Tensor]:
     """`route` run in the layer's own dtype when the policy marked it: floating tensor arguments
     are cast to it, and the result to the dtype of positional argument `like` (the hidden state)."""
-    if getattr(route, _WRAPPED, False):
+    if getattr(route, _WRAPPED, None) is not None:
         return route
 
     @functools.wraps(route)
@@ -74,13 +74,29 @@ def in_own_precision(route: Callable[..., torch.Tensor], like: int) -> Callable[
         cast = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
         return route(self, *cast, **kwargs).to(hidden_dtype)
 
-    setattr(run, _WRAPPED, True)
+    setattr(run, _WRAPPED, route)  # the route as written, for layers that need no casting (route_for)
     return run
 
 
 def wrap_routes(cls: type) -> None:
-    """Make the routes `cls` defines itself follow its layers' precision (called for every DeltaLayer class)."""
+    """Make the routes `cls` defines itself follow its layers' precision (called for every DeltaLayer
+    class), and keep each as written under :func:`as_written`'s name."""
     for name, like in ROUTE_RESULT_LIKE.items():
         route = cls.__dict__.get(name)
         if callable(route):
-            setattr(cls, name, in_own_precision(route, like))
+            wrapped = in_own_precision(route, like)
+            setattr(cls, name, wrapped)
+            setattr(cls, as_written(name), getattr(wrapped, _WRAPPED))
+
+
+def as_written(route: str) -> str:
+    """The attribute under which a layer class keeps `route` without the precision wrapper."""
+    return f"_{route}_as_written"
+
+
+def route_for(layer: nn.Module, route: str) -> str:
+    """The attribute to call for `layer`'s `route` in a hot loop: the route as written where the policy did
+    not mark the layer (the wrapper would only check the mark and call it), else the wrapped route.
+    The mark is set when the layer is built (:func:`keep_precision`), before it is attached, so deciding
+    once where it is attached is exact."""
+    return route if layer.in_own_precision else as_written(route)

@@ -177,7 +177,12 @@ class LoraLayer(DeltaLayer):
         if flat is None:
             return torch.addmm(h_out.reshape(-1, h_out.shape[-1]), low, lora_B.t()).view(h_out.shape)
         flat.addmm_(low, lora_B.t())
-        return flat if flat.shape == h_out.shape else flat.view(h_out.shape)
+        if flat.shape == h_out.shape:
+            return flat
+        # `h_out` is a view of `flat`'s memory, so it holds the sum already; without autograd (decoding)
+        # it is returned as it is (one op less per call). With it, a fresh view: the one made before the
+        # in-place add would rebuild its autograd history on use
+        return h_out if not flat.requires_grad else flat.view(h_out.shape)
 
     def route_parallel_rows(self, h_in: torch.Tensor, h_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         # a linear map keeps no output for backward, so adding in place is safe: one gather, one scatter-add
