@@ -177,11 +177,27 @@ def test_the_decode_benchmark_runs_on_a_tiny_model() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks import decode
 
-    results = decode.main(["--smoke", "--rounds", "2"])
+    results = decode.main(["--smoke", "--rounds", "1"])
     assert {"lora batch 1", "ia3 batch 8", "adapter batch 1"} <= set(results["decode"])
     assert results["mixed_decode"]["4 tasks"]["opendelta mixed / one delta"]["min"] > 0
     assert results["forward"]["8 prompts"]["opendelta / peft"]["median"] > 0
     paired = results["decode"]["lora batch 1"]["attached / detached"]["paired"]
-    assert len(paired["rounds"]) == 2 and paired["low"] <= paired["median"] <= paired["high"]
-    only = decode.main(["--smoke", "--rounds", "1", "--only", "decode", "--methods", "lora", "--batches", "1"])
+    assert len(paired["rounds"]) == 1 and paired["low"] <= paired["median"] <= paired["high"]
+    assert len(paired["rounds"]) == len(results["decode"]["lora batch 1"]["attached / detached"]["cpu"]["paired"]["rounds"])
+    only = decode.main(["--smoke", "--rounds", "2", "--only", "decode", "--methods", "lora", "--batches", "1"])
     assert set(only["decode"]) == {"lora batch 1"} and "mixed_decode" not in only
+    assert len(only["decode"]["lora batch 1"]["attached / detached"]["paired"]["rounds"]) == 2
+
+
+def test_the_decode_profile_counts_what_a_lora_adds_to_a_module_call() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import profile_decode
+
+    results = profile_decode.main(["--calls", "3", "--rounds", "1"])
+    ops, names = results["attached"]["aten ops"]
+    assert results["bare"]["aten ops"][1] == ["linear"] and ops > results["bare"]["aten ops"][0]
+    assert {"addmm_", "linear"} <= set(names) and not {"view", "to"} & set(names)  # no view back, no casts in fp32
+    assert results["attached"]["python calls"] > results["bare"]["python calls"]
