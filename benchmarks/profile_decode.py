@@ -33,7 +33,7 @@ class Block(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.q_proj = nn.Linear(FEATURES, FEATURES)
+        self.q_proj = nn.Linear(FEATURES, FEATURES, bias=False)  # as SmolLM2's
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.q_proj(h)

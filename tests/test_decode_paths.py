@@ -85,9 +85,10 @@ def test_the_short_path_skips_the_precision_wrapper_only_where_it_would_not_cast
     assert torch.equal(short, wrapped) and torch.equal(short, general) and short.dtype == dtype
 
 
-def test_lora_without_autograd_returns_the_output_it_added_into_with_the_values_of_the_autograd_path() -> None:
+@pytest.mark.parametrize("bias", [True, False])  # the output a view of the 2-D product / a 3-D tensor of its own
+def test_lora_without_autograd_returns_the_output_it_added_into_with_the_values_of_the_autograd_path(bias) -> None:
     torch.manual_seed(0)
-    linear = torch.nn.Linear(12, 10)
+    linear = torch.nn.Linear(12, 10, bias=bias)
     layer = LoraLayer(12, 10, LoraConfig(lora_r=4, init_lora_weights=False), linear)
     h = torch.randn(3, 5, 12)
     with torch.no_grad():
@@ -199,5 +200,6 @@ def test_the_decode_profile_counts_what_a_lora_adds_to_a_module_call() -> None:
     results = profile_decode.main(["--calls", "3", "--rounds", "1"])
     ops, names = results["attached"]["aten ops"]
     assert results["bare"]["aten ops"][1] == ["linear"] and ops > results["bare"]["aten ops"][0]
-    assert {"addmm_", "linear"} <= set(names) and not {"view", "to"} & set(names)  # no view back, no casts in fp32
+    # added in place into the bias-free output (no out-of-place addmm), no casts in float32
+    assert {"addmm_", "linear"} <= set(names) and not {"addmm", "to"} & set(names)
     assert results["attached"]["python calls"] > results["bare"]["python calls"]
