@@ -7,7 +7,8 @@ whose small updates round away. By default (``delta_dtype="float32"``, as PEFT's
 float32, and its routes run in its own dtype: a hidden state enters it cast up and the result
 leaves cast back to the hidden state's dtype, so the backbone still sees its own dtype
 everywhere. ``delta_dtype="weight"`` keeps the deltas in the backbone's dtype. Layers on a float32
-backbone are untouched, so the policy costs nothing there.
+backbone are untouched, so the policy costs nothing there: where a layer is attached without the mark,
+the engine's short path calls its route as written (:func:`route_for`), not through the wrapper.
 
 A layer that rewrites its module's whole call (``route_call``: prefixes, soft prompts) casts what
 it adds to the hidden state's dtype itself.
