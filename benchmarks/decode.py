@@ -1,15 +1,21 @@
 """Serving speed of unmerged deltas (issue 21): greedy decoding and batch forwards on SmolLM2-135M.
 
-Figures, each configuration timed once per round, rounds interleaved in one process (min and median):
+Figures, each configuration timed once per round, rounds interleaved in one process:
   * decode attached / detached: LoRA r=8 on q,v of all 30 layers, IA3 and the adapter (defaults),
-    batch 1 and batch 8, 16 new tokens: the cost of one unmerged delta per decoded token;
+    batch 1 and batch 8, 16 new tokens: the cost of one unmerged delta per decoded token (attach and
+    detach run between the timed generates, untimed);
   * mixed-task decode: ``generate()`` inside ``mixed_batch`` over 8 tasks (batch 8) and 32 tasks
     (batch 32), one row each, / the same batch through one attached delta; PEFT's ``adapter_names=``
     generate beside it (its own ratio to its single adapter);
   * unmerged forward of 8 prompts: opendelta LoRA / PEFT LoRA.
+Each ratio is given three ways: of the two configurations' min over the rounds, of their medians, and
+paired: the ratio within each round (the two timed back to back, the order alternating between rounds),
+as its median, quartiles and range, which a slow round affects once instead of through either side;
+and the paired ratio on the process CPU clock, which time lost to other processes does not inflate.
 The LoRA training step against PEFT is the main suite's ``train_step`` figure (``./dev.sh bench``).
 
-    ./dev.sh python -m benchmarks.decode [--rounds 5] [--threads 1] [--json PATH] [--smoke]
+    ./dev.sh python -m benchmarks.decode [--rounds 10] [--only decode] [--methods lora] [--batches 1 8]
+                                         [--threads 1] [--json PATH] [--smoke]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -55,21 +62,73 @@ def perturbed(delta, seed: int):
     return delta
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, dict[str, float]]:
-    """Each function once per round, rounds interleaved; seconds as min and median."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: {"min": min(v), "median": statistics.median(v)} for name, v in samples.items()}
+@dataclass
+class Case:
+    """One configuration to time: `run` is timed; `enter` and `leave` (attach, detach) run around it, untimed."""
+
+    run: Callable[[], object]
+    enter: Callable[[], object] | None = None
+    leave: Callable[[], object] | None = None
 
 
-def ratio(times: dict[str, dict[str, float]], num: str, den: str) -> dict[str, float]:
-    return {key: times[num][key] / times[den][key] for key in ("min", "median")}
+#: a case's samples on each clock, over the rounds: {"wall": [...], "cpu": [...]}
+Samples = dict[str, dict[str, list[float]]]
+
+
+def interleaved(cases: dict[str, Case | Callable[[], object]], rounds: int) -> Samples:
+    """Seconds of each case in each round, on the wall clock and on this process's CPU clock (which time
+    slices lost to other processes do not inflate; with one thread, the steadier figure on a busy
+    machine): every case once per round, back to back, in the given order on even rounds and the
+    reverse on odd ones (drift and order effects cancel in a pair), after one untimed warm-up of each."""
+    items = [(name, case if isinstance(case, Case) else Case(case)) for name, case in cases.items()]
+    samples: Samples = {name: {"wall": [], "cpu": []} for name, _ in items}
+    for r in range(-1, rounds):  # round -1: the warm-up
+        for name, case in items if r % 2 == 0 else items[::-1]:
+            if case.enter is not None:
+                case.enter()
+            try:
+                wall, cpu = time.perf_counter(), time.process_time()
+                case.run()
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            finally:
+                if case.leave is not None:
+                    case.leave()
+            if r >= 0:
+                samples[name]["wall"].append(wall)
+                samples[name]["cpu"].append(cpu)
+    return samples
+
+
+def summary(samples: Samples) -> dict[str, dict[str, float]]:
+    """Each case's wall-clock seconds as min and median over the rounds."""
+    return {name: {"min": min(v["wall"]), "median": statistics.median(v["wall"])} for name, v in samples.items()}
+
+
+def _ratio(num: list[float], den: list[float]) -> dict[str, object]:
+    pairs = sorted(a / b for a, b in zip(num, den))
+    quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
+    return {
+        "min": min(num) / min(den),
+        "median": statistics.median(num) / statistics.median(den),
+        "paired": {"median": statistics.median(pairs), "q1": quartiles[0], "q3": quartiles[2],
+                   "low": pairs[0], "high": pairs[-1], "rounds": pairs},
+    }
+
+
+def ratio(samples: Samples, num: str, den: str) -> dict[str, object]:
+    """`num` / `den` on the wall clock: the ratio of their min and of their median over the rounds, and
+    the per-round paired ratio (the two timed back to back in each round): its median, quartiles and
+    range over the rounds; under "cpu", the same on the CPU clock."""
+    return {**_ratio(samples[num]["wall"], samples[den]["wall"]), "cpu": _ratio(samples[num]["cpu"], samples[den]["cpu"])}
+
+
+def shown(figure: dict[str, object]) -> str:
+    """A ratio as one line: wall min-of-rounds, median-of-rounds, paired median [quartiles] (range); the CPU
+    clock's paired median [quartiles]."""
+    p, c = figure["paired"], figure["cpu"]["paired"]
+    return (f"{figure['min']:.3f} min, {figure['median']:.3f} median; paired {p['median']:.3f} "
+            f"[{p['q1']:.3f}-{p['q3']:.3f}] ({p['low']:.3f}-{p['high']:.3f}); cpu paired {c['median']:.3f} "
+            f"[{c['q1']:.3f}-{c['q3']:.3f}]")
 
 
 def generate(model: nn.Module, ids: torch.Tensor, **extra: object) -> Callable[[], object]:
@@ -81,31 +140,25 @@ def generate(model: nn.Module, ids: torch.Tensor, **extra: object) -> Callable[[
     return run
 
 
-def attached(delta, fn: Callable[[], object]) -> Callable[[], object]:
-    def run() -> object:
-        delta.attach()
-        try:
-            return fn()
-        finally:
-            delta.detach()
-
-    return run
+METHODS = ("lora", "ia3", "adapter")
 
 
-def decode_ratios(model: nn.Module, rounds: int, vocab: int) -> dict[str, object]:
+def decode_ratios(model: nn.Module, rounds: int, vocab: int, methods: tuple[str, ...] = METHODS,
+                  batches: tuple[int, ...] = (1, 8)) -> dict[str, object]:
+    """Greedy decoding with one delta attached / the same model detached (attach and detach untimed)."""
     results: dict[str, object] = {}
     builders = {"lora": lambda: LoraModel(model, name="d", modified_modules=QV, lora_r=8),
                 "ia3": lambda: IA3Model(model, name="d"), "adapter": lambda: AdapterModel(model, name="d")}
-    for method, build in builders.items():
-        delta = perturbed(build(), seed=1)
+    for method in methods:
+        delta = perturbed(builders[method](), seed=1)
         delta.detach()
-        for batch in (1, 8):
+        for batch in batches:
             ids = torch.randint(3, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
             run = generate(model, ids)
-            times = interleaved({"attached": attached(delta, run), "detached": run}, rounds)
-            results[f"{method} batch {batch}"] = {"seconds": times, "attached / detached": ratio(times, "attached", "detached")}
-        if delta.is_attached:
-            delta.detach()
+            samples = interleaved({"attached": Case(run, delta.attach, delta.detach), "detached": run}, rounds)
+            results[f"{method} batch {batch}"] = {
+                "seconds": summary(samples), "attached / detached": ratio(samples, "attached", "detached"),
+            }
     return results
 
 
@@ -135,25 +188,20 @@ def mixed_decode(model: nn.Module, rounds: int, vocab: int, counts: tuple[int, .
             with mixed_batch(deltas, list(range(len(deltas)))):
                 return generate(model, ids)()
 
-        def one(deltas=deltas, run=single) -> object:
+        def others(attach: bool, deltas=deltas) -> None:
             for d in deltas[1:]:
-                d.detach()
-            try:
-                return run()
-            finally:
-                for d in deltas[1:]:
-                    d.attach()
+                d.attach() if attach else d.detach()
 
         peft = peft_model(model, names)
         peft.set_adapter(names[0])
-        fns = {"opendelta mixed": mixed, "opendelta one delta": one,
-               "peft mixed": generate(peft, ids, adapter_names=names), "peft one adapter": generate(peft, ids)}
-        times = interleaved(fns, rounds)
+        cases = {"opendelta mixed": mixed, "opendelta one delta": Case(single, lambda: others(False), lambda: others(True)),
+                 "peft mixed": generate(peft, ids, adapter_names=names), "peft one adapter": generate(peft, ids)}
+        samples = interleaved(cases, rounds)
         results[f"{tasks} tasks"] = {
-            "seconds": times,
-            "opendelta mixed / one delta": ratio(times, "opendelta mixed", "opendelta one delta"),
-            "peft mixed / one adapter": ratio(times, "peft mixed", "peft one adapter"),
-            "opendelta mixed / peft mixed": ratio(times, "opendelta mixed", "peft mixed"),
+            "seconds": summary(samples),
+            "opendelta mixed / one delta": ratio(samples, "opendelta mixed", "opendelta one delta"),
+            "peft mixed / one adapter": ratio(samples, "peft mixed", "peft one adapter"),
+            "opendelta mixed / peft mixed": ratio(samples, "opendelta mixed", "peft mixed"),
         }
         for d in deltas:
             d.detach()
@@ -173,36 +221,48 @@ def forward_vs_peft(model: nn.Module, rounds: int, vocab: int) -> dict[str, obje
 
         return run
 
-    times = interleaved({"opendelta": forward(model), "peft": forward(peft)}, rounds)
+    samples = interleaved({"opendelta": forward(model), "peft": forward(peft)}, rounds)
     delta.detach()
-    return {"seconds": times, "opendelta / peft": ratio(times, "opendelta", "peft")}
+    return {"seconds": summary(samples), "opendelta / peft": ratio(samples, "opendelta", "peft")}
+
+
+SECTIONS = ("decode", "mixed_decode", "forward")
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny LLaMA, 2 rounds: checks that everything runs")
-    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10; 2 with --smoke)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="the sections to run")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="the decode section's methods")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="the decode section's batch sizes")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = tiny_llama() if args.smoke else smollm2()
-    rounds = args.rounds or (2 if args.smoke else 5)
+    rounds = args.rounds or (2 if args.smoke else 10)
     vocab = min(1000, model.config.vocab_size)
     started = time.perf_counter()
-    results = {
+    results: dict[str, object] = {
         "model": "tiny-llama" if args.smoke else "SmolLM2-135M", "threads": args.threads, "rounds": rounds,
         "new_tokens": NEW_TOKENS, "torch": torch.__version__,
-        "decode": decode_ratios(model, rounds, vocab),
-        "mixed_decode": mixed_decode(model, rounds, vocab, (2, 4) if args.smoke else (8, 32)),
-        "forward": forward_vs_peft(model, rounds, vocab),
     }
+    if "decode" in args.only:
+        results["decode"] = decode_ratios(model, rounds, vocab, tuple(args.methods), tuple(args.batches))
+    if "mixed_decode" in args.only:
+        results["mixed_decode"] = mixed_decode(model, rounds, vocab, (2, 4) if args.smoke else (8, 32))
+    if "forward" in args.only:
+        results["forward"] = {"8 prompts": forward_vs_peft(model, rounds, vocab)}
     results["seconds"] = time.perf_counter() - started
-    for section in ("decode", "mixed_decode"):
-        for name, figures in results[section].items():  # type: ignore[union-attr]
-            shown = {k: f"{v['min']:.3f} (median {v['median']:.3f})" for k, v in figures.items() if " / " in k}
-            print(f"{section:13s} {name:16s} {shown}")
-    print(f"forward       8 prompts        opendelta / peft {results['forward']['opendelta / peft']}")  # type: ignore[index]
+    print("ratios on the wall clock: min-of-rounds, median-of-rounds; paired = per-round ratio of the two timed "
+          "back to back: median [quartiles] (range); cpu paired: the same on the process CPU clock")
+    for section in SECTIONS:
+        for name, figures in results.get(section, {}).items():  # type: ignore[union-attr]
+            for key, figure in figures.items():
+                if " / " in key:
+                    print(f"{section:13s} {name:15s} {key:29s} {shown(figure)}")
+    print(f"{rounds} rounds in {results['seconds']:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)

@@ -10,7 +10,7 @@ from support.numerics import assert_within_noise, batching_noise, float32_noise
 from support.rows import each_row_alone
 
 from opendelta import AdapterModel, LoraModel, mixed_batch
-from opendelta.methods.lora import LoraLayer
+from opendelta.methods.lora import LoraConfig, LoraLayer
 from opendelta.methods.lora_stacked import StackedLora
 from opendelta.routing import site_of
 
@@ -66,6 +66,38 @@ def test_the_short_path_is_taken_only_for_one_unscaled_parallel_delta() -> None:
         a.detach()
         without = logits(model)
     assert not torch.equal(scaled, plain) and not torch.equal(scaled, without)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_short_path_skips_the_precision_wrapper_only_where_it_would_not_cast(dtype) -> None:
+    model = tiny_llama().to(dtype)
+    with torch.no_grad():
+        delta = perturbed(LoraModel(model, name="a"), seed=1)  # on bfloat16: float32 factors, marked
+        half = dtype != torch.float32
+        assert all(site._lean_route == ("route_parallel" if half else "_route_parallel_as_written") for site in sites(delta))
+        short = logits(model)
+        for site in sites(delta):
+            site._lean_route = "route_parallel"  # the wrapped route, as the general path calls it
+        wrapped = logits(model)
+        for site in sites(delta):
+            site._lean = None
+        general = logits(model)
+    assert torch.equal(short, wrapped) and torch.equal(short, general) and short.dtype == dtype
+
+
+@pytest.mark.parametrize("bias", [True, False])  # the output a view of the 2-D product / a 3-D tensor of its own
+def test_lora_without_autograd_returns_the_output_it_added_into_with_the_values_of_the_autograd_path(bias) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 10, bias=bias)
+    layer = LoraLayer(12, 10, LoraConfig(lora_r=4, init_lora_weights=False), linear)
+    h = torch.randn(3, 5, 12)
+    with torch.no_grad():
+        h_out = linear(h)
+        summed = layer.route_parallel(h, h_out)
+    assert summed is h_out  # added in place into the output's memory; no view made
+    with torch.enable_grad():
+        tracked = layer.route_parallel(h, linear(h))
+    assert tracked.requires_grad and tracked is not h_out and torch.equal(tracked, summed)
 
 
 def test_an_adapter_after_a_module_keeps_the_general_path() -> None:
@@ -149,4 +181,25 @@ def test_the_decode_benchmark_runs_on_a_tiny_model() -> None:
     results = decode.main(["--smoke", "--rounds", "1"])
     assert {"lora batch 1", "ia3 batch 8", "adapter batch 1"} <= set(results["decode"])
     assert results["mixed_decode"]["4 tasks"]["opendelta mixed / one delta"]["min"] > 0
-    assert results["forward"]["opendelta / peft"]["median"] > 0
+    assert results["forward"]["8 prompts"]["opendelta / peft"]["median"] > 0
+    paired = results["decode"]["lora batch 1"]["attached / detached"]["paired"]
+    assert len(paired["rounds"]) == 1 and paired["low"] <= paired["median"] <= paired["high"]
+    assert len(paired["rounds"]) == len(results["decode"]["lora batch 1"]["attached / detached"]["cpu"]["paired"]["rounds"])
+    only = decode.main(["--smoke", "--rounds", "2", "--only", "decode", "--methods", "lora", "--batches", "1"])
+    assert set(only["decode"]) == {"lora batch 1"} and "mixed_decode" not in only
+    assert len(only["decode"]["lora batch 1"]["attached / detached"]["paired"]["rounds"]) == 2
+
+
+def test_the_decode_profile_counts_what_a_lora_adds_to_a_module_call() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import profile_decode
+
+    results = profile_decode.main(["--calls", "3", "--rounds", "1"])
+    ops, names = results["attached"]["aten ops"]
+    assert results["bare"]["aten ops"][1] == ["linear"] and ops > results["bare"]["aten ops"][0]
+    # added in place into the bias-free output (no out-of-place addmm), no casts in float32
+    assert {"addmm_", "linear"} <= set(names) and not {"addmm", "to"} & set(names)
+    assert results["attached"]["python calls"] > results["bare"]["python calls"]

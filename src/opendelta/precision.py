@@ -7,7 +7,8 @@ whose small updates round away. By default (``delta_dtype="float32"``, as PEFT's
 float32, and its routes run in its own dtype: a hidden state enters it cast up and the result
 leaves cast back to the hidden state's dtype, so the backbone still sees its own dtype
 everywhere. ``delta_dtype="weight"`` keeps the deltas in the backbone's dtype. Layers on a float32
-backbone are untouched, so the policy costs nothing there.
+backbone are untouched, so the policy costs nothing there: where a layer is attached without the mark,
+the engine's short path calls its route as written (:func:`route_for`), not through the wrapper.
 
 A layer that rewrites its module's whole call (``route_call``: prefixes, soft prompts) casts what
 it adds to the hidden state's dtype itself.
@@ -61,7 +62,7 @@ def own_dtype(layer: nn.Module) -> torch.dtype | None:
 def in_own_precision(route: Callable[..., torch.Tensor], like: int) -> Callable[..., torch.Tensor]:
     """`route` run in the layer's own dtype when the policy marked it: floating tensor arguments
     are cast to it, and the result to the dtype of positional argument `like` (the hidden state)."""
-    if getattr(route, _WRAPPED, False):
+    if getattr(route, _WRAPPED, None) is not None:
         return route
 
     @functools.wraps(route)
@@ -74,13 +75,29 @@ def in_own_precision(route: Callable[..., torch.Tensor], like: int) -> Callable[
         cast = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
         return route(self, *cast, **kwargs).to(hidden_dtype)
 
-    setattr(run, _WRAPPED, True)
+    setattr(run, _WRAPPED, route)  # the route as written, for layers that need no casting (route_for)
     return run
 
 
 def wrap_routes(cls: type) -> None:
-    """Make the routes `cls` defines itself follow its layers' precision (called for every DeltaLayer class)."""
+    """Make the routes `cls` defines itself follow its layers' precision (called for every DeltaLayer
+    class), and keep each as written under :func:`as_written`'s name."""
     for name, like in ROUTE_RESULT_LIKE.items():
         route = cls.__dict__.get(name)
         if callable(route):
-            setattr(cls, name, in_own_precision(route, like))
+            wrapped = in_own_precision(route, like)
+            setattr(cls, name, wrapped)
+            setattr(cls, as_written(name), getattr(wrapped, _WRAPPED))
+
+
+def as_written(route: str) -> str:
+    """The attribute under which a layer class keeps `route` without the precision wrapper."""
+    return f"_{route}_as_written"
+
+
+def route_for(layer: nn.Module, route: str) -> str:
+    """The attribute to call for `layer`'s `route` in a hot loop: the route as written where the policy did
+    not mark the layer (the wrapper would only check the mark and call it), else the wrapped route.
+    The mark is set when the layer is built (:func:`keep_precision`), before it is attached, so deciding
+    once where it is attached is exact."""
+    return route if layer.in_own_precision else as_written(route)

@@ -43,6 +43,7 @@ from torch import nn
 
 from opendelta.errors import LifecycleError, MixedBatchError, UnsupportedModuleError
 from opendelta.layer import ROW_WISE, WHOLE_BATCH, DeltaLayer, first_tensor, input_name, whole_batch_only, with_first_tensor
+from opendelta.precision import route_for
 
 ROUTES = ("before", "after", "parallel", "replace", "weights")
 #: where a delta runs among the deltas of its route on one module: ascending, compared as tuples
@@ -177,8 +178,11 @@ class Site:
         self._own_forward: Any = None
         self._swap: WeightSwap | None = None
         #: the one parallel delta here, when it is all the post hook runs (:meth:`refresh` decides): the hook
-        #: then skips the general path's lookups, the same ops in the same order
+        #: then skips the general path's lookups, the same ops in the same order, and calls its route
+        #: by the attribute `_lean_route` (precision.route_for: without the precision wrapper where it
+        #: would not cast); names, not objects, so replicas and copies find their own layer
         self._lean: str | None = None
+        self._lean_route = "route_parallel"
 
     def place(self, route: str, name: str, order: OrderKey) -> None:
         """Put delta `name` into `route`'s list at its place: ascending `order`, then name."""
@@ -377,7 +381,7 @@ class Site:
             # decoding calls this once per module per token: the general path below, minus its lookups
             layer = module._modules[lean]
             if layer.change_scale == 1.0:
-                return layer.route_parallel(args[0], output)
+                return getattr(layer, self._lean_route)(args[0], output)
         mods = module._modules
         plans = _PLANS.get() if _MIXING else None
         mix = plans.get(self) if plans else None
@@ -405,6 +409,8 @@ class Site:
     def refresh(self, module: nn.Module) -> None:
         """Install exactly the hooks the current deltas need, and no others."""
         self._lean = self._lean_delta(module)
+        if self._lean is not None:
+            self._lean_route = route_for(module._modules[self._lean], "route_parallel")
         needs_pre = bool(self.before or self.span_starts)
         if needs_pre and self._pre_handle is None:
             self._pre_handle = module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)

@@ -195,7 +195,12 @@ class LoraLayer(DeltaLayer):
         if flat is None:
             return torch.addmm(h_out.reshape(-1, h_out.shape[-1]), low, lora_B.t()).view(h_out.shape)
         flat.addmm_(low, lora_B.t())
-        return flat if flat.shape == h_out.shape else flat.view(h_out.shape)
+        if flat.shape == h_out.shape:
+            return flat
+        # `h_out` is a view of `flat`'s memory, so it holds the sum already; without autograd (decoding)
+        # it is returned as it is (one op less per call). With it, a fresh view: the one made before the
+        # in-place add would rebuild its autograd history on use
+        return h_out if not flat.requires_grad else flat.view(h_out.shape)
 
     def route_parallel_rows(self, h_in: torch.Tensor, h_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         # a linear map keeps no output for backward, so adding in place is safe: one gather, one scatter-add
@@ -336,11 +341,16 @@ def _accumulator(h_out: torch.Tensor) -> torch.Tensor | None:
     A linear map keeps neither its output nor (on 3-D inputs) the 2-D matrix product it views for
     backward, so adding in place is safe. Adding into the product itself, not into the view, spares
     autograd the view bookkeeping (CopySlices), which would copy the gradient twice in backward.
+    Without autograd (decoding) there is no bookkeeping, so a 2-D view of a contiguous output serves
+    too: a bias-free linear's 3-D output is no view of its product (matmul returns it through
+    ``_unsafe_view``). In place or not, addmm adds the same product the same way, bit for bit.
     """
     if torch.compiler.is_compiling():  # the compiler fuses the out-of-place form itself; data_ptr checks break graphs
         return None
     base = h_out._base
     if base is None:
+        if h_out.dim() > 2 and not torch.is_grad_enabled() and h_out.is_contiguous():
+            return h_out.view(-1, h_out.shape[-1])
         base = h_out
     if (
         base.dim() == 2
