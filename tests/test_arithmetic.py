@@ -1,4 +1,4 @@
-"""Delta arithmetic: combine() equals PEFT's add_weighted_adapter, and is exact where PEFT is not."""
+"""Delta arithmetic: combine() equals PEFT's add_weighted_adapter, and is exact where PEFT is not (rsLoRA, DoRA)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 from support.ecosystem_fixtures import randomize_deltas, tiny_batch, tiny_bert
-from support.numerics import MARGIN, max_abs_diff
+from support.numerics import MARGIN, assert_changed, float32_noise, max_abs_diff, noise_bound
 
 from opendelta import DeltaConfigError, IA3Model, LoraModel, UnsupportedModuleError, combine, negate
 
@@ -19,15 +19,18 @@ def _inputs() -> dict[str, torch.Tensor]:
     return batch
 
 
-def _peft_pair(tmp_path, **second):
-    """A PEFT model with LoRA adapters 'a' (query, value) and 'b' (query, value, key), saved, and the
-    same two loaded as opendelta deltas on a fresh backbone."""
-    tuned = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]), adapter_name="a")
-    tuned.add_adapter("b", peft.LoraConfig(**{"r": 4, "lora_alpha": 6, "target_modules": ["query", "value", "key"], **second}))
+def _peft_pair(tmp_path, **options):
+    """A PEFT model with LoRA adapters 'a' (query, value) and 'b' (query, value, key), both with `options`
+    (e.g. use_dora), saved, and the same two loaded as opendelta deltas on a fresh backbone."""
+    tuned = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], **options),
+                                adapter_name="a")
+    tuned.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=6, target_modules=["query", "value", "key"], **options))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in tuned.named_parameters():
-            if "lora_" in name:
+            if "magnitude" in name:  # a trained DoRA magnitude stays near the weight's norms
+                p.mul_(1 + torch.randn(p.shape, generator=g) * 0.2)
+            elif "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     tuned.save_pretrained(tmp_path)  # adapters other than 'default' go to sub-folders by name
     model = tiny_bert()
@@ -49,7 +52,8 @@ def _updates(delta) -> dict[str, torch.Tensor]:
 
 
 def _combined_in_float64(deltas, *args, **kwargs):
-    """The same combination on float64 copies of the deltas (on a float64 backbone): the rounding reference."""
+    """The same combination of the deltas' factors on float64 plain-LoRA copies (on a float64 backbone): the
+    rounding reference."""
     wide = tiny_bert().double()
     twins = []
     for d in deltas:
@@ -61,6 +65,39 @@ def _combined_in_float64(deltas, *args, **kwargs):
                 twin.layers[path].lora_B.copy_(layer.lora_B.double())
         twins.append(twin)
     return combine(twins, *args, **kwargs)
+
+
+def _combine_both(tuned, ours, combination_type, options, monkeypatch):
+    """PEFT's add_weighted_adapter ('mix') and combine() of the same deltas with WEIGHTS: our result."""
+    # DARE's masks from one random stream, restarted for each side: PEFT also draws its new adapter's initial
+    # weights from torch's global stream before the masks, so the global seed alone would give other masks
+    masks = torch.Generator()
+    real_bernoulli = torch.bernoulli
+    monkeypatch.setattr(torch, "bernoulli", lambda p, generator=None: real_bernoulli(p, generator=masks))
+    masks.manual_seed(11)
+    tuned.add_weighted_adapter(["a", "b"], WEIGHTS, "mix", combination_type=combination_type, **options)
+    masks.manual_seed(11)
+    mixed = combine(ours, WEIGHTS, combination_type, **options)
+    monkeypatch.undo()
+    return mixed
+
+
+def _assert_updates_equal_peft(tuned, ours, mixed, combination_type, options) -> None:
+    """Each module's update s B A of `mixed` equals that of PEFT's 'mix' within float32 rounding."""
+    # the rounding reference: the same combination in float64; DARE's masks depend on the dtype they are drawn
+    # in, so for DARE the reference is its deterministic core, the linear combination (same sums of products)
+    measured = "linear" if combination_type.startswith("dare") else combination_type
+    measured_options = {} if measured == "linear" else options
+    wide = _updates(_combined_in_float64(ours, WEIGHTS, measured, **measured_options))
+    narrow = _updates(combine(ours, WEIGHTS, measured, **measured_options))
+
+    want = _peft_updates(tuned, "mix")
+    got = _updates(mixed)
+    assert sorted(got) == sorted(want)
+    for path in want:
+        step = torch.finfo(torch.float32).eps * max(wide[path].abs().max().item(), want[path].abs().max().item())
+        noise = max(max_abs_diff(narrow[path], wide[path]), step)
+        assert max_abs_diff(got[path], want[path]) <= MARGIN * noise, (path, max_abs_diff(got[path], want[path]), noise)
 
 
 @pytest.mark.parametrize(
@@ -78,31 +115,46 @@ def _combined_in_float64(deltas, *args, **kwargs):
 )
 def test_combine_equals_peft_add_weighted_adapter(tmp_path, combination_type, options, monkeypatch):
     tuned, model, ours = _peft_pair(tmp_path)
-    # DARE's masks from one random stream, restarted for each side: PEFT also draws its new adapter's initial
-    # weights from torch's global stream before the masks, so the global seed alone would give other masks
-    masks = torch.Generator()
-    real_bernoulli = torch.bernoulli
-    monkeypatch.setattr(torch, "bernoulli", lambda p, generator=None: real_bernoulli(p, generator=masks))
-    masks.manual_seed(11)
-    tuned.add_weighted_adapter(["a", "b"], WEIGHTS, "mix", combination_type=combination_type, **options)
-    masks.manual_seed(11)
-    mixed = combine(ours, WEIGHTS, combination_type, **options)
-    monkeypatch.undo()
-    # the rounding reference: the same combination in float64; DARE's masks depend on the dtype they are drawn
-    # in, so for DARE the reference is its deterministic core, the linear combination (same sums of products)
-    measured = "linear" if combination_type.startswith("dare") else combination_type
-    measured_options = {} if measured == "linear" else options
-    wide = _updates(_combined_in_float64(ours, WEIGHTS, measured, **measured_options))
-    narrow = _updates(combine(ours, WEIGHTS, measured, **measured_options))
-
-    want = _peft_updates(tuned, "mix")
-    got = _updates(mixed)
-    assert sorted(got) == sorted(want)
-    for path in want:
-        step = torch.finfo(torch.float32).eps * max(wide[path].abs().max().item(), want[path].abs().max().item())
-        noise = max(max_abs_diff(narrow[path], wide[path]), step)
-        assert max_abs_diff(got[path], want[path]) <= MARGIN * noise, (path, max_abs_diff(got[path], want[path]), noise)
+    mixed = _combine_both(tuned, ours, combination_type, options, monkeypatch)
+    _assert_updates_equal_peft(tuned, ours, mixed, combination_type, options)
     assert not mixed.is_attached and all(d.is_attached for d in ours)
+
+
+@pytest.mark.parametrize(("combination_type", "options"), [("linear", {}), ("ties", {"density": 0.5}), ("dare_linear", {"density": 0.5})])
+def test_dora_factors_combine_as_peft_combines_them_and_the_magnitudes_peft_drops_combine_around_the_weight_norms(
+    tmp_path, combination_type, options, monkeypatch
+):
+    """PEFT issue 3761: PEFT's combined DoRA keeps its new adapter's fresh magnitude ||W||, whatever the
+    deltas trained; ours combines the magnitudes' changes m_i - ||W|| with the same weights and rule."""
+    tuned, model, ours = _peft_pair(tmp_path, use_dora=True)
+    mixed = _combine_both(tuned, ours, combination_type, options, monkeypatch)
+    _assert_updates_equal_peft(tuned, ours, mixed, combination_type, options)  # DARE's masks too: the magnitudes draw last
+    for path, layer in mixed.layers.items():
+        norms = layer.base_norm(model.get_submodule(path))
+        theirs = tuned.base_model.model.get_submodule(path).lora_magnitude_vector["mix"].weight.detach()
+        assert max_abs_diff(theirs, norms) <= noise_bound(norms)  # PEFT: the norms, the trained magnitudes gone
+        trained = [(d.layers[path].magnitude, w) for d, w in zip(ours, WEIGHTS) if path in d.layers]
+        assert_changed(layer.magnitude, norms)
+        if combination_type == "linear":  # ours: ||W|| + sum w_i (m_i - ||W||)
+            want = norms + sum(w * (m.double() - norms.double()) for m, w in trained)
+            assert max_abs_diff(layer.magnitude, want) <= noise_bound(layer.magnitude)
+
+
+def test_one_dora_delta_at_weight_one_comes_back_bit_for_bit_where_peft_resets_its_magnitude(tmp_path):
+    tuned, model, (a, b) = _peft_pair(tmp_path, use_dora=True)
+    b.detach()
+    expected = model(**_inputs()).logits
+    tuned.set_adapter("a")
+    tuned.add_weighted_adapter(["a"], [1.0], "one", combination_type="linear")
+    tuned.set_adapter("one")
+    peft_once = tuned(**_inputs()).logits.detach()
+    assert_changed(peft_once, expected, float32_noise(model, lambda m, _: m(**_inputs()).logits))  # PEFT's differs
+    again = combine([a], [1.0])
+    for path, layer in a.layers.items():
+        assert torch.equal(again.layers[path].magnitude, layer.magnitude)
+        assert torch.equal(again.layers[path].lora_A, layer.lora_A) and torch.equal(again.layers[path].lora_B, layer.lora_B)
+    a.switch(again)
+    assert torch.equal(model(**_inputs()).logits, expected)
 
 
 @pytest.mark.parametrize("combination_type", ["linear", "cat"])

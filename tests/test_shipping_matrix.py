@@ -5,8 +5,8 @@ checked on a tiny model: it works (with the equalities below), or it raises its 
 - export: ``export_merged`` reloaded with ``from_pretrained`` equals the merged model bit for bit;
 - PEFT out: our PEFT folder loads in ``peft.PeftModel.from_pretrained`` with equal outputs;
 - PEFT in: PEFT's folder of that method loads into us with equal outputs;
-- arithmetic: one delta at weight 1.0 comes back bit for bit; where PEFT has ``add_weighted_adapter``
-  a 2-delta linear combination equals PEFT's.
+- arithmetic: one delta at weight 1.0 comes back bit for bit (a PiSSA/OLoRA LoRA as its plain rank-2r form);
+  where PEFT has ``add_weighted_adapter`` (and gets it right) a 2-delta linear combination equals PEFT's.
 """
 
 from __future__ import annotations
@@ -157,13 +157,23 @@ def check_arithmetic(row: Row, outcome, tmp_path: Path) -> None:
     same = combine([delta], [1.0], "linear")
     assert same.delta_type == delta.delta_type and set(same.layers) == set(delta.layers)
     for path, layer in delta.layers.items():
-        theirs = same.layers[path].state_dict()
-        assert all(torch.equal(theirs[name], value) for name, value in layer.state_dict().items())
+        theirs, mine = _combined_tensors(same.layers[path]), _combined_tensors(layer)
+        assert theirs.keys() == mine.keys() and all(torch.equal(theirs[name], value) for name, value in mine.items())
         assert getattr(same.layers[path], "scaling", None) == getattr(layer, "scaling", None)
     delta.switch(same)
     assert torch.equal(out(model), tuned)
     if row.peft_combines is not None:
         _equals_peft_weighted_sum(row, tmp_path)
+
+
+def _combined_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """A layer's saved tensors as arithmetic combines them: a LoRA's factors in their plain form (a PiSSA/OLoRA
+    layer's rank-2r one, which the combined delta holds instead of the factors and the starting ones)."""
+    tensors = dict(layer.state_dict())
+    if "lora_A0" in tensors:
+        del tensors["lora_A0"], tensors["lora_B0"]
+        tensors["lora_A"], tensors["lora_B"] = layer.factors()
+    return tensors
 
 
 def _equals_peft_weighted_sum(row: Row, tmp_path: Path, weights: tuple[float, float] = (0.6, 0.4)) -> None:

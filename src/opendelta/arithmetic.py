@@ -1,6 +1,7 @@
 """Delta arithmetic: several deltas of one method and backbone combined, with weights, into a new delta.
 
-This file holds LoRA's; IA3's and BitFit's, whose tensors are vectors, are in :mod:`opendelta.task_vectors`.
+This file holds LoRA's (DoRA and PiSSA/OLoRA-started LoRA included); IA3's, BitFit's and trainable
+tokens', whose tensors are vectors around an identity, are in :mod:`opendelta.task_vectors`.
 
 The combinations are PEFT's ``add_weighted_adapter`` set, computed the way PEFT computes them so
 results agree (DARE draws its masks in PEFT's order, so one random stream gives the same masks):
@@ -16,6 +17,17 @@ then scales by ``sqrt(r)``), the result here keeps the first delta's scaling per
 weights are divided by it, so combining one delta with weight 1.0 (``linear`` or ``cat``) gives
 back its factors and scaling bit for bit, and ``negate`` is exact (B, -A). The result is built
 detached: the deltas combined stay as they are until you ``switch`` or ``attach``.
+
+The LoRA variants combine through what they add to the weight:
+
+- a PiSSA/OLoRA-started layer adds ``s (B A - B0 A0)``, which is the plain rank-2r LoRA
+  ``[B - B0, B0] [A; A - A0]`` (:meth:`LoraLayer.factors`, the form PEFT exports too): the deltas
+  combine as those plain factors into a plain LoRA on the original backbone (never rewritten);
+- DoRA's factors combine as LoRA's, and its magnitudes ``m_i`` around the weight's own norms
+  ``n = ||W||`` (what DoRA keeps when the product is zero) as task vectors ``m_i - n`` do
+  (:func:`opendelta.task_vectors.mix_around`): ``n + sum w_i (m_i - n)`` for ``linear``, ``cat``
+  and ``svd``, ``n + rule(m_i - n)`` for the pruning rules. PEFT's result keeps its new adapter's
+  fresh magnitude ``n`` instead, dropping every trained one (PEFT issue 3761).
 """
 
 from __future__ import annotations
@@ -29,19 +41,34 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from opendelta.config import is_finite_number
-from opendelta.errors import DeltaConfigError, UnsupportedModuleError
+from opendelta.errors import DeltaConfigError, LifecycleError, UnsupportedModuleError
+from opendelta.linear_maps import update_factors
 from opendelta.registry import lookup
-from opendelta.targets import targets_at
-from opendelta.task_vectors import REFUSED, TASK_VECTORS, combine_task_vectors
+from opendelta.targets import Target, targets_at
+from opendelta.task_vectors import REFUSED, TASK_VECTORS, combine_task_vectors, mix_around
 
 if TYPE_CHECKING:
     from opendelta.delta_base import DeltaBase
 
+#: combinations that prune the tensors they mix (they need a density)
+PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 #: combinations that mix the A and B factors separately, with a per-delta weight for each
-FACTORWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+FACTORWISE = ("linear", *PRUNING)
 COMBINATIONS = (*FACTORWISE, "cat", "svd")
-#: the tensors of a LoRA layer that arithmetic knows how to combine
-_FACTORS = {"lora_A", "lora_B"}
+
+
+def _known_tensors(config: Any) -> set[str]:
+    """The tensors of a LoRA layer that arithmetic combines: the factors, a PiSSA/OLoRA layer's starting
+    factors (through the plain form), a DoRA layer's magnitude."""
+    return {"lora_A", "lora_B"} | ({"lora_A0", "lora_B0"} if config.data_aware_init else set()) | (
+        {"magnitude"} if config.use_dora else set())
+
+
+def _factors(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with ``s B A`` the layer's change of the weight: its factors, or a weight-started layer's
+    plain rank-2r form (``LoraLayer.factors``)."""
+    buffers = dict(layer.named_buffers())
+    return update_factors(layer.lora_A, layer.lora_B, buffers.get("lora_A0"), buffers.get("lora_B0"))
 
 
 def _check(deltas: Sequence[DeltaBase], weights: Sequence[float], combination_type: str, density: float | None,
@@ -71,17 +98,27 @@ def _check(deltas: Sequence[DeltaBase], weights: Sequence[float], combination_ty
             )
         if method != "lora":
             continue
+        if delta.config.use_dora and delta.is_merged:
+            raise LifecycleError(
+                f"the DoRA delta {delta.name!r} is merged: its magnitudes are measured from the weight beneath it, "
+                "which now holds the delta too; unmerge() it before combining."
+            )
+        known = _known_tensors(delta.config)
         for path, layer in delta.layers.items():
-            # buffers too: a PiSSA/OLoRA layer keeps its starting factors as buffers, and a result without them
-            # would add s B A instead of s (B A - B0 A0)
-            extra = sorted(({n for n, _ in layer.named_parameters()} | {n for n, _ in layer.named_buffers()}) - _FACTORS)
+            # buffers too: a result without a PiSSA/OLoRA layer's starting factors would add s B A, not s (B A - B0 A0)
+            extra = sorted(({n for n, _ in layer.named_parameters()} | {n for n, _ in layer.named_buffers()}) - known)
             if extra:
                 raise UnsupportedModuleError(
-                    f"the LoRA of {delta.name!r} at {path!r} also has {extra} (a DoRA magnitude, a bias, or the starting "
-                    "factors of a LoRA started from the weight), which combine() does not know how to mix; combine plain "
-                    "LoRA deltas (A and B factors only)."
+                    f"the LoRA of {delta.name!r} at {path!r} also has {extra}, which combine() does not know how to mix; "
+                    "combine LoRA deltas whose layers hold A and B factors (and a DoRA magnitude, or the starting "
+                    "factors of a PiSSA/OLoRA start) only."
                 )
-    if combination_type in ("ties", "dare_linear", "dare_ties", "magnitude_prune"):
+    if method == "lora" and len({bool(d.config.use_dora) for d in deltas}) != 1:
+        raise DeltaConfigError(
+            f"combine() got DoRA and plain LoRA deltas ({[d.name for d in deltas if d.config.use_dora]} use DoRA): a "
+            "DoRA magnitude has no counterpart in a plain LoRA. Combine DoRA deltas with DoRA deltas."
+        )
+    if combination_type in PRUNING:
         if not is_finite_number(density) or not 0 <= density <= 1:
             raise DeltaConfigError(f"combination_type={combination_type!r} needs density, a number in [0, 1]; got {density!r}")
     if majority_sign_method not in ("total", "frequency"):
@@ -182,59 +219,91 @@ def combine(
     order = {path: i for i, (path, _) in enumerate(backbone.named_modules())}
     paths = sorted({p for d in deltas for p in d.layers}, key=lambda p: (order.get(p.split("->")[-1], -1), p))
     first = {p: next(d for d in deltas if p in d.layers) for p in paths}
+    with torch.no_grad():
+        # per module: (layer, its plain factors (A, B), weight) of each delta that modifies it
+        sources = {
+            path: [(d.layers[path], _factors(d.layers[path]), float(w)) for d, w in zip(deltas, weights) if path in d.layers]
+            for path in paths
+        }
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
-    rslora = first[paths[0]].config.use_rslora
+    rslora, dora = deltas[0].config.use_rslora, deltas[0].config.use_dora
     for path in paths:
-        layers = [d.layers[path] for d in deltas if path in d.layers]
-        reference_r, reference_alpha = first[path].config.rank_and_alpha(path)
+        source_ranks = [a.shape[0] for _, (a, _), _ in sources[path]]
         if combination_type in FACTORWISE:
-            if len({layer.lora_A.shape[0] for layer in layers}) != 1:
+            if len(set(source_ranks)) != 1:
                 raise DeltaConfigError(
                     f"combination_type={combination_type!r} mixes A and B factors entry by entry, so the deltas need "
-                    f"one rank at {path!r}, got {[layer.lora_A.shape[0] for layer in layers]}; use 'cat' or 'svd'."
+                    f"one rank at {path!r}, got {source_ranks} (a PiSSA/OLoRA layer counts twice its r); use 'cat' or "
+                    "'svd'."
                 )
-            r = reference_r
+            r = source_ranks[0]
         elif combination_type == "cat":
-            r = sum(layer.lora_A.shape[0] for layer in layers)
+            r = sum(source_ranks)
         else:
-            r = svd_rank or max(layer.lora_A.shape[0] for layer in layers)
-        # the result keeps the first delta's scaling (its alpha at its rank, or the same scaling at another rank)
+            r = svd_rank or max(source_ranks)
         ranks[path] = r
-        alphas[path] = reference_alpha if r == reference_r else first[path].layers[path].scaling * (math.sqrt(r) if rslora else r)
+        alphas[path] = _alpha_for(first[path].layers[path].scaling, r, rslora, first[path].config.rank_and_alpha(path))
+    targets, _ = targets_at(backbone, paths)
     # built before the factors are mixed, as PEFT does: DARE then draws from the same random stream after the same inits
     # the deltas combined proved the forward reaches these modules: the result needs no dummy pass of its own
-    result = _new_lora(backbone, paths, ranks, alphas, rslora, name, deltas)
+    result = _new_lora(backbone, targets, ranks, alphas, rslora, dora, name, deltas)
     mix = _rule(combination_type, density, majority_sign_method, generator)
     with torch.no_grad():
         for path in paths:
-            present = [(d.layers[path], float(w)) for d, w in zip(deltas, weights) if path in d.layers]
-            layers = [layer for layer, _ in present]
-            scaled = [w * layer.scaling for layer, w in present]  # w_i s_i
+            present = sources[path]
+            pairs = [factors for _, factors, _ in present]
+            scaled = [w * layer.scaling for layer, _, w in present]  # w_i s_i
             target = result.layers[path]
             scaling = target.scaling
             if combination_type in FACTORWISE:
                 root = math.sqrt(scaling)
-                magnitudes = [math.sqrt(abs(ws)) / root for ws in scaled]
-                like = layers[0].lora_A
-                a_weights = torch.tensor([m if ws >= 0 else -m for m, ws in zip(magnitudes, scaled)], dtype=like.dtype, device=like.device)
-                b_weights = torch.tensor(magnitudes, dtype=like.dtype, device=like.device)
-                a = mix([layer.lora_A for layer in layers], a_weights)
-                b = mix([layer.lora_B for layer in layers], b_weights)
+                sizes = [math.sqrt(abs(ws)) / root for ws in scaled]
+                like = pairs[0][0]
+                a_weights = torch.tensor([m if ws >= 0 else -m for m, ws in zip(sizes, scaled)], dtype=like.dtype, device=like.device)
+                b_weights = torch.tensor(sizes, dtype=like.dtype, device=like.device)
+                a = mix([a for a, _ in pairs], a_weights)
+                b = mix([b for _, b in pairs], b_weights)
             elif combination_type == "cat":
-                a = torch.cat([layer.lora_A * (ws / scaling) for layer, ws in zip(layers, scaled)])
-                b = torch.cat([layer.lora_B for layer in layers], dim=1)
+                a = torch.cat([a * (ws / scaling) for (a, _), ws in zip(pairs, scaled)])
+                b = torch.cat([b for _, b in pairs], dim=1)
             else:
-                a, b = _svd(layers, scaled, ranks[path], scaling, svd_clamp)
+                a, b = _svd(pairs, scaled, ranks[path], scaling, svd_clamp)
             target.lora_A.copy_(a)
             target.lora_B.copy_(b)
+        if dora:  # after every factor: DARE's masks for the factors come from the stream as PEFT draws them
+            modules = {t.path: t.module for t in targets}
+            for path in paths:
+                target = result.layers[path]
+                identity = target.base_norm(modules[path]).to(target.magnitude.dtype)
+                magnitudes = [layer.magnitude for layer, _, _ in sources[path]]
+                target.magnitude.copy_(mix_around(magnitudes, [w for _, _, w in sources[path]], identity, mix,
+                                                  linear=combination_type not in PRUNING))
     return result
 
 
-def _svd(layers: list[Any], weights: list[float], r: int, scaling: float, clamp: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _alpha_for(scaling: float, r: int, rslora: bool, reference: tuple[int, float]) -> float:
+    """An alpha whose scaling at rank `r` is exactly `scaling`: the `reference` (rank, alpha) where the rank
+    is the same, else ``scaling * r`` (``* sqrt(r)`` with rsLoRA) or, where that rounds to another scaling,
+    one of its float neighbours; so a result at another rank (``cat``, ``svd``, a PiSSA layer's plain form)
+    scales as its source does."""
+    config_cls, _ = lookup("lora")
+    reference_r, reference_alpha = reference
+    alpha = scaling * (math.sqrt(r) if rslora else r)
+    candidates = [reference_alpha] if r == reference_r else []
+    up = down = alpha
+    candidates.append(alpha)
+    for _ in range(4):
+        up, down = math.nextafter(up, math.inf), math.nextafter(down, 0.0)
+        candidates += [up, down]
+    return next((a for a in candidates if config_cls.scaling_of(a, r, rslora) == scaling), alpha)
+
+
+def _svd(pairs: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float], r: int, scaling: float,
+         clamp: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The rank-`r` factors (A, B) of ``sum w_i B_i A_i / scaling``, as PEFT's svd combination computes them."""
-    like = layers[0].lora_A
-    update = sum(w * (layer.lora_B @ layer.lora_A) for layer, w in zip(layers, weights))
+    like = pairs[0][0]
+    update = sum(w * (b @ a) for (a, b), w in zip(pairs, weights))
     u, s, vh = torch.linalg.svd(update, full_matrices=True)
     b, a = u[:, :r] @ torch.diag(s[:r]), vh[:r, :]
     if clamp is not None:
@@ -243,21 +312,22 @@ def _svd(layers: list[Any], weights: list[float], r: int, scaling: float, clamp:
     return (a / scaling).to(like.dtype), b.to(like.dtype)
 
 
-def _new_lora(backbone: Any, paths: list[str], ranks: dict[str, int], alphas: dict[str, float], rslora: bool,
-              name: str | None, proven_by: Sequence[DeltaBase]) -> DeltaBase:
-    """A detached LoRA delta on `paths` with the given ranks and alphas (its factors freshly initialised)."""
+def _new_lora(backbone: Any, targets: list[Target], ranks: dict[str, int], alphas: dict[str, float], rslora: bool,
+              dora: bool, name: str | None, proven_by: Sequence[DeltaBase]) -> DeltaBase:
+    """A detached LoRA (or DoRA) delta on `targets` with the given ranks and alphas (its factors freshly initialised)."""
     config_cls, delta_cls = lookup("lora")
+    paths = [t.path for t in targets]
     r0, alpha0 = ranks[paths[0]], alphas[paths[0]]
     config = config_cls.from_dict({
         "modified_modules": paths,
         "lora_r": r0,
         "lora_alpha": alpha0,
         "use_rslora": rslora,
+        "use_dora": dora,
         # full paths as regex patterns: first match wins, so each module gets exactly its own
         "rank_pattern": {_exact(p): r for p, r in ranks.items() if r != r0} or None,
         "alpha_pattern": {_exact(p): a for p, a in alphas.items() if a != alpha0} or None,
     })
-    targets, _ = targets_at(backbone, paths)
     return delta_cls.build_detached(backbone, config, targets, name=name, proven_by=proven_by)
 
 
@@ -268,5 +338,6 @@ def _exact(path: str) -> str:
 
 def negate(delta: DeltaBase, *, name: str | None = None) -> DeltaBase:
     """The delta that subtracts what `delta` adds (task arithmetic's negation): a LoRA's A negated
-    (exactly), an IA3's ``l - 1`` or a BitFit's bias negated (see :mod:`opendelta.task_vectors`)."""
+    (exactly; a PiSSA/OLoRA layer's plain form, a DoRA magnitude's ``m - ||W||`` too), an IA3's ``l - 1``,
+    a BitFit's bias or trained embedding rows' change negated (see :mod:`opendelta.task_vectors`)."""
     return combine([delta], [-1.0], "linear", name=name)

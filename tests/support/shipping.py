@@ -19,7 +19,7 @@ from support.families import BY_NAME, fresh
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from opendelta import DeltaConfigError, MergeError, PeftFormatError, UnsupportedModuleError
+from opendelta import DeltaConfigError, MergeError, PeftFormatError
 
 #: capability key -> the doc's column title
 CAPABILITIES = {
@@ -130,13 +130,14 @@ ROWS: list[Row] = [
         "arithmetic": Works("exact where PEFT rescales by sqrt(r), PEFT issue 3761")},
         peft_config=_lora_config(use_rslora=True)),
     Row("lora, DoRA", "lora", {**LORA, "use_dora": True}, {**MERGES, "peft_out": YES, "peft_in": YES,
-        "arithmetic": Refused(UnsupportedModuleError, "magnitude", "the magnitude vector has no combination rule")},
+        "arithmetic": Works("all 7 + `negate`; the magnitudes combined as changes from the weight's norms, where PEFT drops "
+                           "them (PEFT issue 3761)")},
         peft_config=_lora_config(use_dora=True)),
     Row("lora, PiSSA", "lora", {**LORA, "init_lora_weights": "pissa"}, {
         **MERGES, "peft_out": Works("as PEFT's converted rank-2r LoRA"),
         "peft_in": Works("a folder PEFT converted with `path_initial_model_for_weight_conversion`; an unconverted one: "
                          "`PeftFormatError`"),
-        "arithmetic": Refused(UnsupportedModuleError, "starting factors", "the starting factors have no combination rule"),
+        "arithmetic": Works("all 7 + `negate`, as the plain rank-2r LoRA on the original backbone"),
     }, peft_config=_lora_config(init_lora_weights="pissa"), peft_converts=True),
     Row("vera", "vera", {"modified_modules": ["q_proj", "v_proj"], "r": 4}, {
         **MERGES, "peft_out": YES, "peft_in": YES,
@@ -162,7 +163,7 @@ ROWS: list[Row] = [
                                               tinit=1, tfinal=2, deltaT=1)),
     Row("trainable_tokens", "trainable_tokens", {"token_indices": [1, 3]}, {
         **MERGES, "peft_out": YES, "peft_in": YES,
-        "arithmetic": not_combined("not implemented: the rows replace the embedding's, a task vector would be their change", "embedding rows"),
+        "arithmetic": Works("linear, ties, dare_*, magnitude_prune + `negate`, on the rows' change"),
     }, peft_config=lambda: peft.TrainableTokensConfig(token_indices=[1, 3], target_modules=["embed_tokens"])),
     Row("ia3", "ia3", {"modified_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}, {
         **MERGES, "peft_out": YES, "peft_in": YES,

@@ -111,7 +111,12 @@ class LoraConfig(DeltaConfig):
     def rank_and_scaling(self, path: str) -> tuple[int, float]:
         """The rank r and the scaling s of the LoRA at module `path`."""
         r, alpha = self.rank_and_alpha(path)
-        return r, alpha / (math.sqrt(r) if self.use_rslora else r)
+        return r, self.scaling_of(alpha, r, self.use_rslora)
+
+    @staticmethod
+    def scaling_of(alpha: float, r: int, rslora: bool) -> float:
+        """The scaling s of a LoRA with `alpha` at rank `r`: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return alpha / (math.sqrt(r) if rslora else r)
 
 
 class LoraLayer(DeltaLayer):
@@ -250,6 +255,12 @@ class DoraLayer(LoraLayer):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         raise TypeError("a DoRA layer's change depends on its module's weight: it runs through route_parallel(module=...)")
+
+    def base_norm(self, module: nn.Module) -> torch.Tensor:
+        """``||W||`` per output feature, in float32: the magnitude that keeps the weight's norms (a fresh
+        layer's, whose factors' product is zero); task arithmetic measures a magnitude from it."""
+        with torch.no_grad():
+            return self._squared_row_norms(module).sqrt()
 
     def weight_norm(self, module: nn.Module) -> torch.Tensor:
         """``||W + s B A||`` per output feature, in float32, without gradient and without forming
