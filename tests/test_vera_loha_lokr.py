@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lokr.layer import factorization as peft_factorization
 from safetensors import safe_open
+from support.lifecycle import assert_exact_lifecycle
 from support.numerics import assert_changed, assert_within_noise, batching_noise, float32_noise
 from support.rows import each_row_alone
 from torch import nn
@@ -183,25 +184,14 @@ def test_vera_seeds_draw_different_pairs():
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", BUILDERS)
 def test_detach_merge_unmerge_are_bit_exact(method, family):
-    model = BUILDERS[family]()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    bare = out(model)
-    _, delta = build(method, family, model)
-    assert torch.equal(out(model), bare)  # a fresh delta changes nothing
-    randomize(delta)
-    tuned = out(model)
-    delta.merge()
-    merged = out(model)
-    delta.unmerge()
-    assert torch.equal(out(model), tuned)
-    delta.merge()
-    delta.detach()  # unmerges first
-    assert torch.equal(out(model), bare)
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    delta.attach()
-    assert torch.equal(out(model), tuned)
-    assert_within_noise(merged, tuned, float32_noise(model, lambda m, _: out(m)))
-    assert_changed(tuned, bare)
+    def attach(model: nn.Module):
+        bare = out(model)
+        _, delta = build(method, family, model)
+        assert torch.equal(out(model), bare)  # a fresh delta changes nothing
+        randomize(delta)
+        return delta
+
+    assert_exact_lifecycle(BUILDERS[family](), attach, out)
 
 
 @pytest.mark.parametrize("method", METHODS)
