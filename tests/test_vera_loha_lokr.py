@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from peft.tuners.lokr.layer import factorization as peft_factorization
 from safetensors import safe_open
 from support.lifecycle import assert_exact_lifecycle
-from support.numerics import assert_changed, assert_within_noise, batching_noise, float32_noise
-from support.rows import each_row_alone
+from support.numerics import assert_changed, assert_within_noise, float32_noise
+from support.rows import assert_mixed_batch_is_each_row_alone
 from torch import nn
 
-from opendelta import AutoDeltaModel, DeltaConfigError, LoHaModel, LoKrModel, PeftFormatError, VeraModel, mixed_batch
+from opendelta import AutoDeltaModel, DeltaConfigError, LoHaModel, LoKrModel, PeftFormatError, VeraModel
 from opendelta.methods.lokr import factorization
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
@@ -197,16 +197,13 @@ def test_detach_merge_unmerge_are_bit_exact(method, family):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", BUILDERS)
 def test_mixed_batch_equals_each_row_alone(method, family):
-    model = BUILDERS[family]()
-    bare = batching_noise(model, lambda m, rows: out(m, IDS[rows]), len(IDS)), float32_noise(model, lambda m, _: out(m))
-    deltas = [build(method, family, model, name=f"task{i}")[1] for i in range(2)]
-    for i, d in enumerate(deltas):
-        randomize(d, seed=10 + i)
-    rows = [0, 1, -1, 0]
-    with torch.no_grad(), mixed_batch(deltas, rows):
-        mixed = out(model)
-    alone = each_row_alone(deltas, rows, lambda i: out(model, IDS[i : i + 1]))
-    assert_within_noise(mixed, alone, *bare)
+    def attach(model: nn.Module) -> list:
+        deltas = [build(method, family, model, name=f"task{i}")[1] for i in range(2)]
+        for i, d in enumerate(deltas):
+            randomize(d, seed=10 + i)
+        return deltas
+
+    assert_mixed_batch_is_each_row_alone(BUILDERS[family](), attach, [0, 1, -1, 0], out, IDS)
 
 
 @pytest.mark.parametrize("method", ["loha", "lokr"])
