@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 
 import torch
 
-from benchmarks.timing import Spread, interleaved, ratio
+from benchmarks.timing import Spread, interleaved, ratio, write_json
 from benchmarks.variants import build, train_step
 from benchmarks.workloads import by_name
 
@@ -65,10 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     for pair, spread in result["ratios"].items():
         cpu = result["cpu_ratios"][pair]
         print(f"  {pair:34s} {spread['median']:.3f} [{spread['q1']:.3f}, {spread['q3']:.3f}]  cpu {cpu['median']:.3f}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-            handle.write("\n")
+    write_json(result, args.json)
     return result
 
 

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from benchmarks.timing import Spread, interleaved, ratio
+from benchmarks.timing import Spread, interleaved, ratio, write_json
 from benchmarks.workloads import by_name
 from opendelta import LoraModel
 from opendelta.multitask_trainer import ROWS_KEY, TaskRouting
@@ -133,10 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {name:10s} {spread['median']:.2f} s per pass, {result['rows_per_second'][name]:.1f} rows/s")
     r, c = result["ratio mixed / sequential"], result["cpu ratio mixed / sequential"]
     print(f"  mixed / sequential: {r['median']:.3f} [{r['q1']:.3f}, {r['q3']:.3f}] (cpu {c['median']:.3f})")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-            handle.write("\n")
+    write_json(result, args.json)
     return result
 
 

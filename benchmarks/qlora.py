@@ -15,7 +15,6 @@ benchmarks/memory.py's ``saved_bytes``) and the backbone's bytes in 4-bit and 8-
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from benchmarks.memory import saved_bytes
-from benchmarks.timing import Spread, interleaved, ratio
+from benchmarks.timing import Spread, interleaved, ratio, write_json
 from benchmarks.variants import Built, build_opendelta, build_peft, train_step
 from benchmarks.workloads import by_name
 
@@ -121,10 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"s/step, ratio {spread['median']:.3f} [{spread['q1']:.3f}, {spread['q3']:.3f}] cpu {cpu['median']:.3f}; "
               f"saved for backward {figures['saved_ratio']:.3f}x PEFT's; backbone "
               f"{result['backbone_bytes'][name] / fp32:.3f}x fp32")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-            handle.write("\n")
+    write_json(result, args.json)
     return result
 
 

@@ -3,14 +3,17 @@ hit all of them alike; ratios are taken round by round and summarised by their m
 
 Each sample is read on two clocks: wall time (what a user waits) and this process's CPU time
 (which time slices lost to other processes do not inflate; on a GPU it misses the device's work).
+The benchmark scripts write their results through `write_json`, one way for all of them.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -122,3 +125,11 @@ def once(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> t
     result = fn()
     sync()
     return time.perf_counter() - start, result
+
+
+def write_json(result: Mapping[str, Any], path: str | None) -> None:
+    """Write a benchmark's results as indented JSON to `path`; nothing when no path was asked for."""
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2)
+            handle.write("\n")

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 
 import torch
 
 from benchmarks.memory import probe_all
-from benchmarks.timing import Spread, interleaved, ratio
+from benchmarks.timing import Spread, interleaved, ratio, write_json
 from benchmarks.variants import build, train_step
 from benchmarks.workloads import by_name
 
@@ -74,10 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         memory = result.get("memory_ratios", {}).get(pair)
         shown = f"  peak memory {memory:.3f}" if memory is not None else ""
         print(f"  {pair:34s} step {spread['median']:.3f} [{spread['q1']:.3f}, {spread['q3']:.3f}]{shown}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-            handle.write("\n")
+    write_json(result, args.json)
     return result
 
 

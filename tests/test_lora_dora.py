@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from support.ecosystem_fixtures import randomize_deltas, tiny_batch
 from support.ecosystem_fixtures import tiny_bert as tiny_bert_classifier
-from support.numerics import assert_within_noise, batching_noise, float32_noise
-from support.rows import each_row_alone
+from support.lifecycle import assert_exact_lifecycle
+from support.numerics import assert_within_noise, float32_noise
+from support.rows import assert_mixed_batch_is_each_row_alone
 from torch import nn
 
-from opendelta import AutoDeltaModel, LoraModel, mixed_batch
+from opendelta import AutoDeltaModel, LoraModel
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
@@ -93,23 +94,12 @@ def test_dora_trains_only_its_parameters(family):
 
 @pytest.mark.parametrize("family", BUILDERS)
 def test_dora_detach_merge_unmerge_are_bit_exact(family):
-    model = BUILDERS[family]()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    bare = out(model)
-    delta = dora(model, family)
-    randomize_deltas(delta)
-    tuned = out(model)
-    delta.merge()
-    merged = out(model)
-    delta.unmerge()
-    assert torch.equal(out(model), tuned)
-    delta.merge()
-    delta.detach()  # unmerges first
-    assert torch.equal(out(model), bare)
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    delta.attach()
-    assert torch.equal(out(model), tuned)
-    assert_within_noise(merged, tuned, float32_noise(model, lambda m, _: out(m)))
+    def attach(model: nn.Module) -> LoraModel:
+        delta = dora(model, family)
+        randomize_deltas(delta)
+        return delta
+
+    assert_exact_lifecycle(BUILDERS[family](), attach, out)
 
 
 @pytest.mark.parametrize("family", BUILDERS)
@@ -127,16 +117,13 @@ def test_dora_save_and_reload_is_exact(family, tmp_path):
 
 @pytest.mark.parametrize("family", BUILDERS)
 def test_dora_mixed_batch_equals_each_row_alone(family):
-    model = BUILDERS[family]()
-    bare = batching_noise(model, lambda m, rows: out(m, IDS[rows]), len(IDS)), float32_noise(model, lambda m, _: out(m))
-    deltas = [dora(model, family, name=f"task{i}") for i in range(2)]
-    for i, d in enumerate(deltas):
-        randomize_deltas(d, seed=10 + i)
-    rows = [0, 1, -1, 0]
-    with torch.no_grad(), mixed_batch(deltas, rows):
-        mixed = out(model)
-    alone = each_row_alone(deltas, rows, lambda i: out(model, IDS[i : i + 1]))
-    assert_within_noise(mixed, alone, *bare)
+    def attach(model: nn.Module) -> list[LoraModel]:
+        deltas = [dora(model, family, name=f"task{i}") for i in range(2)]
+        for i, d in enumerate(deltas):
+            randomize_deltas(d, seed=10 + i)
+        return deltas
+
+    assert_mixed_batch_is_each_row_alone(BUILDERS[family](), attach, [0, 1, -1, 0], out, IDS)
 
 
 def test_weight_norm_follows_in_place_changes_and_moves_of_the_base_weight():

@@ -7,11 +7,12 @@ import json
 import peft
 import pytest
 import torch
+from support.lifecycle import assert_exact_lifecycle
 from support.numerics import assert_within_noise, float32_noise
-from support.rows import each_row_alone
+from support.rows import assert_mixed_batch_is_each_row_alone
 from torch import nn
 
-from opendelta import AutoDeltaModel, DeltaConfigError, LoraModel, PeftFormatError, mixed_batch
+from opendelta import AutoDeltaModel, DeltaConfigError, LoraModel, PeftFormatError
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
@@ -92,23 +93,12 @@ def test_olora_factors_are_the_first_qr_columns_and_rows():
 @pytest.mark.parametrize("family", BUILDERS)
 @pytest.mark.parametrize("init", DATA_AWARE)
 def test_data_aware_lora_detach_merge_unmerge_are_bit_exact_and_leave_the_weights_alone(family, init):
-    model = BUILDERS[family]()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    bare = out(model)
-    delta = LoraModel(model, modified_modules=PLACES[family], lora_r=4, init_lora_weights=init)
-    train_a_little(delta)
-    tuned = out(model)
-    assert all(torch.equal(state[k], model.state_dict()[k]) for k in state)  # the backbone's tensors are untouched
-    delta.merge()
-    merged = out(model)
-    delta.unmerge()
-    assert torch.equal(out(model), tuned)
-    delta.detach()
-    assert torch.equal(out(model), bare)
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    delta.attach()
-    assert torch.equal(out(model), tuned)
-    assert_within_noise(merged, tuned, float32_noise(model, lambda m, _: out(m)))
+    def attach(model: nn.Module) -> LoraModel:
+        delta = LoraModel(model, modified_modules=PLACES[family], lora_r=4, init_lora_weights=init)
+        train_a_little(delta)
+        return delta
+
+    assert_exact_lifecycle(BUILDERS[family](), attach, out)  # it also checks the backbone's tensors are untouched
 
 
 @pytest.mark.parametrize("init", DATA_AWARE)
@@ -133,18 +123,13 @@ def test_the_checkpoint_keeps_the_starting_factors_and_reloads_exactly(init, tmp
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_data_aware_lora_in_a_mixed_batch_equals_each_row_alone(init):
-    from support.numerics import batching_noise
+    def attach(model: nn.Module) -> list[LoraModel]:
+        deltas = [LoraModel(model, modified_modules=PLACES["llama"], lora_r=4, init_lora_weights=init, name=f"t{i}") for i in range(2)]
+        for i, d in enumerate(deltas):
+            train_a_little(d, seed=i + 5)
+        return deltas
 
-    model = tiny_llama()
-    noise = batching_noise(model, lambda m, rows: out(m, IDS[rows]), len(IDS)), float32_noise(model, lambda m, _: out(m))
-    deltas = [LoraModel(model, modified_modules=PLACES["llama"], lora_r=4, init_lora_weights=init, name=f"t{i}") for i in range(2)]
-    for i, d in enumerate(deltas):
-        train_a_little(d, seed=i + 5)
-    rows = [0, -1, 1, 0]
-    with torch.no_grad(), mixed_batch(deltas, rows):
-        mixed = out(model)
-    alone = each_row_alone(deltas, rows, lambda i: out(model, IDS[i : i + 1]))
-    assert_within_noise(mixed, alone, *noise)
+    assert_mixed_batch_is_each_row_alone(tiny_llama(), attach, [0, -1, 1, 0], out, IDS)
 
 
 def test_pissa_with_dora_starts_as_the_identity_and_detaches_exactly():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from support.methods import METHODS
@@ -38,6 +40,21 @@ def perturb(delta: DeltaBase, seed: int = 1) -> None:
             p.add_(0.1 * torch.randn(p.shape, generator=generator).to(p.dtype))
 
 
+@functools.cache
+def _bare(name: str) -> tuple[torch.Tensor, tuple[str, ...]]:
+    model = fresh(name)
+    return hidden(model, FAMILIES[name]).detach(), tuple(n for n, _ in model.named_parameters())
+
+
+def original(name: str) -> torch.Tensor:
+    """The bare family model's output, computed once per process (a fresh clone each call)."""
+    return _bare(name)[0].clone()
+
+
+def original_parameter_names(name: str) -> tuple[str, ...]:
+    return _bare(name)[1]
+
+
 def tuned(method: str, name: str) -> tuple[torch.nn.Module, DeltaBase, torch.Tensor]:
     model = fresh(name)
     delta = attach(method, FAMILIES[name], model)
@@ -49,24 +66,22 @@ def tuned(method: str, name: str) -> tuple[torch.nn.Module, DeltaBase, torch.Ten
 def test_fresh_delta_changes_nothing(method: str, name: str) -> None:
     family = FAMILIES[name]
     model = fresh(name)
-    original = hidden(model, family)
     attach(method, family, model)
-    assert torch.equal(hidden(model, family), original)
+    assert torch.equal(hidden(model, family), original(name))
 
 
 @pytest.mark.parametrize("method,name", CASES)
 def test_perturbed_delta_changes_the_output(method: str, name: str) -> None:
     _, _, out = tuned(method, name)
-    assert_changed(out, hidden(fresh(name), FAMILIES[name]))
+    assert_changed(out, original(name))
 
 
 @pytest.mark.parametrize("method,name", [c for c in CASES if not PLACES[c.values[0]][0].fresh_is_identity])
 def test_a_fresh_prefix_already_changes_the_output(method: str, name: str) -> None:
     family = FAMILIES[name]
     model = fresh(name)
-    original = hidden(model, family)
     attach(method, family, model)
-    assert_changed(hidden(model, family), original)
+    assert_changed(hidden(model, family), original(name))
 
 
 @pytest.mark.parametrize("method,name", CASES)
@@ -88,17 +103,16 @@ def test_after_freezing_gradients_reach_every_delta_parameter_and_nothing_else(m
 def test_detach_restores_the_original_bit_for_bit(method: str, name: str) -> None:
     model, delta, _ = tuned(method, name)
     delta.detach()
-    assert torch.equal(hidden(model, FAMILIES[name]), hidden(fresh(name), FAMILIES[name]))
-    assert [n for n, _ in model.named_parameters()] == [n for n, _ in fresh(name).named_parameters()]
+    assert torch.equal(hidden(model, FAMILIES[name]), original(name))
+    assert tuple(n for n, _ in model.named_parameters()) == original_parameter_names(name)
 
 
 @pytest.mark.parametrize("method,name", CASES)
 def test_detach_and_reattach_repeatedly_alternate_the_original_and_the_tuned_output(method: str, name: str) -> None:
     model, delta, out = tuned(method, name)
-    original = hidden(fresh(name), FAMILIES[name])
     for _ in range(2):
         delta.detach()
-        assert torch.equal(hidden(model, FAMILIES[name]), original)
+        assert torch.equal(hidden(model, FAMILIES[name]), original(name))
         delta.attach()
         assert torch.equal(hidden(model, FAMILIES[name]), out)
 

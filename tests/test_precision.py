@@ -121,9 +121,10 @@ def test_autocast_over_an_fp32_backbone_keeps_fp32_delta_weights():
     assert {p.grad.dtype for p in delta.delta_parameters()} == {torch.float32}
 
 
-def test_float32_deltas_on_a_bf16_backbone_save_float32_and_reload_exactly(tmp_path):
+@pytest.mark.parametrize(("delta_dtype", "saved"), [("float32", torch.float32), ("weight", torch.bfloat16)])
+def test_deltas_on_a_bf16_backbone_save_in_their_delta_dtype_and_reload_exactly(delta_dtype, saved, tmp_path):
     model = tiny_bert().to(torch.bfloat16)
-    delta = LoraModel(model)
+    delta = LoraModel(model, delta_dtype=delta_dtype)
     randomize_deltas(delta)
     inputs = {k: v for k, v in tiny_batch().items() if k != "labels"}
     expected = model(**inputs).logits
@@ -131,21 +132,7 @@ def test_float32_deltas_on_a_bf16_backbone_save_float32_and_reload_exactly(tmp_p
 
     fresh_model = tiny_bert().to(torch.bfloat16)
     loaded = LoraModel.from_finetuned(tmp_path, fresh_model)
-    assert {p.dtype for p in loaded.delta_parameters()} == {torch.float32}
-    assert torch.equal(fresh_model(**inputs).logits, expected)
-
-
-def test_bf16_checkpoint_with_delta_dtype_weight_keeps_bf16_and_reloads_exactly(tmp_path):
-    model = tiny_bert().to(torch.bfloat16)
-    delta = LoraModel(model, delta_dtype="weight")
-    randomize_deltas(delta)
-    inputs = {k: v for k, v in tiny_batch().items() if k != "labels"}
-    expected = model(**inputs).logits
-    delta.save_finetuned(tmp_path)
-
-    fresh_model = tiny_bert().to(torch.bfloat16)
-    loaded = LoraModel.from_finetuned(tmp_path, fresh_model)
-    assert {p.dtype for p in loaded.delta_parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in loaded.delta_parameters()} == {saved}
     assert torch.equal(fresh_model(**inputs).logits, expected)
 
 

@@ -16,12 +16,12 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu  # noqa: E402
-from support.quantized import IDS, load_quantized, save_tiny_llama  # noqa: E402
+from support.quantized import IDS, dequantized_into, load_quantized, save_tiny_llama  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from opendelta import AutoDeltaConfig, AutoDeltaModel  # noqa: E402
 from opendelta.errors import MergeError, UnsupportedModuleError  # noqa: E402
-from opendelta.quantized import dequantized_weight, is_4bit, is_quantized, unpack_cpu_repacked  # noqa: E402
+from opendelta.quantized import is_4bit, unpack_cpu_repacked  # noqa: E402
 
 #: every method that acts on linear layers or around them, at small sizes for hidden 64
 METHODS = {
@@ -41,17 +41,7 @@ def load(path: str, bits: int) -> nn.Module:
 
 def dense_copy(model: nn.Module) -> nn.Module:
     """The same model with every quantized layer replaced by an nn.Linear holding its dequantized weight."""
-    dense = copy.deepcopy(model)
-    for name, module in list(dense.named_modules()):
-        if is_quantized(module):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            with torch.no_grad():
-                linear.weight.copy_(dequantized_weight(module))
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            parent, _, leaf = name.rpartition(".")
-            setattr(dense.get_submodule(parent), leaf, linear)
-    return dense
+    return dequantized_into(copy.deepcopy(model), model)
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from support.families import fresh
 from support.methods import METHODS
+from support.quantized import dequantized_into
 from torch import nn
 
 from opendelta import AutoDeltaConfig, AutoDeltaModel
 from opendelta.errors import MergeError
-from opendelta.quantized import dequantized_weight, is_quantized
 
 IDS = torch.tensor([[5, 17, 42, 8, 63, 2], [9, 3, 77, 1, 30, 4]])
 LINEAR_METHODS = ["lora", "ia3", "bitfit", "adapter", "parallel_adapter", "low_rank_adapter", "compacter", "prefix"]
@@ -58,17 +58,7 @@ KINDS = {"torchao_int8": torchao_int8, "torchao_nf4": torchao_nf4, "hqq_4bit": h
 def dense_copy(model: nn.Module) -> nn.Module:
     """The model with every quantized linear layer replaced by an nn.Linear of its dequantized weight
     (built from a fresh copy of the same tiny LLaMA: torchao's NF4 tensors cannot be deep-copied)."""
-    dense = fresh("llama").eval()
-    for name, module in list(model.named_modules()):
-        if is_quantized(module):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            with torch.no_grad():
-                linear.weight.copy_(dequantized_weight(module))
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            parent, _, leaf = name.rpartition(".")
-            setattr(dense.get_submodule(parent), leaf, linear)
-    return dense
+    return dequantized_into(fresh("llama").eval(), model)
 
 
 def packed(model: nn.Module) -> dict[str, torch.Tensor]:

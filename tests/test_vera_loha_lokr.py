@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lokr.layer import factorization as peft_factorization
 from safetensors import safe_open
-from support.numerics import assert_changed, assert_within_noise, batching_noise, float32_noise
-from support.rows import each_row_alone
+from support.lifecycle import assert_exact_lifecycle
+from support.numerics import assert_changed, assert_within_noise, float32_noise
+from support.rows import assert_mixed_batch_is_each_row_alone
 from torch import nn
 
-from opendelta import AutoDeltaModel, DeltaConfigError, LoHaModel, LoKrModel, PeftFormatError, VeraModel, mixed_batch
+from opendelta import AutoDeltaModel, DeltaConfigError, LoHaModel, LoKrModel, PeftFormatError, VeraModel
 from opendelta.methods.lokr import factorization
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
@@ -183,40 +184,26 @@ def test_vera_seeds_draw_different_pairs():
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", BUILDERS)
 def test_detach_merge_unmerge_are_bit_exact(method, family):
-    model = BUILDERS[family]()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    bare = out(model)
-    _, delta = build(method, family, model)
-    assert torch.equal(out(model), bare)  # a fresh delta changes nothing
-    randomize(delta)
-    tuned = out(model)
-    delta.merge()
-    merged = out(model)
-    delta.unmerge()
-    assert torch.equal(out(model), tuned)
-    delta.merge()
-    delta.detach()  # unmerges first
-    assert torch.equal(out(model), bare)
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    delta.attach()
-    assert torch.equal(out(model), tuned)
-    assert_within_noise(merged, tuned, float32_noise(model, lambda m, _: out(m)))
-    assert_changed(tuned, bare)
+    def attach(model: nn.Module):
+        bare = out(model)
+        _, delta = build(method, family, model)
+        assert torch.equal(out(model), bare)  # a fresh delta changes nothing
+        randomize(delta)
+        return delta
+
+    assert_exact_lifecycle(BUILDERS[family](), attach, out)
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", BUILDERS)
 def test_mixed_batch_equals_each_row_alone(method, family):
-    model = BUILDERS[family]()
-    bare = batching_noise(model, lambda m, rows: out(m, IDS[rows]), len(IDS)), float32_noise(model, lambda m, _: out(m))
-    deltas = [build(method, family, model, name=f"task{i}")[1] for i in range(2)]
-    for i, d in enumerate(deltas):
-        randomize(d, seed=10 + i)
-    rows = [0, 1, -1, 0]
-    with torch.no_grad(), mixed_batch(deltas, rows):
-        mixed = out(model)
-    alone = each_row_alone(deltas, rows, lambda i: out(model, IDS[i : i + 1]))
-    assert_within_noise(mixed, alone, *bare)
+    def attach(model: nn.Module) -> list:
+        deltas = [build(method, family, model, name=f"task{i}")[1] for i in range(2)]
+        for i, d in enumerate(deltas):
+            randomize(d, seed=10 + i)
+        return deltas
+
+    assert_mixed_batch_is_each_row_alone(BUILDERS[family](), attach, [0, 1, -1, 0], out, IDS)
 
 
 @pytest.mark.parametrize("method", ["loha", "lokr"])

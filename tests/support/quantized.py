@@ -1,9 +1,12 @@
-"""A tiny LLaMA saved once and loaded through transformers' BitsAndBytesConfig (4-bit NF4 or 8-bit), on CPU."""
+"""A tiny LLaMA saved once and loaded through transformers' BitsAndBytesConfig (4-bit NF4 or 8-bit), on CPU,
+and the dense reference every quantized-backbone test trains against."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from opendelta.quantized import dequantized_weight, is_quantized
 
 IDS = torch.tensor([[5, 17, 42, 8, 63, 2], [9, 3, 77, 1, 30, 4]])
 
@@ -28,3 +31,18 @@ def load_quantized(path: str, bits: int, compute_dtype: torch.dtype = torch.floa
         if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
     )
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu").eval()
+
+
+def dequantized_into(dense: nn.Module, quantized: nn.Module) -> nn.Module:
+    """`dense` (an unquantized copy of `quantized`'s architecture) with each layer that is quantized in
+    `quantized` replaced by an nn.Linear holding its dequantized weight; returns `dense`."""
+    for name, module in list(quantized.named_modules()):
+        if is_quantized(module):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(dequantized_weight(module))
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            parent, _, leaf = name.rpartition(".")
+            setattr(dense.get_submodule(parent), leaf, linear)
+    return dense
