@@ -87,16 +87,17 @@ def peaks(workload: str, folder: str, threads: int) -> dict[str, dict[str, dict]
     """setting -> tool -> peak memory of a training step (benchmarks/memory.py), each configuration in its own
     fresh process (forked from a server that imported the libraries only), two at a time; nothing is timed."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    context.set_forkserver_preload([*PRELOAD, "bitsandbytes"])
     tasks = [(workload, folder, bits, dtype, tool, threads) for _, bits, dtype in SETTINGS for tool in TOOLS]
     with context.Pool(processes=2, maxtasksperchild=1) as pool:
         results = iter(pool.map(_peak, tasks, chunksize=1))
     return {name: {tool: next(results) for tool in TOOLS} for name, _, _ in SETTINGS}
 
 
-def measure(workload: str, rounds: int, warmup: int) -> dict:
+def measure(workload: str, rounds: int, warmup: int, peak: bool = True) -> dict:
     """Per setting: median seconds per step of each tool, the round-by-round ratio opendelta / PEFT,
-    and the bytes saved for backward; plus the backbone's bytes per setting against fp32."""
+    the bytes saved for backward and (`peak`) the peak memory of a step; plus the backbone's bytes per
+    setting against fp32."""
     chosen = by_name(workload)
     folder = _folder(workload)
     dense = load(folder, None)
@@ -122,7 +123,7 @@ def measure(workload: str, rounds: int, warmup: int) -> dict:
             "saved_ratio": saved["opendelta"] / saved["peft"],
         }
         del built
-    for name, by_tool in peaks(workload, folder, torch.get_num_threads()).items():
+    for name, by_tool in (peaks(workload, folder, torch.get_num_threads()) if peak else {}).items():
         result["settings"][name]["peak"] = by_tool | {"step_ratio": by_tool["opendelta"]["step_bytes"]
                                                       / by_tool["peft"]["step_bytes"]}
     return result
@@ -136,9 +137,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory processes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = measure(args.only or ("tiny-llama" if args.smoke else "smollm2"), args.rounds, args.warmup)
+    result = measure(args.only or ("tiny-llama" if args.smoke else "smollm2"), args.rounds, args.warmup,
+                     peak=not args.no_peak)
     print(f"{result['workload']}, batch {result['batch']}, {result['threads']} threads")
     fp32 = result["backbone_bytes"]["fp32"]
     for name, figures in result["settings"].items():
@@ -147,10 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"s/step, ratio {spread['median']:.3f} [{spread['q1']:.3f}, {spread['q3']:.3f}] cpu {cpu['median']:.3f}; "
               f"saved for backward {figures['saved_ratio']:.3f}x PEFT's; backbone "
               f"{result['backbone_bytes'][name] / fp32:.3f}x fp32")
-        peak = figures["peak"]
-        print(f"  {'':9s} peak resident set opendelta {peak['opendelta']['peak_bytes'] / 2**20:.0f} MiB, peft "
-              f"{peak['peft']['peak_bytes'] / 2**20:.0f} MiB; a step's own peak (above the built model) "
-              f"{peak['step_ratio']:.3f}x PEFT's")
+        peak = figures.get("peak")
+        if peak:
+            print(f"  {'':9s} peak resident set opendelta {peak['opendelta']['peak_bytes'] / 2**20:.0f} MiB, peft "
+                  f"{peak['peft']['peak_bytes'] / 2**20:.0f} MiB; a step's own peak (above the built model) "
+                  f"{peak['step_ratio']:.3f}x PEFT's")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)
