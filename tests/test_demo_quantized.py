@@ -24,3 +24,15 @@ def test_the_demo_trains_beside_an_nf4_backbone_saves_only_the_delta_and_reloads
     assert result["reload_identical"] is True  # the demo compares the reloaded model's logits with torch.equal
     keys = [key for f in out.glob("*.safetensors") for key in safe_open(f, "pt").keys()]
     assert keys and all(k.startswith("stack.") or k.startswith("backbone.classifier.") for k in keys)
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_the_command_line_accepts_each_quantization_the_demo_knows(quantize):
+    import argparse
+
+    from opendelta.commands import demo
+    from opendelta.demo.sentiment import QUANTIZATIONS
+
+    parser = argparse.ArgumentParser()
+    demo.register(parser.add_subparsers(dest="command"))
+    assert quantize in QUANTIZATIONS and parser.parse_args(["demo", "--quantize", quantize]).quantize == quantize

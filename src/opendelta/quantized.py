@@ -166,7 +166,6 @@ class _Backend:
     weight into it, and the attributes (dotted paths from the module) that hold its packed weight
     and quantization statistics, all of which re-quantizing replaces rather than writes into."""
 
-    name: str
     matches: Callable[[nn.Module], bool]
     dequantize: Callable[[nn.Module], torch.Tensor]
     requantize: Callable[[nn.Module, torch.Tensor], None]
@@ -174,13 +173,12 @@ class _Backend:
 
 
 _BACKENDS = (
-    _Backend("bitsandbytes 4-bit", is_4bit, _bnb4_dequantize, _bnb4_requantize, ("weight.data", "weight.quant_state")),
+    _Backend(is_4bit, _bnb4_dequantize, _bnb4_requantize, ("weight.data", "weight.quant_state")),
     _Backend(
-        "bitsandbytes 8-bit", is_8bit, _bnb8_dequantize, _bnb8_requantize,
-        ("weight.data", "weight.CB", "weight.SCB", "state.CB", "state.SCB"),
+        is_8bit, _bnb8_dequantize, _bnb8_requantize, ("weight.data", "weight.CB", "weight.SCB", "state.CB", "state.SCB")
     ),
-    _Backend("torchao", is_torchao, _torchao_dequantize, _torchao_requantize, ("weight",)),
-    _Backend("hqq", is_hqq, lambda module: module.dequantize(), _hqq_requantize, ("W_q", "meta")),
+    _Backend(is_torchao, _torchao_dequantize, _torchao_requantize, ("weight",)),
+    _Backend(is_hqq, lambda module: module.dequantize(), _hqq_requantize, ("W_q", "meta")),
 )
 
 

@@ -29,8 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="runs/demo", help="where the delta checkpoint is written")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     parser.add_argument("--no-tree", action="store_true", help="do not print the model tree")
-    parser.add_argument("--quantize", choices=("nf4", "int8"), default=None,  # sentiment.QUANTIZATIONS (it imports torch)
-                        help="load the backbone quantized by bitsandbytes (4-bit NF4 or 8-bit); the delta trains beside it")
+    parser.add_argument(  # the choices are sentiment.QUANTIZATIONS (not imported here: it imports torch)
+        "--quantize", choices=("nf4", "int8"), default=None,
+        help="load the backbone quantized by bitsandbytes (4-bit NF4 or 8-bit); the delta trains beside it",
+    )
     modes = parser.add_subparsers(dest="mode", metavar="{multitask}", help="another demo (default: the single task above)")
     multitask = modes.add_parser(
         "multitask", help="one SmolLM2 backbone, one delta per task: attach -> answer -> detach"
