@@ -16,6 +16,7 @@ import argparse
 import gc
 import json
 import multiprocessing
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -63,7 +64,11 @@ def measure(workload_name: str, variant: str, device: str, threads: int = 2) -> 
     model = workload.load().to(dev)
     built = build(variant, model)
     batch = workload.batch(model, dev)
-    step = train_step(built, batch)
+    return step_peak(train_step(built, batch), dev) | {"saved_bytes": saved_bytes(built.model, batch)}
+
+
+def step_peak(step: Callable[[], None], dev: torch.device) -> dict[str, int | str]:
+    """Peak memory over STEPS calls of a built training `step`, from its start (see the module docstring)."""
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -80,12 +85,7 @@ def measure(workload_name: str, variant: str, device: str, threads: int = 2) -> 
         for _ in range(STEPS):
             step()
         peak, kind = _status("VmHWM"), "cpu resident set (VmHWM)"
-    return {
-        "peak_bytes": peak,
-        "step_bytes": peak - before,
-        "saved_bytes": saved_bytes(built.model, batch),
-        "kind": kind,
-    }
+    return {"peak_bytes": peak, "step_bytes": peak - before, "kind": kind}
 
 
 def _measure_task(task: tuple[str, str, str, int]) -> dict[str, int | str]:

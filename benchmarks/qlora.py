@@ -9,12 +9,15 @@ projections, by opendelta (``LoraModel``) and by PEFT (``get_peft_model``), each
 both keep the LoRA factors in fp32. One step is forward + backward + AdamW; the two steps of a setting
 run interleaved (benchmarks/timing.py), so a busy machine slows them alike, and ratios are taken
 round by round. Memory: the bytes autograd keeps for backward in one step (exact, noise-free;
-benchmarks/memory.py's ``saved_bytes``) and the backbone's bytes in 4-bit and 8-bit against fp32.
+benchmarks/memory.py's ``saved_bytes``), the backbone's bytes in 4-bit and 8-bit against fp32, and
+each configuration's peak resident set over three steps, measured in a fresh process of its own
+(benchmarks/memory.py's ``step_peak``; after the timed part, so it runs on its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.memory import saved_bytes
+from benchmarks.memory import PRELOAD, saved_bytes, step_peak
 from benchmarks.timing import Spread, interleaved, ratio, write_json
 from benchmarks.variants import Built, build_opendelta, build_peft, train_step
 from benchmarks.workloads import by_name
@@ -71,9 +74,29 @@ def _lora(tool: str, model: nn.Module) -> Built:
     return Built(wrapped, [p for p in wrapped.parameters() if p.requires_grad], wrapped)
 
 
-def measure(workload: str, rounds: int, warmup: int) -> dict:
+def _peak(task: tuple[str, str, int, torch.dtype, str, int]) -> dict:
+    """One configuration's peak memory over its training steps, in this (fresh) process."""
+    workload, folder, bits, dtype, tool, threads = task
+    torch.set_num_threads(threads)
+    built = _lora(tool, load(folder, bits, dtype))
+    return step_peak(train_step(built, by_name(workload).batch(built.model, torch.device("cpu"))), torch.device("cpu"))
+
+
+def peaks(workload: str, folder: str, threads: int) -> dict[str, dict[str, dict]]:
+    """setting -> tool -> peak memory of a training step (benchmarks/memory.py), each configuration in its own
+    fresh process (forked from a server that imported the libraries only), two at a time; nothing is timed."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([*PRELOAD, "bitsandbytes"])
+    tasks = [(workload, folder, bits, dtype, tool, threads) for _, bits, dtype in SETTINGS for tool in TOOLS]
+    with context.Pool(processes=2, maxtasksperchild=1) as pool:
+        results = iter(pool.map(_peak, tasks, chunksize=1))
+    return {name: {tool: next(results) for tool in TOOLS} for name, _, _ in SETTINGS}
+
+
+def measure(workload: str, rounds: int, warmup: int, peak: bool = True) -> dict:
     """Per setting: median seconds per step of each tool, the round-by-round ratio opendelta / PEFT,
-    and the bytes saved for backward; plus the backbone's bytes per setting against fp32."""
+    the bytes saved for backward and (`peak`) the peak memory of a step; plus the backbone's bytes per
+    setting against fp32."""
     chosen = by_name(workload)
     folder = _folder(workload)
     dense = load(folder, None)
@@ -98,6 +121,10 @@ def measure(workload: str, rounds: int, warmup: int) -> dict:
             "saved_bytes": saved,
             "saved_ratio": saved["opendelta"] / saved["peft"],
         }
+        del built
+    for name, by_tool in (peaks(workload, folder, torch.get_num_threads()) if peak else {}).items():
+        result["settings"][name]["peak"] = by_tool | {"step_ratio": by_tool["opendelta"]["step_bytes"]
+                                                      / by_tool["peft"]["step_bytes"]}
     return result
 
 
@@ -109,9 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory processes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = measure(args.only or ("tiny-llama" if args.smoke else "smollm2"), args.rounds, args.warmup)
+    result = measure(args.only or ("tiny-llama" if args.smoke else "smollm2"), args.rounds, args.warmup,
+                     peak=not args.no_peak)
     print(f"{result['workload']}, batch {result['batch']}, {result['threads']} threads")
     fp32 = result["backbone_bytes"]["fp32"]
     for name, figures in result["settings"].items():
@@ -120,6 +149,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"s/step, ratio {spread['median']:.3f} [{spread['q1']:.3f}, {spread['q3']:.3f}] cpu {cpu['median']:.3f}; "
               f"saved for backward {figures['saved_ratio']:.3f}x PEFT's; backbone "
               f"{result['backbone_bytes'][name] / fp32:.3f}x fp32")
+        peak = figures.get("peak")
+        if peak:
+            print(f"  {'':9s} peak resident set opendelta {peak['opendelta']['peak_bytes'] / 2**20:.0f} MiB, peft "
+                  f"{peak['peft']['peak_bytes'] / 2**20:.0f} MiB; a step's own peak (above the built model) "
+                  f"{peak['step_ratio']:.3f}x PEFT's")
     write_json(result, args.json)
     return result
 

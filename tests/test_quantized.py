@@ -2,8 +2,7 @@
 BitsAndBytesConfig in 4-bit NF4 and 8-bit, on CPU.
 
 Each method trains with the gradients it gets on a dense copy built from the dequantized weights,
-detaches leaving every packed byte as it was, saves and reloads; mergeable methods merge into the
-4-bit weight (dequantize, add, re-quantize) and unmerge back to the same packed bytes.
+detaches leaving every packed byte as it was, saves and reloads (merging: tests/test_quantized_merge.py).
 """
 
 from __future__ import annotations
@@ -16,11 +15,11 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu  # noqa: E402
-from support.quantized import IDS, dequantized_into, load_quantized, save_tiny_llama  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
+import support.quantized as quantized_support  # noqa: E402
+from support.quantized import IDS, load_quantized, save_tiny_llama  # noqa: E402
 
 from opendelta import AutoDeltaConfig, AutoDeltaModel  # noqa: E402
-from opendelta.errors import MergeError, UnsupportedModuleError  # noqa: E402
+from opendelta.errors import UnsupportedModuleError  # noqa: E402
 from opendelta.quantized import is_4bit, unpack_cpu_repacked  # noqa: E402
 
 #: every method that acts on linear layers or around them, at small sizes for hidden 64
@@ -41,7 +40,7 @@ def load(path: str, bits: int) -> nn.Module:
 
 def dense_copy(model: nn.Module) -> nn.Module:
     """The same model with every quantized layer replaced by an nn.Linear holding its dequantized weight."""
-    return dequantized_into(copy.deepcopy(model), model)
+    return quantized_support.dense_copy(model, copy.deepcopy(model)).train(model.training)
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -109,47 +108,6 @@ def test_detach_leaves_every_packed_byte_and_reload_reproduces_the_outputs(saved
         assert torch.equal(logits(other), tuned)
 
 
-@pytest.mark.parametrize("delta_type", ["lora", "ia3"])
-def test_merge_into_4bit_requantizes_and_unmerge_restores_the_packed_bytes(saved_model, delta_type):
-    model = load(saved_model, 4)
-    before = state(model)
-    delta = build(model, delta_type)
-    with torch.no_grad():
-        unmerged = logits(model)
-    delta.merge()
-    assert is_4bit(model.model.layers[0].self_attn.v_proj)
-    merged_state = state(model)
-    # the packed codes or their block scales changed (IA3 rescales whole rows: one NF4 block per row here, so
-    # only the scales move)
-    assert any(
-        not torch.equal(merged_state[k], v) for k, v in before.items() if k.startswith("model.layers.0.self_attn.v_proj.weight")
-    )
-    with torch.no_grad():
-        merged = logits(model)
-    # a merged weight lands on the 4-bit grid: the error is that of quantizing the tuned weight, which is of the
-    # order of the bare model's own quantization error (its logits, dense fp32 vs the 4-bit load)
-    dense_reference = LlamaForCausalLM.from_pretrained(saved_model).eval()
-    with torch.no_grad():
-        quantization_error = (logits(dense_reference) - logits(load(saved_model, 4))).abs().max()
-    assert 0 < (merged - unmerged).abs().max() <= 4 * quantization_error
-    delta.unmerge()
-    assert_same_state(model, before | {k: v for k, v in state(model).items() if k not in before})
-    with torch.no_grad():
-        assert torch.equal(logits(model), unmerged)
-    delta.detach()
-    assert_same_state(model, before)
-
-
-def test_merge_into_8bit_is_a_typed_error_that_changes_nothing(saved_model):
-    model = load(saved_model, 8)
-    delta = build(model, "lora")
-    attached = state(model)
-    with pytest.raises(MergeError, match="8-bit"):
-        delta.merge()
-    assert_same_state(model, attached)
-    assert not delta.is_merged
-
-
 def test_no_forward_of_ours_or_later_repacks_a_4bit_weight_so_gradients_stay_exact(saved_model):
     """bitsandbytes repacks a 4-bit weight the first time an eval no-grad forward runs on a CPU with
     AVX512-BF16, after which backward through it is silently wrong. Tell every layer the CPU has
@@ -202,8 +160,11 @@ def _dora(model: nn.Module):
     return delta
 
 
-def test_dora_on_4bit_trains_with_the_dense_gradients_and_merges_back_to_the_same_bytes(saved_model):
-    model = load(saved_model, 4)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dora_trains_with_the_dense_gradients_and_merges_back_to_the_same_bytes(saved_model, bits):
+    """In training mode: bitsandbytes' 8-bit CPU kernel then multiplies by the dequantized weight (in eval
+    mode it quantizes the inputs to int8 too, so gradients are those of that kernel, not the dense ones)."""
+    model = load(saved_model, bits).train()  # the tiny LLaMA has no dropout: training mode computes the same
     dense = dense_copy(model)
     before = state(model)
     deltas = [_dora(m) for m in (model, dense)]

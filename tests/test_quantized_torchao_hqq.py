@@ -1,7 +1,7 @@
 """Deltas on torchao-quantized (int8 weight-only, NF4) and hqq (``HQQLinear``, by direct replacement)
 linear layers of a tiny LLaMA, on CPU: every linear-layer method trains with the gradients of a dense
-copy built from the dequantized weights, and detaching leaves every packed byte as it was; merging
-into these weights is a typed error that changes nothing."""
+copy built from the dequantized weights, and detaching leaves every packed byte as it was (merging
+into them: tests/test_quantized_merge.py)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,15 @@ import pytest
 import torch
 from support.families import fresh
 from support.methods import METHODS
-from support.quantized import dequantized_into
+from support import quantized as quantized_support
+from support.quantized import packed_state as packed
+from support.quantized import replace_linears
 from torch import nn
 
 from opendelta import AutoDeltaConfig, AutoDeltaModel
-from opendelta.errors import MergeError
 
 IDS = torch.tensor([[5, 17, 42, 8, 63, 2], [9, 3, 77, 1, 30, 4]])
 LINEAR_METHODS = ["lora", "ia3", "bitfit", "adapter", "parallel_adapter", "low_rank_adapter", "compacter", "prefix"]
-
-
-def _replace_linears(model: nn.Module, make) -> nn.Module:
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, make(module))
-    return model.eval()
 
 
 def torchao_int8() -> nn.Module:
@@ -41,13 +34,13 @@ def torchao_nf4() -> nn.Module:
         linear.weight = nn.Parameter(quantization.to_nf4(linear.weight.data, 32, 16), requires_grad=False)
         return linear
 
-    return _replace_linears(fresh("llama"), nf4)
+    return replace_linears(fresh("llama"), nf4)
 
 
 def hqq_4bit() -> nn.Module:
     hqq = pytest.importorskip("hqq.core.quantize")
     config = hqq.BaseQuantizeConfig(nbits=4, group_size=16)
-    return _replace_linears(
+    return replace_linears(
         fresh("llama"), lambda linear: hqq.HQQLinear(linear, config, compute_dtype=torch.float32, device="cpu")
     )
 
@@ -56,25 +49,9 @@ KINDS = {"torchao_int8": torchao_int8, "torchao_nf4": torchao_nf4, "hqq_4bit": h
 
 
 def dense_copy(model: nn.Module) -> nn.Module:
-    """The model with every quantized linear layer replaced by an nn.Linear of its dequantized weight
-    (built from a fresh copy of the same tiny LLaMA: torchao's NF4 tensors cannot be deep-copied)."""
-    return dequantized_into(fresh("llama").eval(), model)
-
-
-def packed(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor the model holds, the quantized codes and scales included (torchao tensors by their parts)."""
-    out = {}
-    for name, value in model.state_dict().items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        parts = getattr(value, "tensor_data_names", None) or ()
-        if hasattr(value, "quantized_data"):  # NF4
-            parts = ("quantized_data", "quantized_scalers", "quantization_factor")
-        for part in parts:
-            out[f"{name}.{part}"] = getattr(value, part).detach().clone()
-        if not parts:
-            out[name] = value.detach().clone()
-    return out
+    """A fresh copy of the same tiny LLaMA with the quantized layers' dequantized weights (torchao's NF4
+    tensors cannot be deep-copied)."""
+    return quantized_support.dense_copy(model, fresh("llama"))
 
 
 def build(model: nn.Module, delta_type: str):
@@ -121,22 +98,6 @@ def test_every_method_trains_with_the_dense_gradients_and_detaches_to_the_same_b
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, bare)
-
-
-@pytest.mark.parametrize("kind", sorted(KINDS))
-def test_merging_into_a_torchao_or_hqq_weight_is_a_typed_error_that_changes_nothing(kind):
-    model = KINDS[kind]()
-    delta = build(model, "lora")
-    before = packed(model)
-    with torch.no_grad():
-        tuned = model(input_ids=IDS).logits
-    with pytest.raises(MergeError, match="not supported"):
-        delta.merge()
-    assert not delta.is_merged
-    after = packed(model)
-    assert all(torch.equal(after[k], v) for k, v in before.items())
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=IDS).logits, tuned)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

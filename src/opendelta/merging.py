@@ -12,7 +12,7 @@ from torch import nn
 from opendelta.errors import LifecycleError, MergeError
 from opendelta.layer import DeltaLayer
 from opendelta.offload import check_mergeable
-from opendelta.quantized import check_writable, is_quantized, restore_weight, write_weight
+from opendelta.quantized import check_writable, is_quantized, packed_weight, restore_weight, write_weight
 from opendelta.routing import OrderKey, add_delta, remove_delta
 from opendelta.targets import Target
 
@@ -37,9 +37,15 @@ def merge_layers(
     for _, p in backbone.named_parameters(remove_duplicate=False):
         seen[id(p)] = seen.get(id(p), 0) + 1
     for path, values in folded.items():
-        if "weight" in values and is_quantized(targets[path].site):
-            check_writable(targets[path].site)
-        shared = [key for key in values if seen.get(id(targets[path].site.get_parameter(key)), 0) > 1]
+        site = targets[path].site
+        quantized_weight = "weight" in values and is_quantized(site)
+        if quantized_weight:
+            check_writable(site)
+
+        def parameter(key: str) -> nn.Parameter:
+            return packed_weight(site) if key == "weight" and quantized_weight else site.get_parameter(key)
+
+        shared = [key for key in values if seen.get(id(parameter(key)), 0) > 1]
         if shared:
             raise MergeError(
                 f"{path}.{shared[0]} is tied to another module's parameter (e.g. an LM head tied to the input "

@@ -4,20 +4,30 @@ hqq's ``HQQLinear`` (not an ``nn.Linear``; it has no ``.weight``).
 
 Deltas act on a quantized layer as on an ``nn.Linear``: they take the layer's compute dtype (not
 the packed storage dtype), a merge reads the dequantized weight, and writing a merged weight
-re-quantizes it (bitsandbytes 4-bit only) while the packed bytes before are kept, so unmerge and
-detach put them back bit for bit. Nothing here imports a quantization library unless the model
-already holds its layers.
+re-quantizes it with the layer's own quantizer. Each kind of layer is one :class:`_Backend` row:
+how to dequantize it, how to re-quantize a dense weight into it, and which attributes hold its
+packed weight. Re-quantizing only ever replaces those attributes (never writes into their
+tensors), so keeping the objects they held is enough for unmerge and detach to put the packed
+bytes back bit for bit. Nothing here imports a quantization library unless the model already
+holds its layers.
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from opendelta.errors import MergeError, UnsupportedModuleError
+
+#: quantized module -> how many times a merge wrote or restored its weight (see weight_stamp); held weakly, so
+#: nothing stays on the module or outlives it
+_writes: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 
 
 def _bnb_class(name: str) -> type | None:
@@ -35,13 +45,16 @@ def is_8bit(module: nn.Module) -> bool:
     return cls is not None and isinstance(module, cls)
 
 
+def _nf4_class() -> type | None:
+    return getattr(sys.modules.get("torchao.quantization.quantize_.workflows.nf4.nf4_tensor"), "NF4Tensor", None)
+
+
 def is_torchao(module: nn.Module) -> bool:
     """An ``nn.Linear`` whose weight torchao quantized (a ``TorchAOBaseTensor``: int8 weight-only, NF4...)."""
     utils = sys.modules.get("torchao.utils")
     base = getattr(utils, "TorchAOBaseTensor", None) if utils is not None else None
-    nf4 = getattr(sys.modules.get("torchao.quantization.quantize_.workflows.nf4.nf4_tensor"), "NF4Tensor", None)
     weight = getattr(module, "weight", None)
-    return any(cls is not None and isinstance(weight, cls) for cls in (base, nf4))
+    return any(cls is not None and isinstance(weight, cls) for cls in (base, _nf4_class()))
 
 
 def is_hqq(module: nn.Module) -> bool:
@@ -51,7 +64,7 @@ def is_hqq(module: nn.Module) -> bool:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    return is_4bit(module) or is_8bit(module) or is_torchao(module) or is_hqq(module)
+    return _backend(module) is not None
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
@@ -64,34 +77,137 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     return bias.dtype if isinstance(bias, torch.Tensor) and bias.is_floating_point() else torch.float32
 
 
-def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """The (out, in) weight a quantized layer multiplies by, in its compute dtype."""
-    if is_hqq(module):
-        return module.dequantize().to(compute_dtype(module))
-    if is_torchao(module):
-        weight = module.weight
-        dense = weight.get_original_weight() if hasattr(weight, "get_original_weight") else weight.dequantize()  # NF4
-        return dense.to(compute_dtype(module))
+# --- one row per kind of layer: dequantize, re-quantize with the layer's own quantizer --------------------------
+
+
+def _bnb4_dequantize(module: nn.Module) -> torch.Tensor:
+    import bitsandbytes.functional as F
+
+    return F.dequantize_4bit(module.weight.data, module.weight.quant_state)
+
+
+def _bnb4_requantize(module: nn.Module, value: torch.Tensor) -> None:
     import bitsandbytes.functional as F
 
     weight = module.weight
-    if is_4bit(module):
-        return F.dequantize_4bit(weight.data, weight.quant_state).to(compute_dtype(module))
-    scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
-    return F.int8_vectorwise_dequant(weight.data, scales).to(compute_dtype(module))
+    state = weight.quant_state
+    packed, weight.quant_state = F.quantize_4bit(
+        value.to(state.dtype).contiguous(), blocksize=state.blocksize, quant_type=state.quant_type,
+        compress_statistics=state.nested, quant_storage=weight.data.dtype,
+    )
+    weight.data = packed.reshape(weight.data.shape)
+
+
+def _bnb8_scales(module: nn.Module) -> torch.Tensor:
+    # the row scales sit on the weight until the first forward moves them to the layer's matmul state
+    return module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
+
+
+def _bnb8_dequantize(module: nn.Module) -> torch.Tensor:
+    import bitsandbytes.functional as F
+
+    return F.int8_vectorwise_dequant(module.weight.data, _bnb8_scales(module))
+
+
+def _bnb8_requantize(module: nn.Module, value: torch.Tensor) -> None:
+    import bitsandbytes.functional as F
+
+    codes, scales, _ = F.int8_vectorwise_quant(value.to(torch.float16))  # as Int8Params quantizes a loaded weight
+    module.weight.data = codes
+    holder = module.weight if module.weight.SCB is not None else module.state
+    holder.CB, holder.SCB = codes, scales
+
+
+def _torchao_dequantize(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    return weight.get_original_weight() if hasattr(weight, "get_original_weight") else weight.dequantize()  # NF4
+
+
+def _torchao_quantizer(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The function that quantizes a dense weight as `weight` was quantized, if opendelta knows it."""
+    nf4 = _nf4_class()
+    if nf4 is not None and isinstance(weight, nf4):
+        from torchao.quantization import to_nf4
+
+        return lambda value: to_nf4(value, weight.block_size, weight.scaler_block_size)
+    int8 = getattr(sys.modules.get("torchao.quantization"), "Int8Tensor", None)
+    if int8 is None or not isinstance(weight, int8):
+        return None
+    if weight.zero_point is None or not weight.zero_point.any():  # what torchao's int8 configs make: symmetric
+        from torchao.quantization.granularity import PerBlock
+
+        return lambda value: int8.from_hp(
+            value, PerBlock(tuple(weight.block_size)), act_quant_kwargs=weight.act_quant_kwargs,
+            act_quant_scale=weight.act_quant_scale, act_quant_zero_point=weight.act_quant_zero_point,
+            act_pre_scale=weight.act_pre_scale, reduce_range=weight.reduce_range,
+        )
+    return None
+
+
+def _torchao_requantize(module: nn.Module, value: torch.Tensor) -> None:
+    weight = module.weight
+    quantized = _torchao_quantizer(weight)(value.to(weight.dtype).contiguous())
+    module.weight = nn.Parameter(quantized, requires_grad=weight.requires_grad)
+
+
+def _hqq_requantize(module: nn.Module, value: torch.Tensor) -> None:
+    # a new layer of the same class and config quantizes it (HQQLinear.quantize cannot run twice on one layer)
+    config = {**module.quant_config, "offload_meta": module.offload_meta}
+    fresh = type(module).from_weights(
+        value.to(module.compute_dtype).contiguous(), None, config, compute_dtype=module.compute_dtype,
+        device=module.device,
+    )
+    module.W_q, module.meta = fresh.W_q, fresh.meta
+
+
+@dataclass(frozen=True)
+class _Backend:
+    """One kind of quantized linear layer: how to read its weight densely, how to write a dense
+    weight into it, and the attributes (dotted paths from the module) that hold its packed weight
+    and quantization statistics, all of which re-quantizing replaces rather than writes into."""
+
+    matches: Callable[[nn.Module], bool]
+    dequantize: Callable[[nn.Module], torch.Tensor]
+    requantize: Callable[[nn.Module, torch.Tensor], None]
+    parts: tuple[str, ...]
+
+
+_BACKENDS = (
+    _Backend(is_4bit, _bnb4_dequantize, _bnb4_requantize, ("weight.data", "weight.quant_state")),
+    _Backend(
+        is_8bit, _bnb8_dequantize, _bnb8_requantize, ("weight.data", "weight.CB", "weight.SCB", "state.CB", "state.SCB")
+    ),
+    _Backend(is_torchao, _torchao_dequantize, _torchao_requantize, ("weight",)),
+    _Backend(is_hqq, lambda module: module.dequantize(), _hqq_requantize, ("W_q", "meta")),
+)
+
+
+def _backend(module: nn.Module) -> _Backend | None:
+    return next((backend for backend in _BACKENDS if backend.matches(module)), None)
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight a quantized layer multiplies by, in its compute dtype."""
+    return _backend(module).dequantize(module).to(compute_dtype(module))
+
+
+def packed_weight(module: nn.Module) -> torch.Tensor:
+    """The parameter holding a quantized layer's packed weight (hqq's ``W_q``, else ``weight``)."""
+    return module.W_q if is_hqq(module) else module.weight
 
 
 def weight_stamp(module: nn.Module) -> tuple:
     """What changes whenever a quantized layer's weight does (its packed tensor, the tensor's version
-    and storage, and the quantization state beside it): a value computed from the dequantized weight
-    is kept while the stamp is the same."""
-    packed = module.W_q if is_hqq(module) else module.weight
+    and storage, the quantization state beside it, and a count of merges' writes): a value computed
+    from the dequantized weight is kept while the stamp is the same."""
+    packed = packed_weight(module)
     state = getattr(packed, "quant_state", None) or getattr(module, "meta", None)
     try:
         where = packed.data_ptr()
     except RuntimeError:  # a wrapper tensor (torchao) has no storage of its own: its identity and version stand in
         where = None
-    return (id(packed), packed._version, where, id(state), packed.device)
+    # the write count keeps a freed object's id, reused by the next merge's, from passing for the old weight
+    return (_writes.get(module, 0), id(packed), packed._version, where, id(state), packed.device)
 
 
 def _repacked(module: nn.Module) -> bool:
@@ -134,35 +250,34 @@ def unpack_cpu_repacked(model: nn.Module) -> list[str]:
 
 
 def check_writable(module: nn.Module) -> None:
-    """Raise MergeError for a quantized layer whose weight a merge cannot write."""
-    if is_8bit(module) or is_torchao(module) or is_hqq(module):
-        kind = "an 8-bit bitsandbytes" if is_8bit(module) else "a torchao" if is_torchao(module) else "an hqq"
+    """Raise MergeError for a quantized layer whose weight a merge cannot re-quantize."""
+    if is_torchao(module) and _torchao_quantizer(module.weight) is None:
         raise MergeError(
-            f"merging into {kind} weight ({type(module).__name__}) is not supported; keep the delta unmerged (it runs "
-            "beside the layer), or load the backbone in bitsandbytes 4-bit or full precision to merge."
+            f"merging into a torchao {type(module.weight).__name__} weight is not supported (opendelta re-quantizes "
+            "torchao's NF4 and symmetric int8 weights); keep the delta unmerged (it runs beside the layer)."
         )
 
 
-def write_weight(module: nn.Module, value: torch.Tensor) -> Any:
-    """Quantize `value` (out, in) into the layer's weight; return what :func:`restore_weight` needs
-    to put the packed weight before back bit for bit."""
-    import bitsandbytes.functional as F
+def _walk(obj: Any, path: str) -> Any:
+    for name in filter(None, path.split(".")):
+        obj = getattr(obj, name)
+    return obj
 
+
+def write_weight(module: nn.Module, value: torch.Tensor) -> dict[str, Any]:
+    """Quantize `value` (out, in) into the layer's weight with its own quantizer; return the objects
+    that held the packed weight before, which :func:`restore_weight` puts back."""
     check_writable(module)
-    weight = module.weight
-    state = weight.quant_state
-    packed, new_state = F.quantize_4bit(
-        value.to(state.dtype).contiguous(), blocksize=state.blocksize, quant_type=state.quant_type,
-        compress_statistics=state.nested, quant_storage=weight.data.dtype,
-    )
-    before = (weight.data.clone(), state)
-    weight.data.copy_(packed.reshape(weight.data.shape))  # same storage: only the bytes change
-    weight.quant_state = new_state
+    backend = _backend(module)
+    before = {path: _walk(module, path) for path in backend.parts}
+    backend.requantize(module, value)
+    _writes[module] = _writes.get(module, 0) + 1
     return before
 
 
-def restore_weight(module: nn.Module, before: Any) -> None:
-    """Put back the packed weight :func:`write_weight` replaced."""
-    data, state = before
-    module.weight.data.copy_(data)
-    module.weight.quant_state = state
+def restore_weight(module: nn.Module, before: dict[str, Any]) -> None:
+    """Put back the packed weight :func:`write_weight` replaced, bit for bit (the same objects)."""
+    for path, value in before.items():
+        owner, _, leaf = path.rpartition(".")
+        setattr(_walk(module, owner), leaf, value)
+    _writes[module] = _writes.get(module, 0) + 1

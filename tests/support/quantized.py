@@ -1,12 +1,9 @@
-"""A tiny LLaMA saved once and loaded through transformers' BitsAndBytesConfig (4-bit NF4 or 8-bit), on CPU,
-and the dense reference every quantized-backbone test trains against."""
+"""A tiny LLaMA saved once and loaded through transformers' BitsAndBytesConfig (4-bit NF4 or 8-bit), on CPU."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from opendelta.quantized import dequantized_weight, is_quantized
 
 IDS = torch.tensor([[5, 17, 42, 8, 63, 2], [9, 3, 77, 1, 30, 4]])
 
@@ -33,10 +30,94 @@ def load_quantized(path: str, bits: int, compute_dtype: torch.dtype = torch.floa
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu").eval()
 
 
-def dequantized_into(dense: nn.Module, quantized: nn.Module) -> nn.Module:
-    """`dense` (an unquantized copy of `quantized`'s architecture) with each layer that is quantized in
-    `quantized` replaced by an nn.Linear holding its dequantized weight; returns `dense`."""
-    for name, module in list(quantized.named_modules()):
+def replace_linears(model: nn.Module, make) -> nn.Module:
+    """The model with every nn.Linear but the LM head replaced by make(linear)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, make(module))
+    return model.eval()
+
+
+def _torchao_int8(path: str) -> nn.Module:
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    config = TorchAoConfig(Int8WeightOnlyConfig())
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu").eval()
+
+
+def _torchao_nf4(path: str) -> nn.Module:
+    from torchao.quantization import to_nf4
+    from transformers import LlamaForCausalLM
+
+    def nf4(linear: nn.Linear) -> nn.Linear:
+        linear.weight = nn.Parameter(to_nf4(linear.weight.data, 32, 16), requires_grad=False)
+        return linear
+
+    return replace_linears(LlamaForCausalLM.from_pretrained(path), nf4)
+
+
+def _hqq_4bit(path: str) -> nn.Module:
+    import hqq.core.quantize as hqq
+    from transformers import LlamaForCausalLM
+
+    config = hqq.BaseQuantizeConfig(nbits=4, group_size=16)
+    return replace_linears(
+        LlamaForCausalLM.from_pretrained(path),
+        lambda linear: hqq.HQQLinear(linear, config, compute_dtype=torch.float32, device="cpu"),
+    )
+
+
+#: kind -> (the library it needs, how to load the saved tiny LLaMA quantized that way)
+KINDS = {
+    "bnb_4bit": ("bitsandbytes", lambda path: load_quantized(path, 4)),
+    "bnb_8bit": ("bitsandbytes", lambda path: load_quantized(path, 8)),
+    "torchao_int8": ("torchao", _torchao_int8),  # through transformers' TorchAoConfig
+    "torchao_nf4": ("torchao", _torchao_nf4),
+    "hqq_4bit": ("hqq", _hqq_4bit),  # by direct replacement (HqqConfig does not work on CPU in transformers 5.24)
+}
+
+
+def load_kind(path: str, kind: str) -> nn.Module:
+    """The tiny LLaMA at `path` quantized as `kind` (a KINDS key), in eval mode; skips the test
+    when the library is not installed."""
+    import pytest
+
+    library, load = KINDS[kind]
+    pytest.importorskip(library)
+    return load(path)
+
+
+def packed_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor the model holds, the quantized codes and statistics included (a torchao tensor
+    by its parts), cloned."""
+    out = {}
+    for name, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        parts = getattr(value, "tensor_data_names", None) or ()
+        if hasattr(value, "quantized_data"):  # torchao NF4
+            parts = ("quantized_data", "quantized_scalers", "quantization_factor")
+        for part in parts:
+            out[f"{name}.{part}"] = getattr(value, part).detach().clone()
+        if not parts:
+            out[name] = value.detach().clone()
+    return out
+
+
+def assert_same_packed_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = packed_state(model)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def dense_copy(model: nn.Module, base: nn.Module) -> nn.Module:
+    """`base` (the same architecture, unquantized) with each layer that is quantized in `model`
+    replaced by an nn.Linear holding its dequantized weight (and bias)."""
+    from opendelta.quantized import dequantized_weight, is_quantized
+
+    for name, module in list(model.named_modules()):
         if is_quantized(module):
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
             with torch.no_grad():
@@ -44,5 +125,5 @@ def dequantized_into(dense: nn.Module, quantized: nn.Module) -> nn.Module:
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
             parent, _, leaf = name.rpartition(".")
-            setattr(dense.get_submodule(parent), leaf, linear)
-    return dense
+            setattr(base.get_submodule(parent), leaf, linear)
+    return base.eval()

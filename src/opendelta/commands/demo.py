@@ -29,6 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="runs/demo", help="where the delta checkpoint is written")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     parser.add_argument("--no-tree", action="store_true", help="do not print the model tree")
+    parser.add_argument(  # the choices are sentiment.QUANTIZATIONS (not imported here: it imports torch)
+        "--quantize", choices=("nf4", "int8"), default=None,
+        help="load the backbone quantized by bitsandbytes (4-bit NF4 or 8-bit); the delta trains beside it",
+    )
     modes = parser.add_subparsers(dest="mode", metavar="{multitask}", help="another demo (default: the single task above)")
     multitask = modes.add_parser(
         "multitask", help="one SmolLM2 backbone, one delta per task: attach -> answer -> detach"
@@ -134,6 +138,7 @@ def _run_single(args: argparse.Namespace) -> int:
             console=console,
             show_tree=not args.no_tree,
             lr=args.lr,
+            quantize=args.quantize,
         )
     except (OpenDeltaError, OSError, ValueError) as exc:
         print(f"opendelta demo: {exc}", file=sys.stderr)

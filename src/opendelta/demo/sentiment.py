@@ -20,6 +20,7 @@ from opendelta.auto import AutoDeltaModel
 from opendelta.demo.assets import minilm_dir
 from opendelta.demo.progress import progress
 from opendelta.demo.tweets import Split, sentiment_splits
+from opendelta.quantized import guard_cpu_repack
 
 #: the best of a small sweep per method at the demo's defaults (2000 tweets, 2 epochs, seed 0); the
 #: held-out accuracies each rate gave are in docs/demo.md
@@ -39,6 +40,8 @@ DEFAULT_LR = 2e-3
 #: 100-token soft prompt (sized for T5 tasks) would make every sequence ~5x longer and the demo slow
 DEMO_ARGUMENTS: dict[str, dict[str, Any]] = {"soft_prompt": {"soft_token_num": 20}}
 MAX_LENGTH = 64
+#: --quantize choices: the backbone's linear layers loaded by bitsandbytes (QLoRA-style), computing in float32
+QUANTIZATIONS = ("nf4", "int8")
 
 
 @dataclass
@@ -55,18 +58,37 @@ class SentimentResult:
     seconds: float
     final_loss: float
     learning_rate: float
+    quantize: str | None = None
 
 
-def load_backbone():
-    """The real MiniLM with a fresh 2-way classification head, and its tokenizer."""
+def quantization_config(quantize: str):
+    """transformers' BitsAndBytesConfig for a QUANTIZATIONS name; the fresh head stays full precision (it trains)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                  llm_int8_skip_modules=["classifier"])
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["classifier"])
+    raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+
+
+def load_backbone(quantize: str | None = None):
+    """The real MiniLM with a fresh 2-way classification head, and its tokenizer; with `quantize`
+    (a QUANTIZATIONS name) its linear layers loaded quantized by bitsandbytes, on CPU."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # the fresh head's "newly initialized" notice is expected here
     logging.disable_progress_bar()  # a bar for loading 100 tensors is noise beside the demo's own
     path = minilm_dir()
+    quantized = {} if quantize is None else {"quantization_config": quantization_config(quantize), "device_map": "cpu"}
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **quantized)
+    if quantize is not None:
+        # the demo evaluates before attaching the delta: an eval forward would let bitsandbytes repack the 4-bit
+        # weights for its AVX512-BF16 kernel, which the delta's training cannot go through (docs/quantization.md)
+        guard_cpu_repack(model)
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -114,17 +136,20 @@ def run(
     console: Console | None = None,
     show_tree: bool = True,
     lr: float | None = None,
+    quantize: str | None = None,
 ) -> SentimentResult:
     """Train, evaluate, save, reload; return the figures the summary table shows.
 
-    `lr` defaults to the method's entry in LEARNING_RATES.
+    `lr` defaults to the method's entry in LEARNING_RATES; `quantize` (a QUANTIZATIONS name) loads
+    the backbone quantized, both for training and for the reload.
     """
     console = console or Console()
     start = time.perf_counter()
     torch.manual_seed(seed)
     train, test = sentiment_splits(train_size, test_size, seed)
-    model, tokenizer = load_backbone()
-    console.print(f"MiniLM loaded; {len(train.texts)} training and {len(test.texts)} held-out tweets")
+    model, tokenizer = load_backbone(quantize)
+    loaded = "MiniLM loaded" + (f" ({quantize}, bitsandbytes)" if quantize else "")
+    console.print(f"{loaded}; {len(train.texts)} training and {len(test.texts)} held-out tweets")
     accuracy_before = accuracy(predict(model, tokenizer, test), test.labels)
     console.print(f"held-out accuracy before tuning {accuracy_before:.3f}")
 
@@ -158,8 +183,8 @@ def run(
     console.print(f"held-out accuracy after {accuracy_after:.3f}; saving the delta to {out}{replacing} and reloading it")
     delta.save_finetuned(out)
     checkpoint_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    fresh, _ = load_backbone()
-    model_bytes = sum(p.numel() * p.element_size() for p in fresh.parameters())  # the backbone alone
+    fresh, _ = load_backbone(quantize)
+    model_bytes = sum(p.numel() * p.element_size() for p in fresh.parameters())  # the backbone alone (packed bytes)
     AutoDeltaModel.from_finetuned(out, fresh)
     reload_identical = torch.equal(predict(fresh, tokenizer, test), tuned_logits)
 
@@ -181,11 +206,13 @@ def run(
         seconds=time.perf_counter() - start,
         final_loss=loss_value,
         learning_rate=lr,
+        quantize=quantize,
     )
 
 
 def summary_table(result: SentimentResult) -> Table:
-    table = Table(title=f"opendelta demo: {result.delta} on MiniLM, tweet sentiment")
+    backbone = f"MiniLM ({result.quantize})" if result.quantize else "MiniLM"
+    table = Table(title=f"opendelta demo: {result.delta} on {backbone}, tweet sentiment")
     table.add_column("")
     table.add_column("value", justify="right")
     rows: list[tuple[str, Any]] = [
@@ -207,4 +234,4 @@ def as_json(result: SentimentResult) -> dict[str, Any]:
     return asdict(result)
 
 
-__all__ = ["SentimentResult", "as_json", "run", "summary_table"]
+__all__ = ["QUANTIZATIONS", "SentimentResult", "as_json", "run", "summary_table"]

@@ -1,0 +1,111 @@
+"""Merging into a quantized weight, on a tiny LLaMA on CPU quantized by bitsandbytes (4-bit NF4 and
+8-bit, through BitsAndBytesConfig), torchao (int8 weight-only through TorchAoConfig, NF4) and hqq
+(4-bit, by direct replacement): the merge dequantizes, adds the delta and re-quantizes with the
+layer's own quantizer; unmerge and detach put the original packed bytes back.
+
+The merged weight cannot be exact: it lands on the quantization grid again. Its error is measured
+against the quantization noise floor, the error the bare backbone already has against the dense
+weights it was quantized from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support.quantized import IDS, KINDS, assert_same_packed_state, dense_copy, load_kind, packed_state, save_tiny_llama
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from opendelta import AutoDeltaModel
+from opendelta.quantized import dequantized_weight, is_quantized
+
+#: (kind, method) merged: LoRA on every kind; IA3 (rows rescaled: one NF4 block per row here) on bitsandbytes
+CASES = [(kind, "lora") for kind in KINDS] + [("bnb_4bit", "ia3"), ("bnb_8bit", "ia3")]
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> str:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def perturbed(model: nn.Module, delta_type: str):
+    """A delta whose merge changes the weights by about 0.4 of their norm (LoRA) or 5% (IA3): a fresh
+    one changes nothing."""
+    torch.manual_seed(1)
+    delta = AutoDeltaModel.from_config({"delta_type": delta_type}, backbone_model=model)
+    delta.freeze_module(exclude=["deltas"], set_state_dict=False)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in delta.delta_parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return delta
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize(("kind", "delta_type"), CASES)
+def test_merge_requantizes_within_the_noise_floor_and_unmerge_or_detach_restore_the_packed_bytes(
+    saved_model, kind, delta_type
+):
+    model = load_kind(saved_model, kind)
+    original = LlamaForCausalLM.from_pretrained(saved_model).eval()  # the dense weights the backbone was quantized from
+    dense = dense_copy(model, LlamaForCausalLM.from_pretrained(saved_model))
+    names = [name for name, module in model.named_modules() if is_quantized(module)]
+    before = packed_state(model)
+    bare = logits(model)
+    floor_logits = (logits(original) - bare).norm()
+    # the noise floor: each quantized weight's relative error against the dense weight, and its spread over layers
+    floors = [relative(dense.get_submodule(n).weight, original.get_submodule(n).weight) for n in names]
+    spread = max(floors) / min(floors)
+    unquantized = {n: dense.get_submodule(n).weight.detach().clone() for n in names}
+
+    deltas = [perturbed(m, delta_type) for m in (model, dense)]
+    attached = packed_state(model)  # the backbone's bytes and the delta's
+    unmerged = logits(model)
+    for delta in deltas:
+        delta.merge()  # the dense copy's merge is exact (fp32): the weights the quantized merge aims at
+    merged = logits(model)
+    growth, merged_sites = 1.0, 0
+    for n in names:
+        target = dense.get_submodule(n).weight.detach()
+        if torch.equal(target, unquantized[n]):
+            continue  # no delta here
+        merged_sites += 1
+        # re-quantizing is a fresh quantization of the target: its relative error is one more draw of the floor's
+        assert relative(dequantized_weight(model.get_submodule(n)), target) <= max(floors) * spread
+        growth = max(growth, (target.norm() / unquantized[n].norm()).item())
+    assert merged_sites > 0
+    # the logits move by the merged layers' errors, each at most the floor's (scaled with the weight's size)
+    assert 0 < (merged - unmerged).norm() <= spread * growth * floor_logits
+
+    deltas[0].unmerge()
+    assert_same_packed_state(model, attached)
+    assert torch.equal(logits(model), unmerged)
+    deltas[0].merge()
+    deltas[0].detach()  # straight from merged
+    assert_same_packed_state(model, before)
+    assert torch.equal(logits(model), bare)
+
+
+def test_merging_into_a_torchao_weight_it_cannot_requantize_is_a_typed_error_that_changes_nothing():
+    quantization = pytest.importorskip("torchao.quantization")
+    from support.families import fresh
+
+    from opendelta.errors import MergeError
+
+    model = fresh("llama").eval()
+    quantization.quantize_(model.model, quantization.IntxWeightOnlyConfig(weight_dtype=torch.int8))
+    delta = perturbed(model, "lora")
+    before = packed_state(model)
+    tuned = logits(model)
+    with pytest.raises(MergeError, match="IntxUnpackedToInt8Tensor"):
+        delta.merge()
+    assert not delta.is_merged
+    assert_same_packed_state(model, before)
+    assert torch.equal(logits(model), tuned)
