@@ -7,6 +7,7 @@ A method joins the suite with one :func:`register_method` line; it is measured a
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,9 @@ class MethodSpec:
     roles: tuple[str, ...] | None
     args: dict[str, Any] = field(default_factory=dict)
     peft_config: Callable[[list[str]], Any] | None = None
+    #: call PEFT's tuner model rather than the PeftModel: a PeftModel without a task type calls the backbone
+    #: directly, skipping the loss term a tuner adds in its forward (AdaLoRA's orthogonal regulariser)
+    peft_tuner_forward: bool = False
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -74,6 +78,17 @@ def _peft_twin(name: str, **kwargs: Any) -> Callable[[list[str]], Any]:
 register_method("vera", MethodSpec("vera", ("attn.q", "attn.v"), {"r": 256}, _peft_twin("VeraConfig", r=256)))
 register_method("loha", MethodSpec("loha", ("attn.q", "attn.v"), {"r": 8, "alpha": 8}, _peft_twin("LoHaConfig", r=8, alpha=8)))
 register_method("lokr", MethodSpec("lokr", ("attn.q", "attn.v"), {"r": 8, "alpha": 8}, _peft_twin("LoKrConfig", r=8, alpha=8)))
+_OFT = {"r": 0, "oft_block_size": 32, "use_cayley_neumann": True, "num_cayley_neumann_terms": 5}
+register_method("oft", MethodSpec("oft", ("attn.q", "attn.v"), _OFT, _peft_twin("OFTConfig", **_OFT)))
+# AdaLoRA in its budgeting phase for every measured step (total_step far beyond them, tinit=0, deltaT=1):
+# each step after the first prunes: the per-step cost through most of a real training run
+_ADALORA = {"init_r": 12, "target_r": 8, "lora_alpha": 8, "tinit": 0, "tfinal": 0, "deltaT": 1, "total_step": 1000}
+register_method(
+    "adalora",
+    MethodSpec(
+        "adalora", ("attn.q", "attn.v"), _ADALORA, _peft_twin("AdaLoraConfig", **_ADALORA), peft_tuner_forward=True
+    ),
+)
 
 
 def available_methods() -> list[str]:
@@ -143,20 +158,32 @@ def build(variant: str, model: nn.Module) -> Built:
         return Built(model, [p for p in model.parameters() if p.requires_grad], delta)
     if tool == "peft":
         wrapped = build_peft(model, method)
-        return Built(wrapped, [p for p in wrapped.parameters() if p.requires_grad], wrapped)
+        called = wrapped.base_model if METHODS[method].peft_tuner_forward else wrapped
+        return Built(called, [p for p in wrapped.parameters() if p.requires_grad], wrapped)
     raise KeyError(f"unknown configuration {variant!r}")
 
 
 def train_step(built: Built, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
-    """One training step: forward, backward, AdamW update (nothing to update for the frozen floor)."""
+    """One training step: forward, backward, AdamW update (nothing to update for the frozen floor), plus
+    what a method's users add each step: opendelta AdaLoRA's loss term (PEFT's tuner adds its own in its
+    forward) and the rank allocation after the update, ``update_and_allocate(step)`` in both tools."""
     optimizer = torch.optim.AdamW(built.trainable, lr=1e-4) if built.trainable else None
     model = built.model
     model.train()
+    # getattr reaches through a PeftModel to its tuner; neither is defined by the other methods
+    regularizer = getattr(built.delta, "orthogonal_regularization", None)
+    allocate = getattr(built.delta, "update_and_allocate", None)
+    count = itertools.count()
 
     def step() -> None:
-        model(**batch).loss.backward()
+        loss = model(**batch).loss
+        if regularizer is not None:
+            loss = loss + regularizer()
+        loss.backward()
         if optimizer is not None:
             optimizer.step()
+            if allocate is not None:
+                allocate(next(count))
             optimizer.zero_grad(set_to_none=True)
 
     return step

@@ -1,12 +1,14 @@
-"""VeRA, LoHa and LoKr beside LoRA: training step time and peak memory, by opendelta and by PEFT.
+"""VeRA, LoHa, LoKr, OFT and AdaLoRA beside LoRA: training step time and peak memory, by opendelta and by PEFT.
 
     PYTHONPATH=src python -m benchmarks.weight_changes --only minilm --rounds 7
 
 Every configuration is a fresh copy of the backbone with the method at the attention query and
-value projections (the sizes in benchmarks/variants.py: LoRA r=8, VeRA r=256, LoHa and LoKr r=8);
-one step is forward + backward + AdamW. The steps run interleaved (benchmarks/timing.py), so a busy
-machine slows them alike, and ratios are taken round by round; peak memory is measured per
-configuration in a fresh process (benchmarks/memory.py).
+value projections (the sizes in benchmarks/variants.py, PEFT's defaults: LoRA r=8, VeRA r=256, LoHa
+and LoKr r=8, OFT blocks of 32, AdaLoRA init_r=12 -> target_r=8); one step is forward + backward +
+AdamW, and for AdaLoRA also the orthogonal regulariser in the loss and ``update_and_allocate(step)``
+after the update, pruning at every step, as its users train it. The steps run interleaved
+(benchmarks/timing.py), so a busy machine slows them alike, and ratios are taken round by round; peak
+memory is measured per configuration in a fresh process (benchmarks/memory.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from benchmarks.timing import Spread, interleaved, ratio, write_json
 from benchmarks.variants import build, train_step
 from benchmarks.workloads import by_name
 
-METHODS = ("vera", "loha", "lokr")
+METHODS = ("vera", "loha", "lokr", "oft", "adalora")
 TOOLS = ("opendelta", "peft")
 CONFIGURATIONS = tuple(f"{tool}:{m}" for m in ("lora", *METHODS) for tool in TOOLS)
 #: each method beside LoRA by the same tool, and opendelta's beside PEFT's

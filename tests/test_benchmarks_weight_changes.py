@@ -1,4 +1,5 @@
-"""The VeRA / LoHa / LoKr benchmark beside LoRA and PEFT runs, on a tiny model (the figures come from real runs)."""
+"""The VeRA / LoHa / LoKr / OFT / AdaLoRA benchmark beside LoRA and PEFT runs, on a tiny model (the figures
+come from real runs)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ def test_weight_change_benchmark_reports_every_configuration_and_ratio(tmp_path)
         cwd=ROOT, env=env, check=True, capture_output=True, timeout=600,
     )
     result = json.loads(out.read_text())
-    tools, methods = ("opendelta", "peft"), ("lora", "vera", "loha", "lokr")
+    tools, methods = ("opendelta", "peft"), ("lora", "vera", "loha", "lokr", "oft", "adalora")
     assert set(result["seconds"]) == {f"{t}:{m}" for t in tools for m in methods}
     assert all(spread["median"] > 0 for spread in result["seconds"].values())
-    assert {"opendelta:vera / opendelta:lora", "peft:loha / peft:lora", "opendelta:lokr / peft:lokr"} <= set(result["ratios"])
+    assert {
+        "opendelta:vera / opendelta:lora", "peft:loha / peft:lora", "opendelta:lokr / peft:lokr", "peft:oft / peft:lora",
+        "opendelta:adalora / peft:adalora",
+    } <= set(result["ratios"])
     assert all(spread["median"] > 0 for spread in result["ratios"].values())
