@@ -120,33 +120,30 @@ def test_stacked_lora_equals_the_unstacked_mixed_batch_and_follows_in_place_chan
     assert not torch.allclose(changed, stacked)
 
 
-def test_stacked_lora_trains_one_by_one_with_the_same_gradients(monkeypatch) -> None:
+@pytest.mark.parametrize("rows", [[0, 1, 1, 0], [1, -1, 0, 1]])  # every row covered / a bare row
+def test_stacked_lora_trains_side_by_side_with_the_one_by_one_gradients(monkeypatch, rows: list[int]) -> None:
     model = tiny_llama()
-    deltas = _tasks(model, 2)
+    deltas = _tasks(model, 2, rank_pattern={"q_proj": 4})  # a task's blocks of two ranks
     deltas[0].freeze_module(exclude=["deltas"])
+    calls = []
+    side_by_side = StackedLora._side_by_side
+    monkeypatch.setattr(StackedLora, "_side_by_side", lambda self, *a: calls.append(1) or side_by_side(self, *a))
 
-    def grads() -> list[torch.Tensor]:
-        for d in deltas:
-            for p in d.delta_parameters():
-                p.grad = None
-        with mixed_batch(deltas, [0, 1, 1, 0]):
-            logits(model).square().mean().backward()
-        return [p.grad.clone() for d in deltas for p in d.delta_parameters()]
+    def grads(m: torch.nn.Module, mix: list[int] | None = None) -> torch.Tensor:
+        params = [p for n, p in m.named_parameters() if p.requires_grad]
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            if mix is None:
+                logits(m).square().mean().backward()
+            else:
+                with mixed_batch(deltas, mix):
+                    logits(m).square().mean().backward()
+        return torch.cat([p.grad.flatten() for p in params])
 
-    stacked = grads()
+    stacked = grads(model, rows)
+    assert calls  # training took the side-by-side product
     monkeypatch.setattr(LoraLayer, "stack_rows", classmethod(lambda cls, parts, n: None))
-    unstacked = grads()
-    assert all(torch.equal(x, y) for x, y in zip(stacked, unstacked))  # with gradients: the same ops
-
-
-def test_the_decode_benchmark_runs_on_a_tiny_model() -> None:
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks import decode
-
-    results = decode.main(["--smoke", "--rounds", "1"])
-    assert {"lora batch 1", "ia3 batch 8", "adapter batch 1"} <= set(results["decode"])
-    assert results["mixed_decode"]["4 tasks"]["opendelta mixed / one delta"]["min"] > 0
-    assert results["forward"]["opendelta / peft"]["median"] > 0
+    unstacked = grads(model, rows)
+    # the rounding of these gradients on this CPU: both deltas on every row, float32 against float64
+    assert_within_noise(stacked, unstacked, float32_noise(model, lambda m, _: grads(m)))
