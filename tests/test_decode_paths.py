@@ -147,3 +147,19 @@ def test_stacked_lora_trains_side_by_side_with_the_one_by_one_gradients(monkeypa
     unstacked = grads(model, rows)
     # the rounding of these gradients on this CPU: both deltas on every row, float32 against float64
     assert_within_noise(stacked, unstacked, float32_noise(model, lambda m, _: grads(m)))
+
+
+def test_stacked_lora_trains_side_by_side_on_a_bf16_backbone_in_the_deltas_float32(monkeypatch) -> None:
+    model = tiny_llama().to(torch.bfloat16)
+    deltas = [LoraModel(model, name=f"t{i}", lora_r=2) for i in range(2)]  # float32 factors (the precision policy)
+    deltas[0].freeze_module(exclude=["deltas"])
+    calls = []
+    side_by_side = StackedLora._side_by_side
+    monkeypatch.setattr(StackedLora, "_side_by_side", lambda self, *a: calls.append(1) or side_by_side(self, *a))
+    with mixed_batch(deltas, [0, 1, 1, 0]):
+        out = logits(model)
+    out[1].float().square().mean().backward()  # only a row of t1
+    assert calls and out.dtype == torch.bfloat16
+    assert all(p.grad.dtype == torch.float32 for p in deltas[1].delta_parameters())
+    assert any(p.grad.any() for p in deltas[1].delta_parameters())
+    assert all(p.grad is None or not p.grad.any() for p in deltas[0].delta_parameters())

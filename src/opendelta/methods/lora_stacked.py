@@ -129,6 +129,10 @@ class StackedLora:
         a = torch.cat([layer._parameters["lora_A"] for layer, _ in self.parts])
         b = torch.cat([layer._parameters["lora_B"] for layer, _ in self.parts], dim=1)
         dtype, stacked = h_out.dtype, a.shape[0]
+        if dtype != a.dtype and any(layer.in_own_precision for layer, _ in self.parts):
+            # the precision policy's float32 factors on a low-precision backbone: computed in their dtype and
+            # cast back, as each layer's own route does (opendelta.precision)
+            return self._side_by_side(h_in.to(a.dtype), h_out.to(a.dtype)).to(dtype)
         low = F.linear(h_in, a)
         if low.dtype != dtype:  # autocast made the output lower precision
             low = low.to(dtype)
