@@ -75,6 +75,9 @@ def sequential_pass(base: nn.Module, batches: list[dict[str, torch.Tensor]], tas
     model = copy.deepcopy(base).train()
     deltas = list(_deltas(model, tasks).values())
     for delta in deltas[1:]:
+        # each its own freeze: the requires_grad flags belong to the delta that set them, so a switch away
+        # from task0 alone would unfreeze the backbone (and every later task would compute its gradients)
+        delta.freeze_module(exclude=["deltas"], set_state_dict=True)
         delta.detach()
     optimizers = [torch.optim.AdamW(d.delta_parameters(), lr=1e-4) for d in deltas]
     per_task = len(batches) // tasks

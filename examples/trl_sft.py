@@ -90,6 +90,8 @@ def train(
         output_dir=str(out / "sft"), max_steps=steps, per_device_train_batch_size=2, per_device_eval_batch_size=rows,
         learning_rate=lr, lr_scheduler_type="constant", max_length=48, save_strategy="steps", save_steps=steps,
         logging_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        # float32: SFTConfig's default bf16 autocast runs emulated on a CPU without bf16 units, many times slower
+        bf16=False,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=data, processing_class=tokenizer)
     before = trainer.evaluate()["eval_loss"]

@@ -33,7 +33,7 @@ from opendelta.errors import DeltaConfigError, NoMatchError, UnsupportedModuleEr
 from opendelta.layer import DeltaLayer
 from opendelta.layer_kinds import PROJECTIONS, described, fused_rows, layer_kind, weight_parameters
 from opendelta.methods.lora_kinds import ConvLoraLayer, EmbeddingLoraLayer, WeightLoraLayer
-from opendelta.methods.lora_stacked import StackedLora
+from opendelta.methods.lora_stacked import StackedLora, accumulator as _accumulator
 from opendelta.methods.trainable_tokens import TokenLayers
 from opendelta.runtime_init import Observation
 from opendelta.targets import Target, targets_at, tied_targets, without_excluded
@@ -344,36 +344,6 @@ def _weight_factors(weight: torch.Tensor, r: int, scaling: float, init: str) -> 
         vh = v.t()
     root = (singular / scaling).sqrt()
     return (root.unsqueeze(1) * vh).contiguous(), (u * root).contiguous()
-
-
-def _accumulator(h_out: torch.Tensor) -> torch.Tensor | None:
-    """A 2-D tensor that is `h_out`'s memory and may be updated in place, or None.
-
-    A linear map keeps neither its output nor (on 3-D inputs) the 2-D matrix product it views for
-    backward, so adding in place is safe. Adding into the product itself, not into the view, spares
-    autograd the view bookkeeping (CopySlices), which would copy the gradient twice in backward.
-    Without autograd (decoding) there is no bookkeeping, so a 2-D view of a contiguous output serves
-    too: a bias-free linear's 3-D output is no view of its product (matmul returns it through
-    ``_unsafe_view``). In place or not, addmm adds the same product the same way, bit for bit.
-    """
-    if torch.compiler.is_compiling():  # the compiler fuses the out-of-place form itself; data_ptr checks break graphs
-        return None
-    base = h_out._base
-    if base is None:
-        if h_out.dim() > 2 and not torch.is_grad_enabled() and h_out.is_contiguous():
-            return h_out.view(-1, h_out.shape[-1])
-        base = h_out
-    if (
-        base.dim() == 2
-        and not (base.is_leaf and base.requires_grad)
-        and base.is_contiguous()
-        and h_out.is_contiguous()
-        and base.numel() == h_out.numel()
-        and base.data_ptr() == h_out.data_ptr()
-        and base.shape[-1] == h_out.shape[-1]
-    ):
-        return base
-    return None
 
 
 class LoraModel(DeltaBase):

@@ -9,10 +9,18 @@ disjoint, so each row's output gets exactly one change, as it would alone; the p
 differently from the per-task kernels (like any batched kernel), within the batching noise the
 mixed-batch tests measure.
 
-It serves inference only: with gradients enabled (training through a mixed batch), a dropout in
-training mode or a scale set meanwhile, it runs the layers one by one, as without stacking. Factors
-changed in place during the batch (their version counters move; also a hot-swap slot's scaling) are
-restacked before use.
+With gradients enabled (training through a mixed batch) per-row factors would need a gather
+of every factor into each row and its scatter back in backward, so training uses the factors side
+by side instead: one product ``h [A_1; ...; A_k]^T`` gives every row all tasks' rank-r columns,
+a per-row mask (the task's scaling on its own columns, exact zeros elsewhere) keeps only its own
+task's, and one product with ``[B_1, ..., B_k]`` adds the change. Zeroed columns add exact zeros
+and pass back zero gradients, so each row's gradient reaches only its own task's factors; the
+products round differently from the per-task ones (like any batched kernel). It costs k times the
+rank-r columns per row, so it is used while the stacked rank is at most a quarter of the layer's
+smaller side (the extra columns then cost at most half the frozen layer's own product); above that,
+a dropout in training mode or a scale set meanwhile, the layers run one by one, as without
+stacking. Factors changed in place during the batch (their version counters move; also a hot-swap
+slot's scaling) are restacked before use.
 """
 
 from __future__ import annotations
@@ -20,9 +28,40 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from opendelta.methods.lora import LoraLayer
+
+
+def accumulator(h_out: torch.Tensor) -> torch.Tensor | None:
+    """A 2-D tensor that is `h_out`'s memory and may be updated in place, or None.
+
+    A linear map keeps neither its output nor (on 3-D inputs) the 2-D matrix product it views for
+    backward, so adding in place is safe. Adding into the product itself, not into the view, spares
+    autograd the view bookkeeping (CopySlices), which would copy the gradient twice in backward.
+    Without autograd (decoding) there is no bookkeeping, so a 2-D view of a contiguous output serves
+    too: a bias-free linear's 3-D output is no view of its product (matmul returns it through
+    ``_unsafe_view``). In place or not, addmm adds the same product the same way, bit for bit.
+    """
+    if torch.compiler.is_compiling():  # the compiler fuses the out-of-place form itself; data_ptr checks break graphs
+        return None
+    base = h_out._base
+    if base is None:
+        if h_out.dim() > 2 and not torch.is_grad_enabled() and h_out.is_contiguous():
+            return h_out.view(-1, h_out.shape[-1])
+        base = h_out
+    if (
+        base.dim() == 2
+        and not (base.is_leaf and base.requires_grad)
+        and base.is_contiguous()
+        and h_out.is_contiguous()
+        and base.numel() == h_out.numel()
+        and base.data_ptr() == h_out.data_ptr()
+        and base.shape[-1] == h_out.shape[-1]
+    ):
+        return base
+    return None
 
 
 class StackedLora:
@@ -30,13 +69,19 @@ class StackedLora:
 
     def __init__(self, parts: list[tuple[LoraLayer, torch.Tensor]], batch_size: int):
         self.parts = list(parts)
+        self.batch_size = batch_size
         self.rows = torch.cat([rows for _, rows in parts])
         #: whether the rows are every row of the batch in order: then the change is added in place, no scatter
         self.full = self.rows.numel() == batch_size and bool(
             torch.equal(self.rows, torch.arange(batch_size, device=self.rows.device))
         )
-        self._stamp: list | None = None
-        self._stack()
+        self._stamp: list | None = None  # stacked on first use without gradients
+        first = self.parts[0][0]
+        self.ranks = [layer.lora_A.shape[0] for layer, _ in self.parts]
+        smaller_side = min(first.lora_A.shape[1], first.lora_B.shape[0])
+        #: whether training takes the side-by-side product (see the module's docstring)
+        self.side_by_side = 4 * sum(self.ranks) <= smaller_side
+        self._masks: dict[torch.dtype, torch.Tensor] = {}
 
     def _factors(self) -> list[torch.Tensor]:
         """What the stack is made of: the factors, and the scalings a hot-swap slot holds as tensors."""
@@ -62,16 +107,54 @@ class StackedLora:
 
     def _stale(self) -> bool:
         stamp = self._stamp
-        assert stamp is not None
-        return any(t is not held or t._version != version for t, (held, version) in zip(self._factors(), stamp))
+        return stamp is None or any(t is not held or t._version != version for t, (held, version) in zip(self._factors(), stamp))
 
     def _one_by_one(self) -> bool:
-        return torch.is_grad_enabled() or any(
-            layer.change_scale != 1.0 or (layer.dropout is not None and layer.training) for layer, _ in self.parts
-        )
+        return any(layer.change_scale != 1.0 or (layer.dropout is not None and layer.training) for layer, _ in self.parts)
+
+    def _mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """(rows, 1, stacked rank): each covered row's own task's scaling on its columns, zeros elsewhere."""
+        scalings = [layer.scaling for layer, _ in self.parts]
+        mask = self._masks.get(dtype)
+        if mask is not None and not any(isinstance(s, torch.Tensor) for s in scalings):
+            return mask  # float scalings cannot change during the batch (a hot-swap slot's tensor can)
+        first = self.parts[0][0].lora_A
+        mask = torch.zeros(self.batch_size, sum(self.ranks), dtype=dtype, device=first.device)
+        start = 0
+        for (_, rows), r, scaling in zip(self.parts, self.ranks, scalings):
+            mask[rows, start : start + r] = scaling
+            start += r
+        mask = mask.unsqueeze(1)
+        self._masks[dtype] = mask
+        return mask
+
+    def _side_by_side(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+        """Every task's factors side by side, each row masked to its own task's columns (the module's docstring)."""
+        # by subscript, as LoraLayer.route_parallel reads them (DeepSpeed ZeRO-3 gathers on __getitem__)
+        a = torch.cat([layer._parameters["lora_A"] for layer, _ in self.parts])
+        b = torch.cat([layer._parameters["lora_B"] for layer, _ in self.parts], dim=1)
+        dtype, stacked = h_out.dtype, a.shape[0]
+        if dtype != a.dtype and any(layer.in_own_precision for layer, _ in self.parts):
+            # the precision policy's float32 factors on a low-precision backbone: computed in their dtype and
+            # cast back, as each layer's own route does (opendelta.precision)
+            return self._side_by_side(h_in.to(a.dtype), h_out.to(a.dtype)).to(dtype)
+        low = F.linear(h_in, a)
+        if low.dtype != dtype:  # autocast made the output lower precision
+            low = low.to(dtype)
+        low = (low.view(self.batch_size, -1, stacked) * self._mask(dtype)).view(-1, stacked)
+        if b.dtype != dtype:
+            b = b.to(dtype)
+        flat = accumulator(h_out)
+        if flat is None:
+            return torch.addmm(h_out.reshape(-1, h_out.shape[-1]), low, b.t()).view(h_out.shape)
+        flat.addmm_(low, b.t())
+        return flat if flat.shape == h_out.shape else flat.view(h_out.shape)
 
     def route_parallel(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
-        if self._one_by_one():
+        training = torch.is_grad_enabled()
+        if training and self.side_by_side and not self._one_by_one():
+            return self._side_by_side(h_in, h_out)
+        if training or self._one_by_one():
             for layer, rows in self.parts:
                 if layer.change_scale == 1.0:
                     h_out = layer.route_parallel_rows(h_in, h_out, rows)
