@@ -104,9 +104,9 @@ def _bnb8_scales(module: nn.Module) -> torch.Tensor:
 
 
 def _bnb8_dequantize(module: nn.Module) -> torch.Tensor:
-    import bitsandbytes.functional as F
-
-    return F.int8_vectorwise_dequant(module.weight.data, _bnb8_scales(module))
+    # the weight bitsandbytes' CPU matmul multiplies by, in its order of operations (its int8_vectorwise_dequant
+    # multiplies codes by scales first, which rounds differently: a dense copy would not give the same gradients)
+    return module.weight.data.to(torch.float32).mul_(_bnb8_scales(module).unsqueeze(1).mul(1.0 / 127.0))
 
 
 def _bnb8_requantize(module: nn.Module, value: torch.Tensor) -> None:
@@ -281,3 +281,4 @@ def restore_weight(module: nn.Module, before: dict[str, Any]) -> None:
         owner, _, leaf = path.rpartition(".")
         setattr(_walk(module, owner), leaf, value)
     _writes[module] = _writes.get(module, 0) + 1
+
