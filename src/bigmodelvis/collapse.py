@@ -38,21 +38,25 @@ class VisNode:
             "group_size": self.group_size,
             "is_delta": self.is_delta,
             "roles": list(self.roles),
-            "params": [
-                {
-                    "name": p.name,
-                    "shape": list(p.shape),
-                    "dtype": str(p.dtype).removeprefix("torch."),
-                    "numel": p.numel,
-                    "status": p.status.value,
-                    "tied_to": p.tied_to,
-                }
-                for p in self.params
-            ],
+            "params": [_param_dict(p) for p in self.params],
             "numel": self.numel,
             "counts": {status.value: n for status, n in self.counts.items()},
             "children": [child.to_dict() for child in self.children],
         }
+
+
+def _param_dict(p: ParamInfo) -> dict[str, Any]:
+    out = {
+        "name": p.name,
+        "shape": list(p.shape),
+        "dtype": str(p.dtype).removeprefix("torch."),
+        "numel": p.numel,
+        "status": p.status.value,
+        "tied_to": p.tied_to,
+    }
+    if p.quantized is not None:  # the weight of a quantized linear layer: its format and stored bytes
+        out.update(quantized=p.quantized, packed_bytes=p.packed_bytes)
+    return out
 
 
 def collapse(

@@ -68,7 +68,7 @@ def _module_label(node: VisNode, expand_params: bool) -> Text:
 def _param_label(param: ParamInfo, group_size: int) -> Text:
     text = Text()
     text.append(f"{param.name}:{_shape(param)}", style=STYLES[param.status])
-    text.append(f" {_dtype(param)}")
+    text.append(f" {_dtype(param)}{_packed(param)}")
     numel = 0 if param.tied_to else param.numel
     text.append(" " + _count_text(numel, group_size) + " ")
     text.append_text(_marker([param.status]))
@@ -90,6 +90,7 @@ def _params_text(params: list[ParamInfo]) -> Text:
             text.append_text(_marker([param.status]))
     if one_dtype:
         text.append(f" {_dtype(params[0])}")
+    text.append("".join(_packed(param) for param in params))
     return text
 
 
@@ -99,7 +100,15 @@ def _shape(param: ParamInfo) -> str:
 
 
 def _dtype(param: ParamInfo) -> str:
-    return str(param.dtype).removeprefix("torch.")
+    return param.quantized or str(param.dtype).removeprefix("torch.")
+
+
+def _packed(param: ParamInfo) -> str:
+    """`` (2.37KB packed, float32 16.4KB)`` for a quantized weight: what it stores against its dense size."""
+    if param.quantized is None:
+        return ""
+    dense = param.numel * param.dtype.itemsize
+    return f" ({format_count(param.packed_bytes)}B packed, {str(param.dtype).removeprefix('torch.')} {format_count(dense)}B)"
 
 
 def _count_text(numel: int, group_size: int) -> str:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from opendelta.quantized import QuantizedWeight
 
 
 class ParamStatus(str, Enum):
@@ -27,6 +32,8 @@ class ParamInfo:
     numel: int
     status: ParamStatus
     tied_to: str | None = None  # full name of the same tensor met earlier; counted there only
+    quantized: str | None = None  # the packed weight of a quantized linear layer: its format (nf4, int8...)
+    packed_bytes: int | None = None  # what that packed weight stores, codes and quantization statistics
 
 
 @dataclass
@@ -77,6 +84,7 @@ def _summarize(
 ) -> ModuleInfo:
     own_delta = is_delta_module(module)
     delta = inside_delta or own_delta
+    quantized = _quantized(module)
     params = []
     for param_name, param in module.named_parameters(recurse=False):
         full_name = f"{path}.{param_name}" if path else param_name
@@ -88,6 +96,14 @@ def _summarize(
         else:
             status = ParamStatus.FROZEN
         tied_to = None if first_name == full_name else first_name
+        if quantized is not None and param_name == quantized.param:
+            # shown as the linear layer's weight it stands for, not as the packed codes' shape and dtype
+            shape = quantized.shape
+            params.append(ParamInfo(
+                param_name, shape, quantized.compute_dtype, shape[0] * shape[1], status, tied_to,
+                quantized.format, quantized.packed_bytes,
+            ))
+            continue
         params.append(
             ParamInfo(param_name, tuple(param.shape), param.dtype, param.numel(), status, tied_to)
         )
@@ -118,8 +134,18 @@ def _summarize(
         type(module).__module__,
         type(module).__qualname__,
         info.is_delta,
-        tuple((p.name, p.shape, p.dtype, p.status, p.tied_to) for p in params),
+        tuple((p.name, p.shape, p.dtype, p.status, p.tied_to, p.quantized, p.packed_bytes) for p in params),
         tuple((c.name, c.signature) for c in info.children),
     )
     info.signature = interned.setdefault(key, len(interned))
     return info
+
+
+def _quantized(module: nn.Module) -> QuantizedWeight | None:
+    """opendelta's view of a quantized linear layer (bitsandbytes, torchao, hqq), or None. opendelta
+    is imported only once a quantization library is, so plain models never load it."""
+    if not any(library in sys.modules for library in ("bitsandbytes", "torchao", "hqq")):
+        return None
+    from opendelta.quantized import describe  # the quantization knowledge is opendelta's
+
+    return describe(module)

@@ -104,9 +104,9 @@ def _bnb8_scales(module: nn.Module) -> torch.Tensor:
 
 
 def _bnb8_dequantize(module: nn.Module) -> torch.Tensor:
-    import bitsandbytes.functional as F
-
-    return F.int8_vectorwise_dequant(module.weight.data, _bnb8_scales(module))
+    # the weight bitsandbytes' CPU matmul multiplies by, in its order of operations (its int8_vectorwise_dequant
+    # multiplies codes by scales first, which rounds differently: a dense copy would not give the same gradients)
+    return module.weight.data.to(torch.float32).mul_(_bnb8_scales(module).unsqueeze(1).mul(1.0 / 127.0))
 
 
 def _bnb8_requantize(module: nn.Module, value: torch.Tensor) -> None:
@@ -191,9 +191,13 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     return _backend(module).dequantize(module).to(compute_dtype(module))
 
 
+def _packed_name(module: nn.Module) -> str:
+    return "W_q" if is_hqq(module) else "weight"
+
+
 def packed_weight(module: nn.Module) -> torch.Tensor:
     """The parameter holding a quantized layer's packed weight (hqq's ``W_q``, else ``weight``)."""
-    return module.W_q if is_hqq(module) else module.weight
+    return getattr(module, _packed_name(module))
 
 
 def weight_stamp(module: nn.Module) -> tuple:
@@ -281,3 +285,64 @@ def restore_weight(module: nn.Module, before: dict[str, Any]) -> None:
         owner, _, leaf = path.rpartition(".")
         setattr(_walk(module, owner), leaf, value)
     _writes[module] = _writes.get(module, 0) + 1
+
+
+# --- what a quantized layer holds, for structure views ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A quantized layer seen as the linear map it computes: its (out, in) shape, the dtype it computes
+    in, the quantized format it stores (``nf4``, ``int8``, ``hqq-4bit``...) and the bytes it stores."""
+
+    param: str  # the name of the parameter that holds the packed weight
+    shape: tuple[int, int]
+    compute_dtype: torch.dtype
+    format: str
+    packed_bytes: int  # codes and quantization statistics, each tensor once
+
+    @property
+    def dense_bytes(self) -> int:
+        """What the same weight takes dense in the compute dtype."""
+        return self.shape[0] * self.shape[1] * self.compute_dtype.itemsize
+
+
+def _format(module: nn.Module) -> str:
+    if is_4bit(module):
+        return module.weight.quant_state.quant_type  # nf4 or fp4
+    if is_8bit(module):
+        return "int8"
+    if is_hqq(module):
+        return f"hqq-{module.meta['nbits']}bit"
+    # a torchao tensor class names its format: Int8Tensor, NF4Tensor, Int4Tensor...
+    return type(module.weight).__name__.removesuffix("Tensor").lower()
+
+
+def _stored_tensors(obj: Any) -> list[torch.Tensor]:
+    """The plain tensors `obj` holds: a torchao tensor by its inner tensors, a quantization state
+    (bitsandbytes' QuantState, hqq's meta dict) by its fields."""
+    if isinstance(obj, torch.Tensor):
+        if hasattr(obj, "__tensor_flatten__"):  # a wrapper tensor stores nothing itself
+            return [t for name in obj.__tensor_flatten__()[0] for t in _stored_tensors(getattr(obj, name))]
+        return [obj]
+    if isinstance(obj, dict):
+        values = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        values = obj
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
+        values = vars(obj).values()
+    else:
+        return []
+    return [t for value in values for t in _stored_tensors(value)]
+
+
+def describe(module: nn.Module) -> QuantizedWeight | None:
+    """What a quantized layer stores and computes, or None for any other module."""
+    backend = _backend(module)
+    if backend is None:
+        return None
+    tensors = [t for path in backend.parts for t in _stored_tensors(_walk(module, path))]
+    # one storage reached twice (bitsandbytes' 8-bit codes are both the weight and its state's CB) counts once
+    storages = {(t.untyped_storage().data_ptr() or id(t), t.storage_offset(), t.nbytes): t.nbytes for t in tensors}
+    shape = (module.out_features, module.in_features)
+    return QuantizedWeight(_packed_name(module), shape, compute_dtype(module), _format(module), sum(storages.values()))
