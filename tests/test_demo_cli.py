@@ -98,27 +98,26 @@ def test_missing_gguf_reader_for_multitask_says_what_to_install(tmp_path):
 
 # How far each task's delta must beat the bare backbone on the 40 held-out examples. Measured gaps
 # (delta - bare) at the defaults: spelling +0.375 (seed 0, sweep) and +0.375 (seed 1, demo);
-# hashtags +0.825 (seed 0, sweep, before the lone-"#" fix) and +0.725 (seed 1, demo). Each bound is
-# under half the smaller gap, room for another CPU's rounding to flip a few of 40 answers.
-# Sentiment is left out: +0.225 on seed 0 but +0.00 on seed 1 (0.70 vs 0.70), not yet a reliable gain.
-MARGINS = {"spelling": 0.15, "hashtags": 0.35}
+# hashtags +0.825 (seed 0, sweep, before the lone-"#" fix) and +0.725 (seed 1, demo); sentiment
+# +0.325 (seed 0) and +0.10 (seed 1), both trained and scored exactly as the demo does. Each bound is
+# at most half the smaller gap, room for another CPU's rounding to flip a few of 40 answers.
+MARGINS = {"spelling": 0.15, "sentiment": 0.05, "hashtags": 0.35}
 
 
 @pytest.mark.real
-def test_multitask_demo_each_delta_beats_the_bare_backbone_on_held_out_examples(tmp_path):
-    """The showcase as a user first runs it: defaults, a fresh cache (so the GGUF is dequantised)."""
-    done = opendelta("demo", "multitask", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
+def test_multitask_demo_each_delta_beats_the_bare_backbone_on_held_out_examples(tmp_path, smollm2_dir):
+    """The showcase as a user runs it, at its defaults, from the backbone cache its first run writes
+    (`smollm2_dir` is that first run's dequantise-and-cache, shared with the other SmolLM2 tests)."""
+    done = opendelta("demo", "multitask", "--threads", "1", "--cache-dir", str(smollm2_dir),
                      "--out", str(tmp_path / "out"), "--json", timeout=3600)  # ~40 min on a 2-core machine at load 12
     assert done.returncode == 0, done.stderr[-3000:]
     import json
 
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [t["method"] for t in result["tasks"]] == ["lora", "prefix", "ia3"]
-    assert result["backbone_restored"] is True and result["load_source"] == "gguf"
+    assert [t["method"] for t in result["tasks"]] == ["lora", "lora", "ia3"]
+    assert result["backbone_restored"] is True and result["load_source"] == "cache"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["hashtags", "sentiment", "spelling"]
-    assert (tmp_path / "cache" / "model.safetensors").is_file()
     for task in result["tasks"]:
         assert len(task["answers"]) == 40
-        if task["task"] in MARGINS:
-            assert task["accuracy"] - task["bare_accuracy"] >= MARGINS[task["task"]], {k: v for k, v in task.items()
-                                                                                       if k != "answers"}
+        assert task["accuracy"] - task["bare_accuracy"] >= MARGINS[task["task"]], {k: v for k, v in task.items()
+                                                                                   if k != "answers"}

