@@ -153,14 +153,7 @@ def test_a_weight_already_repacked_is_a_typed_error_and_unpacking_it_is_one_call
 
 
 def _dora(model: nn.Module):
-    torch.manual_seed(1)
-    delta = AutoDeltaModel.from_config({"delta_type": "lora", "use_dora": True}, backbone_model=model)
-    delta.freeze_module(exclude=["deltas"], set_state_dict=False)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in delta.delta_parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return delta
+    return quantized_support.perturbed(model, {"delta_type": "lora", "use_dora": True}, 0.05)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import support.quantized as quantized_support
 from support.quantized import IDS, KINDS, assert_same_packed_state, dense_copy, load_kind, packed_state, save_tiny_llama
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from opendelta import AutoDeltaModel
 from opendelta.quantized import dequantized_weight, is_quantized
 
 #: (kind, method) merged: LoRA on every kind; IA3 (rows rescaled: one NF4 block per row here) on bitsandbytes
@@ -30,14 +30,7 @@ def saved_model(tmp_path_factory) -> str:
 def perturbed(model: nn.Module, delta_type: str):
     """A delta whose merge changes the weights by about 0.4 of their norm (LoRA) or 5% (IA3): a fresh
     one changes nothing."""
-    torch.manual_seed(1)
-    delta = AutoDeltaModel.from_config({"delta_type": delta_type}, backbone_model=model)
-    delta.freeze_module(exclude=["deltas"], set_state_dict=False)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in delta.delta_parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return delta
+    return quantized_support.perturbed(model, {"delta_type": delta_type}, 0.02)
 
 
 def logits(model: nn.Module) -> torch.Tensor:

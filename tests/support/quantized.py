@@ -127,3 +127,19 @@ def dense_copy(model: nn.Module, base: nn.Module) -> nn.Module:
             parent, _, leaf = name.rpartition(".")
             setattr(base.get_submodule(parent), leaf, linear)
     return base.eval()
+
+
+def perturbed(model: nn.Module, config: dict, size: float):
+    """A delta from `config` on `model`, backbone frozen, with every delta tensor moved by `size` times
+    seeded noise (a fresh delta changes nothing); the same seeds on every model, so a quantized model
+    and its dense copy get the same delta."""
+    from opendelta import AutoDeltaModel
+
+    torch.manual_seed(1)
+    delta = AutoDeltaModel.from_config(config, backbone_model=model)
+    delta.freeze_module(exclude=["deltas"], set_state_dict=False)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in delta.delta_parameters():
+            p.add_(size * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return delta

@@ -33,7 +33,7 @@ from opendelta.errors import DeltaConfigError, NoMatchError, UnsupportedModuleEr
 from opendelta.layer import DeltaLayer
 from opendelta.layer_kinds import PROJECTIONS, described, fused_rows, layer_kind, weight_parameters
 from opendelta.methods.lora_kinds import ConvLoraLayer, EmbeddingLoraLayer, WeightLoraLayer
-from opendelta.methods.lora_stacked import StackedLora, accumulator as _accumulator
+from opendelta.methods.lora_stacked import StackedLora, add_product
 from opendelta.methods.trainable_tokens import TokenLayers
 from opendelta.runtime_init import Observation
 from opendelta.targets import Target, targets_at, tied_targets, without_excluded
@@ -193,19 +193,7 @@ class LoraLayer(DeltaLayer):
         low = low * self.scaling
         if lora_B.dtype != dtype:
             lora_B = lora_B.to(dtype)
-        # one GEMM adds low B^T onto the output (no output-sized temporary), and taking B^T as the second
-        # factor makes autograd compute B's gradient as (low^T g)^T, several times faster on CPU than the
-        # g^T low of a linear layer's weight gradient
-        flat = _accumulator(h_out)
-        if flat is None:
-            return torch.addmm(h_out.reshape(-1, h_out.shape[-1]), low, lora_B.t()).view(h_out.shape)
-        flat.addmm_(low, lora_B.t())
-        if flat.shape == h_out.shape:
-            return flat
-        # `h_out` is a view of `flat`'s memory, so it holds the sum already; without autograd (decoding)
-        # it is returned as it is (one op less per call). With it, a fresh view: the one made before the
-        # in-place add would rebuild its autograd history on use
-        return h_out if not flat.requires_grad else flat.view(h_out.shape)
+        return add_product(h_out, low, lora_B)
 
     def route_parallel_rows(self, h_in: torch.Tensor, h_out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         # a linear map keeps no output for backward, so adding in place is safe: one gather, one scatter-add
