@@ -28,7 +28,7 @@ from torch import nn
 from benchmarks.timing import Spread, interleaved, ratio, write_json
 from benchmarks.workloads import by_name
 from opendelta import LoraModel
-from opendelta.multitask_trainer import ROWS_KEY, TaskRouting
+from opendelta.multitask_trainer import TaskRouting
 
 
 def _batches(workload_batch: dict[str, torch.Tensor], tasks: int, batches: int) -> list[dict[str, torch.Tensor]]:
