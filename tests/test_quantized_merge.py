@@ -18,8 +18,15 @@ from transformers import LlamaForCausalLM
 
 from opendelta.quantized import dequantized_weight, is_quantized
 
-#: (kind, method) merged: LoRA on every kind; IA3 (rows rescaled: one NF4 block per row here) on bitsandbytes
-CASES = [(kind, "lora") for kind in KINDS] + [("bnb_4bit", "ia3"), ("bnb_8bit", "ia3")]
+#: weight-started LoRA, one start per kind: merging one folds in s (B A - B0 A0), the change since its start
+STARTS = dict(zip(KINDS, ["pissa", "olora", "pissa_niter_2", "olora", "pissa"]))
+#: (kind, delta config) merged: LoRA, plain and weight-started, on every kind; IA3 (rows rescaled: one NF4 block
+#: per row here) on bitsandbytes
+CASES = [
+    *((kind, {"delta_type": "lora"}) for kind in KINDS),
+    *((kind, {"delta_type": "lora", "init_lora_weights": init}) for kind, init in STARTS.items()),
+    ("bnb_4bit", {"delta_type": "ia3"}), ("bnb_8bit", {"delta_type": "ia3"}),
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +34,10 @@ def saved_model(tmp_path_factory) -> str:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
-def perturbed(model: nn.Module, delta_type: str):
+def perturbed(model: nn.Module, config: dict):
     """A delta whose merge changes the weights by about 0.4 of their norm (LoRA) or 5% (IA3): a fresh
     one changes nothing."""
-    return quantized_support.perturbed(model, {"delta_type": delta_type}, 0.02)
+    return quantized_support.perturbed(model, config, 0.02)
 
 
 def logits(model: nn.Module) -> torch.Tensor:
@@ -42,9 +49,9 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize(("kind", "delta_type"), CASES)
+@pytest.mark.parametrize(("kind", "config"), CASES, ids=[f"{kind}-{'-'.join(map(str, c.values()))}" for kind, c in CASES])
 def test_merge_requantizes_within_the_noise_floor_and_unmerge_or_detach_restore_the_packed_bytes(
-    saved_model, kind, delta_type
+    saved_model, kind, config
 ):
     model = load_kind(saved_model, kind)
     original = LlamaForCausalLM.from_pretrained(saved_model).eval()  # the dense weights the backbone was quantized from
@@ -58,7 +65,7 @@ def test_merge_requantizes_within_the_noise_floor_and_unmerge_or_detach_restore_
     spread = max(floors) / min(floors)
     unquantized = {n: dense.get_submodule(n).weight.detach().clone() for n in names}
 
-    deltas = [perturbed(m, delta_type) for m in (model, dense)]
+    deltas = [perturbed(m, config) for m in (model, dense)]
     attached = packed_state(model)  # the backbone's bytes and the delta's
     unmerged = logits(model)
     for delta in deltas:
@@ -94,7 +101,7 @@ def test_merging_into_a_torchao_weight_it_cannot_requantize_is_a_typed_error_tha
 
     model = fresh("llama").eval()
     quantization.quantize_(model.model, quantization.IntxWeightOnlyConfig(weight_dtype=torch.int8))
-    delta = perturbed(model, "lora")
+    delta = perturbed(model, {"delta_type": "lora"})
     before = packed_state(model)
     tuned = logits(model)
     with pytest.raises(MergeError, match="IntxUnpackedToInt8Tensor"):

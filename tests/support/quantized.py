@@ -19,12 +19,15 @@ def save_tiny_llama(path) -> str:
     return str(path)
 
 
-def load_quantized(path: str, bits: int, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model at `path` in 4-bit NF4 (`compute_dtype`) or 8-bit, on CPU, in eval mode."""
+def load_quantized(
+    path: str, bits: int, compute_dtype: torch.dtype = torch.float32, quant_type: str = "nf4"
+) -> nn.Module:
+    """The model at `path` in 4-bit (`quant_type` NF4 or FP4, computing in `compute_dtype`) or 8-bit, on CPU,
+    in eval mode."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = (
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype)
         if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
     )
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu").eval()
@@ -129,17 +132,21 @@ def dense_copy(model: nn.Module, base: nn.Module) -> nn.Module:
     return base.eval()
 
 
+def perturb(delta, size: float) -> None:
+    """Move every delta tensor by `size` times noise of a fixed seed (a fresh delta changes nothing)."""
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in delta.delta_parameters():
+            p.add_(size * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
 def perturbed(model: nn.Module, config: dict, size: float):
-    """A delta from `config` on `model`, backbone frozen, with every delta tensor moved by `size` times
-    seeded noise (a fresh delta changes nothing); the same seeds on every model, so a quantized model
-    and its dense copy get the same delta."""
+    """A delta from `config` on `model`, backbone frozen, perturbed by `size` (:func:`perturb`); the same
+    seeds on every model, so a quantized model and its dense copy get the same delta."""
     from opendelta import AutoDeltaModel
 
     torch.manual_seed(1)
     delta = AutoDeltaModel.from_config(config, backbone_model=model)
     delta.freeze_module(exclude=["deltas"], set_state_dict=False)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in delta.delta_parameters():
-            p.add_(size * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    perturb(delta, size)
     return delta

@@ -11,7 +11,9 @@ the rest, the residual ``W - s B0 A0``, frozen. The weight itself is never rewri
 adds ``s (B A - B0 A0)`` with the starting factors B0, A0 kept as buffers, which equals PEFT's
 residual weight plus ``s B A`` in exact arithmetic, leaves the backbone's tensors untouched (so
 detach, stacking and mixed batches stay exact), and saves with the delta what rebuilds the
-residual from the original backbone.
+residual from the original backbone. On a quantized layer the starting factors come from its
+dequantized weight and the same holds: no residual is re-quantized (PEFT's OLoRA does that, which
+moves a fresh model by about one more quantization's error; docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ class LoraLayer(DeltaLayer):
         skeleton = weight.device.type == "meta"  # a skeleton has no values to initialise
         if config.data_aware_init and not skeleton:
             with torch.no_grad():
-                a0, b0 = _weight_factors(linear_weight(module), r, self.scaling, init)
+                a0, b0 = _weight_factors(dense_weight(module), r, self.scaling, init)
                 for target, value in ((self.lora_A, a0), (self.lora_B, b0), (self.lora_A0, a0), (self.lora_B0, b0)):
                     target.copy_(value)
         elif init == "gaussian" and not skeleton:
@@ -414,13 +416,6 @@ class LoraModel(DeltaBase):
                 f"{path!r} is a {type(module).__name__}; DoRA and the initialisations from the weight "
                 f"(init_lora_weights={config.init_lora_weights!r}) act on linear layers only in opendelta. Use plain "
                 "LoRA there (use_dora=False, init_lora_weights=True, False or 'gaussian'), or leave it out."
-            )
-        if is_quantized(module) and config.data_aware_init:
-            raise UnsupportedModuleError(
-                f"{path!r} is a quantized {type(module).__name__}; the initialisations from the weight "
-                f"(init_lora_weights={config.init_lora_weights!r}) would change its weight by B0 A0, which "
-                "opendelta does not do on quantized layers yet. Use plain LoRA or DoRA there "
-                "(init_lora_weights=True or 'gaussian')."
             )
         return build(self, path, module)
 
