@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.numerics import assert_within_noise, float32_noise
 from support.quantized import (
     IDS, assert_same_packed_state, dense_copy, load_kind, load_quantized, packed_state, perturb, save_tiny_llama
 )
@@ -100,3 +101,19 @@ def test_a_pissa_started_lora_on_4bit_trains_with_the_gradients_of_the_dequantiz
     assert grads[0] and all(g is not None for g in grads[0])
     for q, d in zip(*grads):
         assert (q - d).abs().max() <= 2e-6 * d.abs().max().clamp_min(1e-30)
+
+
+def test_saved_as_peft_a_pissa_lora_on_4bit_loads_in_peft_onto_the_4bit_model_with_equal_outputs(saved_model, tmp_path):
+    """PEFT's format holds such a LoRA as PEFT's converted rank-2r LoRA on the original weights, which PEFT puts
+    beside the same quantized layers."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    model = load(saved_model, "bnb_4bit")
+    noise = float32_noise(dense_copy(model, LlamaForCausalLM.from_pretrained(saved_model)), lambda m, _: logits(m))
+    delta = started(model, {"init_lora_weights": "pissa"})
+    perturb(delta, 0.05)
+    expected = logits(model)
+    delta.save_finetuned(tmp_path, format="peft")
+    loaded = peft.PeftModel.from_pretrained(load(saved_model, "bnb_4bit"), tmp_path)
+    assert loaded.peft_config["default"].r == 8
+    assert_within_noise(logits(loaded), expected, noise)

@@ -49,7 +49,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize(("kind", "config"), CASES, ids=[f"{kind}-{'-'.join(map(str, c.values()))}" for kind, c in CASES])
+@pytest.mark.parametrize(("kind", "config"), CASES, ids=["-".join([kind, *map(str, c.values())]) for kind, c in CASES])
 def test_merge_requantizes_within_the_noise_floor_and_unmerge_or_detach_restore_the_packed_bytes(
     saved_model, kind, config
 ):
