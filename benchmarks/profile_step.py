@@ -6,7 +6,9 @@ top-level aten ops (called from Python) and their self CPU time (torch.profiler)
 (cProfile), and the wall time as the median over the rounds (each round times the three back to back, the
 order alternating). The time a delta adds splits into its aten work (its extra ops' time: the LoRA
 arithmetic, and for fused the cost of the merged weight) and the rest, Python: hook dispatch and the
-per-module code around the ops. Counts are exact on any machine; times are worth what the machine's quiet is.
+per-module code around the ops (the split is a difference of two noisy timers: under load it can even
+come out negative). The paired ratio to bare (benchmarks.decode's) is printed on the wall and the process
+CPU clock. Counts are exact on any machine; times are worth what the machine's quiet is.
 
     ./dev.sh python -m benchmarks.profile_step [--smollm2] [--batch 1] [--steps 50] [--rounds 9]
 """
@@ -23,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from benchmarks.decode import PROMPT, QV, interleaved, perturbed, smollm2, tiny_llama
+from benchmarks.decode import PROMPT, QV, interleaved, perturbed, ratio, shown, smollm2, tiny_llama
 from opendelta import LoraModel
 
 
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     samples = interleaved({name: timed(name) for name in modes}, args.rounds)
     for name in modes:
         results[name]["us per step"] = 1e6 * statistics.median(samples[name]["wall"]) / args.steps  # type: ignore[index]
+        if name != "bare":
+            results[name]["/ bare"] = ratio(samples, name, "bare")  # type: ignore[index]
     bare = results["bare"]
     print(f"{results['model']}, batch {args.batch}, one decode step ({args.steps} steps x {args.rounds} rounds, medians):")
     for name in modes:
@@ -119,6 +123,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         print(f"  {name:8s} {r['us per step']:8.0f} us/step ({r['us per step'] / bare['us per step']:.3f} x bare), "  # type: ignore[index,operator]
               f"{r['aten ops']:.0f} aten ops ({r['aten us']:.0f} us self), {r['python calls']:.0f} Python calls; "
               f"added {added:+.0f} us = aten {arithmetic:+.0f} + python {added - arithmetic:+.0f}")
+    for name in modes:
+        if name != "bare":
+            print(f"  {name} / bare: {shown(results[name]['/ bare'])}")  # type: ignore[index]
     return results
 
 

@@ -69,15 +69,15 @@ class MergedWeights:
         # the module's own dict, so a copy sharing this cache (a data-parallel replica) rebuilds it, never reads it
         if module._parameters is not self._owners[0] or layer is not self._layer:
             return False
-        sources, stamp, i = self._sources, self._stamp, 0
+        sources, stamp, count, i = self._sources, self._stamp, len(self._sources), 0
         for tensors in self._owners:
             for now in tensors.values():
-                if i == len(sources) or now is not sources[i]:
+                if i == count or now is not sources[i]:
                     return False
                 if now is not None and (now._version != stamp[i][0] or now.data_ptr() != stamp[i][1]):
                     return False
                 i += 1
-        return i == len(sources)
+        return i == count
 
     def _record(self, module: nn.Module, layer: DeltaLayer) -> None:
         # the module's direct tensors (weight, bias) and every tensor of the layer (its sub-modules' too)
