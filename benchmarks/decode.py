@@ -3,7 +3,9 @@
 Figures, each configuration timed once per round, rounds interleaved in one process:
   * decode attached / detached: LoRA r=8 on q,v of all 30 layers, IA3 and the adapter (defaults),
     batch 1 and batch 8, 16 new tokens: the cost of one unmerged delta per decoded token (attach and
-    detach run between the timed generates, untimed);
+    detach run between the timed generates, untimed); for LoRA and IA3 also fused / detached, the delta
+    served by ``delta.fuse()`` (one linear map with a cached merged weight), and for LoRA peft / detached,
+    PEFT's unmerged LoRA with the same factors (on a copy of the bare backbone);
   * mixed-task decode: ``generate()`` inside ``mixed_batch`` over 8 tasks (batch 8) and 32 tasks
     (batch 32), one row each, / the same batch through one attached delta; PEFT's ``adapter_names=``
     generate beside it (its own ratio to its single adapter);
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from opendelta import AdapterModel, IA3Model, LoraModel, mixed_batch
+from opendelta.routing import site_of
 
 NEW_TOKENS = 16
 PROMPT = 8
@@ -145,25 +148,66 @@ METHODS = ("lora", "ia3", "adapter")
 
 def decode_ratios(model: nn.Module, rounds: int, vocab: int, methods: tuple[str, ...] = METHODS,
                   batches: tuple[int, ...] = (1, 8)) -> dict[str, object]:
-    """Greedy decoding with one delta attached / the same model detached (attach and detach untimed)."""
+    """Greedy decoding with one delta attached / the same model detached (attach and detach untimed); for
+    the mergeable methods also the delta served fused (``delta.fuse()``), and for LoRA PEFT's unmerged LoRA
+    with the same factors."""
     results: dict[str, object] = {}
     builders = {"lora": lambda: LoraModel(model, name="d", modified_modules=QV, lora_r=8),
                 "ia3": lambda: IA3Model(model, name="d"), "adapter": lambda: AdapterModel(model, name="d")}
     for method in methods:
         delta = perturbed(builders[method](), seed=1)
         delta.detach()
+        peft = peft_like(model, delta) if method == "lora" else None
+        fuses = method in FUSABLE
+        handle: list = []
+
+        def fused_on(delta=delta, handle=handle) -> None:
+            delta.attach()
+            handle.append(delta.fuse())
+
+        def fused_off(delta=delta, handle=handle) -> None:
+            handle.pop().remove()
+            delta.detach()
+
         for batch in batches:
             ids = torch.randint(3, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
             run = generate(model, ids)
-            samples = interleaved({"attached": Case(run, delta.attach, delta.detach), "detached": run}, rounds)
+            cases: dict[str, Case | Callable[[], object]] = {"attached": Case(run, delta.attach, delta.detach), "detached": run}
+            if fuses:
+                cases["fused"] = Case(run, fused_on, fused_off)
+            if peft is not None:
+                cases["peft"] = generate(peft, ids)
+            samples = interleaved(cases, rounds)
             results[f"{method} batch {batch}"] = {
-                "seconds": summary(samples), "attached / detached": ratio(samples, "attached", "detached"),
+                "seconds": summary(samples),
+                **{f"{name} / detached": ratio(samples, name, "detached") for name in cases if name != "detached"},
             }
+        del peft
     return results
 
 
+#: the decode section's methods that merge into their modules' weights, so ``fuse()`` serves them
+FUSABLE = ("lora", "ia3")
+
+
+def peft_like(model: nn.Module, delta) -> nn.Module:
+    """PEFT's LoRA on a copy of `model` (`delta` detached) with `delta`'s factors."""
+    peft = peft_model(model, ["d"])
+    with torch.no_grad():
+        for path, layer in delta.layers.items():
+            target = peft.base_model.model.get_submodule(path)
+            target.lora_A["d"].weight.copy_(layer.lora_A)
+            target.lora_B["d"].weight.copy_(layer.lora_B)
+    return peft
+
+
 def peft_model(model: nn.Module, names: list[str]):
+    """PEFT LoRA adapters `names` on a copy of `model`, which must carry no attached opendelta delta: the copy
+    would carry its hooks too, and PEFT's figures would include opendelta's work."""
     from peft import LoraConfig, get_peft_model
+
+    if any(site_of(module) is not None for module in model.modules()):
+        raise RuntimeError("build the PEFT copy from the bare backbone: detach every opendelta delta first")
 
     config = LoraConfig(r=8, lora_alpha=16, target_modules=QV, init_lora_weights=False)
     peft = get_peft_model(copy.deepcopy(model), config, adapter_name=names[0])
@@ -176,6 +220,7 @@ def mixed_decode(model: nn.Module, rounds: int, vocab: int, counts: tuple[int, .
     results: dict[str, object] = {}
     for tasks in counts:
         names = [f"t{i}" for i in range(tasks)]
+        peft = peft_model(model, names)
         deltas = [perturbed(LoraModel(model, name=n, modified_modules=QV, lora_r=8), seed=i + 1) for i, n in enumerate(names)]
         for d in deltas[1:]:
             d.detach()
@@ -192,7 +237,6 @@ def mixed_decode(model: nn.Module, rounds: int, vocab: int, counts: tuple[int, .
             for d in deltas[1:]:
                 d.attach() if attach else d.detach()
 
-        peft = peft_model(model, names)
         peft.set_adapter(names[0])
         cases = {"opendelta mixed": mixed, "opendelta one delta": Case(single, lambda: others(False), lambda: others(True)),
                  "peft mixed": generate(peft, ids, adapter_names=names), "peft one adapter": generate(peft, ids)}
@@ -210,8 +254,8 @@ def mixed_decode(model: nn.Module, rounds: int, vocab: int, counts: tuple[int, .
 
 
 def forward_vs_peft(model: nn.Module, rounds: int, vocab: int) -> dict[str, object]:
-    delta = perturbed(LoraModel(model, name="f", modified_modules=QV, lora_r=8), seed=3)
     peft = peft_model(model, ["f"])
+    delta = perturbed(LoraModel(model, name="f", modified_modules=QV, lora_r=8), seed=3)
     ids = torch.randint(3, vocab, (8, 32), generator=torch.Generator().manual_seed(8))
 
     def forward(m: nn.Module) -> Callable[[], object]:

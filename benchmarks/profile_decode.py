@@ -1,8 +1,9 @@
 """What one LoRA adds to one module call in decode shape (issue 21): SmolLM2's q_proj, an
-``nn.Linear(576, 576)`` called on 1 x 1 x 576 under ``no_grad``, bare and with LoRA r=8 attached.
+``nn.Linear(576, 576)`` called on 1 x 1 x 576 under ``no_grad``, bare, with LoRA r=8 attached, and with
+that LoRA served fused (``delta.fuse()``: one linear map with a cached merged weight).
 
 Per call: Python function calls (cProfile, builtins included), top-level aten ops (torch.profiler:
-ops called from Python, not those they call), and the time attached / bare as the per-round paired
+ops called from Python, not those they call), and the time attached / bare and fused / bare as the per-round paired
 ratio of benchmarks.decode (each round times both back to back, the order alternating). Counts are
 exact on any machine; the times are worth what the machine's quiet is.
 
@@ -78,28 +79,35 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    bare_block, lora_block = Block().eval(), Block().eval()
+    bare_block, lora_block, fused_block = Block().eval(), Block().eval(), Block().eval()
     lora_block.load_state_dict(bare_block.state_dict())
-    delta = LoraModel(lora_block, name="d", modified_modules=["q_proj"], lora_r=8)
+    fused_block.load_state_dict(bare_block.state_dict())
+    deltas = [LoraModel(block, name="d", modified_modules=["q_proj"], lora_r=8) for block in (lora_block, fused_block)]
     with torch.no_grad():
-        for p in delta.delta_parameters():
-            p.add_(0.01)
+        for delta in deltas:
+            for p in delta.delta_parameters():
+                p.add_(0.01)
+    deltas[1].fuse()
     h = torch.randn(1, 1, FEATURES)
+    blocks = {"attached": lora_block, "fused": fused_block, "bare": bare_block}
     with torch.no_grad():
-        lora_block(h)  # the model's first forward: the delta's reachability check removes its hooks
-        fns = {"attached": functools.partial(lora_block.q_proj, h), "bare": functools.partial(bare_block.q_proj, h)}
+        for block in blocks.values():
+            block(h)  # the model's first forward: the delta's reachability check removes its hooks
+        fns = {name: functools.partial(block.q_proj, h) for name, block in blocks.items()}
         counts = {name: {"python calls": python_calls(fn), "aten ops": aten_ops(fn)} for name, fn in fns.items()}
         samples = interleaved({name: repeated(fn, args.calls) for name, fn in fns.items()}, args.rounds)
     results = {
         **counts,
         "us per call": {name: 1e6 * statistics.median(v["wall"]) / args.calls for name, v in samples.items()},
         "attached / bare": ratio(samples, "attached", "bare"),
+        "fused / bare": ratio(samples, "fused", "bare"),
     }
     for name, count in counts.items():
         ops, names = count["aten ops"]
         print(f"{name:8s} per call: {count['python calls']:.0f} Python calls, {ops:.0f} top-level aten ops {names}")
     print(f"us per call (median of {args.rounds} rounds): {results['us per call']}")
-    print(f"attached / bare: {shown(results['attached / bare'])}")
+    for key in ("attached / bare", "fused / bare"):
+        print(f"{key}: {shown(results[key])}")
     return results
 
 

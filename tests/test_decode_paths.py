@@ -190,6 +190,9 @@ def test_the_decode_benchmark_runs_on_a_tiny_model() -> None:
 
     results = decode.main(["--smoke", "--rounds", "1"])
     assert {"lora batch 1", "ia3 batch 8", "adapter batch 1"} <= set(results["decode"])
+    lora = results["decode"]["lora batch 1"]
+    assert {"attached / detached", "fused / detached", "peft / detached"} <= set(lora)
+    assert "fused / detached" in results["decode"]["ia3 batch 8"] and "fused / detached" not in results["decode"]["adapter batch 1"]
     assert results["mixed_decode"]["4 tasks"]["opendelta mixed / one delta"]["min"] > 0
     assert results["forward"]["8 prompts"]["opendelta / peft"]["median"] > 0
     paired = results["decode"]["lora batch 1"]["attached / detached"]["paired"]
@@ -213,6 +216,20 @@ def test_the_decode_profile_counts_what_a_lora_adds_to_a_module_call() -> None:
     # added in place into the bias-free output (no out-of-place addmm), no casts in float32
     assert {"addmm_", "linear"} <= set(names) and not {"addmm", "to"} & set(names)
     assert results["attached"]["python calls"] > results["bare"]["python calls"]
+    assert results["fused"]["aten ops"] == results["bare"]["aten ops"]  # served fused: the bare call's one linear
+
+
+def test_the_step_profile_counts_no_aten_op_beyond_the_bare_step_for_a_fused_lora() -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import profile_step
+
+    results = profile_step.main(["--steps", "2", "--rounds", "1"])
+    bare, attached, fused = (results[name] for name in ("bare", "attached", "fused"))
+    assert fused["ops"] == bare["ops"] and attached["aten ops"] > bare["aten ops"]
+    assert "addmm_" in set(attached["ops"]) - set(bare["ops"]) and attached["ops"]["mul"] > bare["ops"]["mul"]
 
 
 def test_stacked_lora_trains_side_by_side_on_a_bf16_backbone_in_the_deltas_float32(monkeypatch) -> None:

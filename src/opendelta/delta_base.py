@@ -21,6 +21,7 @@ from opendelta.backbone_changes import BackboneChanges
 from opendelta.config import DeltaConfig, check_delta_name, check_name_list
 from opendelta.distributed import ARRIVAL_TIMEOUT_S
 from opendelta.errors import DeltaConfigError, LifecycleError, RuntimeInitError
+from opendelta.fused import FuseHandle, set_fused
 from opendelta.interactive import choose_modules
 from opendelta.layer import DeltaLayer
 from opendelta.merging import check_last_merged, merge_layers, unmerge_layers
@@ -32,12 +33,14 @@ from opendelta.quantized import guard_cpu_repack
 from opendelta.reachability import FirstForwardCheck
 from opendelta.registry import RegisteredConfig, RegisteredType, register
 from opendelta.routing import (
+    DATA_FLOW_LOCK,
     OrderKey,
     Span,
     add_delta,
     changes_data_flow,
     mixing_anywhere,
     remove_delta,
+    site_of,
     switch_deltas,
 )
 from opendelta.runtime_init import Observation, observe_targets
@@ -406,6 +409,23 @@ class DeltaBase(OriginalAPI):
         """Run this delta as ``h + value * m(h)`` until the returned handle is removed (``with delta.scale(0.5):``
         scales one block); 1.0 is the trained delta bit for bit. See :mod:`opendelta.scaling`."""
         return scaling.set_scale(self, value)
+
+    def fuse(self) -> FuseHandle:
+        """Serve this delta fused, until the returned handle is removed: on each linear module where it is the
+        only delta, a forward that records no gradient computes one linear map with a cached merged weight
+        kept beside the untouched backbone weight (one extra copy per module). See :mod:`opendelta.fused`."""
+        return set_fused(self.name, self.layers, self._refresh_routes)
+
+    def _refresh_routes(self) -> None:
+        """Re-decide the routes of the modules this delta's layers act on now (a changed run-time setting)."""
+        if not self._attached or self._merged:
+            return
+        with DATA_FLOW_LOCK:
+            for site, _ in self._placed():
+                for module in (site.start, site.end) if isinstance(site, Span) else (site,):
+                    routes = site_of(module)
+                    if routes is not None:
+                        routes.refresh(module)
 
     @property
     def scale_factor(self) -> float:

@@ -54,6 +54,9 @@ class DeltaLayer(nn.Module):
     #: set by the precision policy (opendelta.precision) on a layer whose half-precision tensors it upcast: its
     #: routes then compute in its own dtype and return the hidden state's
     in_own_precision: bool = False
+    #: set by ``DeltaBase.fuse()``: alone on a linear module, run merged into a cached copy of its weight when
+    #: no gradient is recorded (opendelta.fused)
+    serve_fused: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -40,8 +40,10 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.functional import linear
 
 from opendelta.errors import LifecycleError, MixedBatchError, UnsupportedModuleError
+from opendelta.fused import MergedWeights, fusable
 from opendelta.layer import ROW_WISE, WHOLE_BATCH, DeltaLayer, first_tensor, input_name, whole_batch_only, with_first_tensor
 from opendelta.precision import route_for
 
@@ -183,6 +185,11 @@ class Site:
         #: would not cast); names, not objects, so replicas and copies find their own layer
         self._lean: str | None = None
         self._lean_route = "route_parallel"
+        #: the one delta here when it runs fused (DeltaBase.fuse, opendelta.fused): the module's class is then
+        #: its fused subclass (:func:`fused_class`, as torch's parametrize swaps classes), with no hooks, and
+        #: `_merged` caches its merged weight
+        self._fused: str | None = None
+        self._merged = MergedWeights()
 
     def place(self, route: str, name: str, order: OrderKey) -> None:
         """Put delta `name` into `route`'s list at its place: ascending `order`, then name."""
@@ -411,13 +418,16 @@ class Site:
         self._lean = self._lean_delta(module)
         if self._lean is not None:
             self._lean_route = route_for(module._modules[self._lean], "route_parallel")
-        needs_pre = bool(self.before or self.span_starts)
+        self._fused = self._fused_delta(module)
+        self._merged = MergedWeights()  # computed again on first use, from whatever acts here now
+        fused = self._fused is not None  # the fused forward runs the hooks' code itself when it cannot fuse
+        needs_pre = bool(self.before or self.span_starts) and not fused
         if needs_pre and self._pre_handle is None:
             self._pre_handle = module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
         elif not needs_pre and self._pre_handle is not None:
             self._pre_handle.remove()
             self._pre_handle = None
-        needs_post = bool(self.parallel or self.after)
+        needs_post = bool(self.parallel or self.after) and not fused
         if needs_post and self._post_handle is None:
             self._post_handle = module.register_forward_hook(self.post_hook, with_kwargs=True)
         elif not needs_post and self._post_handle is not None:
@@ -435,6 +445,11 @@ class Site:
             if module.__dict__.get("forward") is self._own_forward:
                 del module.forward
             self._own_forward = None
+        plain = plain_class(type(module))
+        if fused and type(module) is plain:
+            module.__class__ = fused_class(plain)
+        elif not fused and type(module) is not plain:
+            module.__class__ = plain
         if self.weights and self._swap is None:
             self._swap = WeightSwap(self, module)
         elif not self.weights and self._swap is not None:
@@ -449,6 +464,19 @@ class Site:
         name = self.parallel[0]
         layer = module._modules.get(name)
         return name if isinstance(layer, DeltaLayer) and not layer.reads_module else None
+
+    def _fused_delta(self, module: nn.Module) -> str | None:
+        """The name of the only delta here if it asked to run fused and can (:func:`opendelta.fused.fusable`)
+        on a module no other library gave an instance-level forward."""
+        names = (*self.before, *self.parallel, *self.after)
+        if len(names) != 1 or self.weights or self.replace is not None or self.span_starts or self.span_inputs:
+            return None
+        layer = module._modules.get(names[0])
+        if not isinstance(layer, DeltaLayer) or not layer.serve_fused or not fusable(module, plain_class(type(module)), layer):
+            return None
+        if "forward" in module.__dict__:  # another library's wrapper would call the class's forward it saw
+            return None
+        return names[0]
 
     @property
     def empty(self) -> bool:
@@ -560,6 +588,49 @@ def mixing_here(backbone: nn.Module) -> bool:
 def mixing_anywhere(backbone: nn.Module) -> bool:
     """Whether any thread is inside a mixed batch on `backbone`."""
     return id(backbone) in _MIXING
+
+
+def _fused_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A fused module's forward: one linear map with the merged weights (opendelta.fused) where that computes
+    what the unmerged delta would, else the module's own forward between the hooks' code, as with hooks."""
+    site: Site = module.__dict__[_SITE_ATTR]
+    if args and not kwargs and not _MIXING and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        layer = module._modules[site._fused]  # type: ignore[index]
+        if layer.change_scale == 1.0:  # a scaled delta runs unmerged, as the scale's contract says
+            merged = site._merged.get(module, layer)
+            if merged is not None:
+                return linear(args[0], *merged)
+    if site.before:
+        args, kwargs = site.pre_hook(module, args, kwargs)
+    output = nn.Linear.forward(module, *args, **kwargs)  # fusable: the plain class's forward is nn.Linear's
+    return site.post_hook(module, args, kwargs, output) if site.parallel or site.after else output
+
+
+class FusedLinear(nn.Linear):
+    """An ``nn.Linear`` whose one delta runs fused (:func:`fused_class`); a module's class only while it does."""
+
+    forward = _fused_forward
+
+
+#: plain class -> its fused subclass
+_FUSED_CLASSES: dict[type, type] = {nn.Linear: FusedLinear}
+
+
+def fused_class(plain: type) -> type:
+    """The subclass of `plain` (an nn.Linear subclass with nn.Linear's forward) that a fused module takes,
+    made once and kept in this module under a unique name, so a pickled model finds it."""
+    made = _FUSED_CLASSES.get(plain)
+    if made is None:
+        name = "Fused_" + f"{plain.__module__}.{plain.__qualname__}".replace(".", "_").replace("<", "_").replace(">", "_")
+        made = type(name, (plain,), {"forward": _fused_forward, "__module__": __name__, "__qualname__": name})
+        globals()[name] = made
+        _FUSED_CLASSES[plain] = made
+    return made
+
+
+def plain_class(cls: type) -> type:
+    """The class a module has when not fused: `cls` itself, or the one its fused subclass was made from."""
+    return cls.__bases__[0] if cls.__dict__.get("forward") is _fused_forward else cls
 
 
 def _replaced_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:

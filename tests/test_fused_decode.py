@@ -1,0 +1,243 @@
+"""The fused inference route (``delta.fuse()``, opendelta.fused): one linear map with a cached merged weight
+where a mergeable delta is alone on a linear module and no gradient is recorded; the unmerged route,
+bit for bit, everywhere else. The backbone's tensors are never written."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from conftest import tiny_llama
+from support.numerics import assert_changed, assert_within_noise, batching_noise, float32_noise
+
+from opendelta import AdapterModel, IA3Model, LoraModel, MergeError, mixed_batch
+from opendelta.hotswap import LoraSlot
+from opendelta.routing import FusedLinear, site_of
+
+IDS = torch.randint(1, 99, (4, 6), generator=torch.Generator().manual_seed(5))
+
+
+def perturbed(delta, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in delta.delta_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    return delta
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def noise(model: torch.nn.Module) -> tuple[float, float]:
+    """The bare model's own rounding here: batched vs each row alone, and float32 vs float64."""
+    def forward(m: torch.nn.Module, rows: slice) -> torch.Tensor:
+        return logits(m, IDS[rows])
+
+    return batching_noise(model, forward, len(IDS)), float32_noise(model, forward)
+
+
+def fused_modules(delta) -> list[torch.nn.Module]:
+    sites = [(t.module, site_of(t.module)) for t in delta._targets.values()]
+    return [module for module, site in sites if site is not None and site._fused is not None]
+
+
+def test_fused_lora_equals_the_unmerged_route_within_rounding_and_never_writes_the_backbone() -> None:
+    model = tiny_llama()
+    reference = noise(model)
+    weights = {name: p.clone() for name, p in model.named_parameters()}
+    bare = logits(model)
+    delta = perturbed(LoraModel(model, name="a"), seed=1)
+    unmerged = logits(model)
+    with delta.fuse():
+        modules = fused_modules(delta)
+        assert len(modules) == len(delta.layers)
+        assert all(type(m) is FusedLinear and not m._forward_hooks and not m._forward_pre_hooks for m in modules)
+        fused = logits(model)
+        assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters() if name in weights)
+    assert_within_noise(fused, unmerged, *reference)
+    assert torch.equal(logits(model), unmerged)  # the handle removed: the hooks' route again, bit for bit
+    assert all(type(m) is torch.nn.Linear for m in modules)
+    delta.detach()
+    assert torch.equal(logits(model), bare)
+
+
+def test_detach_while_fused_restores_the_backbone_bit_for_bit_and_attach_fuses_again() -> None:
+    model = tiny_llama()
+    bare = logits(model)
+    delta = perturbed(LoraModel(model, name="a"), seed=1)
+    delta.fuse()
+    fused = logits(model)
+    delta.detach()
+    assert torch.equal(logits(model), bare)
+    assert all(type(t.module) is torch.nn.Linear and site_of(t.module) is None for t in delta._targets.values())
+    delta.attach()
+    assert len(fused_modules(delta)) == len(delta.layers)
+    assert torch.equal(logits(model), fused)
+
+
+def test_the_fused_route_is_not_taken_with_gradients_a_scale_a_training_dropout_or_a_mixed_batch() -> None:
+    model = tiny_llama()
+    a = perturbed(LoraModel(model, name="a", lora_dropout=0.1), seed=1)
+    b = perturbed(LoraModel(model, name="b", modified_modules=["mlp.down_proj"]), seed=2)
+    b.detach()
+    a.eval()  # dropout off: the fused route may run
+    with torch.no_grad():
+        a_unmerged = model(input_ids=IDS).logits
+        with a.scale(0.5):
+            scaled = model(input_ids=IDS).logits
+        b.attach()
+        with mixed_batch([a, b], [0, 1, 1, 0]):
+            mixed = model(input_ids=IDS).logits
+        b.detach()
+    tracked = model(input_ids=IDS).logits
+    a.fuse()
+    assert fused_modules(a)
+    with torch.no_grad():
+        with a.scale(0.5):
+            assert torch.equal(model(input_ids=IDS).logits, scaled)
+        b.attach()
+        with mixed_batch([a, b], [0, 1, 1, 0]):
+            assert torch.equal(model(input_ids=IDS).logits, mixed)
+        b.detach()
+    with_grad = model(input_ids=IDS).logits
+    assert torch.equal(with_grad, tracked) and with_grad.requires_grad
+    with_grad.square().mean().backward()
+    assert all(p.grad is not None for p in a.delta_parameters())
+    a.train()  # dropout on: the unmerged route, which drops
+    with torch.no_grad():
+        torch.manual_seed(0)
+        dropped = model(input_ids=IDS).logits
+    assert not torch.allclose(dropped, a_unmerged)
+
+
+def test_the_cache_follows_in_place_changes_and_a_hot_swap_slot() -> None:
+    model = tiny_llama()
+    reference = noise(model)
+    bare = logits(model)
+    slot = LoraSlot(model, ["q_proj", "v_proj"], max_rank=4, name="slot")
+    donor = tiny_llama()
+    tasks = [perturbed(LoraModel(donor, name=f"t{i}", lora_r=4), seed=i + 1) for i in range(2)]
+    for task in tasks:
+        task.detach()
+    unmerged = []
+    for task in tasks:
+        slot.load(task)
+        unmerged.append(logits(model))
+    handle = slot.delta.fuse()
+    for task, want in zip(tasks, unmerged):
+        slot.load(task)  # copies into the slot's factors in place: the merged weights are rebuilt
+        assert_within_noise(logits(model), want, *reference)
+    with torch.no_grad():
+        slot.delta.layers["model.layers.0.self_attn.q_proj"].lora_B.mul_(3.0)
+    changed = logits(model)
+    handle.remove()
+    assert_within_noise(changed, logits(model), *reference)
+    assert_changed(changed, unmerged[-1], *reference)
+    slot.delta.fuse()
+    slot.clear()  # zero factors: W + 0 is W exactly, so the fused model is the bare one bit for bit
+    assert torch.equal(logits(model), bare)
+
+
+def test_two_deltas_on_a_module_keep_the_unmerged_route_bit_for_bit() -> None:
+    model = tiny_llama()
+    lora = perturbed(LoraModel(model, name="a"), seed=1)
+    ia3 = perturbed(IA3Model(model, name="i"), seed=2)  # shares v_proj with the LoRA
+    both = logits(model)
+    lora.fuse()
+    fused = {id(m) for m in fused_modules(lora)}
+    v_proj = model.model.layers[0].self_attn.v_proj
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert id(v_proj) not in fused and id(q_proj) in fused
+    reference = noise(model)
+    assert_within_noise(logits(model), both, *reference)
+    ia3.detach()
+    assert id(v_proj) in {id(m) for m in fused_modules(lora)}  # alone again: fused
+
+
+def test_fuse_refuses_a_delta_with_nothing_to_merge_and_changes_nothing() -> None:
+    model = tiny_llama()
+    adapter = perturbed(AdapterModel(model, name="ad"), seed=1)
+    before = logits(model)
+    with pytest.raises(MergeError, match="nothing to fuse"):
+        adapter.fuse()
+    assert all(not layer.serve_fused for layer in adapter.layers.values())
+    assert torch.equal(logits(model), before)
+
+
+def test_merge_unmerge_switch_and_copies_while_fused() -> None:
+    model = tiny_llama()
+    reference = noise(model)
+    bare = logits(model)
+    a = perturbed(LoraModel(model, name="a"), seed=1)
+    unmerged_a = logits(model)
+    keys = set(model.state_dict())
+    a.fuse()
+    assert set(model.state_dict()) == keys  # the cache is no parameter or buffer: nothing more is saved
+    fused_a = logits(model)
+    a.merge()
+    assert not fused_modules(a)
+    assert_within_noise(logits(model), unmerged_a, *reference)
+    a.unmerge()
+    assert torch.equal(logits(model), fused_a)  # fused again, from the restored weights
+    assert torch.equal(logits(copy.deepcopy(model)), fused_a)  # a copy routes through its own merged weights
+    assert torch.equal(logits(pickle.loads(pickle.dumps(model))), fused_a)  # the fused class pickles by name
+    a.detach()
+    b = perturbed(LoraModel(model, name="b"), seed=2)
+    unmerged_b = logits(model)
+    b.fuse()
+    b.detach()
+    a.attach()
+    a.switch(b)  # the sites are kept and re-decided: b's layers run fused
+    assert len(fused_modules(b)) == len(b.layers)
+    assert_within_noise(logits(model), unmerged_b, *reference)
+    b.detach()
+    assert torch.equal(logits(model), bare)
+
+
+def test_a_compiled_model_traces_the_unmerged_route_while_fused() -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).eval()
+    delta = perturbed(LoraModel(model, name="a", modified_modules=["0", "2"], lora_r=2), seed=1)
+    h = torch.randn(3, 8)
+    with torch.no_grad():
+        unmerged = model(h)
+        delta.fuse()
+        graphs = []
+        compiled = torch.compile(model, backend=lambda gm, _: graphs.append(gm) or gm.forward)
+        assert torch.equal(compiled(h), unmerged)  # the captured unmerged ops, run eagerly: bit for bit
+    assert len(graphs) == 1  # no graph break at the fused forward
+    torch._dynamo.reset()
+
+
+class SubLinear(torch.nn.Linear):
+    """A subclass with nn.Linear's forward: fusable, through a fused subclass of its own."""
+
+
+class OwnForwardLinear(torch.nn.Linear):
+    """A subclass with a forward of its own (as quantized layers have): the delta stays unmerged."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return super().forward(h)
+
+
+def test_only_modules_with_nn_linears_forward_are_fused_and_their_class_comes_back() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(SubLinear(8, 8), torch.nn.Tanh(), OwnForwardLinear(8, 4)).eval()
+    delta = perturbed(LoraModel(model, name="a", modified_modules=["0", "2"], lora_r=2), seed=1)
+    h = torch.randn(3, 8)
+    with torch.no_grad():
+        unmerged = model(h)
+        handle = delta.fuse()
+        assert type(model[0]) is not SubLinear and isinstance(model[0], SubLinear) and type(model[2]) is OwnForwardLinear
+        fused = model(h)
+        copied = pickle.loads(pickle.dumps(model))
+        assert type(copied[0]) is type(model[0]) and torch.equal(copied(h), fused)
+        handle.remove()
+        assert type(model[0]) is SubLinear and torch.equal(model(h), unmerged)
+    reference = float32_noise(model, lambda m, _: m(h.to(m[0].weight.dtype)))
+    assert_within_noise(fused, unmerged, reference)
