@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ import torch  # noqa: E402
 from benchmarks import workloads  # noqa: E402
 from benchmarks.report import machine, print_report, targets  # noqa: E402
 from benchmarks.suite import Settings, run_skeleton, run_workload  # noqa: E402
+from benchmarks.timing import write_json  # noqa: E402
 from benchmarks.variants import available_methods  # noqa: E402
 
 
@@ -67,13 +67,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "skeletons": {},
     }
 
-    def save() -> None:  # after every workload, so a long run that is stopped keeps what it measured
+    def save() -> None:  # after every figure, so a long run that is stopped keeps what it measured
         if args.json:
             results["targets"] = targets(results)
             results["seconds"] = time.perf_counter() - started
-            with open(args.json, "w", encoding="utf-8") as handle:
-                json.dump(results, handle, indent=2)
-                handle.write("\n")
+            write_json(results, args.json)
 
     for name, sizes in skeletons.items():
         if chosen is None or name in chosen:
@@ -83,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for workload in loads:
         if chosen is None or workload.name in chosen:
             print(f"[benchmarks] {workload.name} ...", file=sys.stderr, flush=True)
-            results["workloads"][workload.name] = run_workload(workload, methods, settings)
-            save()
+            run_workload(workload, methods, settings, into=results["workloads"].setdefault(workload.name, {}),
+                         on_figure=save)
     results["targets"] = targets(results)
     results["seconds"] = time.perf_counter() - started
     print_report(results)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from benchmarks.timing import write_json
 from opendelta import AdapterModel, IA3Model, LoraModel, mixed_batch
 from opendelta.routing import site_of
 
@@ -146,8 +146,12 @@ def generate(model: nn.Module, ids: torch.Tensor, **extra: object) -> Callable[[
 METHODS = ("lora", "ia3", "adapter")
 
 
+#: called with each case's name and figures as soon as it is measured
+OnCase = Callable[[str, dict], None]
+
+
 def decode_ratios(model: nn.Module, rounds: int, vocab: int, methods: tuple[str, ...] = METHODS,
-                  batches: tuple[int, ...] = (1, 8)) -> dict[str, object]:
+                  batches: tuple[int, ...] = (1, 8), on_case: OnCase = lambda name, figures: None) -> dict[str, object]:
     """Greedy decoding with one delta attached / the same model detached (attach and detach untimed); for
     the mergeable methods also the delta served fused (``delta.fuse()``), and for LoRA PEFT's unmerged LoRA
     with the same factors."""
@@ -182,6 +186,7 @@ def decode_ratios(model: nn.Module, rounds: int, vocab: int, methods: tuple[str,
                 "seconds": summary(samples),
                 **{f"{name} / detached": ratio(samples, name, "detached") for name in cases if name != "detached"},
             }
+            on_case(f"{method} batch {batch}", results[f"{method} batch {batch}"])
         del peft
     return results
 
@@ -216,7 +221,8 @@ def peft_model(model: nn.Module, names: list[str]):
     return peft.eval()
 
 
-def mixed_decode(model: nn.Module, rounds: int, vocab: int, counts: tuple[int, ...]) -> dict[str, object]:
+def mixed_decode(model: nn.Module, rounds: int, vocab: int, counts: tuple[int, ...],
+                 on_case: OnCase = lambda name, figures: None) -> dict[str, object]:
     results: dict[str, object] = {}
     for tasks in counts:
         names = [f"t{i}" for i in range(tasks)]
@@ -247,6 +253,7 @@ def mixed_decode(model: nn.Module, rounds: int, vocab: int, counts: tuple[int, .
             "peft mixed / one adapter": ratio(samples, "peft mixed", "peft one adapter"),
             "opendelta mixed / peft mixed": ratio(samples, "opendelta mixed", "peft mixed"),
         }
+        on_case(f"{tasks} tasks", results[f"{tasks} tasks"])
         for d in deltas:
             d.detach()
         del peft
@@ -292,25 +299,31 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "model": "tiny-llama" if args.smoke else "SmolLM2-135M", "threads": args.threads, "rounds": rounds,
         "new_tokens": NEW_TOKENS, "torch": torch.__version__,
     }
-    if "decode" in args.only:
-        results["decode"] = decode_ratios(model, rounds, vocab, tuple(args.methods), tuple(args.batches))
-    if "mixed_decode" in args.only:
-        results["mixed_decode"] = mixed_decode(model, rounds, vocab, (2, 4) if args.smoke else (8, 32))
-    if "forward" in args.only:
-        results["forward"] = {"8 prompts": forward_vs_peft(model, rounds, vocab)}
-    results["seconds"] = time.perf_counter() - started
     print("ratios on the wall clock: min-of-rounds, median-of-rounds; paired = per-round ratio of the two timed "
-          "back to back: median [quartiles] (range); cpu paired: the same on the process CPU clock")
-    for section in SECTIONS:
-        for name, figures in results.get(section, {}).items():  # type: ignore[union-attr]
+          "back to back: median [quartiles] (range); cpu paired: the same on the process CPU clock", flush=True)
+
+    def record(section: str) -> OnCase:
+        """Print a case's rows and rewrite the JSON as soon as the case is measured (a stopped run keeps it)."""
+
+        def on_case(name: str, figures: dict) -> None:
+            results.setdefault(section, {})[name] = figures  # type: ignore[union-attr]
+            results["seconds"] = time.perf_counter() - started
             for key, figure in figures.items():
                 if " / " in key:
-                    print(f"{section:13s} {name:15s} {key:29s} {shown(figure)}")
+                    print(f"{section:13s} {name:15s} {key:29s} {shown(figure)}", flush=True)
+            write_json(results, args.json)
+
+        return on_case
+
+    if "decode" in args.only:
+        decode_ratios(model, rounds, vocab, tuple(args.methods), tuple(args.batches), on_case=record("decode"))
+    if "mixed_decode" in args.only:
+        mixed_decode(model, rounds, vocab, (2, 4) if args.smoke else (8, 32), on_case=record("mixed_decode"))
+    if "forward" in args.only:
+        record("forward")("8 prompts", forward_vs_peft(model, rounds, vocab))
+    results["seconds"] = time.perf_counter() - started
     print(f"{rounds} rounds in {results['seconds']:.0f} s")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
-            handle.write("\n")
+    write_json(results, args.json)
     return results
 
 

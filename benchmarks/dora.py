@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
+from collections.abc import Callable
 
 import torch
 
-from benchmarks.timing import Spread, interleaved, ratio, write_json
+from benchmarks.timing import Samples, interleaved, round_line, summary, write_json
 from benchmarks.variants import build, train_step
 from benchmarks.workloads import by_name
 
@@ -30,22 +32,30 @@ PAIRS = (
 )
 
 
-def measure(workload: str, rounds: int, warmup: int) -> dict:
-    """Median seconds per step of each configuration and the round-by-round ratios of PAIRS."""
+def measure(workload: str, rounds: int, warmup: int, on_update: Callable[[dict], None] = lambda result: None) -> dict:
+    """Median seconds per step of each configuration and the round-by-round ratios of PAIRS; prints a row and
+    calls `on_update(result)` after every round, so a stopped run keeps the rounds it finished."""
     chosen = by_name(workload)
     base = chosen.load()
     batch = chosen.batch(base, torch.device("cpu"))
     steps = {name: train_step(build(name, copy.deepcopy(base)), batch) for name in CONFIGURATIONS}
-    samples = interleaved(steps, rounds, warmup)
-    wall, cpu = samples["wall"], samples["cpu"]
-    return {
+    result: dict = {
         "workload": chosen.description,
         "batch": [chosen.batch_size, chosen.seq_len],
         "threads": torch.get_num_threads(),
-        "seconds": {name: Spread.of(values).to_dict() for name, values in wall.items()},
-        "ratios": {f"{a} / {b}": ratio(wall, a, b).to_dict() for a, b in PAIRS},
-        "cpu_ratios": {f"{a} / {b}": ratio(cpu, a, b).to_dict() for a, b in PAIRS},
+        "rounds": rounds,
+        "warmup": warmup,
     }
+    print(f"{result['workload']}, batch {result['batch']}, {result['threads']} threads", flush=True)
+    started = time.perf_counter()
+
+    def on_round(samples: Samples, done: int) -> None:
+        result.update(rounds_done=done, **summary(samples, PAIRS))
+        print(round_line(samples, done, rounds, started), flush=True)
+        on_update(result)
+
+    interleaved(steps, rounds, warmup, on_round=on_round)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,11 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (after every round)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = measure(args.only, args.rounds, args.warmup)
-    print(f"{result['workload']}, batch {result['batch']}, {result['threads']} threads")
+    result = measure(args.only, args.rounds, args.warmup, on_update=lambda result: write_json(result, args.json))
     for name, spread in result["seconds"].items():
         print(f"  {name:16s} {spread['median']:.3f} s/step")
     for pair, spread in result["ratios"].items():

@@ -17,12 +17,14 @@ import gc
 import json
 import multiprocessing
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 STEPS = 3
 PRELOAD = [
+    "benchmarks",  # first: it filters the known torchao import warnings before peft imports torchao
     "torch", "transformers", "peft", "opendelta", "benchmarks.variants", "benchmarks.workloads",
     "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama",
 ]
@@ -95,17 +97,41 @@ def _measure_task(task: tuple[str, str, str, int]) -> dict[str, int | str]:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def probe_all(workload_name: str, variants: list[str], device: str, threads: int = 2) -> dict[str, dict]:
-    """Measure every variant in its own fresh process, two side by side (nothing is timed).
+def probe_all(
+    workload_name: str,
+    variants: list[str],
+    device: str,
+    threads: int = 2,
+    on_result: Callable[[str, dict], None] | None = None,
+) -> dict[str, dict]:
+    """Measure every variant in its own fresh process, two side by side (nothing is timed); `on_result`
+    sees each variant's figures as soon as its process is done."""
+    tasks = {v: (workload_name, v, device, threads) for v in variants}
+    return in_fresh_processes(_measure_task, tasks, PRELOAD, on_result)
 
-    The processes are forked from a fork server that has imported the libraries and nothing
-    else, so each starts as clean as a new interpreter without paying the import again.
+
+def in_fresh_processes(
+    fn: Callable[[Any], dict],
+    tasks: dict[str, Any],
+    preload: list[str],
+    on_result: Callable[[str, dict], None] | None = None,
+) -> dict[str, dict]:
+    """``fn(task)`` for every named task, each in a fresh process of its own, two at a time; the results
+    by name, in the order of `tasks`. `on_result` sees each (name, result) as it comes in.
+
+    The processes are forked from a fork server that has imported `preload` and nothing else, so each
+    starts as clean as a new interpreter without paying the import again.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
-    tasks = [(workload_name, v, device, threads) for v in variants]
-    with context.Pool(processes=min(2, len(tasks)), maxtasksperchild=1) as pool:
-        return dict(zip(variants, pool.map(_measure_task, tasks, chunksize=1), strict=True))
+    context.set_forkserver_preload(preload)
+    names = list(tasks)
+    done: dict[str, dict] = {}
+    with context.Pool(processes=min(2, len(names)), maxtasksperchild=1) as pool:
+        for name, result in zip(names, pool.imap(fn, [tasks[n] for n in names], chunksize=1), strict=True):
+            done[name] = result
+            if on_result is not None:
+                on_result(name, result)
+    return done
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ one backbone carrying one LoRA delta per task (r=8 at the defaults, every task's
 
 One sample is one full pass over the rows (forward, backward, AdamW step per batch); the two run
 interleaved, so a busy machine slows them alike. Rows per second and the ratio mixed / sequential
-(of seconds per pass: below 1 means mixed is faster) are reported per round.
+(of seconds per pass: below 1 means mixed is faster) are reported per round, and the JSON rewritten
+after every round.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from benchmarks.timing import Spread, interleaved, ratio, write_json
+from benchmarks.timing import Samples, Spread, interleaved, ratio, round_line, write_json
 from benchmarks.workloads import by_name
 from opendelta import LoraModel
 from opendelta.multitask_trainer import TaskRouting
@@ -96,22 +98,37 @@ def sequential_pass(base: nn.Module, batches: list[dict[str, torch.Tensor]], tas
     return run
 
 
-def measure(workload: str, tasks: int, batches: int, rounds: int, warmup: int) -> dict:
+def measure(workload: str, tasks: int, batches: int, rounds: int, warmup: int,
+            on_update: Callable[[dict], None] = lambda result: None) -> dict:
+    """Seconds per pass of both ways, rows per second and the round-by-round ratio; prints a row and calls
+    `on_update(result)` after every round, so a stopped run keeps the rounds it finished."""
     chosen = by_name(workload)
     base = chosen.load()
     pool = _batches(chosen.batch(base, torch.device("cpu")), tasks, batches)
     rows = sum(b["input_ids"].shape[0] for b in pool)
     fns = {"mixed": mixed_pass(base, pool, tasks), "sequential": sequential_pass(base, pool, tasks)}
-    samples = interleaved(fns, rounds, warmup)
-    wall, cpu = samples["wall"], samples["cpu"]
-    return {
+    result: dict = {
         "workload": chosen.description, "batch": [chosen.batch_size, chosen.seq_len], "tasks": tasks,
-        "rows_per_pass": rows, "threads": torch.get_num_threads(),
-        "seconds_per_pass": {name: Spread.of(values).to_dict() for name, values in wall.items()},
-        "rows_per_second": {name: rows / Spread.of(values).median for name, values in wall.items()},
-        "ratio mixed / sequential": ratio(wall, "mixed", "sequential").to_dict(),
-        "cpu ratio mixed / sequential": ratio(cpu, "mixed", "sequential").to_dict(),
+        "rows_per_pass": rows, "threads": torch.get_num_threads(), "rounds": rounds, "warmup": warmup,
     }
+    print(f"{result['workload']}, batch {result['batch']}, {tasks} tasks, {rows} rows per pass, "
+          f"{result['threads']} threads", flush=True)
+    started = time.perf_counter()
+
+    def on_round(samples: Samples, done: int) -> None:
+        wall, cpu = samples["wall"], samples["cpu"]
+        result.update({
+            "rounds_done": done,
+            "seconds_per_pass": {name: Spread.of(values).to_dict() for name, values in wall.items()},
+            "rows_per_second": {name: rows / Spread.of(values).median for name, values in wall.items()},
+            "ratio mixed / sequential": ratio(wall, "mixed", "sequential").to_dict(),
+            "cpu ratio mixed / sequential": ratio(cpu, "mixed", "sequential").to_dict(),
+        })
+        print(round_line(samples, done, rounds, started), flush=True)
+        on_update(result)
+
+    interleaved(fns, rounds, warmup, on_round=on_round)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -123,14 +140,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny-llama, 2 tasks, 1 batch each, 1 round")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (after every round)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.only, args.tasks, args.batches, args.rounds, args.warmup, args.threads = "tiny-llama", 2, 1, 1, 0, 1
     torch.set_num_threads(args.threads)
-    result = measure(args.only, args.tasks, args.batches, args.rounds, args.warmup)
-    print(f"{result['workload']}, batch {result['batch']}, {result['tasks']} tasks, {result['rows_per_pass']} rows per pass, "
-          f"{result['threads']} threads")
+    result = measure(args.only, args.tasks, args.batches, args.rounds, args.warmup,
+                     on_update=lambda result: write_json(result, args.json))
     for name, spread in result["seconds_per_pass"].items():
         print(f"  {name:10s} {spread['median']:.2f} s per pass, {result['rows_per_second'][name]:.1f} rows/s")
     r, c = result["ratio mixed / sequential"], result["cpu ratio mixed / sequential"]

@@ -17,16 +17,17 @@ each configuration's peak resident set over three steps, measured in a fresh pro
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.memory import PRELOAD, saved_bytes, step_peak
-from benchmarks.timing import Spread, interleaved, ratio, write_json
+from benchmarks.memory import PRELOAD, in_fresh_processes, saved_bytes, step_peak
+from benchmarks.timing import Samples, Spread, interleaved, ratio, round_line, write_json
 from benchmarks.variants import Built, build_opendelta, build_peft, train_step
 from benchmarks.workloads import by_name
 
@@ -79,81 +80,124 @@ def _peak(task: tuple[str, str, int, torch.dtype, str, int]) -> dict:
     workload, folder, bits, dtype, tool, threads = task
     torch.set_num_threads(threads)
     built = _lora(tool, load(folder, bits, dtype))
-    return step_peak(train_step(built, by_name(workload).batch(built.model, torch.device("cpu"))), torch.device("cpu"))
+    step = train_step(built, by_name(workload).batch(built.model, torch.device("cpu")))
+    return step_peak(step, torch.device("cpu")) | {"backbone_bytes": built.model.get_memory_footprint()}
 
 
-def peaks(workload: str, folder: str, threads: int) -> dict[str, dict[str, dict]]:
+def peaks(workload: str, folder: str, threads: int, names: list[str],
+          on_result: Callable[[str, str, dict], None] | None = None) -> dict[str, dict[str, dict]]:
     """setting -> tool -> peak memory of a training step (benchmarks/memory.py), each configuration in its own
-    fresh process (forked from a server that imported the libraries only), two at a time; nothing is timed."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([*PRELOAD, "bitsandbytes"])
-    tasks = [(workload, folder, bits, dtype, tool, threads) for _, bits, dtype in SETTINGS for tool in TOOLS]
-    with context.Pool(processes=2, maxtasksperchild=1) as pool:
-        results = iter(pool.map(_peak, tasks, chunksize=1))
-    return {name: {tool: next(results) for tool in TOOLS} for name, _, _ in SETTINGS}
+    fresh process (forked from a server that imported the libraries only), two at a time; nothing is timed.
+    `on_result(setting, tool, peak)` sees each configuration as soon as its process is done."""
+    chosen = {name: (bits, dtype) for name, bits, dtype in SETTINGS if name in names}
+    tasks = {(name, tool): (workload, folder, bits, dtype, tool, threads) for name, (bits, dtype) in chosen.items()
+             for tool in TOOLS}
+    done = in_fresh_processes(_peak, tasks, [*PRELOAD, "bitsandbytes"],
+                              None if on_result is None else lambda key, peak: on_result(*key, peak))
+    return {name: {tool: done[name, tool] for tool in TOOLS} for name in chosen}
 
 
-def measure(workload: str, rounds: int, warmup: int, peak: bool = True) -> dict:
-    """Per setting: median seconds per step of each tool, the round-by-round ratio opendelta / PEFT,
-    the bytes saved for backward and (`peak`) the peak memory of a step; plus the backbone's bytes per
-    setting against fp32."""
+def measure(workload: str, rounds: int, warmup: int, peak: bool = True, timing: bool = True,
+            names: list[str] | None = None, on_update: Callable[[dict], None] = lambda result: None) -> dict:
+    """Per setting (`names`, default all): median seconds per step of each tool, the round-by-round ratio
+    opendelta / PEFT and the bytes saved for backward (`timing`), and the peak memory of a step (`peak`);
+    plus the backbone's bytes per setting against fp32. Prints each row as it is measured and calls
+    `on_update(result)` after every round and every memory probe, so a stopped run keeps what it measured."""
     chosen = by_name(workload)
     folder = _folder(workload)
+    names = names or [name for name, _, _ in SETTINGS]
     dense = load(folder, None)
     batch = chosen.batch(dense, torch.device("cpu"))
     result: dict = {
         "workload": chosen.description,
         "batch": [chosen.batch_size, chosen.seq_len],
         "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "warmup": warmup,
         "backbone_bytes": {"fp32": dense.get_memory_footprint()},
         "settings": {},
     }
     del dense
+    print(f"{result['workload']}, batch {result['batch']}, {result['threads']} threads", flush=True)
+    started = time.perf_counter()
     for name, bits, dtype in SETTINGS:
+        if not timing or name not in names:
+            continue
         built = {tool: _lora(tool, load(folder, bits, dtype)) for tool in TOOLS}
         result["backbone_bytes"][name] = built["opendelta"].model.get_memory_footprint()
         saved = {tool: saved_bytes(b.model, batch) for tool, b in built.items()}
-        samples = interleaved({tool: train_step(b, batch) for tool, b in built.items()}, rounds, warmup)
-        result["settings"][name] = {
-            "seconds": {tool: Spread.of(values).to_dict() for tool, values in samples["wall"].items()},
-            "ratio": ratio(samples["wall"], "opendelta", "peft").to_dict(),
-            "cpu_ratio": ratio(samples["cpu"], "opendelta", "peft").to_dict(),
-            "saved_bytes": saved,
-            "saved_ratio": saved["opendelta"] / saved["peft"],
-        }
+        figures = result["settings"][name] = {"saved_bytes": saved, "saved_ratio": saved["opendelta"] / saved["peft"]}
+
+        def on_round(samples: Samples, done: int, figures: dict = figures) -> None:
+            figures.update({
+                "rounds_done": done,
+                "seconds": {tool: Spread.of(values).to_dict() for tool, values in samples["wall"].items()},
+                "ratio": ratio(samples["wall"], "opendelta", "peft").to_dict(),
+                "cpu_ratio": ratio(samples["cpu"], "opendelta", "peft").to_dict(),
+            })
+            print(f"{name}" + round_line(samples, done, rounds, started), flush=True)
+            on_update(result)
+
+        interleaved({tool: train_step(b, batch) for tool, b in built.items()}, rounds, warmup, on_round=on_round)
+        print(_row(name, result), flush=True)
         del built
-    for name, by_tool in (peaks(workload, folder, torch.get_num_threads()) if peak else {}).items():
-        result["settings"][name]["peak"] = by_tool | {"step_ratio": by_tool["opendelta"]["step_bytes"]
-                                                      / by_tool["peft"]["step_bytes"]}
+    if peak:
+        fp32 = result["backbone_bytes"]["fp32"]
+
+        def on_peak(name: str, tool: str, figures: dict) -> None:
+            entry = result["settings"].setdefault(name, {}).setdefault("peak", {})
+            entry[tool] = figures
+            if tool == "opendelta" and "backbone_bytes" in figures:
+                result["backbone_bytes"].setdefault(name, figures["backbone_bytes"])
+            if all("step_bytes" in entry.get(t, {}) for t in TOOLS):
+                entry["step_ratio"] = entry["opendelta"]["step_bytes"] / entry["peft"]["step_bytes"]
+            shown = (f"peak resident set {figures['peak_bytes'] / 2**20:.0f} MiB, a step's own "
+                     f"{figures['step_bytes'] / 2**20:.0f} MiB" if "peak_bytes" in figures else figures.get("error"))
+            print(f"  {name:9s} {tool:9s} {shown}; backbone {figures.get('backbone_bytes', 0) / fp32:.3f}x fp32 "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            on_update(result)
+
+        peaks(workload, folder, torch.get_num_threads(), names, on_peak)
     return result
+
+
+def _row(name: str, result: dict) -> str:
+    """One setting's timing row."""
+    figures = result["settings"][name]
+    seconds, spread, cpu = figures["seconds"], figures["ratio"], figures["cpu_ratio"]
+    return (f"  {name:9s} opendelta {seconds['opendelta']['median']:.3f} s/step, peft {seconds['peft']['median']:.3f} "
+            f"s/step, ratio {spread['median']:.3f} [{spread['q1']:.3f}, {spread['q3']:.3f}] cpu {cpu['median']:.3f} "
+            f"({figures['rounds_done']} rounds); saved for backward {figures['saved_ratio']:.3f}x PEFT's; backbone "
+            f"{result['backbone_bytes'][name] / result['backbone_bytes']['fp32']:.3f}x fp32")
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.qlora", description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="workload: smollm2 (default) or tiny-llama (--smoke's)")
     parser.add_argument("--smoke", action="store_true", help="the tiny LLaMA, for a quick check of the script")
+    parser.add_argument("--settings", default=",".join(name for name, _, _ in SETTINGS),
+                        help="comma-separated settings to run (default all: nf4-fp32,nf4-bf16,int8)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (after every round)")
+    memory = parser.add_mutually_exclusive_group()
+    memory.add_argument("--no-peak", action="store_true", help="skip the peak-memory processes")
+    memory.add_argument("--peak-only", action="store_true", help="only the peak-memory processes (no timing)")
     args = parser.parse_args(argv)
+    names = args.settings.split(",")
+    unknown = set(names) - {name for name, _, _ in SETTINGS}
+    if unknown:
+        parser.error(f"--settings: unknown {sorted(unknown)}")
     torch.set_num_threads(args.threads)
     result = measure(args.only or ("tiny-llama" if args.smoke else "smollm2"), args.rounds, args.warmup,
-                     peak=not args.no_peak)
-    print(f"{result['workload']}, batch {result['batch']}, {result['threads']} threads")
-    fp32 = result["backbone_bytes"]["fp32"]
+                     peak=not args.no_peak, timing=not args.peak_only, names=names,
+                     on_update=lambda result: write_json(result, args.json))
     for name, figures in result["settings"].items():
-        seconds, spread, cpu = figures["seconds"], figures["ratio"], figures["cpu_ratio"]
-        print(f"  {name:9s} opendelta {seconds['opendelta']['median']:.3f} s/step, peft {seconds['peft']['median']:.3f} "
-              f"s/step, ratio {spread['median']:.3f} [{spread['q1']:.3f}, {spread['q3']:.3f}] cpu {cpu['median']:.3f}; "
-              f"saved for backward {figures['saved_ratio']:.3f}x PEFT's; backbone "
-              f"{result['backbone_bytes'][name] / fp32:.3f}x fp32")
-        peak = figures.get("peak")
-        if peak:
-            print(f"  {'':9s} peak resident set opendelta {peak['opendelta']['peak_bytes'] / 2**20:.0f} MiB, peft "
-                  f"{peak['peft']['peak_bytes'] / 2**20:.0f} MiB; a step's own peak (above the built model) "
-                  f"{peak['step_ratio']:.3f}x PEFT's")
+        peak = figures.get("peak", {})
+        if "step_ratio" in peak:
+            print(f"  {name:9s} a step's own peak memory (above the built model) {peak['step_ratio']:.3f}x PEFT's",
+                  flush=True)
     write_json(result, args.json)
     return result
 

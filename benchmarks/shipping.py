@@ -1,4 +1,4 @@
-"""``python -m benchmarks.shipping [--smoke]``: shipping a tuned delta, opendelta vs PEFT, on SmolLM2-135M.
+"""``python -m benchmarks.shipping [--smoke] [--json PATH]``: shipping a tuned delta, opendelta vs PEFT, on SmolLM2-135M.
 
 - export: ``export_merged(dir)`` vs PEFT's ``merge_and_unload()`` + ``save_pretrained(dir)`` (time, folder size);
 - ties: combining 8 LoRA deltas with ``combine(..., "ties")`` vs PEFT's ``add_weighted_adapter``;
@@ -8,7 +8,8 @@
   in eager mode, and the recompiles over 20 swaps.
 
 Figures are medians of a few rounds on a shared machine: indicative, compare the ratios. ``--smoke``
-uses a tiny LLaMA instead of SmolLM2 (no download, seconds).
+uses a tiny LLaMA instead of SmolLM2 (no download, seconds). ``--json PATH`` also writes the figures,
+rewritten after every section.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import peft  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from benchmarks.timing import write_json  # noqa: E402
 from opendelta import LoraModel, combine  # noqa: E402
 
 
@@ -201,14 +203,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--backend", default="aot_eager",
                         help="torch.compile backend of the hot-swap figures (inductor: minutes of compiling on a CPU)")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH (after every section)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.smoke else 3)
     torch.set_num_threads(1 if args.smoke else 2)
     base = _base(args.smoke)
-    results = {**bench_export(base, rounds), **bench_ties(base, rounds), **bench_scaling(base, rounds, args.smoke),
-               **bench_hotswap(base, rounds, args.smoke, args.backend)}
-    for key, value in results.items():
-        print(f"{key:28s} {value:10.4f}")
+    results: dict[str, float] = {}
+    sections = (lambda: bench_export(base, rounds), lambda: bench_ties(base, rounds),
+                lambda: bench_scaling(base, rounds, args.smoke), lambda: bench_hotswap(base, rounds, args.smoke, args.backend))
+    for section in sections:  # each section's rows printed and saved as soon as it is done: a stopped run keeps them
+        figures = section()
+        for key, value in figures.items():
+            print(f"{key:28s} {value:10.4f}", flush=True)
+        results.update(figures)
+        write_json({"model": "tiny-llama" if args.smoke else "SmolLM2-135M", "rounds": rounds, **results}, args.json)
     return results
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from benchmarks.memory import probe_all
-from benchmarks.timing import Samples, Spread, interleaved, ratio
+from benchmarks.timing import Spread, interleaved, summary
 from benchmarks.variants import (
     METHODS,
     build,
@@ -47,17 +47,6 @@ class Settings:
             torch.cuda.synchronize()
 
 
-def _timed(samples: Samples, pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """Seconds and round-by-round ratios on the wall clock; the same ratios on the CPU clock."""
-    wall, cpu = samples["wall"], samples["cpu"]
-    present = [(a, b) for a, b in pairs if a in wall and b in wall]
-    return {
-        "seconds": {name: Spread.of(values).to_dict() for name, values in wall.items()},
-        "ratios": {f"{a} / {b}": ratio(wall, a, b).to_dict() for a, b in present},
-        "cpu_ratios": {f"{a} / {b}": ratio(cpu, a, b).to_dict() for a, b in present},
-    }
-
-
 def _fresh(base: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(base).to(device)
 
@@ -72,7 +61,7 @@ def training(base: nn.Module, batch: dict, methods: list[str], s: Settings) -> d
     pairs += [(f"opendelta:{m}", f"peft:{m}") for m in methods if m != "lora" and f"peft:{m}" in names]
     del steps
     gc.collect()
-    return _timed(samples, pairs)
+    return summary(samples, pairs)
 
 
 def inference_latency(base: nn.Module, batch: dict, s: Settings) -> dict[str, Any]:
@@ -88,7 +77,7 @@ def inference_latency(base: nn.Module, batch: dict, s: Settings) -> dict[str, An
             notes[f"{tool}:lora merged"] = MERGE_NA
     fns = {name: inference(model, batch) for name, model in models.items()}
     samples = interleaved(fns, s.rounds, s.warmup, s.sync, min_seconds=0.05)
-    result = _timed(samples, [(name, "bare") for name in models if name != "bare"])
+    result = summary(samples, [(name, "bare") for name in models if name != "bare"])
     result["notes"] = notes
     return result
 
@@ -122,7 +111,7 @@ def inference_one_model(base: nn.Module, batch: dict, s: Settings) -> dict[str, 
     states = ("bare", "opendelta:lora", "opendelta:lora merged")
     samples = interleaved({name: forward for name in states}, 3 * s.rounds, s.warmup, s.sync,
                           setup={name: to(name) for name in states})
-    return _timed(samples, [(name, "bare") for name in states if name != "bare"])
+    return summary(samples, [(name, "bare") for name in states if name != "bare"])
 
 
 def construction(make: Callable[[], nn.Module], s: Settings, rounds: int | None = None) -> dict[str, Any]:
@@ -132,7 +121,7 @@ def construction(make: Callable[[], nn.Module], s: Settings, rounds: int | None 
         "peft:lora": lambda model: build_peft(model, "lora"),
     }
     samples = interleaved(fns, rounds or s.rounds, s.warmup, s.sync, setup={name: make for name in fns})
-    return _timed(samples, [("opendelta:lora", "peft:lora")])
+    return summary(samples, [("opendelta:lora", "peft:lora")])
 
 
 def mixed_batches(base: nn.Module, batch: dict, s: Settings) -> dict[str, Any]:
@@ -175,7 +164,7 @@ def mixed_batches(base: nn.Module, batch: dict, s: Settings) -> dict[str, Any]:
            "peft:lora single": peft_single, "peft:lora mixed": peft_mixed}
     with torch.inference_mode():
         samples = interleaved(fns, s.rounds, s.warmup, s.sync, min_seconds=0.05)
-    return _timed(samples, [("opendelta:lora mixed", "opendelta:lora single"), ("peft:lora mixed", "peft:lora single"),
+    return summary(samples, [("opendelta:lora mixed", "opendelta:lora single"), ("peft:lora mixed", "peft:lora single"),
                             ("opendelta:lora mixed", "peft:lora mixed")])
 
 
@@ -200,7 +189,7 @@ def switching(base: nn.Module, s: Settings) -> dict[str, Any]:
         peft_state.reverse()
 
     samples = interleaved({"opendelta:lora": od_switch, "peft:lora": peft_switch}, s.rounds, 2, s.sync, min_seconds=0.05)
-    return _timed(samples, [("opendelta:lora", "peft:lora")])
+    return summary(samples, [("opendelta:lora", "peft:lora")])
 
 
 def _peft_targets(peft_model: Any) -> list[str]:
@@ -235,15 +224,20 @@ def parameters_and_checkpoints(base: nn.Module, methods: list[str]) -> dict[str,
     return result
 
 
-def run_workload(workload: Workload, methods: list[str], s: Settings) -> dict[str, Any]:
-    """Every figure for one workload."""
+def run_workload(
+    workload: Workload, methods: list[str], s: Settings, into: dict[str, Any] | None = None,
+    on_figure: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """Every figure for one workload, filled into `into` (default a new dict) and returned; `on_figure` is
+    called after each figure, so a caller holding `into` can save what is done."""
     base = workload.load()
     batch = workload.batch(base, s.device)
-    result: dict[str, Any] = {
+    result: dict[str, Any] = into if into is not None else {}
+    result.update({
         "description": workload.description,
         "batch": [workload.batch_size, workload.seq_len],
         "parameters": sum(p.numel() for p in base.parameters()),
-    }
+    })
     figures: list[tuple[str, Callable[[], Any]]] = [
         ("train_step", lambda: training(base, batch, methods, s)),
         ("inference", lambda: inference_latency(base, batch, s)),
@@ -258,9 +252,10 @@ def run_workload(workload: Workload, methods: list[str], s: Settings) -> dict[st
     for key, figure in figures:
         started = time.perf_counter()
         result[key] = figure()
+        if key == "memory":
+            result["memory_ratios"] = _memory_ratios(result["memory"])
         print(f"[benchmarks]   {key}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-    if s.memory:
-        result["memory_ratios"] = _memory_ratios(result["memory"])
+        on_figure()
     return result
 
 

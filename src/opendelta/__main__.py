@@ -11,6 +11,9 @@ COMMANDS = ("convert", "demo", "inspect", "select", "structure")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from opendelta.utils.logging import quiet_known_import_noise
+
+    quiet_known_import_noise()
     parser = argparse.ArgumentParser(prog="opendelta", description="Plug-and-play delta tuning.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     runners = {}
