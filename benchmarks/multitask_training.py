@@ -76,11 +76,12 @@ def mixed_pass(base: nn.Module, batches: list[dict[str, torch.Tensor]], tasks: i
 def sequential_pass(base: nn.Module, batches: list[dict[str, torch.Tensor]], tasks: int) -> Callable[[], None]:
     model = copy.deepcopy(base).train()
     deltas = list(_deltas(model, tasks).values())
-    for delta in deltas[1:]:
-        # each its own freeze: the requires_grad flags belong to the delta that set them, so a switch away
-        # from task0 alone would unfreeze the backbone (and every later task would compute its gradients)
-        delta.freeze_module(exclude=["deltas"], set_state_dict=True)
+    for delta in deltas[1:]:  # task0's freeze alone: each switch hands it to the next task
         delta.detach()
+    for here, there in zip(deltas, deltas[1:] + deltas[:1]):  # a baseline training the backbone would be no baseline
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        assert trainable == {id(p) for p in here.delta_parameters()}, f"{here.name} trains more than its delta"
+        here.switch(to=there)
     optimizers = [torch.optim.AdamW(d.delta_parameters(), lr=1e-4) for d in deltas]
     per_task = len(batches) // tasks
     state = {"current": 0}

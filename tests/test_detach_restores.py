@@ -345,3 +345,121 @@ def test_a_discarded_model_with_an_attached_frozen_delta_is_freed():
     del model, delta
     gc.collect()
     assert alive() is None
+
+
+# ----------------------------------------------------------------- switch and freeze_module
+
+
+def delta_grads_after_a_step(model: nn.Module) -> set[str]:
+    """One backward on the tiny BERT; the names of the parameters it gave a gradient."""
+    model.zero_grad(set_to_none=True)
+    hidden(model, inputs_for("bert")).pow(2).mean().backward()
+    return {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def names_of(model: nn.Module, delta: LoraModel) -> set[str]:
+    own = {id(p) for p in delta.delta_parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in own}
+
+
+def two_tasks(model: nn.Module) -> tuple[LoraModel, LoraModel]:
+    """Task a attached and frozen for training; task b built beside it, detached, never frozen."""
+    a = LoraModel(model, modified_modules=["query", "value"], name="task_a")
+    b = LoraModel(model, modified_modules=["query", "value"], name="task_b")
+    b.detach()
+    perturb(a)
+    perturb(b)
+    a.freeze_module(exclude=["deltas"])
+    return a, b
+
+
+def test_switching_to_a_delta_that_never_froze_trains_only_that_delta():
+    model = tiny_bert()
+    a, b = two_tasks(model)
+    a.switch(to=b)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == names_of(model, b)
+    assert delta_grads_after_a_step(model) == names_of(model, b)
+    assert all(p.grad is None for p in a.delta_parameters())
+
+
+def test_switching_back_trains_only_the_first_delta_again():
+    model = tiny_bert()
+    a, b = two_tasks(model)
+    a.switch(to=b).switch(to=a)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == names_of(model, a)
+    assert delta_grads_after_a_step(model) == names_of(model, a)
+    assert all(p.grad is None for p in b.delta_parameters())
+
+
+def test_detaching_after_switches_restores_flags_the_user_had_set_unevenly():
+    model = tiny_bert()
+    model.embeddings.requires_grad_(False)  # the user's own freeze, before any delta
+    model.encoder.layer[0].attention.output.dense.bias.requires_grad_(False)
+    before = snapshot(model)
+    a, b = two_tasks(model)
+    a.switch(to=b).switch(to=a).switch(to=b)
+    b.detach()
+    assert_unchanged(model, before)
+    a.attach()  # each keeps its freeze: b took a's over as its own at the first switch
+    b.attach()
+    a.detach()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == names_of(model, b)
+    b.detach()
+    assert_unchanged(model, before)
+
+
+def test_a_delta_that_froze_keeps_its_own_freeze_through_a_switch():
+    model = tiny_bert()
+    a, b = two_tasks(model)
+    b.freeze_module(exclude=["deltas", "pooler"])  # recorded while detached
+    a.switch(to=b)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == names_of(model, b) | {"pooler.dense.weight", "pooler.dense.bias"}
+
+
+def test_a_taken_over_freeze_trains_the_same_backbone_tensors_from_the_backbones_values():
+    model = tiny_bert()
+    bare = snapshot(model)
+    a = LoraModel(model, modified_modules=["query"], name="task_a")
+    a.freeze_module(exclude=["deltas", "pooler"])
+    train_pooler(model, 1.0)
+    a_pooler = model.pooler.dense.weight.detach().clone()
+    b = LoraModel(model, modified_modules=["value"], name="task_b")
+    b.detach()
+    a.switch(to=b)
+    assert model.pooler.dense.weight.requires_grad
+    assert torch.equal(model.pooler.dense.weight, bare["params"]["pooler.dense.weight"])  # not a's trained value
+    train_pooler(model, 2.0)
+    b.detach()
+    assert_unchanged(model, bare)
+    a.attach()
+    assert torch.equal(model.pooler.dense.weight, a_pooler)
+    a.detach()
+    assert_unchanged(model, bare)
+
+
+def test_a_switch_that_fails_after_taking_over_the_freeze_leaves_the_taker_unfrozen(monkeypatch):
+    model = tiny_bert()
+    bare_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    a, b = two_tasks(model)
+    before = snapshot(model)
+    calls = []
+
+    def fails_on_the_third(param, owner, flag):
+        calls.append(param)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        real_set_flag(param, owner, flag)
+
+    real_set_flag = opendelta.backbone_changes.set_flag
+    monkeypatch.setattr(opendelta.backbone_changes, "set_flag", fails_on_the_third)
+    with pytest.raises(RuntimeError, match="injected"):
+        a.switch(to=b)
+    assert_unchanged(model, before)
+    assert a.is_attached and not b.is_attached
+    monkeypatch.undo()
+    a.detach()
+    b.attach()  # b froze nothing itself: the backbone keeps its own flags
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert flags == {**bare_flags, **dict.fromkeys(names_of(model, b), True)}

@@ -2,13 +2,16 @@
 it trains (an unfrozen head, LayerNorms), the ``requires_grad`` flags its ``freeze_module`` chose,
 the state-dict filter, the input-gradient hook (input_grads.py) and the first-forward reach check
 (reachability.py). Attach applies them, detach undoes them bit for bit; the claims (claims.py)
-keep two attached deltas from owning one tensor or flag.
+keep two attached deltas from owning one tensor or flag. A delta that never froze takes over the
+freeze of the delta it replaces in a switch (:meth:`BackboneChanges.take_over_freeze`).
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,11 +21,22 @@ from opendelta.addressing import backbone_modules, is_delta_module, match_names
 from opendelta.claims import check_value_free, claim_value, release_flag, release_value, set_flag
 from opendelta.errors import LifecycleError, PatternError
 from opendelta.input_grads import require_input_grads
+from opendelta.leniency import OriginalBehaviourWarning
 from opendelta.offload import check_trainable
 from opendelta.reachability import FirstForwardCheck
 
 if TYPE_CHECKING:
     from opendelta.delta_base import DeltaBase
+
+
+@dataclass(frozen=True)
+class FreezeRequest:
+    """One freeze_module call as it was made: the sub-module's path (``""``: the backbone), the
+    resolved `exclude` names and `set_state_dict`; replayed to hand a freeze to another delta."""
+
+    path: str
+    exclude: tuple[str, ...]
+    set_state_dict: bool
 
 
 class BackboneChanges:
@@ -41,6 +55,7 @@ class BackboneChanges:
         self.flagged: dict[int, nn.Parameter] = {}  # the parameters whose flags it set while attached
         self.filter_state_dict = False
         self._state_dict_handle: Any = None
+        self.requests: list[FreezeRequest] = []  # the freeze_module calls behind `flags`, in order
 
     @property
     def owner(self) -> DeltaBase:
@@ -200,6 +215,36 @@ class BackboneChanges:
             self.filter_state_dict = True
             if attached and self._state_dict_handle is None:
                 self._install_state_dict_filter()
+        self.requests.append(FreezeRequest(prefix.rstrip("."), tuple(exclude), set_state_dict))
+
+    def take_over_freeze(self, leaving: BackboneChanges) -> Callable[[], None]:
+        """Before this (detached) delta replaces `leaving` in a switch: if it never froze and `leaving`
+        did, record `leaving`'s freeze_module calls as its own, so the backbone stays frozen for the
+        next task (the original OpenDelta's freeze outlived the delta; ours is undone by the last
+        detach). Backbone tensors `leaving` trained become this delta's, from the backbone's own
+        values. Returns the undo, for a switch that fails afterwards."""
+        if self.requests or not leaving.requests:
+            return lambda: None
+        saved = (dict(self.originals), dict(self.tuned), dict(self.flags), self.filter_state_dict)
+        own = [p for layer in self.owner.layers.values() for p in layer.parameters()]
+        own_flags = [p.requires_grad for p in own]
+
+        def forget() -> None:
+            self.originals, self.tuned, self.flags, self.filter_state_dict = saved
+            self.requests = []
+            for p, flag in zip(own, own_flags):
+                p.requires_grad_(flag)
+
+        try:
+            with warnings.catch_warnings():  # an unmatched exclude name was reported at the call itself
+                warnings.simplefilter("ignore", OriginalBehaviourWarning)
+                for request in leaving.requests:
+                    module = self.backbone.get_submodule(request.path) if request.path else None
+                    self.freeze(module, request.exclude, request.set_state_dict, attached=False)
+        except Exception:
+            forget()
+            raise
+        return forget
 
     def _install_state_dict_filter(self) -> None:
         def trainable_only(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:

@@ -351,7 +351,9 @@ class DeltaBase(OriginalAPI):
 
         Equivalent to ``self.detach(); to.attach()``, but on the modules both deltas modify the
         hooks stay installed and only the delta children change, so serving many tasks on one
-        backbone switches in well under a millisecond.
+        backbone switches in well under a millisecond. One difference: if `to` never called
+        freeze_module and this delta did, `to` takes over this delta's freeze (records the same
+        calls as its own), so training task after task keeps the backbone frozen.
         """
         self._check_free("switch")
         if not isinstance(to, DeltaBase) or to.backbone_model is not self.backbone_model:
@@ -364,9 +366,12 @@ class DeltaBase(OriginalAPI):
         to._homes.follow()
         put_back = switch_deltas(self.name, self.order_key, self._placed(), to.name, to.order_key, to._placed())
         handle = self._after_detach(keep_input_grads=True)  # the input-grad hook acts on the backbone: hand it over
+        forget_freeze: Callable[[], None] = lambda: None
         try:
+            forget_freeze = to._changes.take_over_freeze(self._changes)
             to._after_attach(input_grad_handle=handle)
         except Exception:  # put self back exactly: its layers, then its tensors, flags and hooks
+            forget_freeze()
             put_back()
             self._homes.forget()
             self._after_attach(input_grad_handle=handle)
@@ -460,7 +465,8 @@ class DeltaBase(OriginalAPI):
         `set_state_dict`, ``backbone.state_dict()`` holds only trainable tensors from now on, except
         while this delta is merged: then the weights hold it and the state dict is the whole model.
         The flags belong to this delta: detach() puts the backbone's own back, attach() re-applies
-        them; on a detached delta they are recorded and take effect at attach(). Backbone tensors
+        them; on a detached delta they are recorded and take effect at attach(); switch() hands them
+        to a delta that never froze (see there). Backbone tensors
         left trainable become this delta's (saved with it, restored by detach) and stay so.
         """
         if exclude is None:
