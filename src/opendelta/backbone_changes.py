@@ -7,8 +7,9 @@ keep two attached deltas from owning one tensor or flag.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,6 +42,7 @@ class BackboneChanges:
         self.flagged: dict[int, nn.Parameter] = {}  # the parameters whose flags it set while attached
         self.filter_state_dict = False
         self._state_dict_handle: Any = None
+        self._whole_state_dict = 0  # > 0: the filter passes the whole state dict (see unfiltered_state_dict)
 
     @property
     def owner(self) -> DeltaBase:
@@ -201,9 +203,19 @@ class BackboneChanges:
             if attached and self._state_dict_handle is None:
                 self._install_state_dict_filter()
 
+    @contextlib.contextmanager
+    def unfiltered_state_dict(self) -> Iterator[None]:
+        """Inside, the backbone's ``state_dict()`` is not cut down to the trainable tensors (export_merged
+        reads the whole model from it without merging the delta into the live weights)."""
+        self._whole_state_dict += 1
+        try:
+            yield
+        finally:
+            self._whole_state_dict -= 1
+
     def _install_state_dict_filter(self) -> None:
         def trainable_only(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-            if self.owner.is_merged:  # the weights hold the delta: the state dict is a whole model, never a part of one
+            if self.owner.is_merged or self._whole_state_dict:  # a whole model, never a part of one
                 return
             keep = {prefix + n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
             for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:
