@@ -144,12 +144,10 @@ def _merged_state_dict(delta: DeltaBase) -> dict[str, torch.Tensor]:
         state = _whole_state_dict(delta.backbone_model, leave_out=delta.layers.values())
     for path, values in folded.items():
         for key, value in values.items():
-            before = state[f"{path}.{key}" if path else key]
+            name = f"{path}.{key}" if path else key
             # as copy_ into the parameter would store it: its dtype, device and a dense layout (Conv1D's
             # merged weight is a transposed view)
-            state[f"{path}.{key}" if path else key] = value.to(
-                dtype=before.dtype, device=before.device, memory_format=torch.contiguous_format
-            )
+            state[name] = value.to(dtype=state[name].dtype, device=state[name].device, memory_format=torch.contiguous_format)
     return state
 
 
