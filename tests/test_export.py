@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -65,6 +67,23 @@ def test_the_state_dict_filter_comes_back_on_unmerge():
     trainable = set(model.state_dict())
     delta.merge()
     delta.unmerge()
+    assert set(model.state_dict()) == trainable
+
+
+def test_the_whole_state_dict_export_reads_is_only_the_exporting_threads():
+    # export_merged reads the whole model through the filter; another thread meanwhile still gets the
+    # trainable tensors only
+    model = tiny_bert()
+    delta = LoraModel(model, modified_modules=["query"], lora_r=4)
+    delta.freeze_module(set_state_dict=True)
+    trainable = set(model.state_dict())
+    seen: list[set[str]] = []
+    with delta._changes.unfiltered_state_dict():
+        whole = set(model.state_dict())
+        other = threading.Thread(target=lambda: seen.append(set(model.state_dict())))
+        other.start()
+        other.join()
+    assert seen == [trainable] and trainable < whole
     assert set(model.state_dict()) == trainable
 
 
@@ -149,16 +168,23 @@ def test_export_merged_loads_with_from_pretrained_and_equals_the_merged_model(ma
     randomize_deltas(delta)
     delta.freeze_module(exclude=["deltas"], set_state_dict=True)
     before = _logits(model)
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}  # filtered: the delta's trainable tensors
     delta.merge()
     merged = _logits(model)
+    model.save_pretrained(tmp_path / "merged-in-place")
     delta.unmerge()
 
-    delta.export_merged(tmp_path)
+    delta.export_merged(tmp_path / "out")
 
     assert delta.is_attached and not delta.is_merged
     assert torch.equal(_logits(model), before)  # the model in memory is as it was
-    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    after = model.state_dict()  # the state-dict filter is on again
+    assert list(after) == list(tensors) and all(torch.equal(after[k], v) for k, v in tensors.items())
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     assert torch.equal(_logits(reloaded), merged)
+    # the same tensors as saving the model merged in place (what export_merged did before it built the state dict)
+    written, reference = load_file(tmp_path / "out/model.safetensors"), load_file(tmp_path / "merged-in-place/model.safetensors")
+    assert list(written) == list(reference) and all(torch.equal(written[k], v) for k, v in reference.items())
 
 
 def test_export_merged_of_a_gpt2_conv1d_lora_keeps_the_tied_head(tmp_path):
@@ -171,8 +197,11 @@ def test_export_merged_of_a_gpt2_conv1d_lora_keeps_the_tied_head(tmp_path):
     delta.merge()
     with torch.no_grad():
         merged = model(ids).logits
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
     delta.unmerge()
     delta.export_merged(tmp_path)
+    written = load_file(tmp_path / "model.safetensors")  # Conv1D's merged weight is a transposed view: stored dense
+    assert all(torch.equal(v, reference[k]) for k, v in written.items())
     reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert reloaded.lm_head.weight is reloaded.transformer.wte.weight
     with torch.no_grad():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 import support.quantized as quantized_support
 from support.quantized import IDS, KINDS, assert_same_packed_state, dense_copy, load_kind, packed_state, save_tiny_llama
 from torch import nn
@@ -109,3 +110,24 @@ def test_merging_into_a_torchao_weight_it_cannot_requantize_is_a_typed_error_tha
     assert not delta.is_merged
     assert_same_packed_state(model, before)
     assert torch.equal(logits(model), tuned)
+
+
+@pytest.mark.parametrize("kind", ["bnb_8bit", "hqq_4bit"])
+def test_export_merged_of_a_quantized_backbone_writes_the_requantized_weights_and_leaves_the_packed_bytes(
+    saved_model, kind, tmp_path
+):
+    # a quantized weight's merged value is what its backend re-quantizes: export_merged merges in place there
+    model = load_kind(saved_model, kind)
+    delta = perturbed(model, {"delta_type": "lora"})
+    before = packed_state(model)
+    delta.merge()
+    model.save_pretrained(tmp_path / "merged-in-place")
+    delta.unmerge()
+
+    delta.export_merged(tmp_path / "out")
+
+    assert_same_packed_state(model, before)
+    assert delta.is_attached and not delta.is_merged
+    written = load_file(tmp_path / "out/model.safetensors")
+    reference = load_file(tmp_path / "merged-in-place/model.safetensors")
+    assert list(written) == list(reference) and all(torch.equal(written[k], v) for k, v in reference.items())

@@ -16,6 +16,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 from support.ecosystem_fixtures import randomize_deltas
 from support.methods import builtin_delta_types
 from support.numerics import assert_changed, assert_within_noise
@@ -92,12 +93,16 @@ def check_export(row: Row, outcome, tmp_path: Path) -> None:
         assert_refused(outcome, model, lambda: delta.export_merged(tmp_path / "out"))
         assert not (tmp_path / "out").exists()
         return
-    tuned = out(model)
+    tuned, tensors = out(model), state(model)
     delta.merge()
-    merged = out(model)
+    merged, merged_tensors = out(model), state(model)
     delta.unmerge()
     delta.export_merged(tmp_path)
-    assert torch.equal(out(model), tuned)  # the model in memory is as it was
+    assert torch.equal(out(model), tuned)  # the model in memory is as it was, bit for bit
+    assert all(torch.equal(v, tensors[k]) for k, v in model.state_dict().items())
+    # the file holds the merged model's tensors (save_pretrained leaves out tied copies)
+    written = load_file(tmp_path / "model.safetensors")
+    assert written and all(torch.equal(v, merged_tensors[k]) for k, v in written.items())
     reloaded = type(model).from_pretrained(tmp_path).eval()
     assert torch.equal(out(reloaded), merged)
 

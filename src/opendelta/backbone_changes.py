@@ -8,9 +8,11 @@ freeze of the delta it replaces in a switch (:meth:`BackboneChanges.take_over_fr
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +58,8 @@ class BackboneChanges:
         self.filter_state_dict = False
         self._state_dict_handle: Any = None
         self.requests: list[FreezeRequest] = []  # the freeze_module calls behind `flags`, in order
+        # the threads inside unfiltered_state_dict(): only their state_dict() calls see the whole model
+        self._unfiltered_threads: list[int] = []
 
     @property
     def owner(self) -> DeltaBase:
@@ -246,9 +250,20 @@ class BackboneChanges:
             raise
         return forget
 
+    @contextlib.contextmanager
+    def unfiltered_state_dict(self) -> Iterator[None]:
+        """Inside, the backbone's ``state_dict()`` is not cut down to the trainable tensors (export_merged
+        reads the whole model from it without merging the delta into the live weights). Only the calling
+        thread's calls are affected: another thread's ``state_dict()`` stays filtered meanwhile."""
+        self._unfiltered_threads.append(threading.get_ident())
+        try:
+            yield
+        finally:
+            self._unfiltered_threads.remove(threading.get_ident())
+
     def _install_state_dict_filter(self) -> None:
         def trainable_only(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-            if self.owner.is_merged:  # the weights hold the delta: the state dict is a whole model, never a part of one
+            if self.owner.is_merged or threading.get_ident() in self._unfiltered_threads:  # a whole model, never a part of one
                 return
             keep = {prefix + n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
             for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:

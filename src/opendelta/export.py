@@ -12,14 +12,19 @@ raise MergeError naming what to do.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from opendelta import scaling
 from opendelta.addressing import is_delta_module
 from opendelta.checkpoint_files import checkpoint_path, safetensors_bytes, save_folder, write_files
 from opendelta.errors import LifecycleError, MergeError
+from opendelta.merging import folded_values
+from opendelta.quantized import is_quantized
 
 if TYPE_CHECKING:
     from opendelta.delta_base import DeltaBase
@@ -28,16 +33,21 @@ if TYPE_CHECKING:
 WEIGHTS_NAME = "model.safetensors"
 
 
+def _cannot_merge(delta: DeltaBase, exc: MergeError) -> MergeError:
+    """`exc` restated to say how to ship a delta that cannot merge."""
+    return MergeError(
+        f"delta {delta.name!r} ({delta.delta_type}) cannot be folded into the backbone's weights: {exc} "
+        "To ship it, save the delta with save_finetuned() and load it onto the backbone with from_finetuned() "
+        "(or format='peft' where PEFT has the method)."
+    )
+
+
 def _merge_or_explain(delta: DeltaBase) -> None:
     """delta.merge(), with a MergeError that says how to ship a delta that cannot merge."""
     try:
         delta.merge()
     except MergeError as exc:
-        raise MergeError(
-            f"delta {delta.name!r} ({delta.delta_type}) cannot be folded into the backbone's weights: {exc} "
-            "To ship it, save the delta with save_finetuned() and load it onto the backbone with from_finetuned() "
-            "(or format='peft' where PEFT has the method)."
-        ) from exc
+        raise _cannot_merge(delta, exc) from exc
 
 
 def _unmerged_deltas(delta: DeltaBase) -> list[str]:
@@ -95,34 +105,68 @@ def export_merged(delta: DeltaBase, directory: str | os.PathLike, *, max_shard_s
             "them. Merge those deltas too, or detach them, before export_merged()."
         )
     save_folder(directory, create=False)  # a bad path fails before the model changes
-    was_merged = delta.is_merged
-    if not was_merged:
+    model = delta.backbone_model
+    if delta.is_merged:
+        _write_model(model, directory, _whole_state_dict(model), max_shard_size)
+    elif any(target.is_span or is_quantized(target.site) for target in delta.targets.values()):
+        # a quantized weight's merged value is stored as its backend re-quantizes it (packed tensors beside
+        # the weight): only writing it into the layer makes them, so merge in place and put the weights back
         _merge_or_explain(delta)
-    try:
-        state = _whole_state_dict(delta.backbone_model)
-        if hasattr(delta.backbone_model, "save_pretrained") and hasattr(delta.backbone_model, "config"):
-            delta.backbone_model.save_pretrained(directory, state_dict=state, max_shard_size=max_shard_size)
-        else:
-            data, _ = safetensors_bytes(_unshared(state))
-            write_files(save_folder(directory), [(WEIGHTS_NAME, data)])
-    finally:
-        if not was_merged:
+        try:
+            _write_model(model, directory, _whole_state_dict(model), max_shard_size)
+        finally:
             delta.unmerge()
+    else:
+        _write_model(model, directory, _merged_state_dict(delta), max_shard_size)
     return str(directory)
 
 
-def _whole_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()``, checked to hold every parameter and persistent buffer: a state-dict
-    filter still installed (another delta's, the user's) must not make a partial model."""
-    state = model.state_dict()
+def _write_model(model: nn.Module, directory: Path, state: dict[str, torch.Tensor], max_shard_size: int | str) -> None:
+    """`state` as `model`'s folder: ``save_pretrained`` for a transformers model, else one safetensors file."""
+    if hasattr(model, "save_pretrained") and hasattr(model, "config"):
+        model.save_pretrained(directory, state_dict=state, max_shard_size=max_shard_size)
+    else:
+        data, _ = safetensors_bytes(_unshared(state))
+        write_files(save_folder(directory), [(WEIGHTS_NAME, data)])
+
+
+def _merged_state_dict(delta: DeltaBase) -> dict[str, torch.Tensor]:
+    """The state dict the backbone would have with `delta` merged, built without merging: the live state
+    dict less the delta's layers, each merged parameter's entry replaced by its merged value (as merge()
+    computes and writes it). The live weights are only read, so the model stays as it was bit for bit,
+    and no copy of the weights before the merge is made and written back (what merge() + unmerge() cost)."""
+    scaling.check_unscaled(delta, "export_merged")
+    try:
+        folded = folded_values(delta.backbone_model, delta.targets, delta.layers)
+    except MergeError as exc:
+        raise _cannot_merge(delta, exc) from exc
+    with delta._changes.unfiltered_state_dict():
+        state = _whole_state_dict(delta.backbone_model, leave_out=delta.layers.values())
+    for path, values in folded.items():
+        for key, value in values.items():
+            name = f"{path}.{key}" if path else key
+            # as copy_ into the parameter would store it: its dtype, device and a dense layout (Conv1D's
+            # merged weight is a transposed view)
+            state[name] = value.to(dtype=state[name].dtype, device=state[name].device, memory_format=torch.contiguous_format)
+    return state
+
+
+def _whole_state_dict(model: nn.Module, leave_out: Iterable[nn.Module] = ()) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` without the tensors of the modules in `leave_out`, checked to hold every
+    other parameter and persistent buffer: a state-dict filter still installed (another delta's, the
+    user's) must not make a partial model."""
+    left_out = {id(module) for module in leave_out}
+    modules = list(model.named_modules(remove_duplicate=False))
+    skipped = tuple(f"{path}." for path, module in modules if id(module) in left_out)
+    state = {key: value for key, value in model.state_dict().items() if not key.startswith(skipped)}
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     names += [
         f"{path}.{key}" if path else key
-        for path, module in model.named_modules(remove_duplicate=False)
+        for path, module in modules
         for key, buffer in module._buffers.items()
         if buffer is not None and key not in module._non_persistent_buffers_set
     ]
-    missing = [n for n in names if n not in state]
+    missing = [n for n in names if n not in state and not n.startswith(skipped)]
     if missing:
         raise LifecycleError(
             f"the backbone's state_dict() leaves out {len(missing)} of its tensors (e.g. {missing[:3]}): a state-dict "

@@ -28,6 +28,22 @@ def merge_layers(
     """Fold each layer into its module's weights and take the layer out of the data flow; return
     the weights before. Raises MergeError (nothing changed) for a layer that cannot merge or a
     weight tied to another module."""
+    folded = folded_values(backbone, targets, layers)
+    saved: Saved = {}
+    with torch.no_grad():
+        for path, values in folded.items():
+            module = targets[path].site
+            remove_delta(module, name)
+            saved[path] = {}
+            for key, value in values.items():
+                saved[path][key] = _write(module, key, value)
+            module.__dict__.setdefault(MERGED_ATTR, []).append(name)
+    return saved
+
+
+def folded_values(backbone: nn.Module, targets: Mapping[str, Target], layers: Mapping[str, DeltaLayer]) -> Saved:
+    """The merged values of each layer's module parameters (module path -> parameter name -> value), the
+    model left as it is; MergeError for a layer that cannot merge or a weight tied to another module."""
     check_mergeable((path, targets[path].site) for path in layers)
     folded: Saved = {}
     with torch.no_grad():
@@ -51,16 +67,7 @@ def merge_layers(
                 f"{path}.{shared[0]} is tied to another module's parameter (e.g. an LM head tied to the input "
                 "embeddings), so merging would change that module too; keep this delta unmerged there."
             )
-    saved: Saved = {}
-    with torch.no_grad():
-        for path, values in folded.items():
-            module = targets[path].site
-            remove_delta(module, name)
-            saved[path] = {}
-            for key, value in values.items():
-                saved[path][key] = _write(module, key, value)
-            module.__dict__.setdefault(MERGED_ATTR, []).append(name)
-    return saved
+    return folded
 
 
 def _write(module: nn.Module, key: str, value: torch.Tensor) -> Any:
