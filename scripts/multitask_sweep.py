@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", required=True)
     parser.add_argument("--steps", type=int, default=None, help="default: the task's own")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--examples", type=int, default=40)
+    parser.add_argument("--examples", type=int, default=None, help="default: the task's own held-out count")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--cache-dir", default=str(multitask.DEFAULT_CACHE))
     parser.add_argument("--threads", type=int, default=2)
@@ -47,7 +47,7 @@ def main() -> None:
     model.eval()
     for seed in args.seeds:
         held_out, pool = multitask.split(seed)
-        pairs = multitask.held_out_pairs(task, held_out, args.examples, seed)
+        pairs = multitask.held_out_pairs(task, held_out, args.examples or task.held_out, seed)
         inputs = [x for x, _ in pairs]
         bare = multitask.respond(model, tokenizer, task, inputs)
         bare_acc = sum(b == y for b, (_, y) in zip(bare, pairs)) / len(pairs)
@@ -62,8 +62,10 @@ def main() -> None:
             answer_seconds = time.perf_counter() - start
             delta.detach()
             acc = sum(t == y for t, (_, y) in zip(tuned, pairs)) / len(pairs)
+            se = multitask.gain_standard_error([t == y for t, (_, y) in zip(tuned, pairs)],
+                                               [b == y for b, (_, y) in zip(bare, pairs)])
             print(json.dumps({"task": task.name, "method": delta.delta_type, "seed": seed, "lr": lr, "steps": steps,
-                              "batch": args.batch_size, "accuracy": acc, "bare": bare_acc,
+                              "batch": args.batch_size, "accuracy": acc, "bare": bare_acc, "gain_se": round(se, 4),
                               "loss": [round(first, 3), round(last, 3)], "train_s": round(seconds, 1),
                               "answer_s": round(answer_seconds, 1)}), flush=True)
             for (x, y), t in list(zip(pairs, tuned))[: args.show]:

@@ -96,12 +96,15 @@ def test_missing_gguf_reader_for_multitask_says_what_to_install(tmp_path):
     assert "pip install gguf" in done.stderr and "Traceback" not in done.stderr
 
 
-# How far each task's delta must beat the bare backbone on the 40 held-out examples. Measured gaps
-# (delta - bare) at the defaults: spelling +0.375 (seed 0, sweep) and +0.375 (seed 1, demo);
-# hashtags +0.825 (seed 0, sweep, before the lone-"#" fix) and +0.725 (seed 1, demo); sentiment
-# +0.325 (seed 0) and +0.10 (seed 1), both trained and scored exactly as the demo does. Each bound is
-# at most half the smaller gap, room for another CPU's rounding to flip a few of 40 answers.
-MARGINS = {"spelling": 0.15, "sentiment": 0.05, "hashtags": 0.35}
+# Held-out gains (delta - bare) measured at the defaults on the seed this test runs (0), each with its
+# standard error (opendelta.demo.multitask.gain_standard_error): spelling and hashtags on 40 examples
+# (the bare backbone scores 0 there, so the error is the delta's own binomial one), sentiment on its 200
+# by scripts/multitask_sweep.py, which trains and scores as the demo does from another initial delta
+# (docs/demo.md, "Measured").
+MEASURED = {"spelling": (0.375, 0.078), "sentiment": (0.20, 0.0375), "hashtags": (0.825, 0.061)}
+# A run must beat the bare backbone by the measured gain less three of its standard errors: another
+# CPU's rounding flips a few answers, not that many, and a delta that learnt nothing fails.
+MARGINS = {task: gain - 3 * se for task, (gain, se) in MEASURED.items()}
 
 
 @pytest.mark.real
@@ -109,7 +112,7 @@ def test_multitask_demo_each_delta_beats_the_bare_backbone_on_held_out_examples(
     """The showcase as a user runs it, at its defaults, from the backbone cache its first run writes
     (`smollm2_dir` is that first run's dequantise-and-cache, shared with the other SmolLM2 tests)."""
     done = opendelta("demo", "multitask", "--threads", "1", "--cache-dir", str(smollm2_dir),
-                     "--out", str(tmp_path / "out"), "--json", timeout=3600)  # ~40 min on a 2-core machine at load 12
+                     "--out", str(tmp_path / "out"), "--json", timeout=3600)  # minutes quiet, 40 min at load 12
     assert done.returncode == 0, done.stderr[-3000:]
     import json
 
@@ -118,6 +121,8 @@ def test_multitask_demo_each_delta_beats_the_bare_backbone_on_held_out_examples(
     assert result["backbone_restored"] is True and result["load_source"] == "cache"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["hashtags", "sentiment", "spelling"]
     for task in result["tasks"]:
-        assert len(task["answers"]) == 40
-        assert task["accuracy"] - task["bare_accuracy"] >= MARGINS[task["task"]], {k: v for k, v in task.items()
-                                                                                   if k != "answers"}
+        summary = {k: v for k, v in task.items() if k != "answers"}
+        assert len(task["answers"]) == {"sentiment": 200}.get(task["task"], 80), summary
+        gain = task["accuracy"] - task["bare_accuracy"]
+        # the measured margin, and the gain clear of this run's own sampling noise (the demo's claim)
+        assert gain >= MARGINS[task["task"]] and gain >= 3 * task["gain_se"], summary

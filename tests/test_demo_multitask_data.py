@@ -62,3 +62,10 @@ def test_misspell_changes_a_word_by_one_edit(seed):
     word = rng.choice(["thanks", "weekend", "amazing", "tonight", "little"])
     wrong = misspell(word, rng)
     assert wrong[0] == word[0] and abs(len(wrong) - len(word)) <= 1
+
+
+def test_the_gain_standard_error_is_that_of_the_paired_differences():
+    # per-input differences +1, 0, 0, -1: mean 0, sample variance 2/3, so the error is sqrt(2/3 / 4)
+    assert multitask.gain_standard_error([True, True, False, False], [False, True, False, True]) == (2 / 3 / 4) ** 0.5
+    # the same inputs right and wrong with and without the delta: no difference, no noise in it
+    assert multitask.gain_standard_error([True, False] * 20, [True, False] * 20) == 0.0

@@ -40,8 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     multitask.add_argument("--steps", type=int, default=None,
                            help="training steps per task (default: each task's own, tuned by a sweep)")
     multitask.add_argument("--batch-size", type=int, default=8)
-    multitask.add_argument("--examples", type=int, default=40,
-                           help="held-out inputs scored per task, delta vs bare backbone (default 40)")
+    multitask.add_argument("--examples", type=int, default=None,
+                           help="held-out inputs scored per task, delta vs bare backbone (default: 80 for "
+                                "spelling and hashtags, 200 for sentiment)")
     multitask.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens per answer")
     multitask.add_argument("--seed", type=int, default=0)
     multitask.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
