@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_llama
 from support.numerics import assert_changed, assert_within_noise, batching_noise, float32_noise
 
-from opendelta import AdapterModel, IA3Model, LoraModel, MergeError, mixed_batch
+from opendelta import AdapterModel, IA3Model, LifecycleError, LoraModel, MergeError, mixed_batch
 from opendelta.hotswap import LoraSlot
 from opendelta.routing import FusedLinear, site_of
 
@@ -156,6 +156,28 @@ def test_two_deltas_on_a_module_keep_the_unmerged_route_bit_for_bit() -> None:
     assert_within_noise(logits(model), both, *reference)
     ia3.detach()
     assert id(v_proj) in {id(m) for m in fused_modules(lora)}  # alone again: fused
+
+
+def test_fuse_and_unfuse_are_refused_inside_a_mixed_batch_and_change_nothing() -> None:
+    model = tiny_llama()
+    a = perturbed(LoraModel(model, name="a"), seed=1)
+    b = perturbed(LoraModel(model, name="b"), seed=2)
+    with mixed_batch([a, b], [0, 1, 1, 0]):
+        with pytest.raises(LifecycleError, match="mixed_batch"):
+            a.fuse()
+    assert not fused_modules(a) and all(not layer.serve_fused for layer in a.layers.values())
+    b.detach()
+    handle = a.fuse()
+    fused = fused_modules(a)
+    b.attach()  # two deltas per module: unfused while both are attached
+    with mixed_batch([a, b], [0, 1, 1, 0]):
+        with pytest.raises(LifecycleError, match="mixed_batch"):
+            handle.remove()
+    assert all(layer.serve_fused for layer in a.layers.values())
+    b.detach()
+    assert fused_modules(a) == fused
+    handle.remove()
+    assert not fused_modules(a)
 
 
 def test_fuse_refuses_a_delta_with_nothing_to_merge_and_changes_nothing() -> None:

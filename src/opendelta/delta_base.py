@@ -419,7 +419,7 @@ class DeltaBase(OriginalAPI):
         """Serve this delta fused, until the returned handle is removed: on each linear module where it is the
         only delta, a forward that records no gradient computes one linear map with a cached merged weight
         kept beside the untouched backbone weight (one extra copy per module). See :mod:`opendelta.fused`."""
-        return set_fused(self.name, self.layers, self._refresh_routes)
+        return set_fused(self.name, self.layers, self._refresh_routes, lambda: self._check_free("fuse or unfuse"))
 
     def _refresh_routes(self) -> None:
         """Re-decide the routes of the modules this delta's layers act on now (a changed run-time setting)."""

@@ -114,13 +114,16 @@ class FuseHandle:
     """The fused route :func:`set_fused` turned on for a delta; ``remove()`` (once or more, or leaving a
     ``with`` block) puts back the setting it replaced and frees the cached weights."""
 
-    def __init__(self, layers: dict[str, DeltaLayer], previous: dict[str, bool], refresh: Callable[[], None]):
+    def __init__(self, layers: dict[str, DeltaLayer], previous: dict[str, bool], refresh: Callable[[], None],
+                 check: Callable[[], None]):
         self._layers = layers
         self._previous: dict[str, bool] | None = previous
         self._refresh = refresh
+        self._check = check
 
     def remove(self) -> None:
         if self._previous is not None:
+            self._check()  # refuses (changing nothing) where the routes may not change now
             for path, value in self._previous.items():
                 self._layers[path].serve_fused = value
             self._previous = None
@@ -133,9 +136,12 @@ class FuseHandle:
         self.remove()
 
 
-def set_fused(name: str, layers: dict[str, DeltaLayer], refresh: Callable[[], None]) -> FuseHandle:
+def set_fused(name: str, layers: dict[str, DeltaLayer], refresh: Callable[[], None],
+              check: Callable[[], None]) -> FuseHandle:
     """Mark every layer of delta `name` to run fused where it can; `refresh` re-decides the routes of
-    the modules it is attached to. Raises MergeError (nothing changed) if no layer can merge at all."""
+    the modules it is attached to, `check` raises where they may not change now (in a mixed batch).
+    Raises MergeError (nothing changed) if no layer can merge at all."""
+    check()
     if not any(type(layer).merged_parameters is not DeltaLayer.merged_parameters and layer.route in FUSABLE_ROUTES
                for layer in layers.values()):
         kinds = sorted({type(layer).__name__ for layer in layers.values()})
@@ -147,4 +153,4 @@ def set_fused(name: str, layers: dict[str, DeltaLayer], refresh: Callable[[], No
     for layer in layers.values():
         layer.serve_fused = True
     refresh()
-    return FuseHandle(layers, previous, refresh)
+    return FuseHandle(layers, previous, refresh, check)
