@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.timing import Samples, interleaved, round_line, summary, write_json
+from benchmarks.timing import interleaved, recording_rounds, write_json
 from benchmarks.variants import build, train_step
 from benchmarks.workloads import by_name
 
@@ -48,13 +48,7 @@ def measure(workload: str, rounds: int, warmup: int, on_update: Callable[[dict],
     }
     print(f"{result['workload']}, batch {result['batch']}, {result['threads']} threads", flush=True)
     started = time.perf_counter()
-
-    def on_round(samples: Samples, done: int) -> None:
-        result.update(rounds_done=done, **summary(samples, PAIRS))
-        print(round_line(samples, done, rounds, started), flush=True)
-        on_update(result)
-
-    interleaved(steps, rounds, warmup, on_round=on_round)
+    interleaved(steps, rounds, warmup, on_round=recording_rounds(result, PAIRS, rounds, started, on_update))
     return result
 
 

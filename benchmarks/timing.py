@@ -149,6 +149,20 @@ def round_line(samples: Samples, done: int, rounds: int, started: float) -> str:
     return f"  round {done}/{rounds} ({time.perf_counter() - started:.0f} s): {shown}"
 
 
+def recording_rounds(result: dict, pairs: list[tuple[str, str]] | tuple[tuple[str, str], ...], rounds: int,
+                     started: float, on_update: Callable[[dict], None]) -> Callable[[Samples, int], None]:
+    """An `interleaved(..., on_round=...)` callback that, after every round, puts the rounds done and
+    `summary(samples, pairs)` into `result`, prints the round's row (time since `started`) and calls
+    `on_update(result)`, so a stopped run keeps every finished round."""
+
+    def on_round(samples: Samples, done: int) -> None:
+        result.update(rounds_done=done, **summary(samples, pairs))
+        print(round_line(samples, done, rounds, started), flush=True)
+        on_update(result)
+
+    return on_round
+
+
 def once(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> tuple[float, object]:
     """Seconds one call of `fn` takes, and its result."""
     sync()

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.memory import probe_all
-from benchmarks.timing import Samples, interleaved, round_line, summary, write_json
+from benchmarks.timing import interleaved, recording_rounds, write_json
 from benchmarks.variants import build, train_step
 from benchmarks.workloads import by_name
 
@@ -58,13 +58,7 @@ def measure(workload: str, rounds: int, warmup: int, memory: bool, threads: int,
         batch = chosen.batch(base, torch.device("cpu"))
         steps = {name: train_step(build(name, copy.deepcopy(base)), batch) for name in names}
         del base
-
-        def on_round(samples: Samples, done: int) -> None:
-            result.update(rounds_done=done, **summary(samples, pairs))
-            print(round_line(samples, done, rounds, started), flush=True)
-            on_update(result)
-
-        interleaved(steps, rounds, warmup, on_round=on_round)
+        interleaved(steps, rounds, warmup, on_round=recording_rounds(result, pairs, rounds, started, on_update))
         del steps
         for name, spread in result["seconds"].items():
             print(f"  {name:16s} {spread['median']:.3f} s/step", flush=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama
-from support.numerics import assert_within_noise, batching_noise, float32_noise
+from support.numerics import assert_within_noise, batching_noise, float32_noise, perturbed_delta
 from support.rows import each_row_alone
 
 from opendelta import AdapterModel, LoraModel, mixed_batch
@@ -15,14 +15,6 @@ from opendelta.methods.lora_stacked import StackedLora
 from opendelta.routing import site_of
 
 IDS = torch.randint(1, 99, (4, 6), generator=torch.Generator().manual_seed(5))
-
-
-def perturbed(delta, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in delta.delta_parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=generator))
-    return delta
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
@@ -37,7 +29,7 @@ def test_the_short_post_hook_equals_the_general_path_bit_for_bit_and_detach_rest
     model = tiny_llama()
     with torch.no_grad():
         bare = logits(model)
-        delta = perturbed(LoraModel(model, name="a"), seed=1)
+        delta = perturbed_delta(LoraModel(model, name="a"), seed=1)
         assert all(site._lean is not None for site in sites(delta))
         short = logits(model)
         for site in sites(delta):
@@ -51,9 +43,9 @@ def test_the_short_post_hook_equals_the_general_path_bit_for_bit_and_detach_rest
 
 def test_the_short_path_is_taken_only_for_one_unscaled_parallel_delta() -> None:
     model = tiny_llama()
-    a = perturbed(LoraModel(model, name="a"), seed=1)
+    a = perturbed_delta(LoraModel(model, name="a"), seed=1)
     assert all(site._lean == "a" for site in sites(a))
-    b = perturbed(LoraModel(model, name="b"), seed=2)
+    b = perturbed_delta(LoraModel(model, name="b"), seed=2)
     assert all(site._lean is None for site in sites(b))  # two parallel deltas: the general path
     b.detach()
     assert all(site._lean == "a" for site in sites(a))
@@ -72,7 +64,7 @@ def test_the_short_path_is_taken_only_for_one_unscaled_parallel_delta() -> None:
 def test_the_short_path_skips_the_precision_wrapper_only_where_it_would_not_cast(dtype) -> None:
     model = tiny_llama().to(dtype)
     with torch.no_grad():
-        delta = perturbed(LoraModel(model, name="a"), seed=1)  # on bfloat16: float32 factors, marked
+        delta = perturbed_delta(LoraModel(model, name="a"), seed=1)  # on bfloat16: float32 factors, marked
         half = dtype != torch.float32
         assert all(site._lean_route == ("route_parallel" if half else "_route_parallel_as_written") for site in sites(delta))
         short = logits(model)
@@ -107,7 +99,7 @@ def test_an_adapter_after_a_module_keeps_the_general_path() -> None:
 
 
 def _tasks(model: torch.nn.Module, n: int, **config) -> list[LoraModel]:
-    return [perturbed(LoraModel(model, name=f"t{i}", **config), seed=i + 1) for i in range(n)]
+    return [perturbed_delta(LoraModel(model, name=f"t{i}", **config), seed=i + 1) for i in range(n)]
 
 
 def _noise(model: torch.nn.Module) -> tuple[float, float]:

@@ -128,14 +128,10 @@ def test_attach_refuses_to_overwrite_an_edit_made_while_the_delta_was_detached()
     assert_unchanged(model, edited)
 
 
-def test_an_attach_that_fails_half_way_changes_nothing(monkeypatch):
-    model = tiny_bert()
-    delta = LoraModel(model)
-    delta.freeze_module(exclude=["deltas", "pooler"])
-    train_pooler(model)
-    delta.detach()
-    detached = snapshot(model)
+def fail_the_third_flag(monkeypatch) -> None:
+    """Make the third requires_grad flag the library sets raise (a failure half way through)."""
     calls = []
+    real_set_flag = opendelta.backbone_changes.set_flag
 
     def fails_on_the_third(param, owner, flag):
         calls.append(param)
@@ -143,8 +139,17 @@ def test_an_attach_that_fails_half_way_changes_nothing(monkeypatch):
             raise RuntimeError("injected")
         real_set_flag(param, owner, flag)
 
-    real_set_flag = opendelta.backbone_changes.set_flag
     monkeypatch.setattr(opendelta.backbone_changes, "set_flag", fails_on_the_third)
+
+
+def test_an_attach_that_fails_half_way_changes_nothing(monkeypatch):
+    model = tiny_bert()
+    delta = LoraModel(model)
+    delta.freeze_module(exclude=["deltas", "pooler"])
+    train_pooler(model)
+    delta.detach()
+    detached = snapshot(model)
+    fail_the_third_flag(monkeypatch)
     with pytest.raises(RuntimeError, match="injected"):
         delta.attach()
     assert_unchanged(model, detached)
@@ -444,16 +449,7 @@ def test_a_switch_that_fails_after_taking_over_the_freeze_leaves_the_taker_unfro
     bare_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     a, b = two_tasks(model)
     before = snapshot(model)
-    calls = []
-
-    def fails_on_the_third(param, owner, flag):
-        calls.append(param)
-        if len(calls) == 3:
-            raise RuntimeError("injected")
-        real_set_flag(param, owner, flag)
-
-    real_set_flag = opendelta.backbone_changes.set_flag
-    monkeypatch.setattr(opendelta.backbone_changes, "set_flag", fails_on_the_third)
+    fail_the_third_flag(monkeypatch)
     with pytest.raises(RuntimeError, match="injected"):
         a.switch(to=b)
     assert_unchanged(model, before)

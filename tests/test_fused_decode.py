@@ -10,21 +10,13 @@ import pickle
 import pytest
 import torch
 from conftest import tiny_llama
-from support.numerics import assert_changed, assert_within_noise, batching_noise, float32_noise
+from support.numerics import assert_changed, assert_within_noise, batching_noise, float32_noise, perturbed_delta
 
 from opendelta import AdapterModel, IA3Model, LifecycleError, LoraModel, MergeError, mixed_batch
 from opendelta.hotswap import LoraSlot
 from opendelta.routing import FusedLinear, site_of
 
 IDS = torch.randint(1, 99, (4, 6), generator=torch.Generator().manual_seed(5))
-
-
-def perturbed(delta, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in delta.delta_parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=generator))
-    return delta
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
@@ -50,7 +42,7 @@ def test_fused_lora_equals_the_unmerged_route_within_rounding_and_never_writes_t
     reference = noise(model)
     weights = {name: p.clone() for name, p in model.named_parameters()}
     bare = logits(model)
-    delta = perturbed(LoraModel(model, name="a"), seed=1)
+    delta = perturbed_delta(LoraModel(model, name="a"), seed=1)
     unmerged = logits(model)
     with delta.fuse():
         modules = fused_modules(delta)
@@ -68,7 +60,7 @@ def test_fused_lora_equals_the_unmerged_route_within_rounding_and_never_writes_t
 def test_detach_while_fused_restores_the_backbone_bit_for_bit_and_attach_fuses_again() -> None:
     model = tiny_llama()
     bare = logits(model)
-    delta = perturbed(LoraModel(model, name="a"), seed=1)
+    delta = perturbed_delta(LoraModel(model, name="a"), seed=1)
     delta.fuse()
     fused = logits(model)
     delta.detach()
@@ -81,8 +73,8 @@ def test_detach_while_fused_restores_the_backbone_bit_for_bit_and_attach_fuses_a
 
 def test_the_fused_route_is_not_taken_with_gradients_a_scale_a_training_dropout_or_a_mixed_batch() -> None:
     model = tiny_llama()
-    a = perturbed(LoraModel(model, name="a", lora_dropout=0.1), seed=1)
-    b = perturbed(LoraModel(model, name="b", modified_modules=["mlp.down_proj"]), seed=2)
+    a = perturbed_delta(LoraModel(model, name="a", lora_dropout=0.1), seed=1)
+    b = perturbed_delta(LoraModel(model, name="b", modified_modules=["mlp.down_proj"]), seed=2)
     b.detach()
     a.eval()  # dropout off: the fused route may run
     with torch.no_grad():
@@ -120,7 +112,7 @@ def test_the_cache_follows_in_place_changes_and_a_hot_swap_slot() -> None:
     bare = logits(model)
     slot = LoraSlot(model, ["q_proj", "v_proj"], max_rank=4, name="slot")
     donor = tiny_llama()
-    tasks = [perturbed(LoraModel(donor, name=f"t{i}", lora_r=4), seed=i + 1) for i in range(2)]
+    tasks = [perturbed_delta(LoraModel(donor, name=f"t{i}", lora_r=4), seed=i + 1) for i in range(2)]
     for task in tasks:
         task.detach()
     unmerged = []
@@ -144,8 +136,8 @@ def test_the_cache_follows_in_place_changes_and_a_hot_swap_slot() -> None:
 
 def test_two_deltas_on_a_module_keep_the_unmerged_route_bit_for_bit() -> None:
     model = tiny_llama()
-    lora = perturbed(LoraModel(model, name="a"), seed=1)
-    ia3 = perturbed(IA3Model(model, name="i"), seed=2)  # shares v_proj with the LoRA
+    lora = perturbed_delta(LoraModel(model, name="a"), seed=1)
+    ia3 = perturbed_delta(IA3Model(model, name="i"), seed=2)  # shares v_proj with the LoRA
     both = logits(model)
     lora.fuse()
     fused = {id(m) for m in fused_modules(lora)}
@@ -160,8 +152,8 @@ def test_two_deltas_on_a_module_keep_the_unmerged_route_bit_for_bit() -> None:
 
 def test_fuse_and_unfuse_are_refused_inside_a_mixed_batch_and_change_nothing() -> None:
     model = tiny_llama()
-    a = perturbed(LoraModel(model, name="a"), seed=1)
-    b = perturbed(LoraModel(model, name="b"), seed=2)
+    a = perturbed_delta(LoraModel(model, name="a"), seed=1)
+    b = perturbed_delta(LoraModel(model, name="b"), seed=2)
     with mixed_batch([a, b], [0, 1, 1, 0]):
         with pytest.raises(LifecycleError, match="mixed_batch"):
             a.fuse()
@@ -182,7 +174,7 @@ def test_fuse_and_unfuse_are_refused_inside_a_mixed_batch_and_change_nothing() -
 
 def test_fuse_refuses_a_delta_with_nothing_to_merge_and_changes_nothing() -> None:
     model = tiny_llama()
-    adapter = perturbed(AdapterModel(model, name="ad"), seed=1)
+    adapter = perturbed_delta(AdapterModel(model, name="ad"), seed=1)
     before = logits(model)
     with pytest.raises(MergeError, match="nothing to fuse"):
         adapter.fuse()
@@ -194,7 +186,7 @@ def test_merge_unmerge_switch_and_copies_while_fused() -> None:
     model = tiny_llama()
     reference = noise(model)
     bare = logits(model)
-    a = perturbed(LoraModel(model, name="a"), seed=1)
+    a = perturbed_delta(LoraModel(model, name="a"), seed=1)
     unmerged_a = logits(model)
     keys = set(model.state_dict())
     a.fuse()
@@ -208,7 +200,7 @@ def test_merge_unmerge_switch_and_copies_while_fused() -> None:
     assert torch.equal(logits(copy.deepcopy(model)), fused_a)  # a copy routes through its own merged weights
     assert torch.equal(logits(pickle.loads(pickle.dumps(model))), fused_a)  # the fused class pickles by name
     a.detach()
-    b = perturbed(LoraModel(model, name="b"), seed=2)
+    b = perturbed_delta(LoraModel(model, name="b"), seed=2)
     unmerged_b = logits(model)
     b.fuse()
     b.detach()
@@ -224,7 +216,7 @@ def test_a_compiled_model_traces_the_unmerged_route_while_fused() -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).eval()
-    delta = perturbed(LoraModel(model, name="a", modified_modules=["0", "2"], lora_r=2), seed=1)
+    delta = perturbed_delta(LoraModel(model, name="a", modified_modules=["0", "2"], lora_r=2), seed=1)
     h = torch.randn(3, 8)
     with torch.no_grad():
         unmerged = model(h)
@@ -250,7 +242,7 @@ class OwnForwardLinear(torch.nn.Linear):
 def test_only_modules_with_nn_linears_forward_are_fused_and_their_class_comes_back() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(SubLinear(8, 8), torch.nn.Tanh(), OwnForwardLinear(8, 4)).eval()
-    delta = perturbed(LoraModel(model, name="a", modified_modules=["0", "2"], lora_r=2), seed=1)
+    delta = perturbed_delta(LoraModel(model, name="a", modified_modules=["0", "2"], lora_r=2), seed=1)
     h = torch.randn(3, 8)
     with torch.no_grad():
         unmerged = model(h)

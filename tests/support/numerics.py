@@ -72,3 +72,13 @@ def random_direction(like: torch.Tensor, seed: int = 0) -> torch.Tensor:
     shift (which a LayerNorm removes entirely)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(like.shape, generator=generator).to(like)
+
+
+def perturbed_delta(delta, seed: int, size: float = 0.2):
+    """`delta` with `size` * N(0, 1) noise (from `seed`) added to every delta parameter, so a fresh delta
+    (LoRA's zero B) changes the outputs; returns it."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in delta.delta_parameters():
+            p.add_(size * torch.randn(p.shape, generator=generator))
+    return delta
