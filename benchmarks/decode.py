@@ -3,7 +3,8 @@
 Figures, each configuration timed once per round, rounds interleaved in one process:
   * decode attached / detached: LoRA r=8 on q,v of all 30 layers, IA3 and the adapter (defaults),
     batch 1 and batch 8, 16 new tokens: the cost of one unmerged delta per decoded token (attach and
-    detach run between the timed generates, untimed); for LoRA and IA3 also fused / detached, the delta
+    detach run between the timed generates, untimed, each followed by one untimed forward of the prompt
+    unless --cold, so the first call after a switch is not in the timing); for LoRA and IA3 also fused / detached, the delta
     served by ``delta.fuse()`` (one linear map with a cached merged weight), and for LoRA peft / detached,
     PEFT's unmerged LoRA with the same factors (on a copy of the bare backbone);
   * mixed-task decode: ``generate()`` inside ``mixed_batch`` over 8 tasks (batch 8) and 32 tasks
@@ -151,10 +152,14 @@ OnCase = Callable[[str, dict], None]
 
 
 def decode_ratios(model: nn.Module, rounds: int, vocab: int, methods: tuple[str, ...] = METHODS,
-                  batches: tuple[int, ...] = (1, 8), on_case: OnCase = lambda name, figures: None) -> dict[str, object]:
+                  batches: tuple[int, ...] = (1, 8), on_case: OnCase = lambda name, figures: None,
+                  warm: bool = True) -> dict[str, object]:
     """Greedy decoding with one delta attached / the same model detached (attach and detach untimed); for
     the mergeable methods also the delta served fused (``delta.fuse()``), and for LoRA PEFT's unmerged LoRA
-    with the same factors."""
+    with the same factors. With `warm`, every case's first forward after its attach / fuse / detach (one
+    untimed forward of the prompt) is left out of the timing, so the ratio is the per-token cost of
+    steady serving; without it, the timed generate also pays what the first call after a switch builds
+    (the fused route's merged weights, for one)."""
     results: dict[str, object] = {}
     builders = {"lora": lambda: LoraModel(model, name="d", modified_modules=QV, lora_r=8),
                 "ia3": lambda: IA3Model(model, name="d"), "adapter": lambda: AdapterModel(model, name="d")}
@@ -176,11 +181,23 @@ def decode_ratios(model: nn.Module, rounds: int, vocab: int, methods: tuple[str,
         for batch in batches:
             ids = torch.randint(3, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
             run = generate(model, ids)
-            cases: dict[str, Case | Callable[[], object]] = {"attached": Case(run, delta.attach, delta.detach), "detached": run}
+
+            def entering(enter: Callable[[], object] | None, served: nn.Module = model, ids=ids) -> Callable[[], None]:
+                def go() -> None:
+                    if enter is not None:
+                        enter()
+                    if warm:
+                        with torch.no_grad():
+                            served(input_ids=ids)
+
+                return go
+
+            cases: dict[str, Case | Callable[[], object]] = {
+                "attached": Case(run, entering(delta.attach), delta.detach), "detached": Case(run, entering(None))}
             if fuses:
-                cases["fused"] = Case(run, fused_on, fused_off)
+                cases["fused"] = Case(run, entering(fused_on), fused_off)
             if peft is not None:
-                cases["peft"] = generate(peft, ids)
+                cases["peft"] = Case(generate(peft, ids), entering(None, peft))
             samples = interleaved(cases, rounds)
             results[f"{method} batch {batch}"] = {
                 "seconds": summary(samples),
@@ -288,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="the sections to run")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="the decode section's methods")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="the decode section's batch sizes")
+    parser.add_argument("--cold", action="store_true",
+                        help="decode section: time the first call after each attach / fuse / detach too (no untimed warm forward)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -316,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         return on_case
 
     if "decode" in args.only:
-        decode_ratios(model, rounds, vocab, tuple(args.methods), tuple(args.batches), on_case=record("decode"))
+        results["decode_protocol"] = "cold: the first call after a switch timed" if args.cold else "warm: one untimed forward after each switch"
+        decode_ratios(model, rounds, vocab, tuple(args.methods), tuple(args.batches), on_case=record("decode"), warm=not args.cold)
     if "mixed_decode" in args.only:
         mixed_decode(model, rounds, vocab, (2, 4) if args.smoke else (8, 32), on_case=record("mixed_decode"))
     if "forward" in args.only:

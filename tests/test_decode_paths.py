@@ -193,6 +193,9 @@ def test_the_decode_benchmark_runs_on_a_tiny_model() -> None:
     only = decode.main(["--smoke", "--rounds", "2", "--only", "decode", "--methods", "lora", "--batches", "1"])
     assert set(only["decode"]) == {"lora batch 1"} and "mixed_decode" not in only
     assert len(only["decode"]["lora batch 1"]["attached / detached"]["paired"]["rounds"]) == 2
+    assert only["decode_protocol"].startswith("warm")
+    cold = decode.main(["--smoke", "--rounds", "1", "--only", "decode", "--methods", "lora", "--batches", "1", "--cold"])
+    assert cold["decode_protocol"].startswith("cold") and "fused / detached" in cold["decode"]["lora batch 1"]
 
 
 def test_the_decode_profile_counts_what_a_lora_adds_to_a_module_call() -> None:
