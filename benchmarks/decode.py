@@ -7,6 +7,8 @@ Figures, each configuration timed once per round, rounds interleaved in one proc
     unless --cold, so the first call after a switch is not in the timing); for LoRA and IA3 also fused / detached, the delta
     served by ``delta.fuse()`` (one linear map with a cached merged weight), and for LoRA peft / detached,
     PEFT's unmerged LoRA with the same factors (on a copy of the bare backbone);
+  * one decode step (--only step): the same cases, each timed as the median of 24 one-token forwards
+    through the KV cache instead of a whole generate(), which filters out the steps a preemption hit;
   * mixed-task decode: ``generate()`` inside ``mixed_batch`` over 8 tasks (batch 8) and 32 tasks
     (batch 32), one row each, / the same batch through one attached delta; PEFT's ``adapter_names=``
     generate beside it (its own ratio to its single adapter);
@@ -73,6 +75,8 @@ class Case:
     run: Callable[[], object]
     enter: Callable[[], object] | None = None
     leave: Callable[[], object] | None = None
+    #: `run` returns its own (wall, cpu) seconds instead of being timed whole
+    measures: bool = False
 
 
 #: a case's samples on each clock, over the rounds: {"wall": [...], "cpu": [...]}
@@ -91,9 +95,12 @@ def interleaved(cases: dict[str, Case | Callable[[], object]], rounds: int) -> S
             if case.enter is not None:
                 case.enter()
             try:
-                wall, cpu = time.perf_counter(), time.process_time()
-                case.run()
-                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                if case.measures:
+                    wall, cpu = case.run()
+                else:
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    case.run()
+                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             finally:
                 if case.leave is not None:
                     case.leave()
@@ -144,6 +151,31 @@ def generate(model: nn.Module, ids: torch.Tensor, **extra: object) -> Callable[[
     return run
 
 
+#: the step section's timed decode steps per case and round
+STEPS = 24
+
+
+def decode_steps(model: nn.Module, ids: torch.Tensor, steps: int = STEPS) -> Callable[[], tuple[float, float]]:
+    """One greedy decode step's seconds, on the wall and CPU clocks: the median over `steps` timed one-token
+    forwards through the KV cache, after an untimed prefill of `ids` and one untimed step. The median of
+    many short timings leaves out the steps a preemption hit, which a whole generate() cannot."""
+
+    def run() -> tuple[float, float]:
+        walls, cpus = [], []
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+            for step in range(steps + 1):
+                token = out.logits[:, -1:].argmax(-1)
+                wall, cpu = time.perf_counter(), time.process_time()
+                out = model(input_ids=token, cache=out.cache, use_cache=True)
+                if step:
+                    walls.append(time.perf_counter() - wall)
+                    cpus.append(time.process_time() - cpu)
+        return statistics.median(walls), statistics.median(cpus)
+
+    return run
+
+
 METHODS = ("lora", "ia3", "adapter")
 
 
@@ -153,13 +185,14 @@ OnCase = Callable[[str, dict], None]
 
 def decode_ratios(model: nn.Module, rounds: int, vocab: int, methods: tuple[str, ...] = METHODS,
                   batches: tuple[int, ...] = (1, 8), on_case: OnCase = lambda name, figures: None,
-                  warm: bool = True) -> dict[str, object]:
+                  warm: bool = True, step: bool = False) -> dict[str, object]:
     """Greedy decoding with one delta attached / the same model detached (attach and detach untimed); for
     the mergeable methods also the delta served fused (``delta.fuse()``), and for LoRA PEFT's unmerged LoRA
     with the same factors. With `warm`, every case's first forward after its attach / fuse / detach (one
     untimed forward of the prompt) is left out of the timing, so the ratio is the per-token cost of
     steady serving; without it, the timed generate also pays what the first call after a switch builds
-    (the fused route's merged weights, for one)."""
+    (the fused route's merged weights, for one). With `step`, each case's figure is instead one decode
+    step's median seconds (`decode_steps`), the prefill and a first step left out."""
     results: dict[str, object] = {}
     builders = {"lora": lambda: LoraModel(model, name="d", modified_modules=QV, lora_r=8),
                 "ia3": lambda: IA3Model(model, name="d"), "adapter": lambda: AdapterModel(model, name="d")}
@@ -180,24 +213,27 @@ def decode_ratios(model: nn.Module, rounds: int, vocab: int, methods: tuple[str,
 
         for batch in batches:
             ids = torch.randint(3, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
-            run = generate(model, ids)
+            def case(served: nn.Module, enter: Callable[[], object] | None,
+                     leave: Callable[[], object] | None = None, ids: torch.Tensor = ids) -> Case:
+                """`served` timed after `enter` (and, if warm, one untimed forward of the prompt), then `leave`."""
 
-            def entering(enter: Callable[[], object] | None, served: nn.Module = model, ids=ids) -> Callable[[], None]:
-                def go() -> None:
+                def entering() -> None:
                     if enter is not None:
                         enter()
                     if warm:
                         with torch.no_grad():
                             served(input_ids=ids)
 
-                return go
+                if step:
+                    return Case(decode_steps(served, ids), entering, leave, measures=True)
+                return Case(generate(served, ids), entering, leave)
 
             cases: dict[str, Case | Callable[[], object]] = {
-                "attached": Case(run, entering(delta.attach), delta.detach), "detached": Case(run, entering(None))}
+                "attached": case(model, delta.attach, delta.detach), "detached": case(model, None)}
             if fuses:
-                cases["fused"] = Case(run, entering(fused_on), fused_off)
+                cases["fused"] = case(model, fused_on, fused_off)
             if peft is not None:
-                cases["peft"] = Case(generate(peft, ids), entering(None, peft))
+                cases["peft"] = case(peft, None)
             samples = interleaved(cases, rounds)
             results[f"{method} batch {batch}"] = {
                 "seconds": summary(samples),
@@ -294,7 +330,7 @@ def forward_vs_peft(model: nn.Module, rounds: int, vocab: int) -> dict[str, obje
     return {"seconds": summary(samples), "opendelta / peft": ratio(samples, "opendelta", "peft")}
 
 
-SECTIONS = ("decode", "mixed_decode", "forward")
+SECTIONS = ("decode", "step", "mixed_decode", "forward")
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -303,8 +339,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10; 2 with --smoke)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="the sections to run")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="the decode section's methods")
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="the decode section's batch sizes")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="the decode and step sections' methods")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="the decode and step sections' batch sizes")
     parser.add_argument("--cold", action="store_true",
                         help="decode section: time the first call after each attach / fuse / detach too (no untimed warm forward)")
     parser.add_argument("--json", metavar="PATH")
@@ -337,6 +373,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if "decode" in args.only:
         results["decode_protocol"] = "cold: the first call after a switch timed" if args.cold else "warm: one untimed forward after each switch"
         decode_ratios(model, rounds, vocab, tuple(args.methods), tuple(args.batches), on_case=record("decode"), warm=not args.cold)
+    if "step" in args.only:
+        results["step_protocol"] = f"median of {STEPS} timed one-token steps per case and round, after a prefill and one untimed step"
+        decode_ratios(model, rounds, vocab, tuple(args.methods), tuple(args.batches), on_case=record("step"), step=True)
     if "mixed_decode" in args.only:
         mixed_decode(model, rounds, vocab, (2, 4) if args.smoke else (8, 32), on_case=record("mixed_decode"))
     if "forward" in args.only:

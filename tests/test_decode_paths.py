@@ -190,8 +190,12 @@ def test_the_decode_benchmark_runs_on_a_tiny_model() -> None:
     paired = results["decode"]["lora batch 1"]["attached / detached"]["paired"]
     assert len(paired["rounds"]) == 1 and paired["low"] <= paired["median"] <= paired["high"]
     assert len(paired["rounds"]) == len(results["decode"]["lora batch 1"]["attached / detached"]["cpu"]["paired"]["rounds"])
-    only = decode.main(["--smoke", "--rounds", "2", "--only", "decode", "--methods", "lora", "--batches", "1"])
-    assert set(only["decode"]) == {"lora batch 1"} and "mixed_decode" not in only
+    only = decode.main(["--smoke", "--rounds", "2", "--only", "decode", "step", "--methods", "lora", "--batches", "1"])
+    assert set(only["decode"]) == set(only["step"]) == {"lora batch 1"} and "mixed_decode" not in only
+    # the step section times one-token steps: each round's figure is a step's median, under a whole generate's
+    steps, generates = only["step"]["lora batch 1"]["seconds"], only["decode"]["lora batch 1"]["seconds"]
+    assert 0 < steps["detached"]["median"] < generates["detached"]["median"]
+    assert {"attached / detached", "fused / detached", "peft / detached"} <= set(only["step"]["lora batch 1"])
     assert len(only["decode"]["lora batch 1"]["attached / detached"]["paired"]["rounds"]) == 2
     assert only["decode_protocol"].startswith("warm")
     cold = decode.main(["--smoke", "--rounds", "1", "--only", "decode", "--methods", "lora", "--batches", "1", "--cold"])
