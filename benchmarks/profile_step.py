@@ -86,12 +86,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "fused": (lambda: handle.append(delta.fuse()), lambda: handle.pop().remove()),
     }
     results: dict[str, object] = {"model": "SmolLM2-135M" if args.smollm2 else "tiny-llama", "batch": args.batch}
+    print(f"{results['model']}, batch {args.batch}, one decode step: exact counts per step", flush=True)
     for name, (enter, leave) in modes.items():
         enter()
         try:
             step()  # the first forward (reachability check; the fused weights are built here)
             ops, us, names = aten(step, args.steps)
             results[name] = {"aten ops": ops, "aten us": us, "ops": names, "python calls": python_calls(step, args.steps)}
+            # printed now, so a run stopped during the timing below still shows every count
+            print(f"  {name:8s} {ops:.0f} aten ops, {results[name]['python calls']:.0f} Python calls", flush=True)
         finally:
             leave()
 
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         if name != "bare":
             results[name]["/ bare"] = ratio(samples, name, "bare")  # type: ignore[index]
     bare = results["bare"]
-    print(f"{results['model']}, batch {args.batch}, one decode step ({args.steps} steps x {args.rounds} rounds, medians):")
+    print(f"timed ({args.steps} steps x {args.rounds} rounds, medians):")
     for name in modes:
         r = results[name]
         added = r["us per step"] - bare["us per step"]  # type: ignore[index,operator]
