@@ -6,7 +6,9 @@ delta at all: no hooks, no delta children, no state-dict filter; the delta objec
 a transformers model as ``save_pretrained`` does (``from_pretrained(dir)`` loads it), any other
 ``nn.Module`` as one ``model.safetensors`` state dict. Only methods that fold into a module's weights
 merge (LoRA, VeRA, LoHa, LoKr, OFT, AdaLoRA, trainable tokens, IA3, BitFit on modules with a bias); the others
-raise MergeError naming what to do.
+raise MergeError naming what to do. A quantized backbone's folder keeps its layers quantized (re-quantized with
+the delta merged) where a transformers quantizer owns them (``quantization_config`` in the config, which
+``from_pretrained`` applies again); layers quantized by hand are written dense, as the ``nn.Linear`` they compute.
 """
 
 from __future__ import annotations
