@@ -174,9 +174,9 @@ def _exported_state_dict(model: nn.Module, leave_out: Iterable[nn.Module] = ()) 
     (torchao's ``to_nf4``, an ``HQQLinear`` put in place) has no config entry that rebuilds it, and a torchao
     wrapper tensor has no storage that safetensors can write."""
     state = _whole_state_dict(model, leave_out)
-    if _quantizer_reloads(model):
-        return state
     quantized = {f"{path}." if path else "": module for path, module in model.named_modules() if is_quantized(module)}
+    if not quantized or _quantizer_reloads(model):
+        return state
     # a quantized layer has no submodules of its own: every entry under its name is its packed form
     packed = tuple(quantized)
     state = {key: value for key, value in state.items() if not key.startswith(packed)}
