@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import support.quantized as quantized_support
 from support.quantized import IDS, KINDS, assert_same_packed_state, dense_copy, load_kind, packed_state, save_tiny_llama
 from torch import nn
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from opendelta.quantized import dequantized_weight, is_quantized
 
@@ -112,15 +112,39 @@ def test_merging_into_a_torchao_weight_it_cannot_requantize_is_a_typed_error_tha
     assert torch.equal(logits(model), tuned)
 
 
-@pytest.mark.parametrize("kind", ["bnb_8bit", "hqq_4bit"])
-def test_export_merged_of_a_quantized_backbone_writes_the_requantized_weights_and_leaves_the_packed_bytes(
+def _torchao_by_hand(path: str, config: str, **kwargs) -> nn.Module:
+    """The saved tiny LLaMA quantized by torchao's ``quantize_`` with `config` (no TorchAoConfig: its
+    config.json has no quantization_config)."""
+    quantization = pytest.importorskip("torchao.quantization")
+    model = LlamaForCausalLM.from_pretrained(path)
+    quantization.quantize_(model.model, getattr(quantization, config)(**kwargs))
+    return model.eval()
+
+
+#: quantized by a transformers quantizer (config.json's quantization_config): the export keeps them quantized
+RELOADED_QUANTIZED = ["bnb_4bit", "bnb_8bit", "torchao_int8"]
+#: quantized by hand: no config entry rebuilds the layers, so the export writes them dense
+BY_HAND = {
+    "torchao_nf4": lambda path: load_kind(path, "torchao_nf4"),
+    "hqq_4bit": lambda path: load_kind(path, "hqq_4bit"),
+    "torchao_int8_by_hand": lambda path: _torchao_by_hand(path, "Int8WeightOnlyConfig"),
+    # a torchao tensor opendelta cannot re-quantize (merge() refuses it) still exports: dense needs no re-quantizing
+    "torchao_intx_by_hand": lambda path: _torchao_by_hand(path, "IntxWeightOnlyConfig", weight_dtype=torch.int8),
+}
+
+
+@pytest.mark.parametrize("kind", RELOADED_QUANTIZED)
+def test_export_merged_of_a_transformers_quantized_backbone_reloads_as_the_merged_model_and_leaves_the_packed_bytes(
     saved_model, kind, tmp_path
 ):
-    # a quantized weight's merged value is what its backend re-quantizes: export_merged merges in place there
+    # the folder keeps the quantizer's format, its weights as merge() re-quantizes them: export_merged merges in
+    # place there, and from_pretrained re-quantizes nothing (it loads the packed merged weights)
     model = load_kind(saved_model, kind)
     delta = perturbed(model, {"delta_type": "lora"})
     before = packed_state(model)
+    tuned = logits(model)
     delta.merge()
+    merged = logits(model)
     model.save_pretrained(tmp_path / "merged-in-place")
     delta.unmerge()
 
@@ -128,6 +152,98 @@ def test_export_merged_of_a_quantized_backbone_writes_the_requantized_weights_an
 
     assert_same_packed_state(model, before)
     assert delta.is_attached and not delta.is_merged
+    assert torch.equal(logits(model), tuned)
     written = load_file(tmp_path / "out/model.safetensors")
     reference = load_file(tmp_path / "merged-in-place/model.safetensors")
     assert list(written) == list(reference) and all(torch.equal(written[k], v) for k, v in reference.items())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu").eval()
+    assert torch.equal(logits(reloaded), merged)
+
+
+def test_export_merged_that_would_need_a_requantizer_opendelta_lacks_is_a_typed_error_that_changes_nothing(
+    saved_model, tmp_path
+):
+    pytest.importorskip("torchao")
+    from torchao.quantization import IntxWeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    from opendelta.errors import MergeError
+
+    config = TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int8))
+    model = AutoModelForCausalLM.from_pretrained(saved_model, quantization_config=config, device_map="cpu").eval()
+    delta = perturbed(model, {"delta_type": "lora"})
+    before = packed_state(model)
+    tuned = logits(model)
+    with pytest.raises(MergeError, match="IntxUnpackedToInt8Tensor"):
+        delta.export_merged(tmp_path / "out")
+    assert delta.is_attached and not delta.is_merged
+    assert_same_packed_state(model, before)
+    assert torch.equal(logits(model), tuned)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("kind", sorted(BY_HAND))
+def test_export_merged_of_a_backbone_quantized_by_hand_writes_the_dense_merged_weights(saved_model, kind, tmp_path):
+    # torchao's NF4 tensors used to fail here inside save_pretrained ("invalid python storage": a wrapper tensor
+    # has no storage), and hqq's packed entries loaded as a randomly initialized model
+    model = BY_HAND[kind](saved_model)
+    original = LlamaForCausalLM.from_pretrained(saved_model).eval()
+    dense = dense_copy(model, LlamaForCausalLM.from_pretrained(saved_model))
+    # the quantization noise floor: what the bare backbone's quantization moves the logits by
+    floor = (logits(original) - logits(model)).norm()
+    deltas = [perturbed(m, {"delta_type": "lora"}) for m in (model, dense)]
+    before = packed_state(model)
+    tuned, dense_tuned = logits(model), logits(dense)
+
+    deltas[0].export_merged(tmp_path / "out")
+    deltas[1].export_merged(tmp_path / "dense")
+
+    assert_same_packed_state(model, before)
+    assert deltas[0].is_attached and not deltas[0].is_merged
+    assert torch.equal(logits(model), tuned)
+    # the folder is the dense copy's merged model (dequantized weight + the delta's change, not re-quantized)
+    written, reference = load_file(tmp_path / "out/model.safetensors"), load_file(tmp_path / "dense/model.safetensors")
+    assert written.keys() == reference.keys() and all(torch.equal(written[k], v) for k, v in reference.items())
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values())  # nothing missing (randomly initialized) nor left over
+    got = logits(reloaded.eval())
+    deltas[1].merge()
+    assert torch.equal(got, logits(dense))
+    # so it differs from the delta model by float rounding only, measured on the same weights: merging's own
+    # (the dense copy merged vs unmerged) and the quantized kernel's (the delta model vs its dense copy); that
+    # is inside the noise floor, where a re-quantized merge moves the logits by about the floor itself
+    rounding = (got - dense_tuned).norm() + (dense_tuned - tuned).norm()
+    assert 0 < (got - tuned).norm() <= rounding < floor
+
+
+def test_export_merged_of_a_plain_module_with_nf4_layers_is_a_dense_state_dict(tmp_path):
+    quantization = pytest.importorskip("torchao.quantization")
+    from opendelta import LoraModel
+
+    def mlp() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+
+    model, dense = mlp(), mlp()
+    for index in (0, 2):
+        weight = quantization.to_nf4(model[index].weight.data, 32, 16)
+        model[index].weight = nn.Parameter(weight, requires_grad=False)
+        with torch.no_grad():
+            dense[index].weight.copy_(weight.get_original_weight())
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+    deltas = []
+    for m in (model, dense):
+        torch.manual_seed(1)  # the same LoRA initialization on both
+        delta = LoraModel(m, modified_modules=["0", "2"], lora_r=2, dummy_inputs=x)
+        quantized_support.perturb(delta, 0.05)
+        deltas.append(delta)
+    before = packed_state(model)
+
+    path = deltas[0].export_merged(tmp_path)
+
+    assert_same_packed_state(model, before)
+    fresh = mlp()
+    fresh.load_state_dict(load_file(f"{path}/model.safetensors"))  # strict: every key, dense
+    deltas[1].merge()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), dense(x))

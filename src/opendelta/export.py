@@ -6,7 +6,9 @@ delta at all: no hooks, no delta children, no state-dict filter; the delta objec
 a transformers model as ``save_pretrained`` does (``from_pretrained(dir)`` loads it), any other
 ``nn.Module`` as one ``model.safetensors`` state dict. Only methods that fold into a module's weights
 merge (LoRA, VeRA, LoHa, LoKr, OFT, AdaLoRA, trainable tokens, IA3, BitFit on modules with a bias); the others
-raise MergeError naming what to do.
+raise MergeError naming what to do. A quantized backbone's folder keeps its layers quantized (re-quantized with
+the delta merged) where a transformers quantizer owns them (``quantization_config`` in the config, which
+``from_pretrained`` applies again); layers quantized by hand are written dense, as the ``nn.Linear`` they compute.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from opendelta.addressing import is_delta_module
 from opendelta.checkpoint_files import checkpoint_path, safetensors_bytes, save_folder, write_files
 from opendelta.errors import LifecycleError, MergeError
 from opendelta.merging import folded_values
-from opendelta.quantized import is_quantized
+from opendelta.quantized import dequantized_weight, is_quantized
 
 if TYPE_CHECKING:
     from opendelta.delta_base import DeltaBase
@@ -107,18 +109,30 @@ def export_merged(delta: DeltaBase, directory: str | os.PathLike, *, max_shard_s
     save_folder(directory, create=False)  # a bad path fails before the model changes
     model = delta.backbone_model
     if delta.is_merged:
-        _write_model(model, directory, _whole_state_dict(model), max_shard_size)
-    elif any(target.is_span or is_quantized(target.site) for target in delta.targets.values()):
-        # a quantized weight's merged value is stored as its backend re-quantizes it (packed tensors beside
-        # the weight): only writing it into the layer makes them, so merge in place and put the weights back
+        _write_model(model, directory, _exported_state_dict(model), max_shard_size)
+    elif any(target.is_span or _kept_quantized(model, target.site) for target in delta.targets.values()):
+        # a quantized weight the folder keeps quantized is stored as its backend re-quantizes the merged value
+        # (packed tensors beside the weight): only writing it into the layer makes them, so merge in place and
+        # put the weights back
         _merge_or_explain(delta)
         try:
-            _write_model(model, directory, _whole_state_dict(model), max_shard_size)
+            _write_model(model, directory, _exported_state_dict(model), max_shard_size)
         finally:
             delta.unmerge()
     else:
         _write_model(model, directory, _merged_state_dict(delta), max_shard_size)
     return str(directory)
+
+
+def _quantizer_reloads(model: nn.Module) -> bool:
+    """Whether `model`'s quantized layers belong to a transformers quantizer (``quantization_config`` in
+    its config), so that ``from_pretrained`` of the saved folder quantizes them again the same way."""
+    return getattr(model, "hf_quantizer", None) is not None
+
+
+def _kept_quantized(model: nn.Module, module: nn.Module) -> bool:
+    """Whether the exported folder holds `module` (of `model`) in its quantized form rather than dense."""
+    return is_quantized(module) and _quantizer_reloads(model)
 
 
 def _write_model(model: nn.Module, directory: Path, state: dict[str, torch.Tensor], max_shard_size: int | str) -> None:
@@ -137,17 +151,40 @@ def _merged_state_dict(delta: DeltaBase) -> dict[str, torch.Tensor]:
     and no copy of the weights before the merge is made and written back (what merge() + unmerge() cost)."""
     scaling.check_unscaled(delta, "export_merged")
     try:
-        folded = folded_values(delta.backbone_model, delta.targets, delta.layers)
+        # a quantized layer reaching here is written dense (quantized ones the folder keeps merge in place)
+        folded = folded_values(delta.backbone_model, delta.targets, delta.layers, requantized=False)
     except MergeError as exc:
         raise _cannot_merge(delta, exc) from exc
     with delta._changes.unfiltered_state_dict():
-        state = _whole_state_dict(delta.backbone_model, leave_out=delta.layers.values())
+        state = _exported_state_dict(delta.backbone_model, leave_out=delta.layers.values())
     for path, values in folded.items():
         for key, value in values.items():
             name = f"{path}.{key}" if path else key
             # as copy_ into the parameter would store it: its dtype, device and a dense layout (Conv1D's
             # merged weight is a transposed view)
             state[name] = value.to(dtype=state[name].dtype, device=state[name].device, memory_format=torch.contiguous_format)
+    return state
+
+
+def _exported_state_dict(model: nn.Module, leave_out: Iterable[nn.Module] = ()) -> dict[str, torch.Tensor]:
+    """What the folder holds: the whole state dict (:func:`_whole_state_dict`), with each quantized layer
+    that no transformers quantizer will re-quantize on load written as the plain ``nn.Linear`` it computes
+    (its dequantized ``weight`` in the compute dtype, and its ``bias``), which ``from_pretrained`` of the
+    model's unquantized class loads. Its packed form could not be reloaded: a layer quantized by hand
+    (torchao's ``to_nf4``, an ``HQQLinear`` put in place) has no config entry that rebuilds it, and a torchao
+    wrapper tensor has no storage that safetensors can write."""
+    state = _whole_state_dict(model, leave_out)
+    quantized = {f"{path}." if path else "": module for path, module in model.named_modules() if is_quantized(module)}
+    if not quantized or _quantizer_reloads(model):
+        return state
+    # a quantized layer has no submodules of its own: every entry under its name is its packed form
+    packed = tuple(quantized)
+    state = {key: value for key, value in state.items() if not key.startswith(packed)}
+    with torch.no_grad():
+        for prefix, module in quantized.items():
+            state[f"{prefix}weight"] = dequantized_weight(module).contiguous()
+            if isinstance(getattr(module, "bias", None), torch.Tensor):
+                state[f"{prefix}bias"] = module.bias.detach()
     return state
 
 

@@ -41,9 +41,13 @@ def merge_layers(
     return saved
 
 
-def folded_values(backbone: nn.Module, targets: Mapping[str, Target], layers: Mapping[str, DeltaLayer]) -> Saved:
+def folded_values(
+    backbone: nn.Module, targets: Mapping[str, Target], layers: Mapping[str, DeltaLayer], *, requantized: bool = True
+) -> Saved:
     """The merged values of each layer's module parameters (module path -> parameter name -> value), the
-    model left as it is; MergeError for a layer that cannot merge or a weight tied to another module."""
+    model left as it is; MergeError for a layer that cannot merge or a weight tied to another module, or
+    (`requantized`: the values are to be written into the layers) a quantized weight opendelta cannot
+    re-quantize."""
     check_mergeable((path, targets[path].site) for path in layers)
     folded: Saved = {}
     with torch.no_grad():
@@ -55,7 +59,7 @@ def folded_values(backbone: nn.Module, targets: Mapping[str, Target], layers: Ma
     for path, values in folded.items():
         site = targets[path].site
         quantized_weight = "weight" in values and is_quantized(site)
-        if quantized_weight:
+        if quantized_weight and requantized:
             check_writable(site)
 
         def parameter(key: str) -> nn.Parameter:
