@@ -12,11 +12,19 @@ round by round. Memory: the bytes autograd keeps for backward in one step (exact
 benchmarks/memory.py's ``saved_bytes``), the backbone's bytes in 4-bit and 8-bit against fp32, and
 each configuration's peak resident set over three steps, measured in a fresh process of its own
 (benchmarks/memory.py's ``step_peak``; after the timed part, so it runs on its own).
+
+``--counts`` measures no time: per setting, the exact counts of one training step of each tool (aten ops
+by name at the dispatcher, forward, backward and AdamW; the bytes of the storages they create; Python
+calls), which a loaded machine cannot blur. ``--settings int8,fp32 --counts`` sets a quantized step beside
+the dense one: what a quantized layer adds to each tool's step.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import collections
+import pstats
 import sys
 import tempfile
 import time
@@ -25,6 +33,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from benchmarks.memory import PRELOAD, in_fresh_processes, saved_bytes, step_peak
 from benchmarks.timing import Samples, Spread, interleaved, ratio, round_line, write_json
@@ -33,6 +43,8 @@ from benchmarks.workloads import by_name
 
 #: (name, bits, compute dtype) of each quantized setting
 SETTINGS = (("nf4-fp32", 4, torch.float32), ("nf4-bf16", 4, torch.bfloat16), ("int8", 8, torch.float32))
+#: the dense backbone, a reference setting for --counts only
+DENSE = ("fp32", None, torch.float32)
 TOOLS = ("opendelta", "peft")
 
 
@@ -161,6 +173,74 @@ def measure(workload: str, rounds: int, warmup: int, peak: bool = True, timing: 
     return result
 
 
+class _OpCounter(TorchDispatchMode):
+    """The aten ops that run while it is entered, by name, and the bytes of the storages they create
+    (an output sharing an input's storage, as a view or an in-place op's does, creates none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+        self.new_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        self.ops[func.overloadpacket.__name__] += 1
+        held = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in held:
+                held.add(tensor.untyped_storage().data_ptr())
+                self.new_bytes += tensor.untyped_storage().nbytes()
+        return out
+
+
+def step_counts(step: Callable[[], None]) -> dict:
+    """Exact counts of one call of `step` (a training step: forward, backward, AdamW): aten ops per name
+    and in all, the bytes of the storages they create, and Python function calls (cProfile's)."""
+    with _OpCounter() as counter:
+        step()
+    profiler = cProfile.Profile()
+    profiler.runcall(step)
+    calls = sum(stats[1] for stats in pstats.Stats(profiler).stats.values())  # type: ignore[attr-defined]
+    return {"aten_ops": sum(counter.ops.values()), "ops": dict(sorted(counter.ops.items())),
+            "new_bytes": counter.new_bytes, "python_calls": calls}
+
+
+def op_differences(mine: dict[str, int], theirs: dict[str, int]) -> dict[str, int]:
+    """Op name -> count in `mine` minus count in `theirs`, for the names whose counts differ."""
+    return {op: mine.get(op, 0) - theirs.get(op, 0) for op in sorted({*mine, *theirs})
+            if mine.get(op, 0) != theirs.get(op, 0)}
+
+
+def counts(workload: str, names: list[str]) -> dict:
+    """setting -> tool -> the exact counts of one training step (:func:`step_counts`, after a warm-up step)
+    and the bytes saved for backward, each tool on its own load; printed with the ops whose counts differ
+    between the tools, and, with the dense setting beside a quantized one, what quantizing adds to each tool."""
+    chosen = by_name(workload)
+    folder = _folder(workload)
+    result: dict = {}
+    for name, bits, dtype in (*SETTINGS, DENSE):
+        if name not in names:
+            continue
+        figures = result[name] = {}
+        for tool in TOOLS:
+            built = _lora(tool, load(folder, bits, dtype))
+            batch = chosen.batch(built.model, torch.device("cpu"))
+            step = train_step(built, batch)
+            step()
+            figures[tool] = step_counts(step) | {"saved_bytes": saved_bytes(built.model, batch)}
+            shown = figures[tool]
+            print(f"  {name:9s} {tool:9s} aten ops {shown['aten_ops']}, new storages {shown['new_bytes']} B, Python "
+                  f"calls {shown['python_calls']}, saved for backward {shown['saved_bytes']} B", flush=True)
+            del built, step
+        print(f"  {name:9s} op counts opendelta - peft: {op_differences(figures['opendelta']['ops'], figures['peft']['ops'])}")
+    if DENSE[0] in result:
+        for name in result.keys() - {DENSE[0]}:
+            added = {tool: op_differences(result[name][tool]["ops"], result[DENSE[0]][tool]["ops"]) for tool in TOOLS}
+            same = "the same for both tools" if added["opendelta"] == added["peft"] else "NOT the same for both tools"
+            print(f"  {name} adds to each tool's step (op counts {name} - {DENSE[0]}), {same}: {added}")
+    return result
+
+
 def _row(name: str, result: dict) -> str:
     """One setting's timing row."""
     figures = result["settings"][name]
@@ -184,12 +264,18 @@ def main(argv: list[str] | None = None) -> dict:
     memory = parser.add_mutually_exclusive_group()
     memory.add_argument("--no-peak", action="store_true", help="skip the peak-memory processes")
     memory.add_argument("--peak-only", action="store_true", help="only the peak-memory processes (no timing)")
+    memory.add_argument("--counts", action="store_true",
+                        help="no timing: the exact counts of one step of each tool (--settings may add fp32, dense)")
     args = parser.parse_args(argv)
     names = args.settings.split(",")
-    unknown = set(names) - {name for name, _, _ in SETTINGS}
+    unknown = set(names) - {name for name, _, _ in (*SETTINGS, *([DENSE] if args.counts else []))}
     if unknown:
         parser.error(f"--settings: unknown {sorted(unknown)}")
     torch.set_num_threads(args.threads)
+    if args.counts:
+        result = counts(args.only or ("tiny-llama" if args.smoke else "smollm2"), names)
+        write_json(result, args.json)
+        return result
     result = measure(args.only or ("tiny-llama" if args.smoke else "smollm2"), args.rounds, args.warmup,
                      peak=not args.no_peak, timing=not args.peak_only, names=names,
                      on_update=lambda result: write_json(result, args.json))
