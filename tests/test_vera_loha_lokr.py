@@ -72,6 +72,32 @@ def test_loha_is_the_hadamard_product_of_two_low_rank_weights():
     assert_within_noise(model(x.float()), want, float32_noise(model, lambda m, _: m(x.to(m[0].weight.dtype))))
 
 
+@pytest.mark.parametrize("r", [1, 3])
+def test_loha_gradients_are_those_of_its_equation_bit_for_bit(r):
+    # backward recomputes the two products in autograd's own order of operations
+    delta = LoHaModel(nn.Sequential(nn.Linear(12, 10)), modified_modules=["0"], r=r, alpha=6)
+    randomize(delta)
+    layer = delta.layers["0"]
+    factors = [layer.hada_w1_a, layer.hada_w1_b, layer.hada_w2_a, layer.hada_w2_b]
+    upstream = torch.randn(10, 12, generator=torch.Generator().manual_seed(4))
+    change, equation = layer.weight_change(), (factors[0] @ factors[1]) * (factors[2] @ factors[3]) * (6 / r)
+    assert torch.equal(change, equation)
+    got, want = (torch.autograd.grad(c, factors, upstream) for c in (change, equation))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_loha_keeps_its_factors_not_their_products_for_backward():
+    # as PEFT: of the layer's out x in tensors, only dW (which F.linear needs for the input's gradient) is kept
+    delta = LoHaModel(nn.Sequential(nn.Linear(12, 10)), modified_modules=["0"], r=3)
+    layer, x = delta.layers["0"], torch.randn(4, 12, requires_grad=True)
+    known = {t.untyped_storage().data_ptr() for t in (x, *layer.parameters())}
+    kept: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        layer(x)
+    others = {s.data_ptr(): s.nbytes() for s in (t.untyped_storage() for t in kept) if s.data_ptr() not in known}
+    assert list(others.values()) == [10 * 12 * 4]  # dW's storage (F.linear keeps its transpose)
+
+
 @pytest.mark.parametrize("decompose_both", [False, True])
 def test_lokr_is_the_kronecker_product_of_its_factors(decompose_both):
     model = nn.Sequential(nn.Linear(64, 24))

@@ -3,7 +3,8 @@ or a convolution, ``dW = s * (A1 B1) * (A2 B2)``, ``s = alpha / r``; a rank-r^2 
 of two rank-r LoRAs. A convolution's dW is its kernel flattened to (out, in/groups x kernel size), as in
 PEFT's LoHa without ``use_effective_conv2d``.
 
-As in PEFT, A1, B1 and A2 start random and B2 at zero, so a fresh LoHa changes nothing.
+As in PEFT, A1, B1 and A2 start random and B2 at zero, so a fresh LoHa changes nothing. Backward keeps
+only the four factors and recomputes the two products (:class:`HadamardProduct`), as PEFT does.
 """
 
 from __future__ import annotations
@@ -26,6 +27,28 @@ class LoHaConfig(WeightChangeConfig):
     init_weights: bool = True
 
 
+class HadamardProduct(torch.autograd.Function):
+    """``(w1a @ w1b) * (w2a @ w2b) * scaling``, saving only the factors for backward: autograd would keep both
+    out x in products until then, and recomputing them there costs two rank-r matrix products."""
+
+    @staticmethod
+    def forward(ctx, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, scaling: float) -> torch.Tensor:
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        ctx.scaling = scaling
+        return (w1a @ w1b) * (w2a @ w2b) * scaling
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # autograd's own steps for the expression above, so the gradients are the same bits
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        grad = grad * ctx.scaling
+        of_first = grad * (w2a @ w2b)  # the gradient of w1a @ w1b
+        grad_w1a, grad_w1b = of_first @ w1b.t(), w1a.t() @ of_first
+        del of_first  # one out x in temporary at a time
+        of_second = grad * (w1a @ w1b)
+        return grad_w1a, grad_w1b, of_second @ w2b.t(), w2a.t() @ of_second, None
+
+
 class LoHaLayer(WeightChangeLayer):
     """``dW = s * (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b)``: a factors out x r, b factors r x in."""
 
@@ -43,7 +66,7 @@ class LoHaLayer(WeightChangeLayer):
                 nn.init.kaiming_uniform_(factor, a=5**0.5)
 
     def weight_change(self) -> torch.Tensor:
-        return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scaling
+        return HadamardProduct.apply(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scaling)
 
 
 class LoHaModel(DeltaBase):
