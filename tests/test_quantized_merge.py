@@ -17,7 +17,7 @@ from support.quantized import IDS, KINDS, assert_same_packed_state, dense_copy, 
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from opendelta.quantized import dequantized_weight, is_quantized
+from opendelta.quantized import dequantized_weight, guard_cpu_repack, is_quantized
 
 #: weight-started LoRA, one start per kind: merging one folds in s (B A - B0 A0), the change since its start
 STARTS = dict(zip(KINDS, ["pissa", "olora", "pissa_niter_2", "olora", "pissa"]))
@@ -157,6 +157,9 @@ def test_export_merged_of_a_transformers_quantized_backbone_reloads_as_the_merge
     reference = load_file(tmp_path / "merged-in-place/model.safetensors")
     assert list(written) == list(reference) and all(torch.equal(written[k], v) for k, v in reference.items())
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu").eval()
+    # the same kernel as the merged model's forward: on a CPU with AVX512-BF16, bitsandbytes would otherwise run
+    # the reloaded 4-bit layers through its repacking inference kernel, which rounds block scales to bf16
+    guard_cpu_repack(reloaded)
     assert torch.equal(logits(reloaded), merged)
 
 

@@ -23,14 +23,21 @@ def load_quantized(
     path: str, bits: int, compute_dtype: torch.dtype = torch.float32, quant_type: str = "nf4"
 ) -> nn.Module:
     """The model at `path` in 4-bit (`quant_type` NF4 or FP4, computing in `compute_dtype`) or 8-bit, on CPU,
-    in eval mode."""
+    in eval mode, guarded against bitsandbytes' AVX512-BF16 repack as a user who runs it before attaching must."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from opendelta.quantized import guard_cpu_repack
 
     config = (
         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype)
         if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
     )
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu").eval()
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu").eval()
+    # the tests take the bare model's eval outputs before a delta comes; on a CPU with AVX512-BF16 that forward
+    # would repack the 4-bit weights (bf16-rounded block scales, a different kernel), and attaching then refuses
+    # (docs/quantization.md). On other CPUs this changes nothing
+    guard_cpu_repack(model)
+    return model
 
 
 def replace_linears(model: nn.Module, make) -> nn.Module:
