@@ -258,7 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--settings", default=",".join(name for name, _, _ in SETTINGS),
                         help="comma-separated settings to run (default all: nf4-fp32,nf4-bf16,int8)")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
+    # measured: with one warm-up step, a setting's first rounds ran 10-20% slower (bf16 compute, an AVX512-BF16
+    # CPU), mostly ours; three warm-up steps removed it
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each tool first (default 3)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (after every round)")
     memory = parser.add_mutually_exclusive_group()
