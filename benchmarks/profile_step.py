@@ -16,8 +16,6 @@ CPU clock. Counts are exact on any machine; times are worth what the machine's q
 from __future__ import annotations
 
 import argparse
-import cProfile
-import pstats
 import statistics
 import sys
 from collections.abc import Callable
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 
 from benchmarks.decode import PROMPT, QV, interleaved, perturbed, ratio, shown, smollm2, tiny_llama
+from benchmarks.profile_decode import python_calls
 from opendelta import LoraModel
 
 
@@ -57,15 +56,6 @@ def aten(fn: Callable[[], object], steps: int) -> tuple[float, float, dict[str, 
     for event in top:
         names[event.name.removeprefix("aten::")] = names.get(event.name.removeprefix("aten::"), 0) + 1
     return len(top) / steps, sum(e.cpu_time_total for e in top) / steps, {k: v // steps for k, v in sorted(names.items())}
-
-
-def python_calls(fn: Callable[[], object], steps: int) -> float:
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(steps):
-        fn()
-    profiler.disable()
-    return (sum(entry[1] for entry in pstats.Stats(profiler).stats.values()) - 1) / steps  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:

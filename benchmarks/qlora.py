@@ -22,9 +22,7 @@ the dense one: what a quantized layer adds to each tool's step.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import collections
-import pstats
 import sys
 import tempfile
 import time
@@ -37,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from benchmarks.memory import PRELOAD, in_fresh_processes, saved_bytes, step_peak
+from benchmarks.profile_decode import python_calls
 from benchmarks.timing import Samples, Spread, interleaved, ratio, round_line, write_json
 from benchmarks.variants import Built, build_opendelta, build_peft, train_step
 from benchmarks.workloads import by_name
@@ -198,11 +197,8 @@ def step_counts(step: Callable[[], None]) -> dict:
     and in all, the bytes of the storages they create, and Python function calls (cProfile's)."""
     with _OpCounter() as counter:
         step()
-    profiler = cProfile.Profile()
-    profiler.runcall(step)
-    calls = sum(stats[1] for stats in pstats.Stats(profiler).stats.values())  # type: ignore[attr-defined]
     return {"aten_ops": sum(counter.ops.values()), "ops": dict(sorted(counter.ops.items())),
-            "new_bytes": counter.new_bytes, "python_calls": calls}
+            "new_bytes": counter.new_bytes, "python_calls": round(python_calls(step, 1))}
 
 
 def op_differences(mine: dict[str, int], theirs: dict[str, int]) -> dict[str, int]:

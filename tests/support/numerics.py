@@ -75,10 +75,10 @@ def random_direction(like: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 def perturbed_delta(delta, seed: int, size: float = 0.2):
-    """`delta` with `size` * N(0, 1) noise (from `seed`) added to every delta parameter, so a fresh delta
-    (LoRA's zero B) changes the outputs; returns it."""
+    """`delta` with `size` * N(0, 1) noise (from `seed`, drawn in each parameter's dtype) added to every delta
+    parameter, so a fresh delta (LoRA's zero B) changes the outputs; returns it."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in delta.delta_parameters():
-            p.add_(size * torch.randn(p.shape, generator=generator))
+            p.add_(size * torch.randn(p.shape, generator=generator, dtype=p.dtype))
     return delta

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from support.numerics import perturbed_delta
 from torch import nn
 
 IDS = torch.tensor([[5, 17, 42, 8, 63, 2], [9, 3, 77, 1, 30, 4]])
@@ -141,10 +142,7 @@ def dense_copy(model: nn.Module, base: nn.Module) -> nn.Module:
 
 def perturb(delta, size: float) -> None:
     """Move every delta tensor by `size` times noise of a fixed seed (a fresh delta changes nothing)."""
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in delta.delta_parameters():
-            p.add_(size * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    perturbed_delta(delta, seed=2, size=size)
 
 
 def perturbed(model: nn.Module, config: dict, size: float):
