@@ -255,3 +255,35 @@ def test_only_modules_with_nn_linears_forward_are_fused_and_their_class_comes_ba
         assert type(model[0]) is SubLinear and torch.equal(model(h), unmerged)
     reference = float32_noise(model, lambda m, _: m(h.to(m[0].weight.dtype)))
     assert_within_noise(fused, unmerged, reference)
+
+
+class Doubled(torch.nn.Module):
+    """A parametrization: the module's weight becomes a property computed from ``parametrizations.weight.original``."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * 2
+
+
+@pytest.mark.parametrize("when", ["before fuse", "after fuse"])
+def test_a_parametrized_weight_is_never_served_from_a_stale_cache(when: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).eval()
+    if when == "before fuse":
+        torch.nn.utils.parametrize.register_parametrization(model[2], "weight", Doubled())
+    delta = perturbed_delta(LoraModel(model, name="a", modified_modules=["2"], lora_r=2), seed=1)
+    h = torch.randn(3, 8)
+    with torch.no_grad():
+        handle = delta.fuse()
+        model(h)  # builds the cache where the route is fused
+        if when == "after fuse":
+            torch.nn.utils.parametrize.register_parametrization(model[2], "weight", Doubled())
+        model[2].parametrizations.weight.original.add_(1.0)  # seen by the property, not by the module's own tensors
+        fused = model(h)
+        handle.remove()
+        assert torch.equal(fused, model(h))  # the unmerged route ran: the same ops, bit for bit
+        delta.detach()
+        bare = model(h)
+        delta.attach()
+        delta.detach()
+        assert torch.equal(model(h), bare)
+        assert_changed(fused, bare, float32_noise(model, lambda m, _: m(h.to(m[0].weight.dtype))))

@@ -408,6 +408,25 @@ def test_merging_into_a_tied_weight_is_refused() -> None:
     assert not delta.is_merged and torch.equal(model.transformer.wte.weight, embedding)
 
 
+class Doubled(torch.nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * 2
+
+
+def test_merging_into_a_parametrized_weight_is_refused_and_changes_nothing() -> None:
+    model = tiny_llama()
+    torch.nn.utils.parametrize.register_parametrization(model.model.layers[0].self_attn.q_proj, "weight", Doubled())
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    delta = perturb(LoraModel(model, modified_modules=["q_proj"]), 1)
+    with torch.no_grad():
+        unmerged = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+        with pytest.raises(MergeError, match="layers.0.self_attn.q_proj.weight is computed"):
+            delta.merge()
+        assert not delta.is_merged and torch.equal(model(input_ids=torch.tensor([[1, 2, 3]])).logits, unmerged)
+    delta.detach()
+    assert all(torch.equal(model.state_dict()[k], original[k]) for k in original)
+
+
 def test_merges_undo_in_reverse_order() -> None:
     model = tiny_llama()
     original = {k: v.clone() for k, v in model.state_dict().items()}

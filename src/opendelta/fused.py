@@ -15,7 +15,8 @@ set on a layer after it was built (a float ``scaling`` reassigned by hand) are n
 The fused route runs only where it computes what the unmerged route would, up to rounding: no
 gradient recorded, no dropout of the layer in training mode, unscaled, outside any mixed batch, not under
 ``torch.compile`` tracing, the input passed positionally. Everywhere else (and on quantized layers,
-layers that are not a plain ``nn.Linear``, modules with several deltas or a span) the delta runs unmerged
+layers that are not a plain ``nn.Linear``, a weight or bias computed rather than stored, as
+``torch.nn.utils.parametrize`` makes it, modules with several deltas or a span) the delta runs unmerged
 through the usual hooks, bit for bit as without ``fuse()``.
 """
 
@@ -46,7 +47,15 @@ def fusable(module: nn.Module, plain: type, layer: DeltaLayer) -> bool:
         and layer.route in FUSABLE_ROUTES
         and type(layer).merged_parameters is not DeltaLayer.merged_parameters
         and module.weight.device.type != "meta"
+        and _own_tensors(module)
     )
+
+
+def _own_tensors(module: nn.Module) -> bool:
+    """Whether `module`'s weight and bias are the tensors it holds in ``_parameters``: not computed from others
+    (a ``torch.nn.utils.parametrize`` property, a weight-norm hook's attribute), whose changes the cache would miss."""
+    params = module._parameters
+    return "weight" in params and "bias" in params and params["weight"] is module.weight and params["bias"] is module.bias
 
 
 class MergedWeights:
@@ -96,6 +105,8 @@ class MergedWeights:
             return self.value if not self._dropouts or not self._dropping() else None
         self._record(module, layer)
         self.value = None  # also what a layer that gives no merged weight and bias leaves: the unmerged route runs
+        if not _own_tensors(module):  # made so after fuse() (a parametrization registered later): runs unmerged
+            return None
         try:
             with torch.no_grad():
                 merged = layer.merged_parameters(module)

@@ -63,7 +63,16 @@ def folded_values(
             check_writable(site)
 
         def parameter(key: str) -> nn.Parameter:
-            return packed_weight(site) if key == "weight" and quantized_weight else site.get_parameter(key)
+            if key == "weight" and quantized_weight:
+                return packed_weight(site)
+            try:
+                return site.get_parameter(key)
+            except AttributeError:  # computed, not stored: a parametrization's property, a weight-norm hook's attribute
+                raise MergeError(
+                    f"{path}.{key} is computed from other tensors (e.g. by torch.nn.utils.parametrize), not stored as "
+                    "a parameter, so there is nothing to merge into; keep this delta unmerged there, or remove the "
+                    "parametrization first."
+                ) from None
 
         shared = [key for key in values if seen.get(id(parameter(key)), 0) > 1]
         if shared:

@@ -593,9 +593,13 @@ def mixing_anywhere(backbone: nn.Module) -> bool:
 def _fused_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """A fused module's forward: one linear map with the merged weights (opendelta.fused) where that computes
     what the unmerged delta would, else the module's own forward between the hooks' code, as with hooks."""
-    site: Site = module.__dict__[_SITE_ATTR]
+    site: Site | None = module.__dict__.get(_SITE_ATTR)
+    if site is None or site._fused is None:
+        # no longer fused, yet the class stayed: another library subclassed it on top (torch's parametrize),
+        # so unfusing could not put the plain class back. The hooks, if any, run around the plain forward
+        return nn.Linear.forward(module, *args, **kwargs)
     if args and not kwargs and not _MIXING and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        layer = module._modules[site._fused]  # type: ignore[index]
+        layer = module._modules[site._fused]
         if layer.change_scale == 1.0:  # a scaled delta runs unmerged, as the scale's contract says
             merged = site._merged.get(module, layer)
             if merged is not None:
