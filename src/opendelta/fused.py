@@ -59,66 +59,74 @@ def _own_tensors(module: nn.Module) -> bool:
 
 
 class MergedWeights:
-    """The cached ``(weight, bias)`` that compute a linear module with its one delta (see the module docstring).
+    """The cached ``(weight, bias)`` that compute a linear module with its one delta `name` (see the module
+    docstring), kept in the module's ``__dict__`` while it runs fused: the site makes a new one whenever
+    its deltas change (attach, detach, switch).
 
-    One per module and layer: the site makes a new one whenever its deltas change (attach, detach, switch).
+    :meth:`serve` runs once per fused call, where a decode step finds every Python object cold in the CPU
+    cache (the weights streamed through since the last step), so its cost is the memory it touches, not
+    its bytecode: slots instead of an instance dict, one method, one flat loop, no allocation.
     """
 
-    def __init__(self) -> None:
-        self._owners: list[dict[str, Any]] = []  # the dicts holding those tensors, read again on every call
-        self._layer: DeltaLayer | None = None
-        self._sources: list[Any] = []  # the tensors it was computed from, with their version and address
-        self._stamp: list[tuple[int, int]] = []
-        self.value: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        #: the layer's dropouts: while one is in training mode the merged weight would skip it
-        self._dropouts: list[nn.Module] = []
+    __slots__ = ("name", "_state")
 
-    def _fresh(self, module: nn.Module, layer: DeltaLayer) -> bool:
-        # called on every fused call: a flat loop over a handful of tensors, no allocation. The first owner is
-        # the module's own dict, so a copy sharing this cache (a data-parallel replica) rebuilds it, never reads it
-        if module._parameters is not self._owners[0] or layer is not self._layer:
-            return False
-        sources, stamp, count, i = self._sources, self._stamp, len(self._sources), 0
-        for tensors in self._owners:
-            for now in tensors.values():
-                if i == count or now is not sources[i]:
-                    return False
-                if now is not None and (now._version != stamp[i][0] or now.data_ptr() != stamp[i][1]):
-                    return False
-                i += 1
-        return i == count
+    def __init__(self, name: str) -> None:
+        self.name = name
+        #: None until the first build, then what it was built from and what it gave, replaced whole (never
+        #: edited) so a thread reading it never sees half of a rebuild: (the module's own parameter dict,
+        #: the layer, every source tensor as (the dict holding it, its key, the tensor or None, its version
+        #: and address), the dicts holding them, how many entries they held (so an entry added anywhere is
+        #: seen too), the merged (weight, bias) or None, the layer's dropouts (in training mode, the merged
+        #: weight would skip them))
+        self._state: tuple | None = None
 
-    def _record(self, module: nn.Module, layer: DeltaLayer) -> None:
+    def serve(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The fused ``(weight, bias)`` for `module`, rebuilt if anything it was made from changed; None
+        where the unmerged route must run: the delta scaled, a dropout of it in training mode, or a layer
+        that gives no merged weight and bias."""
+        layer = module._modules.get(self.name)
+        if layer is None or layer.change_scale != 1.0:  # a scaled delta runs unmerged, as the scale's contract says
+            return None
+        state = self._state
+        # the module's own dict first, so a copy sharing this cache (a data-parallel replica) rebuilds it, never reads it
+        if state is not None and state[0] is module._parameters and state[1] is layer:
+            _, _, entries, owners, count, value, dropouts = state
+            for owner, key, tensor, version, address in entries:
+                now = owner.get(key)
+                if now is not tensor or (now is not None and (now._version != version or now.data_ptr() != address)):
+                    break
+            else:
+                # every recorded entry is still there, so an unchanged total means no dict gained one
+                if sum(map(len, owners)) == count:
+                    return value if not dropouts or not _dropping(dropouts) else None
+        return self._build(module, layer)
+
+    def _build(self, module: nn.Module, layer: DeltaLayer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         # the module's direct tensors (weight, bias) and every tensor of the layer (its sub-modules' too)
-        self._owners = [module._parameters]
-        self._layer = layer
+        owners = [module._parameters]
         for owner in layer.modules():
-            self._owners += [owner._parameters, owner._buffers]
-        self._dropouts = [m for m in layer.modules() if isinstance(m, _DROPOUT) and m.p > 0]
-        self._sources = [t for tensors in self._owners for t in tensors.values()]
-        self._stamp = [(0, 0) if t is None else (t._version, t.data_ptr()) for t in self._sources]
+            owners += [owner._parameters, owner._buffers]
+        entries = tuple(
+            (owner, key, t, 0 if t is None else t._version, 0 if t is None else t.data_ptr())
+            for owner in owners for key, t in owner.items()
+        )
+        dropouts = [m for m in layer.modules() if isinstance(m, _DROPOUT) and m.p > 0]
+        value = None  # also what a layer that gives no merged weight and bias leaves: the unmerged route runs
+        # a weight computed rather than stored (a parametrization registered after fuse()) runs unmerged
+        if _own_tensors(module):
+            try:
+                with torch.no_grad():
+                    merged: dict[str, torch.Tensor] | None = layer.merged_parameters(module)
+            except MergeError:
+                merged = None
+            if merged is not None and set(merged) <= {"weight", "bias"}:
+                value = (merged.get("weight", module.weight), merged.get("bias", module.bias))
+        self._state = (module._parameters, layer, entries, tuple(owners), len(entries), value, dropouts)
+        return None if value is None or _dropping(dropouts) else value
 
-    def get(self, module: nn.Module, layer: DeltaLayer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The fused ``(weight, bias)`` for `module` and `layer`, rebuilt if anything it was made from changed;
-        None where the layer cannot give them or a dropout of it is in training mode (then the unmerged route runs)."""
-        if self._owners and self._fresh(module, layer):
-            return self.value if not self._dropouts or not self._dropping() else None
-        self._record(module, layer)
-        self.value = None  # also what a layer that gives no merged weight and bias leaves: the unmerged route runs
-        if not _own_tensors(module):  # made so after fuse() (a parametrization registered later): runs unmerged
-            return None
-        try:
-            with torch.no_grad():
-                merged = layer.merged_parameters(module)
-        except MergeError:
-            return None
-        if not set(merged) <= {"weight", "bias"}:
-            return None
-        self.value = (merged.get("weight", module.weight), merged.get("bias", module.bias))
-        return None if self._dropping() else self.value
 
-    def _dropping(self) -> bool:
-        return any(d.training for d in self._dropouts)
+def _dropping(dropouts: list[nn.Module]) -> bool:
+    return any(d.training for d in dropouts)
 
 
 class FuseHandle:

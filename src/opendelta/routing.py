@@ -51,6 +51,11 @@ ROUTES = ("before", "after", "parallel", "replace", "weights")
 #: where a delta runs among the deltas of its route on one module: ascending, compared as tuples
 OrderKey = tuple
 _SITE_ATTR = "_opendelta_site"
+#: a fused module's MergedWeights, in its __dict__ beside the site: the one lookup the fused forward makes
+FUSED_ATTR = "_opendelta_fused"
+#: read once per fused call: module globals, so a call does not look them up through torch's namespaces
+_grad_enabled = torch.is_grad_enabled
+_compiling = torch.compiler.is_compiling
 #: the mixed-batch plans (by site) of this thread or asyncio task; None outside any mixed batch
 _PLANS: contextvars.ContextVar[dict[Site, MixPlan] | None] = contextvars.ContextVar("opendelta_mix_plans", default=None)
 #: the backbones (by id) this thread or asyncio task is mixing on
@@ -187,9 +192,8 @@ class Site:
         self._lean_route = "route_parallel"
         #: the one delta here when it runs fused (DeltaBase.fuse, opendelta.fused): the module's class is then
         #: its fused subclass (:func:`fused_class`, as torch's parametrize swaps classes), with no hooks, and
-        #: `_merged` caches its merged weight
+        #: its merged weight cached in the module's __dict__ (FUSED_ATTR)
         self._fused: str | None = None
-        self._merged = MergedWeights()
 
     def place(self, route: str, name: str, order: OrderKey) -> None:
         """Put delta `name` into `route`'s list at its place: ascending `order`, then name."""
@@ -419,8 +423,11 @@ class Site:
         if self._lean is not None:
             self._lean_route = route_for(module._modules[self._lean], "route_parallel")
         self._fused = self._fused_delta(module)
-        self._merged = MergedWeights()  # computed again on first use, from whatever acts here now
         fused = self._fused is not None  # the fused forward runs the hooks' code itself when it cannot fuse
+        if fused:  # computed again on first use, from whatever acts here now
+            module.__dict__[FUSED_ATTR] = MergedWeights(self._fused)
+        else:
+            module.__dict__.pop(FUSED_ATTR, None)
         needs_pre = bool(self.before or self.span_starts) and not fused
         if needs_pre and self._pre_handle is None:
             self._pre_handle = module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
@@ -593,17 +600,16 @@ def mixing_anywhere(backbone: nn.Module) -> bool:
 def _fused_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """A fused module's forward: one linear map with the merged weights (opendelta.fused) where that computes
     what the unmerged delta would, else the module's own forward between the hooks' code, as with hooks."""
-    site: Site | None = module.__dict__.get(_SITE_ATTR)
-    if site is None or site._fused is None:
+    fused: MergedWeights | None = module.__dict__.get(FUSED_ATTR)
+    if fused is None:
         # no longer fused, yet the class stayed: another library subclassed it on top (torch's parametrize),
         # so unfusing could not put the plain class back. The hooks, if any, run around the plain forward
         return nn.Linear.forward(module, *args, **kwargs)
-    if args and not kwargs and not _MIXING and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        layer = module._modules[site._fused]
-        if layer.change_scale == 1.0:  # a scaled delta runs unmerged, as the scale's contract says
-            merged = site._merged.get(module, layer)
-            if merged is not None:
-                return linear(args[0], *merged)
+    if args and not kwargs and not _MIXING and not _grad_enabled() and not _compiling():
+        merged = fused.serve(module)
+        if merged is not None:
+            return linear(args[0], *merged)
+    site: Site = module.__dict__[_SITE_ATTR]
     if site.before:
         args, kwargs = site.pre_hook(module, args, kwargs)
     output = nn.Linear.forward(module, *args, **kwargs)  # fusable: the plain class's forward is nn.Linear's
