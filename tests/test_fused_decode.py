@@ -287,3 +287,59 @@ def test_a_parametrized_weight_is_never_served_from_a_stale_cache(when: str) -> 
         delta.detach()
         assert torch.equal(model(h), bare)
         assert_changed(fused, bare, float32_noise(model, lambda m, _: m(h.to(m[0].weight.dtype))))
+
+
+@pytest.mark.parametrize("made_there", ["backbone weight", "delta factor"])
+def test_tensors_made_under_inference_mode_run_unmerged_since_their_changes_leave_no_version(made_there: str) -> None:
+    torch.manual_seed(0)
+    with torch.inference_mode(made_there == "backbone weight"):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).eval()
+    delta = perturbed_delta(LoraModel(model, name="a", modified_modules=["2"], lora_r=2), seed=1)
+    layer = delta.layers["2"]
+    if made_there == "delta factor":
+        with torch.inference_mode():
+            layer.lora_B = torch.nn.Parameter(torch.randn(layer.lora_B.shape))
+    changed = model[2].weight if made_there == "backbone weight" else layer.lora_B
+    h = torch.randn(3, 8)
+    with torch.inference_mode():
+        unmerged = model(h)
+        handle = delta.fuse()
+        assert torch.equal(model(h), unmerged)  # the unmerged route ran: the same ops, bit for bit
+        changed.add_(1.0)  # in inference mode: no version counter moves
+        after = model(h)
+        handle.remove()
+        assert torch.equal(after, model(h))
+    assert_changed(after, unmerged, float32_noise(model, lambda m, _: m(h.to(m[0].weight.dtype))))
+
+
+def test_an_attribute_set_on_a_layer_by_hand_rebuilds_the_merged_weight() -> None:
+    model = tiny_llama()
+    reference = noise(model)
+    delta = perturbed_delta(LoraModel(model, name="a"), seed=1)
+    with delta.fuse():
+        before = logits(model)
+        for layer in delta.layers.values():
+            layer.scaling = layer.scaling * 3  # a plain float: no tensor of the layer changes
+        tripled = logits(model)
+    assert_within_noise(tripled, logits(model), *reference)  # what the unmerged route computes now
+    assert_changed(tripled, before, *reference)
+
+
+@pytest.mark.parametrize("delta_type", ["lora", "ia3", "vera", "loha", "lokr", "oft", "adalora"])
+def test_steady_calls_serve_the_cached_merged_weight_without_rebuilding_it(delta_type: str) -> None:
+    from support.methods import METHODS
+
+    from opendelta.routing import FUSED_ATTR
+
+    model = tiny_llama()
+    delta = perturbed_delta(METHODS[delta_type].model_class(model, **METHODS[delta_type].tiny), seed=1)
+    delta.fuse()
+    logits(model)
+    modules = fused_modules(delta)
+    assert modules
+    built = [m.__dict__[FUSED_ATTR]._state for m in modules]
+    assert all(state is not None and state[5] is not None for state in built)  # each served fused
+    model.eval()  # train/eval flags are read on every call: setting them edits nothing cached
+    delta.scale(1.0)
+    logits(model)
+    assert all(m.__dict__[FUSED_ATTR]._state is state for m, state in zip(modules, built))

@@ -9,14 +9,16 @@ fused module's weight, which is why it is opt-in.
 
 The cache is rebuilt on first use after any change of what it was computed from: an in-place change
 (``_version``), a replaced or moved tensor (identity, ``data_ptr``) of the module's or the layer's
-parameters and buffers (a hot-swap slot's ``load`` and an optimizer step both count). Python attributes
-set on a layer after it was built (a float ``scaling`` reassigned by hand) are not followed.
+parameters and buffers (a hot-swap slot's ``load`` and an optimizer step both count), and any attribute
+set on the layer (a float ``scaling`` reassigned by hand: ``DeltaLayer.attribute_edits``). Not followed:
+an attribute set on a sub-module of the layer, or a Python container changed in place.
 
 The fused route runs only where it computes what the unmerged route would, up to rounding: no
 gradient recorded, no dropout of the layer in training mode, unscaled, outside any mixed batch, not under
 ``torch.compile`` tracing, the input passed positionally. Everywhere else (and on quantized layers,
 layers that are not a plain ``nn.Linear``, a weight or bias computed rather than stored, as
-``torch.nn.utils.parametrize`` makes it, modules with several deltas or a span) the delta runs unmerged
+``torch.nn.utils.parametrize`` makes it, a source tensor made under ``torch.inference_mode`` (no version
+counter), modules with several deltas or a span) the delta runs unmerged
 through the usual hooks, bit for bit as without ``fuse()``.
 """
 
@@ -48,6 +50,7 @@ def fusable(module: nn.Module, plain: type, layer: DeltaLayer) -> bool:
         and type(layer).merged_parameters is not DeltaLayer.merged_parameters
         and module.weight.device.type != "meta"
         and _own_tensors(module)
+        and not module.weight.is_inference()  # made under inference_mode: no version counter to watch
     )
 
 
@@ -77,7 +80,7 @@ class MergedWeights:
         #: the layer, every source tensor as (the dict holding it, its key, the tensor or None, its version
         #: and address), the dicts holding them, how many entries they held (so an entry added anywhere is
         #: seen too), the merged (weight, bias) or None, the layer's dropouts (in training mode, the merged
-        #: weight would skip them))
+        #: weight would skip them), the layer's count of attribute edits (DeltaLayer.attribute_edits))
         self._state: tuple | None = None
 
     def serve(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -89,16 +92,19 @@ class MergedWeights:
             return None
         state = self._state
         # the module's own dict first, so a copy sharing this cache (a data-parallel replica) rebuilds it, never reads it
-        if state is not None and state[0] is module._parameters and state[1] is layer:
-            _, _, entries, owners, count, value, dropouts = state
-            for owner, key, tensor, version, address in entries:
-                now = owner.get(key)
-                if now is not tensor or (now is not None and (now._version != version or now.data_ptr() != address)):
-                    break
-            else:
-                # every recorded entry is still there, so an unchanged total means no dict gained one
-                if sum(map(len, owners)) == count:
-                    return value if not dropouts or not _dropping(dropouts) else None
+        if state is not None and state[0] is module._parameters and state[1] is layer and state[7] == layer.attribute_edits:
+            _, _, entries, owners, count, value, dropouts, _ = state
+            try:
+                for owner, key, tensor, version, address in entries:
+                    now = owner.get(key)
+                    if now is not tensor or (now is not None and (now._version != version or now.data_ptr() != address)):
+                        break
+                else:
+                    # every recorded entry is still there, so an unchanged total means no dict gained one
+                    if sum(map(len, owners)) == count:
+                        return value if not dropouts or not _dropping(dropouts) else None
+            except RuntimeError:  # an inference tensor (made under inference_mode) has no version to watch
+                return None
         return self._build(module, layer)
 
     def _build(self, module: nn.Module, layer: DeltaLayer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -106,14 +112,17 @@ class MergedWeights:
         owners = [module._parameters]
         for owner in layer.modules():
             owners += [owner._parameters, owner._buffers]
+        sources = [(owner, key, t) for owner in owners for key, t in owner.items()]
+        watchable = not any(t is not None and t.is_inference() for _, _, t in sources)
         entries = tuple(
-            (owner, key, t, 0 if t is None else t._version, 0 if t is None else t.data_ptr())
-            for owner in owners for key, t in owner.items()
+            (owner, key, t, 0 if t is None or not watchable else t._version, 0 if t is None else t.data_ptr())
+            for owner, key, t in sources
         )
         dropouts = [m for m in layer.modules() if isinstance(m, _DROPOUT) and m.p > 0]
         value = None  # also what a layer that gives no merged weight and bias leaves: the unmerged route runs
-        # a weight computed rather than stored (a parametrization registered after fuse()) runs unmerged
-        if _own_tensors(module):
+        # a weight computed rather than stored (a parametrization registered after fuse()) runs unmerged, and so
+        # do sources made under inference_mode: changed in place there, they keep no version to see it by
+        if watchable and _own_tensors(module):
             try:
                 with torch.no_grad():
                     merged: dict[str, torch.Tensor] | None = layer.merged_parameters(module)
@@ -121,7 +130,7 @@ class MergedWeights:
                 merged = None
             if merged is not None and set(merged) <= {"weight", "bias"}:
                 value = (merged.get("weight", module.weight), merged.get("bias", module.bias))
-        self._state = (module._parameters, layer, entries, tuple(owners), len(entries), value, dropouts)
+        self._state = (module._parameters, layer, entries, tuple(owners), len(entries), value, dropouts, layer.attribute_edits)
         return None if value is None or _dropping(dropouts) else value
 
 

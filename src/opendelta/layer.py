@@ -26,6 +26,11 @@ WHOLE_BATCH = "whole_batch"
 MIXED_ROWS = (ROW_WISE, COMBINED, WHOLE_BATCH)
 
 
+#: the layer attributes every call reads afresh (the scale, nn.Module's train/eval flag): setting them edits
+#: nothing cached
+_READ_PER_CALL = frozenset({"change_scale", "training"})
+
+
 class DeltaLayer(nn.Module):
     """A delta module `m`. Subclasses implement ``forward(h)`` = m(h) and pick a `route`.
 
@@ -74,6 +79,15 @@ class DeltaLayer(nn.Module):
     #: the factor on this layer's change at run time (DeltaBase.scale): ``h + scale * m(h)``; 1.0 runs the
     #: layer's own route, bit for bit as trained
     change_scale: float = 1.0
+    #: counts the attributes set on the layer (but those read on every call), so what is cached from it (the
+    #: fused route's merged weight) sees a plain Python attribute changed by hand, a float ``scaling``, not
+    #: only its tensors
+    attribute_edits: int = 0
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name not in _READ_PER_CALL:
+            self.__dict__["attribute_edits"] = self.__dict__.get("attribute_edits", 0) + 1
 
     @classmethod
     def scalable(cls) -> bool:
