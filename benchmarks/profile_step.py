@@ -3,8 +3,9 @@ and with that LoRA served fused (``delta.fuse()``): where its time goes.
 
 A step is one forward of batch x 1 new token over an 8-token KV cache, under ``no_grad``. Per step:
 top-level aten ops (called from Python) and their self CPU time (torch.profiler), Python function calls
-(cProfile), and the wall time as the median over the rounds (each round times the three back to back, the
-order alternating). The time a delta adds splits into its aten work (its extra ops' time: the LoRA
+(cProfile), the median time of one q or v projection call inside the step (its delta's hooks or fused
+checks included, at their cold-cache cost, which a warm loop hides), and the wall time as the median
+over the rounds (each round times the three back to back, the order alternating). The time a delta adds splits into its aten work (its extra ops' time: the LoRA
 arithmetic, and for fused the cost of the merged weight) and the rest, Python: hook dispatch and the
 per-module code around the ops (the split is a difference of two noisy timers: under load it can even
 come out negative). The paired ratio to bare (benchmarks.decode's) is printed on the wall and the process
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -58,6 +60,32 @@ def aten(fn: Callable[[], object], steps: int) -> tuple[float, float, dict[str, 
     return len(top) / steps, sum(e.cpu_time_total for e in top) / steps, {k: v // steps for k, v in sorted(names.items())}
 
 
+def per_call(step: Callable[[], object], modules: list[nn.Module], steps: int) -> float:
+    """Median microseconds of one call of one of `modules` inside the decode step, from a first forward
+    pre-hook to a last forward hook: the delta's own hooks, or the fused forward's checks, included. Inside a
+    step every Python object a call touches is cold in the CPU cache (the weights streamed through since the
+    module's last call), so this is where per-call code costs what it really costs, several times its warm
+    cost in a loop."""
+    started: dict[int, int] = {}
+    times: list[int] = []
+
+    def pre(module: nn.Module, args: tuple) -> None:
+        started[id(module)] = time.perf_counter_ns()
+
+    def post(module: nn.Module, args: tuple, output: object) -> None:
+        times.append(time.perf_counter_ns() - started.pop(id(module)))
+
+    handles = [m.register_forward_pre_hook(pre, prepend=True) for m in modules]
+    handles += [m.register_forward_hook(post) for m in modules]
+    try:
+        for _ in range(steps):
+            step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return statistics.median(times) / 1000
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.splitlines()[0])
     parser.add_argument("--smollm2", action="store_true", help="the real SmolLM2-135M (default: a tiny LLaMA)")
@@ -69,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     model = smollm2() if args.smollm2 else tiny_llama()
     delta = perturbed(LoraModel(model, name="d", modified_modules=QV, lora_r=8), seed=1)
     step = one_step(model, args.batch)
+    targets = [module for path, module in model.named_modules() if path.endswith(tuple(QV))]
     handle: list = []
     modes: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {
         "bare": (delta.detach, delta.attach),
@@ -82,9 +111,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         try:
             step()  # the first forward (reachability check; the fused weights are built here)
             ops, us, names = aten(step, args.steps)
-            results[name] = {"aten ops": ops, "aten us": us, "ops": names, "python calls": python_calls(step, args.steps)}
+            results[name] = {"aten ops": ops, "aten us": us, "ops": names, "python calls": python_calls(step, args.steps),
+                             "us per q/v call": per_call(step, targets, args.steps)}
             # printed now, so a run stopped during the timing below still shows every count
-            print(f"  {name:8s} {ops:.0f} aten ops, {results[name]['python calls']:.0f} Python calls", flush=True)
+            print(f"  {name:8s} {ops:.0f} aten ops, {results[name]['python calls']:.0f} Python calls; one q/v call "
+                  f"inside the step {results[name]['us per q/v call']:.1f} us (median)", flush=True)
         finally:
             leave()
 

@@ -229,6 +229,7 @@ def test_the_step_profile_counts_no_aten_op_beyond_the_bare_step_for_a_fused_lor
     bare, attached, fused = (results[name] for name in ("bare", "attached", "fused"))
     assert fused["ops"] == bare["ops"] and attached["aten ops"] > bare["aten ops"]
     assert "addmm_" in set(attached["ops"]) - set(bare["ops"]) and attached["ops"]["mul"] > bare["ops"]["mul"]
+    assert all(results[name]["us per q/v call"] > 0 for name in ("bare", "attached", "fused"))
 
 
 def test_stacked_lora_trains_side_by_side_on_a_bf16_backbone_in_the_deltas_float32(monkeypatch) -> None:
