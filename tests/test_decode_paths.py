@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama
-from support.numerics import assert_within_noise, batching_noise, float32_noise, perturbed_delta
+from support.numerics import assert_changed, assert_within_noise, batching_noise, float32_noise, perturbed_delta
 from support.rows import each_row_alone
 
 from opendelta import AdapterModel, LoraModel, mixed_batch
@@ -142,6 +142,29 @@ def test_stacked_lora_equals_the_unstacked_mixed_batch_and_follows_in_place_chan
     assert_within_noise(stacked, unstacked, *noise)
     assert_within_noise(changed, changed_alone, *noise)
     assert not torch.allclose(changed, stacked)
+
+
+@pytest.mark.parametrize("change", [".data assigned", "float scaling set by hand"])
+def test_stacked_lora_follows_changes_that_move_no_version_counter(monkeypatch, change: str) -> None:
+    model = tiny_llama()
+    noise = _noise(model)
+    deltas = _tasks(model, 2)
+    rows = [1, 0, 0, 1]
+    with torch.no_grad():
+        with mixed_batch(deltas, rows):
+            stacked = logits(model)
+            for layer in deltas[1].layers.values():
+                if change == ".data assigned":
+                    layer.lora_B.data = layer.lora_B.data * 2  # a new storage; the version counter stays
+                else:
+                    layer.scaling = layer.scaling * 2
+            changed = logits(model)
+        with monkeypatch.context() as patch:
+            patch.setattr(LoraLayer, "stack_rows", classmethod(lambda cls, parts, n: None))
+            with mixed_batch(deltas, rows):
+                changed_alone = logits(model)
+    assert_within_noise(changed, changed_alone, *noise)
+    assert_changed(changed, stacked, *noise)
 
 
 @pytest.mark.parametrize("rows", [[0, 1, 1, 0], [1, -1, 0, 1]])  # every row covered / a bare row

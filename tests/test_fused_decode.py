@@ -134,6 +134,26 @@ def test_the_cache_follows_in_place_changes_and_a_hot_swap_slot() -> None:
     assert torch.equal(logits(model), bare)
 
 
+@pytest.mark.parametrize("change", [".data assigned", "slot scaling filled"])
+def test_the_cache_follows_changes_that_move_no_version_counter_of_a_parameter(change: str) -> None:
+    model = tiny_llama()
+    reference = noise(model)
+    slot = LoraSlot(model, ["q_proj", "v_proj"], max_rank=4, name="slot")
+    slot.load(perturbed_delta(LoraModel(tiny_llama(), name="t", lora_r=4), seed=1))
+    handle = slot.delta.fuse()
+    before = logits(model)
+    with torch.no_grad():
+        for layer in slot.delta.layers.values():
+            if change == ".data assigned":
+                layer.lora_B.data = layer.lora_B.data * 3  # a new storage; the version counter stays
+            else:
+                layer.scaling.fill_(3.0)  # the slot's 0-dim scaling: a tensor attribute, not a parameter
+    fused = logits(model)
+    handle.remove()
+    assert_within_noise(fused, logits(model), *reference)
+    assert_changed(fused, before, *reference)
+
+
 def test_two_deltas_on_a_module_keep_the_unmerged_route_bit_for_bit() -> None:
     model = tiny_llama()
     lora = perturbed_delta(LoraModel(model, name="a"), seed=1)
@@ -325,21 +345,25 @@ def test_an_attribute_set_on_a_layer_by_hand_rebuilds_the_merged_weight() -> Non
     assert_changed(tripled, before, *reference)
 
 
-@pytest.mark.parametrize("delta_type", ["lora", "ia3", "vera", "loha", "lokr", "oft", "adalora"])
+@pytest.mark.parametrize("delta_type", ["lora", "dora", "ia3", "vera", "loha", "lokr", "oft", "adalora"])
 def test_steady_calls_serve_the_cached_merged_weight_without_rebuilding_it(delta_type: str) -> None:
     from support.methods import METHODS
 
     from opendelta.routing import FUSED_ATTR
 
     model = tiny_llama()
-    delta = perturbed_delta(METHODS[delta_type].model_class(model, **METHODS[delta_type].tiny), seed=1)
+    if delta_type == "dora":  # DoRA caches its weight norms on the layer while merging
+        delta = perturbed_delta(LoraModel(model, use_dora=True), seed=1)
+    else:
+        delta = perturbed_delta(METHODS[delta_type].model_class(model, **METHODS[delta_type].tiny), seed=1)
     delta.fuse()
     logits(model)
     modules = fused_modules(delta)
     assert modules
+    assert all(m.__dict__[FUSED_ATTR].cached is not None for m in modules)  # each served fused
     built = [m.__dict__[FUSED_ATTR]._state for m in modules]
-    assert all(state is not None and state[5] is not None for state in built)  # each served fused
-    model.eval()  # train/eval flags are read on every call: setting them edits nothing cached
-    delta.scale(1.0)
+    model.eval()  # train/eval flags and the scale are read on every call: setting them edits nothing cached
+    for layer in delta.layers.values():
+        layer.change_scale = 1.0
     logits(model)
     assert all(m.__dict__[FUSED_ATTR]._state is state for m, state in zip(modules, built))

@@ -7,11 +7,11 @@ whose only delta is one of its layers computes ``F.linear(x, W', b')`` with ``W'
 backbone is never written, so detach stays exact by construction. It costs one extra copy of each
 fused module's weight, which is why it is opt-in.
 
-The cache is rebuilt on first use after any change of what it was computed from: an in-place change
-(``_version``), a replaced or moved tensor (identity, ``data_ptr``) of the module's or the layer's
-parameters and buffers (a hot-swap slot's ``load`` and an optimizer step both count), and any attribute
-set on the layer (a float ``scaling`` reassigned by hand: ``DeltaLayer.attribute_edits``). Not followed:
-an attribute set on a sub-module of the layer, or a Python container changed in place.
+The cache is rebuilt on first use after any change of what it was computed from (:mod:`opendelta.watch`):
+an in-place change, a replaced or moved tensor of the module's parameters or of the layer's parameters,
+buffers and tensor attributes (a hot-swap slot's ``load`` and an optimizer step both count), and any
+attribute set on the layer (a float ``scaling`` reassigned by hand). Not followed: a non-tensor attribute
+set on a sub-module of the layer, or a Python container changed in place.
 
 The fused route runs only where it computes what the unmerged route would, up to rounding: no
 gradient recorded, no dropout of the layer in training mode, unscaled, outside any mixed batch, not under
@@ -33,6 +33,7 @@ from torch import nn
 from opendelta.errors import MergeError
 from opendelta.layer import DeltaLayer
 from opendelta.quantized import is_quantized
+from opendelta.watch import Sources
 
 _DROPOUT = nn.modules.dropout._DropoutNd
 #: the routes a fusable layer may take: each is a function of the module's input or output alone
@@ -77,11 +78,14 @@ class MergedWeights:
         self.name = name
         #: None until the first build, then what it was built from and what it gave, replaced whole (never
         #: edited) so a thread reading it never sees half of a rebuild: (the module's own parameter dict,
-        #: the layer, every source tensor as (the dict holding it, its key, the tensor or None, its version
-        #: and address), the dicts holding them, how many entries they held (so an entry added anywhere is
-        #: seen too), the merged (weight, bias) or None, the layer's dropouts (in training mode, the merged
-        #: weight would skip them), the layer's count of attribute edits (DeltaLayer.attribute_edits))
+        #: the layer, the Sources of both, the merged (weight, bias) or None, the layer's dropouts (in
+        #: training mode, the merged weight would skip them))
         self._state: tuple | None = None
+
+    @property
+    def cached(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The merged ``(weight, bias)`` as last built (None before the first build, or where the route runs unmerged)."""
+        return None if self._state is None else self._state[3]
 
     def serve(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The fused ``(weight, bias)`` for `module`, rebuilt if anything it was made from changed; None
@@ -92,34 +96,15 @@ class MergedWeights:
             return None
         state = self._state
         # the module's own dict first, so a copy sharing this cache (a data-parallel replica) rebuilds it, never reads it
-        if state is not None and state[0] is module._parameters and state[1] is layer and state[7] == layer.attribute_edits:
-            _, _, entries, owners, count, value, dropouts, _ = state
-            try:
-                for owner, key, tensor, version, address in entries:
-                    now = owner.get(key)
-                    if now is not tensor or (now is not None and (now._version != version or now.data_ptr() != address)):
-                        break
-                else:
-                    # every recorded entry is still there, so an unchanged total means no dict gained one
-                    if sum(map(len, owners)) == count:
-                        return value if not dropouts or not _dropping(dropouts) else None
-            except RuntimeError:  # an inference tensor (made under inference_mode) has no version to watch
-                return None
+        if state is not None and state[0] is module._parameters and state[1] is layer and state[2].unchanged():
+            value, dropouts = state[3], state[4]
+            return value if not dropouts or not _dropping(dropouts) else None
         return self._build(module, layer)
 
     def _build(self, module: nn.Module, layer: DeltaLayer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        # the module's direct tensors (weight, bias) and every tensor of the layer (its sub-modules' too)
-        owners = [module._parameters]
-        for owner in layer.modules():
-            owners += [owner._parameters, owner._buffers]
-        sources = [(owner, key, t) for owner in owners for key, t in owner.items()]
-        watchable = not any(t is not None and t.is_inference() for _, _, t in sources)
-        entries = tuple(
-            (owner, key, t, 0 if t is None or not watchable else t._version, 0 if t is None else t.data_ptr())
-            for owner, key, t in sources
-        )
         dropouts = [m for m in layer.modules() if isinstance(m, _DROPOUT) and m.p > 0]
         value = None  # also what a layer that gives no merged weight and bias leaves: the unmerged route runs
+        watchable = Sources(layer.modules(), [module._parameters]).watchable
         # a weight computed rather than stored (a parametrization registered after fuse()) runs unmerged, and so
         # do sources made under inference_mode: changed in place there, they keep no version to see it by
         if watchable and _own_tensors(module):
@@ -130,7 +115,9 @@ class MergedWeights:
                 merged = None
             if merged is not None and set(merged) <= {"weight", "bias"}:
                 value = (merged.get("weight", module.weight), merged.get("bias", module.bias))
-        self._state = (module._parameters, layer, entries, tuple(owners), len(entries), value, dropouts, layer.attribute_edits)
+        # recorded after merging: what merged_parameters itself caches on the layer is part of what it read
+        sources = Sources(layer.modules(), [module._parameters])
+        self._state = (module._parameters, layer, sources, value, dropouts)
         return None if value is None or _dropping(dropouts) else value
 
 

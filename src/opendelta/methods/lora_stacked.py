@@ -19,8 +19,8 @@ products round differently from the per-task ones (like any batched kernel). It 
 rank-r columns per row, so it is used while the stacked rank is at most a quarter of the layer's
 smaller side (the extra columns then cost at most half the frozen layer's own product); above that,
 a dropout in training mode or a scale set meanwhile, the layers run one by one, as without
-stacking. Factors changed in place during the batch (their version counters move; also a hot-swap
-slot's scaling) are restacked before use.
+stacking. Factors or scalings changed during the batch (in place, replaced, moved, or a float scaling
+set by hand: :mod:`opendelta.watch`) are restacked before use.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from opendelta.watch import Sources
 
 if TYPE_CHECKING:
     from opendelta.methods.lora import LoraLayer
@@ -94,22 +96,17 @@ class StackedLora:
         self.full = self.rows.numel() == batch_size and bool(
             torch.equal(self.rows, torch.arange(batch_size, device=self.rows.device))
         )
-        self._stamp: list | None = None  # stacked on first use without gradients
+        self._sources: Sources | None = None  # stacked on first use without gradients
         first = self.parts[0][0]
         self.ranks = [layer.lora_A.shape[0] for layer, _ in self.parts]
         smaller_side = min(first.lora_A.shape[1], first.lora_B.shape[0])
         #: whether training takes the side-by-side product (see the module's docstring)
         self.side_by_side = 4 * sum(self.ranks) <= smaller_side
-        self._masks: dict[torch.dtype, torch.Tensor] = {}
-
-    def _factors(self) -> list[torch.Tensor]:
-        """What the stack is made of: the factors, and the scalings a hot-swap slot holds as tensors."""
-        held = [t for layer, _ in self.parts for t in (layer._parameters["lora_A"], layer._parameters["lora_B"])]
-        return held + [layer.scaling for layer, _ in self.parts if isinstance(layer.scaling, torch.Tensor)]
+        self._masks: dict[torch.dtype, tuple[torch.Tensor, list[int]]] = {}  # with the layers' attribute edits then
 
     def _stack(self) -> None:
-        factors = self._factors()
-        self._stamp = [(t, t._version) for t in factors]
+        # what the stack is made of: the factors, the scalings (floats, or a hot-swap slot's tensors)
+        self._sources = Sources(layer for layer, _ in self.parts)
         first = self.parts[0][0].lora_A
         rank = max(layer.lora_A.shape[0] for layer, _ in self.parts)
         n, features_in, features_out = self.rows.numel(), first.shape[1], self.parts[0][0].lora_B.shape[0]
@@ -125,8 +122,7 @@ class StackedLora:
         self.a, self.b = a, b
 
     def _stale(self) -> bool:
-        stamp = self._stamp
-        return stamp is None or any(t is not held or t._version != version for t, (held, version) in zip(self._factors(), stamp))
+        return self._sources is None or not self._sources.unchanged()
 
     def _one_by_one(self) -> bool:
         return any(layer.change_scale != 1.0 or (layer.dropout is not None and layer.training) for layer, _ in self.parts)
@@ -134,9 +130,10 @@ class StackedLora:
     def _mask(self, dtype: torch.dtype) -> torch.Tensor:
         """(rows, 1, stacked rank): each covered row's own task's scaling on its columns, zeros elsewhere."""
         scalings = [layer.scaling for layer, _ in self.parts]
-        mask = self._masks.get(dtype)
-        if mask is not None and not any(isinstance(s, torch.Tensor) for s in scalings):
-            return mask  # float scalings cannot change during the batch (a hot-swap slot's tensor can)
+        edits = [layer.attribute_edits for layer, _ in self.parts]
+        mask, made_at = self._masks.get(dtype, (None, None))
+        if mask is not None and made_at == edits and not any(isinstance(s, torch.Tensor) for s in scalings):
+            return mask  # a float scaling changes only by an attribute edit (a hot-swap slot's tensor, in place)
         first = self.parts[0][0].lora_A
         mask = torch.zeros(self.batch_size, sum(self.ranks), dtype=dtype, device=first.device)
         start = 0
@@ -144,7 +141,7 @@ class StackedLora:
             mask[rows, start : start + r] = scaling
             start += r
         mask = mask.unsqueeze(1)
-        self._masks[dtype] = mask
+        self._masks[dtype] = (mask, edits)
         return mask
 
     def _side_by_side(self, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
