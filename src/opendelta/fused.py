@@ -11,7 +11,8 @@ The cache is rebuilt on first use after any change of what it was computed from 
 an in-place change, a replaced or moved tensor of the module's parameters or of the layer's parameters,
 buffers and tensor attributes (a hot-swap slot's ``load`` and an optimizer step both count), and any
 attribute set on the layer (a float ``scaling`` reassigned by hand). Not followed: a non-tensor attribute
-set on a sub-module of the layer, or a Python container changed in place.
+set on a sub-module of the layer, a Python container changed in place, or an in-place change written
+through ``tensor.data`` (which autograd does not see either).
 
 The fused route runs only where it computes what the unmerged route would, up to rounding: no
 gradient recorded, no dropout of the layer in training mode, unscaled, outside any mixed batch, not under

@@ -9,6 +9,8 @@ version moves), a replaced tensor (identity), ``.data =`` or ``.to()`` (the addr
 removed parameter or buffer, and any attribute set on a delta layer (a float ``scaling`` changed by
 hand). Tensors made under ``torch.inference_mode`` keep no version counter: a snapshot holding one is
 never unchanged (``watchable`` is false), so a cache built on it is rebuilt, or not used, on every call.
+Not seen, as autograd's own checks do not see it: an in-place change written through ``tensor.data``,
+which has a version counter of its own; write through the tensor itself, under ``torch.no_grad()``.
 
 The check runs on every call of a cached route, where decoding finds each Python object cold in the CPU
 cache, so it is one flat loop over a tuple, without allocation.
