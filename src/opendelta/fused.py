@@ -70,7 +70,8 @@ class MergedWeights:
 
     :meth:`serve` runs once per fused call, where a decode step finds every Python object cold in the CPU
     cache (the weights streamed through since the last step), so its cost is the memory it touches, not
-    its bytecode: slots instead of an instance dict, one method, one flat loop, no allocation.
+    its bytecode: slots instead of an instance dict, one state tuple, the flat loop of
+    :meth:`opendelta.watch.Sources.unchanged`, no allocation.
     """
 
     __slots__ = ("name", "_state")
@@ -105,10 +106,10 @@ class MergedWeights:
     def _build(self, module: nn.Module, layer: DeltaLayer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         dropouts = [m for m in layer.modules() if isinstance(m, _DROPOUT) and m.p > 0]
         value = None  # also what a layer that gives no merged weight and bias leaves: the unmerged route runs
-        watchable = Sources(layer.modules(), [module._parameters]).watchable
+        sources = Sources(layer.modules(), [module._parameters])
         # a weight computed rather than stored (a parametrization registered after fuse()) runs unmerged, and so
         # do sources made under inference_mode: changed in place there, they keep no version to see it by
-        if watchable and _own_tensors(module):
+        if sources.watchable and _own_tensors(module):
             try:
                 with torch.no_grad():
                     merged: dict[str, torch.Tensor] | None = layer.merged_parameters(module)
@@ -116,8 +117,9 @@ class MergedWeights:
                 merged = None
             if merged is not None and set(merged) <= {"weight", "bias"}:
                 value = (merged.get("weight", module.weight), merged.get("bias", module.bias))
-        # recorded after merging: what merged_parameters itself caches on the layer is part of what it read
-        sources = Sources(layer.modules(), [module._parameters])
+            # recorded again after merging: what merged_parameters caches on the layer (DoRA's weight norms)
+            # is an attribute edit, and part of what it read
+            sources = Sources(layer.modules(), [module._parameters])
         self._state = (module._parameters, layer, sources, value, dropouts)
         return None if value is None or _dropping(dropouts) else value
 
