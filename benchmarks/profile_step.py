@@ -5,9 +5,9 @@ A step is one forward of batch x 1 new token over an 8-token KV cache, under ``n
 top-level aten ops (called from Python) and their self CPU time (torch.profiler), Python function calls
 (cProfile), the median time of one q or v projection call inside the step (its delta's hooks or fused
 checks included, at their cold-cache cost, which a warm loop hides), and the wall time as the median
-over the rounds (each round times the three back to back, the order alternating). The time a delta adds splits into its aten work (its extra ops' time: the LoRA
-arithmetic, and for fused the cost of the merged weight) and the rest, Python: hook dispatch and the
-per-module code around the ops (the split is a difference of two noisy timers: under load it can even
+over the rounds (each round times the three back to back, the order alternating). The time a delta adds
+splits into its aten work (its extra ops' time: the LoRA arithmetic, and for fused the cost of the merged
+weight) and the rest, Python: hook dispatch and the per-module code around the ops (the split is a difference of two noisy timers: under load it can even
 come out negative). The paired ratio to bare (benchmarks.decode's) is printed on the wall and the process
 CPU clock. Counts are exact on any machine; times are worth what the machine's quiet is.
 

@@ -325,8 +325,11 @@ def test_tensors_made_under_inference_mode_run_unmerged_since_their_changes_leav
         unmerged = model(h)
         handle = delta.fuse()
         assert torch.equal(model(h), unmerged)  # the unmerged route ran: the same ops, bit for bit
+        cache = model[2].__dict__.get("_opendelta_fused")  # none where the backbone weight rules fusing out
+        state = None if cache is None else cache._state
         changed.add_(1.0)  # in inference mode: no version counter moves
         after = model(h)
+        assert cache is None or cache._state is state  # not rebuilt on every call either
         handle.remove()
         assert torch.equal(after, model(h))
     assert_changed(after, unmerged, float32_noise(model, lambda m, _: m(h.to(m[0].weight.dtype))))

@@ -98,18 +98,19 @@ class MergedWeights:
             return None
         state = self._state
         # the module's own dict first, so a copy sharing this cache (a data-parallel replica) rebuilds it, never reads it
-        if state is not None and state[0] is module._parameters and state[1] is layer and state[2].unchanged():
-            value, dropouts = state[3], state[4]
-            return value if not dropouts or not _dropping(dropouts) else None
+        if state is not None and state[0] is module._parameters and state[1] is layer:
+            if state[2].unchanged():
+                value, dropouts = state[3], state[4]
+                return value if not dropouts or not _dropping(dropouts) else None
+            if not state[2].watchable:  # an inference tensor among the sources: unmerged until fused anew, not rebuilt per call
+                return None
         return self._build(module, layer)
 
     def _build(self, module: nn.Module, layer: DeltaLayer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         dropouts = [m for m in layer.modules() if isinstance(m, _DROPOUT) and m.p > 0]
         value = None  # also what a layer that gives no merged weight and bias leaves: the unmerged route runs
-        sources = Sources(layer.modules(), [module._parameters])
-        # a weight computed rather than stored (a parametrization registered after fuse()) runs unmerged, and so
-        # do sources made under inference_mode: changed in place there, they keep no version to see it by
-        if sources.watchable and _own_tensors(module):
+        # a weight computed rather than stored (a parametrization registered after fuse()) runs unmerged
+        if _own_tensors(module):
             try:
                 with torch.no_grad():
                     merged: dict[str, torch.Tensor] | None = layer.merged_parameters(module)
@@ -117,9 +118,11 @@ class MergedWeights:
                 merged = None
             if merged is not None and set(merged) <= {"weight", "bias"}:
                 value = (merged.get("weight", module.weight), merged.get("bias", module.bias))
-            # recorded again after merging: what merged_parameters caches on the layer (DoRA's weight norms)
-            # is an attribute edit, and part of what it read
-            sources = Sources(layer.modules(), [module._parameters])
+        # recorded after merging: what merged_parameters caches on the layer (DoRA's weight norms) is an
+        # attribute edit, and part of what it read
+        sources = Sources(layer.modules(), [module._parameters])
+        if not sources.watchable:  # made under inference_mode: changed in place there, they keep no version
+            value = None
         self._state = (module._parameters, layer, sources, value, dropouts)
         return None if value is None or _dropping(dropouts) else value
 
